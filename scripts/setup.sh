@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# fastlb set-up for a Debian 12 host, run as root (make setup / test / demo / bench).
+#
+# Installs what is missing and nothing else, so a second run with nothing
+# changed takes a few seconds and prints one line:
+#   1. Debian packages: BCC, kernel headers, iproute2, ethtool, the lab peers.
+#   2. Kernel headers for BCC: linux-headers-$(uname -r) when Debian has it,
+#      otherwise the generic linux-headers-amd64, linked as
+#      /lib/modules/$(uname -r)/{build,source} (one line says so).
+#   3. A venv at .venv from /usr/bin/python3 with --system-site-packages
+#      (BCC's Python module comes from Debian's python3-bpfcc).
+#   4. pip install -e . (builds the Cython extension).
+#   5. /usr/local/bin/fastlb, pointing into the venv.
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+venv="$top/.venv"
+stamp="$venv/.fastlb-setup-stamp"
+kver=$(uname -r)
+
+say() { echo "setup: $*"; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root, because it installs Debian packages and links kernel headers. Fix: sudo make setup"
+[ -r /etc/debian_version ] || die "this script knows Debian 12 only (no /etc/debian_version). Install BCC, kernel headers and iproute2 by hand, then run pip install -e ."
+
+# 1. Debian packages ---------------------------------------------------------
+packages=(bpfcc-tools python3-bpfcc libbpfcc libbpf1 iproute2 ethtool python3-venv python3-dev
+          gcc make procps)
+# Peers and tools for the lab and benchmarks (make bench uses them; the tests use some).
+packages+=(haproxy nginx libnginx-mod-stream wrk nftables)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+headers_pkg="linux-headers-$kver"
+if [ ! -e "/lib/modules/$kver/build/include/linux/kconfig.h" ] && [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
+  if apt-cache show "$headers_pkg" >/dev/null 2>&1; then
+    missing+=("$headers_pkg")
+  else
+    headers_pkg=""
+    dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q "install ok installed" || missing+=(linux-headers-amd64)
+  fi
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq || die "apt-get update failed. Fix: check the network and /etc/apt/sources.list, then re-run."
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed. Fix: run it by hand to see why, then re-run."
+  # The packaged servers start themselves on install; the lab and the benchmarks
+  # start their own copies in namespaces, so stop the host's.
+  for svc in haproxy nginx; do
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+    pkill -x "$svc" 2>/dev/null || true
+  done
+fi
+
+# 2. Kernel headers for BCC --------------------------------------------------
+mod="/lib/modules/$kver"
+if [ ! -e "$mod/build/include/linux/kconfig.h" ]; then
+  generic=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$generic" ] && [ -n "$common" ] || die "no kernel headers under /usr/src for BCC. Fix: apt-get install linux-headers-amd64"
+  mkdir -p "$mod"
+  ln -sfn "$generic" "$mod/build"
+  ln -sfn "$common" "$mod/source"
+  say "kernel $kver has no headers package; BCC uses Debian's generic headers: $mod/build -> $generic, $mod/source -> $common"
+fi
+
+# 3-4. The venv and the package ----------------------------------------------
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating $venv from /usr/bin/python3 with --system-site-packages"
+  /usr/bin/python3 -m venv --system-site-packages "$venv" || die "venv creation failed. Fix: apt-get install python3-venv"
+fi
+"$venv/bin/python" -c "import bcc" 2>/dev/null \
+  || die "BCC's Python module is not visible in $venv. Fix: apt-get install python3-bpfcc, then rm -rf $venv and re-run"
+
+# Rebuild only when the inputs changed: pyproject, setup.py, the .pyx sources.
+inputs=$(cat "$top/pyproject.toml" "$top/setup.py" "$top"/fastlb/*.pyx "$top"/fastlb/*.pxd 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || ! "$venv/bin/python" -c "import fastlb._core" 2>/dev/null; then
+  say "installing fastlb into $venv (pip install -e .[test], builds the Cython core)"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null \
+    || die "pip upgrade in $venv failed. Fix: check access to PyPI"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$top[test]" \
+    || die "pip install -e . failed (see above). Fix: check access to PyPI and that gcc and python3-dev are installed"
+  echo "$inputs" > "$stamp"
+fi
+
+# 5. The command on root's PATH -----------------------------------------------
+if [ "$(readlink /usr/local/bin/fastlb 2>/dev/null)" != "$venv/bin/fastlb" ]; then
+  ln -sfn "$venv/bin/fastlb" /usr/local/bin/fastlb
+  say "linked /usr/local/bin/fastlb -> $venv/bin/fastlb"
+fi
+say "ready ($("$venv/bin/fastlb" --version 2>/dev/null || echo 'fastlb not runnable'))"

@@ -1,0 +1,42 @@
+"""Builds fastlb's compiled extensions with Cython.
+
+* ``fastlb._core``: the selection core (Maglev, smooth WRR, least-connections
+  and least-response-time scores, the kernel's flow hash). ``fastlb/_pure.py``
+  is its pure-Python twin.
+* ``fastlb._testrun``: a compiled BPF_PROG_TEST_RUN loop for the packet tests,
+  the fuzzer and the per-packet benchmark.
+
+``FASTLB_DEBUG_BUILD=1`` turns bounds checking and wraparound back on.
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+CYTHON_RANGE = ((3, 0), (4, 0))
+
+try:
+    import Cython
+    from Cython.Build import cythonize
+except ImportError as exc:  # pragma: no cover - pip's build isolation installs it
+    raise SystemExit("fastlb needs Cython>=3.0,<4 to build; pip install 'Cython>=3.0,<4'") from exc
+
+_version = tuple(int(p) for p in Cython.__version__.split(".")[:2] if p.isdigit())
+if not (CYTHON_RANGE[0] <= _version < CYTHON_RANGE[1]):
+    raise SystemExit(f"fastlb needs Cython>=3.0,<4 to build, found {Cython.__version__}")
+
+debug = os.environ.get("FASTLB_DEBUG_BUILD") == "1"
+directives = {
+    "language_level": 3,
+    "boundscheck": debug,
+    "wraparound": debug,
+    "cdivision": True,
+    "initializedcheck": debug,
+}
+
+extensions = [
+    Extension("fastlb._core", ["fastlb/_core.pyx"], extra_compile_args=["-O2"]),
+    Extension("fastlb._testrun", ["fastlb/_testrun.pyx"], extra_compile_args=["-O2"]),
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))
