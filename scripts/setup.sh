@@ -35,7 +35,7 @@ for p in "${packages[@]}"; do
 done
 
 headers_pkg="linux-headers-$kver"
-if [ ! -e "/lib/modules/$kver/build/include/linux/kconfig.h" ] && [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
+if [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
   if apt-cache show "$headers_pkg" >/dev/null 2>&1; then
     missing+=("$headers_pkg")
   else
@@ -62,7 +62,7 @@ fi
 
 # 2. Kernel headers for BCC --------------------------------------------------
 mod="/lib/modules/$kver"
-if [ ! -e "$mod/build/include/linux/kconfig.h" ]; then
+if [ ! -e "$mod/build/Makefile" ] || [ ! -e "$mod/source/include/linux/kconfig.h" ]; then
   generic=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
   common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
   [ -n "$generic" ] && [ -n "$common" ] || die "no kernel headers under /usr/src for BCC. Fix: apt-get install linux-headers-amd64"
@@ -81,17 +81,26 @@ fi
   || die "BCC's Python module is not visible in $venv. Fix: apt-get install python3-bpfcc, then rm -rf $venv and re-run"
 
 # Rebuild only when the inputs changed: pyproject, setup.py, the .pyx sources.
-inputs=$(cat "$top/pyproject.toml" "$top/setup.py" "$top"/fastlb/*.pyx "$top"/fastlb/*.pxd 2>/dev/null | sha256sum | cut -d' ' -f1)
+inputs=$(cat "$top/pyproject.toml" "$top/setup.py" $(ls "$top"/fastlb/*.pyx "$top"/fastlb/*.pxd 2>/dev/null) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || ! "$venv/bin/python" -c "import fastlb._core" 2>/dev/null; then
   say "installing fastlb into $venv (pip install -e .[test], builds the Cython core)"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null \
-    || die "pip upgrade in $venv failed. Fix: check access to PyPI"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$top[test]" \
-    || die "pip install -e . failed (see above). Fix: check access to PyPI and that gcc and python3-dev are installed"
+  log="$venv/pip-install.log"
+  { "$venv/bin/python" -m pip install --disable-pip-version-check --upgrade pip \
+    && "$venv/bin/python" -m pip install --disable-pip-version-check -e "$top[test]"; } >"$log" 2>&1 \
+    || { tail -n 30 "$log" >&2; die "pip install -e . failed (full log: $log). Fix: check access to PyPI and that gcc and python3-dev are installed"; }
   echo "$inputs" > "$stamp"
 fi
 
-# 5. The command on root's PATH -----------------------------------------------
+# 5. fastlb's bpffs, in the host mount namespace, so that pins are shared by every
+#    later command, including those started with ip netns exec (see fastlb/pins.py).
+bpffs=/run/fastlb/bpffs
+if ! awk -v p="$bpffs" '$5 == p { for (i = 6; i <= NF; i++) if ($i == "-") { if ($(i+1) == "bpf") found = 1; break } } END { exit !found }' /proc/self/mountinfo; then
+  mkdir -p "$bpffs" && chmod 700 /run/fastlb "$bpffs"
+  mount -t bpf -o mode=0700 bpf "$bpffs" || die "mounting a bpffs at $bpffs failed. Fix: check that the kernel has CONFIG_BPF_SYSCALL and that you are root"
+  say "mounted fastlb's bpffs at $bpffs"
+fi
+
+# 6. The command on root's PATH -----------------------------------------------
 if [ "$(readlink /usr/local/bin/fastlb 2>/dev/null)" != "$venv/bin/fastlb" ]; then
   ln -sfn "$venv/bin/fastlb" /usr/local/bin/fastlb
   say "linked /usr/local/bin/fastlb -> $venv/bin/fastlb"

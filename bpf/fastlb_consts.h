@@ -1,0 +1,100 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* fastlb_consts.h: constants and enums shared with userspace.
+ *
+ * Userspace reads this file (fastlb/cdefs.py) rather than repeating the
+ * numbers: the #defines and enum members below are the one source of truth.
+ * Size limits are #ifndef so the loader can set them from the config with -D.
+ */
+#ifndef FASTLB_CONSTS_H
+#define FASTLB_CONSTS_H
+
+/* ---- Sizes (the loader passes -D values taken from the config) ---- */
+#ifndef FASTLB_MAX_VIPS
+#define FASTLB_MAX_VIPS 16          /* VIP slots: ring and stats arrays are this many deep */
+#endif
+#ifndef FASTLB_MAX_BACKENDS
+#define FASTLB_MAX_BACKENDS 1024    /* backend slots over all VIPs */
+#endif
+#ifndef FASTLB_RING_SIZE
+#define FASTLB_RING_SIZE 65537      /* Maglev table size M per VIP (a prime) */
+#endif
+#ifndef FASTLB_CT_SIZE
+#define FASTLB_CT_SIZE 65536        /* conntrack LRU entries */
+#endif
+#ifndef FASTLB_SEQ_SIZE
+#define FASTLB_SEQ_SIZE 1024        /* smooth-WRR sequence slots per VIP */
+#endif
+
+/* ---- Fixed values ---- */
+#define FL_RING_EMPTY 0xffffffff    /* ring/sequence slot with no backend */
+#define FL_P2C_SALT 0x70326321      /* mixed into the seed for the 2nd P2C candidate */
+#define FL_P2C_PROBES 8             /* ring slots tried to find a distinct 2nd candidate */
+#define FL_MAX_VLAN_DEPTH 2         /* VLAN tags parsed (802.1Q / 802.1ad) */
+#define FL_VIP_ADDR_PORT 0          /* key.port of an address-only VIP marker */
+#define FL_VIP_ADDR_PROTO 0         /* key.proto of an address-only VIP marker */
+
+/* TCP flag bits in byte 13 of the TCP header. */
+#define FL_TCP_FIN 0x01
+#define FL_TCP_SYN 0x02
+#define FL_TCP_RST 0x04
+
+/* Address families in keys (the kernel's AF_INET / AF_INET6). */
+#define FL_AF_INET 2
+#define FL_AF_INET6 10
+
+/* ---- Per-VIP settings (struct vip_meta) ---- */
+enum fl_algorithm {
+	FL_ALG_MAGLEV = 0,
+	FL_ALG_RR = 1,
+	FL_ALG_WRR = 2,
+	FL_ALG_LC = 3,
+	FL_ALG_LRT = 4,
+};
+
+enum fl_forwarding {
+	FL_FWD_DSR = 0,
+	FL_FWD_TUNNEL = 1,
+	FL_FWD_NAT = 2,
+};
+
+enum fl_hash_mode {
+	FL_HASH_5TUPLE = 0,         /* src, dst, ports, protocol */
+	FL_HASH_SRC = 1,            /* source address only: client affinity */
+};
+
+enum fl_vip_flags {
+	FL_VIP_F_ADDR_ONLY = 1,     /* marker: some VIP uses this address */
+};
+
+enum fl_backend_flags {
+	FL_BE_F_VALID = 1,          /* slot in use */
+	FL_BE_F_DRAINING = 2,       /* no new flows (established ones stay) */
+};
+
+/* ---- Conntrack state (struct ct_value.flags) ---- */
+enum fl_ct_flags {
+	FL_CT_F_CLOSING = 1,        /* FIN or RST seen: active count already decremented */
+	FL_CT_F_COUNTED = 2,        /* counted in the backend's active connections */
+};
+
+/* ---- Verdict reasons: one per-CPU counter each.
+ * The prefix names the XDP verdict (FL_PASS_ -> XDP_PASS, FL_DROP_ ->
+ * XDP_DROP, FL_TX_ -> XDP_TX); userspace derives verdict totals from it.
+ */
+enum fl_reason {
+	FL_TX_DSR = 0,              /* forwarded to a backend by MAC rewrite */
+	FL_PASS_NOT_IP,             /* ARP and other non-IP frames */
+	FL_PASS_NOT_VIP,            /* IP packet whose destination is no VIP address */
+	FL_PASS_VIP_PORT,           /* VIP address, but no VIP on this port/protocol */
+	FL_PASS_VLAN_DEPTH,         /* more VLAN tags than FL_MAX_VLAN_DEPTH */
+	FL_PASS_L2_NOT_UNICAST,     /* VIP packet in a broadcast/multicast frame */
+	FL_DROP_L2_TRUNCATED,       /* frame ends inside the Ethernet or VLAN header */
+	FL_DROP_L3_MALFORMED,       /* truncated IP header, IHL < 5, bad lengths */
+	FL_DROP_FRAGMENT,           /* IPv4 fragment to a VIP address */
+	FL_DROP_IPV6_EXTHDR,        /* IPv6 extension header to a VIP address */
+	FL_DROP_L4_MALFORMED,       /* truncated TCP/UDP header, TCP data offset < 5 */
+	FL_DROP_NO_BACKEND,         /* VIP with no usable backend */
+	FL_REASON_MAX,
+};
+
+#endif /* FASTLB_CONSTS_H */

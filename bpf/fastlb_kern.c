@@ -1,0 +1,236 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* fastlb_kern.c: the XDP balancer.
+ *
+ * A packet for a VIP (address, port, protocol) goes to a backend: its
+ * conntrack entry's backend if it has one, else the VIP's table's pick,
+ * which is then recorded. Under DSR the frame leaves by XDP_TX with the
+ * backend's MAC as destination. Everything else passes untouched, and
+ * malformed packets for a VIP address are dropped. Every packet moves
+ * exactly one reason counter (enum fl_reason).
+ *
+ * Code that touches maps lives in this file: BCC rewrites map calls
+ * (vips.lookup()) in the main source only, so headers hold pure helpers.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include "parsing_helpers.h"
+#include "fastlb_hash.h"
+#include "fastlb_maps.h"
+#include "fastlb_verdict.h"
+
+#ifndef FASTLB_HASH_SEED
+#define FASTLB_HASH_SEED 0
+#endif
+
+/* ---- Counters ---- */
+
+static __always_inline void fl_count(struct fl_counter *c, __u64 bytes, int new_flow)
+{
+	if (!c)
+		return;
+	c->packets++;
+	c->bytes += bytes;
+	if (new_flow)
+		c->new_flows++;
+}
+
+static __always_inline void count_reason(__u32 reason, __u64 bytes)
+{
+	fl_count(reason_stats.lookup(&reason), bytes, 0);
+}
+
+static __always_inline void count_vip(__u32 vip_id, __u64 bytes, int new_flow)
+{
+	fl_count(vip_stats.lookup(&vip_id), bytes, new_flow);
+}
+
+static __always_inline void count_backend(__u32 backend_id, __u64 bytes, int new_flow)
+{
+	fl_count(backend_stats.lookup(&backend_id), bytes, new_flow);
+}
+
+/* The backend id in ring slot `hash % M` of a VIP, or FL_RING_EMPTY. */
+static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 hash)
+{
+	__u32 m = vip->ring_size;
+	__u32 idx, *be;
+
+	if (m == 0 || m > FASTLB_RING_SIZE)
+		return FL_RING_EMPTY;
+	idx = vip->vip_id * FASTLB_RING_SIZE + hash % m;
+	be = ring.lookup(&idx);
+	return be ? *be : FL_RING_EMPTY;
+}
+
+/* ---- The packet path ---- */
+
+/* True when some VIP uses the flow's destination address. */
+static __always_inline int is_vip_addr(struct flow_key *flow)
+{
+	struct vip_key key = {};
+
+	__builtin_memcpy(key.addr, flow->dst, sizeof(key.addr));
+	key.family = flow->family;
+	key.port = FL_VIP_ADDR_PORT;
+	key.proto = FL_VIP_ADDR_PROTO;
+	return vips.lookup(&key) != NULL;
+}
+
+/* The reason for a packet that is not forwarded: "not for us" unless its
+ * destination is a VIP address, in which case `vip_reason`. */
+static __always_inline __u32 miss_reason(struct flow_key *flow, __u32 vip_reason)
+{
+	return is_vip_addr(flow) ? vip_reason : FL_PASS_NOT_VIP;
+}
+
+/* Conntrack bookkeeping for a packet of a known flow. */
+static __always_inline void ct_touch(struct ct_value *ct, struct flow_key *flow,
+				     __u8 tcp_flags)
+{
+	if (flow->proto == IPPROTO_UDP)
+		ct->last_seen_ns = bpf_ktime_get_ns();
+	else if ((tcp_flags & (FL_TCP_FIN | FL_TCP_RST)) &&
+		 !(ct->flags & FL_CT_F_CLOSING))
+		ct->flags |= FL_CT_F_CLOSING;
+}
+
+/* Forward a packet of a VIP flow: find or pick its backend, rewrite, count. */
+static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
+				     __u8 tcp_flags, __u64 bytes)
+{
+	struct vip_key vkey = {};
+	struct vip_meta *vip;
+	struct ct_value *ct, new_ct = {};
+	struct backend *be;
+	__u32 be_id;
+	int new_flow = 0;
+
+	__builtin_memcpy(vkey.addr, flow->dst, sizeof(vkey.addr));
+	vkey.port = flow->dport;
+	vkey.proto = flow->proto;
+	vkey.family = flow->family;
+	vip = vips.lookup(&vkey);
+	if (!vip)
+		return miss_reason(flow, FL_PASS_VIP_PORT);
+	if (eth->h_dest[0] & 1)
+		return FL_PASS_L2_NOT_UNICAST;
+
+	ct = conntrack.lookup(flow);
+	if (ct) {
+		be_id = ct->backend_id;
+		be = backends.lookup(&be_id);
+		if (be && (be->flags & FL_BE_F_VALID) && be->vip_id == vip->vip_id) {
+			ct_touch(ct, flow, tcp_flags);
+			goto rewrite;
+		}
+	}
+	/* A new flow, or one whose backend is gone: pick from the table. */
+	be_id = ring_pick(vip, flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED));
+	if (be_id == FL_RING_EMPTY)
+		return FL_DROP_NO_BACKEND;
+	be = backends.lookup(&be_id);
+	if (!be || !(be->flags & FL_BE_F_VALID))
+		return FL_DROP_NO_BACKEND;
+	new_ct.backend_id = be_id;
+	new_ct.last_seen_ns = bpf_ktime_get_ns();
+	if (tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
+		new_ct.flags = FL_CT_F_CLOSING;
+	conntrack.update(flow, &new_ct);
+	new_flow = 1;
+
+rewrite:
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
+	count_vip(vip->vip_id, bytes, new_flow);
+	count_backend(be_id, bytes, new_flow);
+	return FL_TX_DSR;
+}
+
+/* TCP/UDP header -> ports (and TCP flags), then forward. */
+static __always_inline __u32 process_l4(struct hdr_cursor *nh, void *data_end,
+					struct ethhdr *eth, struct flow_key *flow,
+					int l4proto, __u64 bytes)
+{
+	struct tcphdr *tcph;
+	struct udphdr *udph;
+	__u8 tcp_flags = 0;
+
+	if (l4proto == IPPROTO_TCP) {
+		if (parse_tcphdr(nh, data_end, &tcph) < 0)
+			return miss_reason(flow, FL_DROP_L4_MALFORMED);
+		flow->sport = tcph->source;
+		flow->dport = tcph->dest;
+		tcp_flags = ((__u8 *)tcph)[13];
+	} else if (l4proto == IPPROTO_UDP) {
+		if (parse_udphdr(nh, data_end, &udph) < 0)
+			return miss_reason(flow, FL_DROP_L4_MALFORMED);
+		flow->sport = udph->source;
+		flow->dport = udph->dest;
+	} else {
+		return miss_reason(flow, FL_PASS_VIP_PORT);
+	}
+	flow->proto = l4proto;
+	return forward(eth, flow, tcp_flags, bytes);
+}
+
+static __always_inline __u32 process_ipv4(struct hdr_cursor *nh, void *data_end,
+					  struct ethhdr *eth, __u64 bytes)
+{
+	struct flow_key flow = {};
+	struct iphdr *iph;
+	int l4proto;
+
+	l4proto = parse_iphdr(nh, data_end, &iph);
+	if (l4proto < 0)
+		return FL_DROP_L3_MALFORMED;
+	flow.family = FL_AF_INET;
+	flow.src[0] = iph->saddr;
+	flow.dst[0] = iph->daddr;
+	if (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return miss_reason(&flow, FL_DROP_FRAGMENT);
+	return process_l4(nh, data_end, eth, &flow, l4proto, bytes);
+}
+
+static __always_inline __u32 process_ipv6(struct hdr_cursor *nh, void *data_end,
+					  struct ethhdr *eth, __u64 bytes)
+{
+	struct flow_key flow = {};
+	struct ipv6hdr *ip6h;
+	int l4proto;
+
+	l4proto = parse_ip6hdr(nh, data_end, &ip6h);
+	if (l4proto < 0)
+		return FL_DROP_L3_MALFORMED;
+	flow.family = FL_AF_INET6;
+	__builtin_memcpy(flow.src, &ip6h->saddr, sizeof(flow.src));
+	__builtin_memcpy(flow.dst, &ip6h->daddr, sizeof(flow.dst));
+	if (ipv6_is_exthdr(l4proto))
+		return miss_reason(&flow, FL_DROP_IPV6_EXTHDR);
+	return process_l4(nh, data_end, eth, &flow, l4proto, bytes);
+}
+
+int xdp_fastlb(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct hdr_cursor nh = { .pos = data };
+	__u64 bytes = data_end - data;
+	struct ethhdr *eth;
+	__u32 reason;
+	int eth_type;
+
+	eth_type = parse_ethhdr(&nh, data_end, &eth);
+	if (eth_type == PARSE_TRUNCATED)
+		reason = FL_DROP_L2_TRUNCATED;
+	else if (eth_type == PARSE_TOO_DEEP)
+		reason = FL_PASS_VLAN_DEPTH;
+	else if (eth_type == bpf_htons(ETH_P_IP))
+		reason = process_ipv4(&nh, data_end, eth, bytes);
+	else if (eth_type == bpf_htons(ETH_P_IPV6))
+		reason = process_ipv6(&nh, data_end, eth, bytes);
+	else
+		reason = FL_PASS_NOT_IP;
+
+	count_reason(reason, bytes);
+	return reason_verdict(reason);
+}

@@ -1,0 +1,43 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* fastlb_maps.h: every map of the balancer, pinned under FASTLB_PIN_DIR.
+ *
+ * Pinned maps outlive the controller, so a restart adopts them. BCC reuses a
+ * pinned map without checking its layout; the loader checks each pin's type,
+ * key size, value size and entries before it compiles (fastlb/pins.py).
+ */
+#ifndef FASTLB_MAPS_H
+#define FASTLB_MAPS_H
+
+#include "fastlb_structs.h"
+
+#ifndef FASTLB_PIN_DIR
+#error "FASTLB_PIN_DIR must name the bpffs folder for the maps (the loader sets it)"
+#endif
+
+#define FL_MAP(type, key, value, name, entries, flags) \
+	BPF_TABLE_PINNED7(type, key, value, name, entries, FASTLB_PIN_DIR "/" #name, flags)
+
+/* VIPs and address-only markers -> per-VIP settings. Written by the loader. */
+FL_MAP("hash", struct vip_key, struct vip_meta, vips, FASTLB_MAX_VIPS * 2, 0);
+
+/* Backend id -> address, MAC, weight. Written by the loader/controller. */
+FL_MAP("array", __u32, struct backend, backends, FASTLB_MAX_BACKENDS, 0);
+
+/* vip_id * FASTLB_RING_SIZE + slot -> backend id (Maglev ring). Written by the loader. */
+FL_MAP("array", __u32, __u32, ring, FASTLB_MAX_VIPS * FASTLB_RING_SIZE, 0);
+
+/* 5-tuple -> backend and state. Written by the program (new flows) and the
+ * controller (flush). Per-CPU LRU lists: a flow stays on one RX queue. */
+FL_MAP("lru_hash", struct flow_key, struct ct_value, conntrack, FASTLB_CT_SIZE,
+       BPF_F_NO_COMMON_LRU);
+
+/* enum fl_reason -> packets/bytes. Written by the program. */
+FL_MAP("percpu_array", __u32, struct fl_counter, reason_stats, FL_REASON_MAX, 0);
+
+/* vip_id -> packets/bytes/new flows. Written by the program. */
+FL_MAP("percpu_array", __u32, struct fl_counter, vip_stats, FASTLB_MAX_VIPS, 0);
+
+/* backend id -> packets/bytes/new flows. Written by the program. */
+FL_MAP("percpu_array", __u32, struct fl_counter, backend_stats, FASTLB_MAX_BACKENDS, 0);
+
+#endif /* FASTLB_MAPS_H */

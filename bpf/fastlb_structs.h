@@ -1,0 +1,69 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* fastlb_structs.h: map keys and values, shared with userspace.
+ *
+ * fastlb/structs.py holds the ctypes twins; tests/test_structs.py checks
+ * them field by field against the layouts BCC generates from this file.
+ * Addresses are in network byte order, IPv4 in addr[0] with the rest zero.
+ */
+#ifndef FASTLB_STRUCTS_H
+#define FASTLB_STRUCTS_H
+
+#include "fastlb_consts.h"
+
+/* Key of the vips map: a VIP, or an address-only marker (port 0, proto 0). */
+struct vip_key {
+	__u32 addr[4];
+	__u16 port;                 /* network byte order */
+	__u8 proto;                 /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 family;                /* FL_AF_INET / FL_AF_INET6 */
+};
+
+/* Value of the vips map. */
+struct vip_meta {
+	__u32 vip_id;               /* index into ring, seq and vip_stats */
+	__u8 algorithm;             /* enum fl_algorithm */
+	__u8 forwarding;            /* enum fl_forwarding */
+	__u8 hash_mode;             /* enum fl_hash_mode */
+	__u8 flags;                 /* enum fl_vip_flags */
+	__u32 seq_len;              /* used slots of this VIP's smooth-WRR sequence */
+	__u32 ring_size;            /* used slots of this VIP's ring (M) */
+};
+
+/* Value of the backends map, indexed by backend id. */
+struct backend {
+	__u32 addr[4];
+	__u8 mac[6];                /* next hop: the backend itself under DSR */
+	__u8 family;
+	__u8 flags;                 /* enum fl_backend_flags */
+	__u16 port;                 /* network byte order */
+	__u16 weight;
+	__u32 vip_id;               /* the VIP this backend serves */
+	__u32 rtt_us;               /* lrt: response-time score in microseconds */
+};
+
+/* Key of the conntrack map: the packet's 5-tuple as it arrived. */
+struct flow_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport;                /* network byte order */
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+/* Value of the conntrack map. */
+struct ct_value {
+	__u32 backend_id;
+	__u32 flags;                /* enum fl_ct_flags */
+	__u64 last_seen_ns;         /* bpf_ktime_get_ns(): creation for TCP, last packet for UDP */
+};
+
+/* A packet and byte counter (per CPU). */
+struct fl_counter {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_flows;            /* flows recorded or picked (vip/backend counters) */
+};
+
+#endif /* FASTLB_STRUCTS_H */

@@ -1,0 +1,155 @@
+"""Attach, detach and inspect fastlb on an interface.
+
+The order of ``attach`` keeps the host safe and leaves nothing half-applied:
+everything that can be checked is checked before the first change (root,
+the interface, a foreign XDP program, the backends' MACs); the program is
+compiled and the maps filled before the program is attached; and a failure
+after the first change removes what this attach created.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import cdefs, neigh, pins, structs, xdp
+from .errors import FastlbError, PrivilegeError
+from .maps import PinnedMaps
+from .program import Program, Sizes
+from .tables import apply
+
+
+def require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"{action} needs root (CAP_BPF and CAP_NET_ADMIN)",
+                             fix=f"run it as root: sudo fastlb {action}")
+
+
+@dataclass
+class AttachResult:
+    ifname: str
+    mode: str
+    pin_dir: Path
+    prog_id: int
+    written: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def attach(ifname: str, config, xdp_mode: str = "auto") -> AttachResult:
+    """Compile, fill the maps and attach to ``ifname`` (or update fastlb's own attachment)."""
+    require_root("attach")
+    iface = neigh.interface(ifname)
+    base = pins.ensure_bpffs()
+    pin_dir = pins.attachment_dir(ifname, base)
+    xdp.refuse_foreign(iface, pin_dir)
+    macs = neigh.resolve_macs(iface, {b.address for v in config.vips for b in v.backends})
+    sizes = Sizes.from_settings(config.settings)
+
+    created = not pin_dir.exists()
+    prog = Program(pin_dir, sizes)
+    try:
+        prog.load()
+        with PinnedMaps(pin_dir) as maps:
+            written = apply(maps, config, macs, sizes)
+        prog.pin()
+        mode = xdp.attach(prog.fd, iface, pin_dir, xdp_mode)
+        prog_id = neigh.interface(ifname).xdp_prog_id
+    except BaseException:
+        prog.close()
+        if created:
+            pins.remove_dir(pin_dir)
+        raise
+    prog.close()
+    result = AttachResult(ifname=ifname, mode=mode, pin_dir=pin_dir, prog_id=prog_id, written=written)
+    if xdp_mode == "auto" and mode == "generic":
+        result.notes.append(f"{ifname}'s driver has no native XDP; attached in generic mode (slower)")
+    return result
+
+
+def detach(ifname: str) -> bool:
+    """Detach fastlb from ``ifname`` and remove its pins. False when it was not attached."""
+    require_root("detach")
+    base = pins.ensure_bpffs()
+    pin_dir = pins.attachment_dir(ifname, base)
+    if not pin_dir.exists():
+        return False
+    xdp.detach(pin_dir)
+    pins.remove_dir(pin_dir)
+    return True
+
+
+def _read_vips(maps: PinnedMaps) -> list[dict]:
+    vips = []
+    names = {v: k.removeprefix("FL_ALG_").lower() for k, v in cdefs.enum("fl_algorithm").items()}
+    fwd = {v: k.removeprefix("FL_FWD_").lower() for k, v in cdefs.enum("fl_forwarding").items()}
+    for key, meta in maps.items("vips"):
+        if meta.flags & cdefs.FL_VIP_F_ADDR_ONLY:
+            continue
+        addr = structs.unpack_addr(key.addr, key.family)
+        proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
+        port = structs.port_host(key.port)
+        name = f"[{addr}]:{port}/{proto}" if addr.version == 6 else f"{addr}:{port}/{proto}"
+        c = maps.counter("vip_stats", meta.vip_id)
+        vips.append({"vip": name, "vip_id": meta.vip_id, "algorithm": names.get(meta.algorithm, "?"),
+                     "forwarding": fwd.get(meta.forwarding, "?"), "ring_size": meta.ring_size,
+                     "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "backends": []})
+    return sorted(vips, key=lambda v: v["vip_id"])
+
+
+def _read_backends(maps: PinnedMaps, vips: list[dict]) -> None:
+    by_id = {v["vip_id"]: v for v in vips}
+    max_backends = maps.info("backends").max_entries
+    for be_id in range(max_backends):
+        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
+        if entry is None or not entry.flags & cdefs.FL_BE_F_VALID:
+            continue
+        c = maps.counter("backend_stats", be_id)
+        vip = by_id.get(entry.vip_id)
+        if vip is None:
+            continue
+        vip["backends"].append({
+            "backend": str(structs.unpack_addr(entry.addr, entry.family)), "backend_id": be_id,
+            "port": structs.port_host(entry.port), "weight": entry.weight, "mac": structs.mac_str(entry.mac),
+            "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows})
+
+
+def status() -> list[dict]:
+    """Every fastlb attachment in this netns, with its VIPs, backends and counters."""
+    require_root("status")
+    base = pins.ensure_bpffs()
+    out = []
+    for ifname in pins.attachments(base):
+        pin_dir = pins.attachment_dir(ifname, base)
+        entry: dict = {"interface": ifname, "pin_dir": str(pin_dir), "attached": False, "mode": None,
+                       "prog_id": None}
+        try:
+            iface = neigh.interface(ifname)
+        except FastlbError:
+            iface = None
+            entry["problem"] = "interface is gone; run fastlb detach to remove the pins"
+        if iface is not None and xdp.is_ours(iface, pin_dir):
+            entry.update(attached=True, mode=xdp.MODE_NAMES.get(iface.xdp_mode, "?"), prog_id=iface.xdp_prog_id)
+        try:
+            with PinnedMaps(pin_dir) as maps:
+                vips = _read_vips(maps)
+                _read_backends(maps, vips)
+                reasons = {}
+                for name, idx in cdefs.enum("fl_reason").items():
+                    if name == "FL_REASON_MAX":
+                        continue
+                    c = maps.counter("reason_stats", idx)
+                    reasons[name.removeprefix("FL_").lower()] = {
+                        "verdict": cdefs.reason_verdict(name), "packets": c.packets, "bytes": c.bytes}
+                conntrack = maps.info("conntrack").max_entries
+        except FastlbError as exc:
+            entry["problem"] = str(exc)
+            out.append(entry)
+            continue
+        verdicts: dict[str, int] = {}
+        for r in reasons.values():
+            verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + r["packets"]
+        entry.update(vips=vips, reasons=reasons, verdicts=verdicts, conntrack_size=conntrack)
+        out.append(entry)
+    return out
