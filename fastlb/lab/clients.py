@@ -1,0 +1,275 @@
+"""Client-side traffic for the lab: real TCP and UDP requests, counted by the backend that answered.
+
+The functions at the top (:func:`tcp_requests`, :func:`udp_requests`, ...) are
+called from the test or demo process. Each starts *one* Python process in the
+lab's client namespace, ``python -m fastlb.lab.clients ...``, which makes all the
+connections and prints one JSON object. Every socket operation has a timeout,
+and the process as a whole has one too.
+
+The first failed request ends the run: the caller gets a LabError that says
+which request failed, why, and what had answered until then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import socket
+import sys
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastlb.lab.topology import Lab
+
+MAX_COUNT = 1_000_000
+MAX_REPLY = 65536
+
+
+# ---- the caller's side --------------------------------------------------------------
+
+
+def _target(lab: Lab, vip: str | None, family: int | None) -> str:
+    if vip is None:
+        return lab.vip(family or 4)
+    version = ipaddress.ip_address(vip).version
+    if family is not None and family != version:
+        from fastlb.lab.netns import LabError
+
+        raise LabError(f"address {vip} is not of family {family}", fix="leave family out")
+    return vip
+
+
+def _run(lab: Lab, what: str, args: list[object], timeout: float) -> dict:
+    """Run this module in the client namespace and return its JSON answer.
+
+    ``what`` names the job in errors, e.g. ``"TCP to [198.19.0.100]:80"``.
+    """
+    from fastlb.lab.netns import LabError
+
+    res = lab.run_python("client", "fastlb.lab.clients", *args, timeout=timeout, check=False)
+    try:
+        out = json.loads(res.stdout)
+    except ValueError:
+        raise LabError(f"{what}: the client helper failed (exit {res.returncode}): "
+                       f"{res.stderr.strip()[-500:]}") from None
+    if out.get("error"):
+        before = f" (answered before: {dict(out['counts'])})" if "counts" in out else ""
+        raise LabError(f"{what}: {out['error']}{before}")
+    return out
+
+
+def tcp_requests(lab: Lab, vip: str | None = None, port: int = 80, count: int = 100,
+                 family: int | None = None, timeout: float = 2.0, path: str = "/") -> Counter:
+    """Make ``count`` HTTP GETs, one TCP connection each, from the client namespace.
+
+    ``vip`` defaults to the lab's VIP of ``family`` (4 unless given); any address
+    works, e.g. a backend's own. Returns how many each backend answered,
+    ``Counter({"b1": 34, ...})``. Raises LabError at the first failure.
+    """
+    host = _target(lab, vip, family)
+    out = _run(lab, f"TCP to [{host}]:{port}",
+               ["tcp", "--host", host, "--port", port, "--count", count,
+                "--timeout", timeout, "--path", path], timeout=10 + count * timeout)
+    return Counter(out["counts"])
+
+
+def udp_by_source(lab: Lab, vip: str | None = None, port: int = 9000, count: int = 100,
+                  family: int | None = None, sources: int | None = None,
+                  timeout: float = 2.0) -> dict[int, Counter]:
+    """Send ``count`` UDP datagrams from the client namespace; answers per source port.
+
+    ``sources``: how many client sockets (source ports, so flows) share the
+    datagrams, round robin; None gives every datagram its own socket. A reply
+    must come from the address the datagram went to (the VIP under DSR), or it
+    counts as a failure. Raises LabError at the first failure.
+    """
+    host = _target(lab, vip, family)
+    args = ["udp", "--host", host, "--port", port, "--count", count, "--timeout", timeout]
+    if sources is not None:
+        args += ["--sources", sources]
+    out = _run(lab, f"UDP to [{host}]:{port}", args, timeout=10 + count * timeout)
+    return {int(p): Counter(c) for p, c in out["by_source"].items()}
+
+
+def udp_requests(lab: Lab, vip: str | None = None, port: int = 9000, count: int = 100,
+                 family: int | None = None, sources: int | None = None,
+                 timeout: float = 2.0) -> Counter:
+    """Like :func:`udp_by_source`, but the total per backend: ``Counter({"b1": 30, ...})``."""
+    total: Counter = Counter()
+    for counts in udp_by_source(lab, vip, port, count, family, sources, timeout).values():
+        total.update(counts)
+    return total
+
+
+def http_get(lab: Lab, host: str, port: int = 80, path: str = "/", timeout: float = 2.0) -> str:
+    """One HTTP GET from the client namespace; return the body (status 200 required)."""
+    out = _run(lab, f"GET http://[{host}]:{port}{path}",
+               ["get", "--host", host, "--port", port, "--path", path, "--timeout", timeout],
+               timeout=10 + timeout)
+    return out["body"]
+
+
+def wait_tcp(lab: Lab, targets: list[tuple[str, int]], timeout: float = 15.0) -> None:
+    """Wait until a TCP connect from the client namespace to every (address, port) succeeds."""
+    args: list[object] = ["wait", "--timeout", timeout]
+    for host, port in targets:
+        args += ["--target", host, port]
+    _run(lab, "waiting for the lab servers", args, timeout=10 + timeout)
+
+
+# ---- the client namespace's side ----------------------------------------------------
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+def http_once(host: str, port: int, path: str, timeout: float) -> tuple[int, str]:
+    """One GET on a new connection with ``Connection: close``; return (status, body)."""
+    hosthdr = f"[{host}]" if ":" in host else host
+    request = f"GET {path} HTTP/1.1\r\nHost: {hosthdr}\r\nConnection: close\r\n\r\n".encode()
+    deadline = time.monotonic() + timeout
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(request)
+        data = b""
+        while len(data) <= MAX_REPLY:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete answer within {timeout:g} s")
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError(f"malformed HTTP answer {data[:80]!r}")
+    status = head.split(b"\r\n", 1)[0].split()
+    return int(status[1]), body.decode(errors="replace")
+
+
+def cmd_tcp(host: str, port: int, count: int, timeout: float, path: str) -> dict:
+    """Make ``count`` GETs; stop at the first failure."""
+    counts: Counter = Counter()
+    for i in range(count):
+        try:
+            status, body = http_once(host, port, path, timeout)
+            if status != 200:
+                raise ValueError(f"HTTP status {status}: {body.strip()[:80]!r}")
+        except (OSError, ValueError) as exc:
+            return {"counts": counts, "error": f"request {i + 1}/{count} failed: {exc!r}"}
+        counts[body.strip()] += 1
+    return {"counts": counts}
+
+
+def cmd_udp(host: str, port: int, count: int, timeout: float, sources: int | None) -> dict:
+    """Send ``count`` datagrams round robin over ``sources`` sockets; stop at the first failure."""
+    family = _family(host)
+    want = ipaddress.ip_address(host)
+    counts: Counter = Counter()
+    by_source: dict[int, Counter] = {}
+    pool = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(sources or 0)]
+    try:
+        for s in pool:
+            s.settimeout(timeout)
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        for i in range(count):
+            s = pool[i % len(pool)] if pool else socket.socket(family, socket.SOCK_DGRAM)
+            s.settimeout(timeout)
+            try:
+                s.sendto(f"ping {i}".encode(), (host, port))
+                data, peer = s.recvfrom(2048)
+                if ipaddress.ip_address(peer[0]) != want:
+                    raise ValueError(f"answer came from {peer[0]}, not from {host}")
+                src = s.getsockname()[1]
+            except (OSError, ValueError) as exc:
+                return {"counts": counts, "by_source": by_source,
+                        "error": f"datagram {i + 1}/{count} failed: {exc!r}"}
+            finally:
+                if not pool:
+                    s.close()
+            name = data.decode(errors="replace").strip()
+            counts[name] += 1
+            by_source.setdefault(src, Counter())[name] += 1
+    finally:
+        for s in pool:
+            s.close()
+    return {"counts": counts, "by_source": by_source}
+
+
+def cmd_wait(targets: list[tuple[str, int]], timeout: float) -> dict:
+    """Poll TCP connects until every target accepts one, or the time is up."""
+    deadline = time.monotonic() + timeout
+    waiting = list(targets)
+    last: dict[tuple[str, int], str] = {}
+    while waiting:
+        for t in list(waiting):
+            try:
+                with socket.create_connection(t, timeout=0.5):
+                    waiting.remove(t)
+            except OSError as exc:
+                last[t] = repr(exc)
+        if waiting and time.monotonic() > deadline:
+            return {"error": f"no TCP answer within {timeout:g} s from "
+                             + ", ".join(f"[{h}]:{p} ({last.get((h, p))})" for h, p in waiting)}
+        if waiting:
+            time.sleep(0.05)
+    return {}
+
+
+def cmd_get(host: str, port: int, path: str, timeout: float) -> dict:
+    """One GET; status 200 required."""
+    try:
+        status, body = http_once(host, port, path, timeout)
+    except (OSError, ValueError) as exc:
+        return {"error": repr(exc)}
+    if status != 200:
+        return {"error": f"HTTP status {status}: {body.strip()[:80]!r}"}
+    return {"body": body.strip()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: runs in the client namespace and prints one JSON object."""
+    p = argparse.ArgumentParser(prog="python -m fastlb.lab.clients",
+                                description="fastlb lab client: counted TCP/UDP requests, JSON out.",
+                                epilog="example: ip netns exec flb-1a2b3c-client python -m "
+                                       "fastlb.lab.clients tcp --host 198.19.0.100 --count 100")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("tcp", "udp", "get"):
+        c = sub.add_parser(name)
+        c.add_argument("--host", required=True, help="address to send to")
+        c.add_argument("--port", type=int, required=True)
+        c.add_argument("--timeout", type=float, default=2.0, help="seconds per request (2)")
+        if name != "get":
+            c.add_argument("--count", type=int, default=100, metavar="N",
+                           help=f"requests, 1 to {MAX_COUNT} (100)")
+        if name != "udp":
+            c.add_argument("--path", default="/", help="HTTP path (/)")
+    sub.choices["udp"].add_argument("--sources", type=int, default=None, metavar="S",
+                                    help="client sockets to spread over (default: one each)")
+    w = sub.add_parser("wait")
+    w.add_argument("--target", nargs=2, action="append", required=True, metavar=("ADDR", "PORT"))
+    w.add_argument("--timeout", type=float, default=15.0)
+    a = p.parse_args(argv)
+    if a.cmd in ("tcp", "udp") and not 1 <= a.count <= MAX_COUNT:
+        p.error(f"--count must be 1 to {MAX_COUNT}")
+    if a.cmd == "tcp":
+        out = cmd_tcp(a.host, a.port, a.count, a.timeout, a.path)
+    elif a.cmd == "udp":
+        if a.sources is not None and a.sources < 1:
+            p.error("--sources must be at least 1")
+        out = cmd_udp(a.host, a.port, a.count, a.timeout, a.sources)
+    elif a.cmd == "get":
+        out = cmd_get(a.host, a.port, a.path, a.timeout)
+    else:
+        out = cmd_wait([(h, int(port)) for h, port in a.target], a.timeout)
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 1 if out.get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
