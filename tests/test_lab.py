@@ -8,6 +8,7 @@ that bypasses the LB.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -18,6 +19,7 @@ import time
 import tomllib
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from fastlb.lab import Lab, LabError, cleanup_stale, http_get, tcp_requests, udp_by_source, udp_requests
 from fastlb.lab import netns
@@ -76,6 +78,19 @@ def test_config_text_follows_the_contract():
         family = 6 if ":" in vip["address"] else 4
         assert vip["backend"] == [{"address": lab.addr("b1", family), "weight": 1},
                                   {"address": lab.addr("b2", family), "weight": 3}]
+
+
+def test_config_text_is_accepted_by_the_config_parser():
+    from fastlb.config import parse_config
+
+    lab = Lab(backends=3, runid="unit4")
+    config = parse_config(lab.config_text(weights={"b3": 2}))
+    assert [v.name for v in config.vips] == ["198.19.0.100:80/tcp", "198.19.0.100:9000/udp",
+                                             "[2001:db8:ffff::100]:80/tcp",
+                                             "[2001:db8:ffff::100]:9000/udp"]
+    for vip in config.vips:
+        assert [(str(b.address), b.weight) for b in vip.backends] == \
+            [(lab.addr(n, vip.family), 2 if n == "b3" else 1) for n in lab.backend_names]
 
 
 def test_config_text_ipv4_only_and_choices():
@@ -145,14 +160,18 @@ def test_up_down_leaves_nothing_behind(ipv6):
 @pytest.mark.netns
 @pytest.mark.root
 @needs_root
-def test_failed_up_removes_what_it_built(monkeypatch):
+@pytest.mark.parametrize("where, error, message", [
+    ("_attach_xdp_pass", LabError("injected failure"), "injected failure"),
+    ("_configure_host", NetlinkError(errno.EEXIST, "File exists"), "configuring client failed: EEXIST"),
+])
+def test_failed_up_removes_what_it_built(monkeypatch, where, error, message):
     lab = Lab(backends=1)
 
-    def broken(self):
-        raise LabError("injected failure")
+    def broken(self, *args):
+        raise error
 
-    monkeypatch.setattr(Lab, "_attach_xdp_pass", broken)
-    with pytest.raises(LabError, match="injected"):
+    monkeypatch.setattr(Lab, where, broken)
+    with pytest.raises(LabError, match=message):
         lab.up()
     assert not lab.is_up
     assert_gone(lab.runid, lab.namespaces, [])
@@ -219,6 +238,19 @@ def test_cleanup_stale_touches_only_listed_namespaces_of_dead_owners():
         for name in (ours_unlisted, foreign, listed):
             netns.destroy(name)
         netns.State(runid=runid, pid=0, start_time=0).remove()
+
+
+@pytest.mark.netns
+@pytest.mark.root
+@needs_root
+def test_a_run_id_in_use_is_refused_and_left_alone():
+    with Lab(backends=1) as first:
+        second = Lab(backends=1, runid=first.runid)
+        with pytest.raises(LabError, match="in use"):
+            second.up()
+        assert set(first.namespaces) <= set(netns.list_namespaces())
+        assert tcp_requests(first, first.addr("b1"), 80, count=1) == {"b1": 1}
+    assert_gone(first.runid, first.namespaces, [])
 
 
 @pytest.mark.netns

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pyroute2 import netns as _pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
 
 from fastlb.errors import FastlbError, os_error
 
@@ -41,6 +42,19 @@ GONE = (errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.EINVAL)
 
 class LabError(FastlbError):
     """Building, running or removing the namespace lab failed."""
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno of an OSError or a pyroute2 NetlinkError, 0 if none."""
+    if isinstance(exc, NetlinkError):
+        return exc.code or 0
+    return getattr(exc, "errno", 0) or 0
+
+
+def describe(exc: BaseException) -> str:
+    """``ENODEV (No such device)`` for an OSError or NetlinkError, else ``str(exc)``."""
+    code = errno_of(exc)
+    return os_error(OSError(code, os.strerror(code))) if code else str(exc)
 
 
 def new_runid() -> str:
@@ -84,6 +98,11 @@ def create(name: str) -> None:
     try:
         _pr_netns.create(name)
     except OSError as exc:
+        if exc.errno != errno.EEXIST:  # a failed create can leave its mount point behind
+            try:
+                _pr_netns.remove(name)
+            except OSError:
+                pass
         raise LabError(f"cannot create network namespace {name}: {os_error(exc)}",
                        fix="run as root") from exc
 
@@ -204,12 +223,21 @@ class State:
     def path(self) -> Path:
         return STATE_DIR / f"{self.runid}.json"
 
-    def save(self) -> None:
-        """Write the state file atomically."""
+    def save(self, exclusive: bool = False) -> None:
+        """Write the state file atomically; with ``exclusive``, refuse to replace one."""
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp = STATE_DIR / f".{self.runid}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        os.replace(tmp, self.path)
+        try:
+            if exclusive:
+                os.link(tmp, self.path)  # fails with EEXIST instead of replacing
+            else:
+                os.replace(tmp, self.path)
+        except FileExistsError:
+            raise LabError(f"lab run id {self.runid} is in use ({self.path} exists)",
+                           fix="pick another run id, or leave it out for a random one") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def remove(self) -> None:
         """Remove the state file; a missing one is fine."""

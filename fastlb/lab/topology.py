@@ -35,8 +35,9 @@ import tempfile
 from pathlib import Path
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
-from fastlb.errors import AttachError, BpfError, ToolchainError, os_error
+from fastlb.errors import AttachError, BpfError, FastlbError, PrivilegeError, ToolchainError, os_error
 from fastlb.lab import netns
 from fastlb.lab.netns import LabError
 
@@ -72,6 +73,11 @@ class Lab:
     Nothing exists until :meth:`up`; :meth:`down` removes everything, also after
     a partial ``up()``. A run that dies without ``down()`` is removed by the next
     lab's ``up()`` (see :func:`fastlb.lab.netns.cleanup_stale`).
+
+    Attributes: ``runid``; ``backend_names`` (``["b1", ...]``); ``hosts`` (client,
+    lb, backends) and ``roles`` (switch + hosts); ``vip4``, ``vip6`` and ``vips``;
+    ``lb_iface`` (where the balancer attaches, in the LB's namespace);
+    ``http_port`` (80) and ``udp_port`` (9000) of the servers.
     """
 
     lb_iface = "eth0"
@@ -100,6 +106,7 @@ class Lab:
         self.latency_ms = latency_ms
         self.static_neighbours = static_neighbours
         self._state: netns.State | None = None
+        self._created: list[str] = []  # namespaces this object made: down() removes these only
         self._servers: dict[str, tuple[subprocess.Popen, object]] = {}
         self._bpf = None
         self._extra_vips: list[str] = []
@@ -207,25 +214,38 @@ class Lab:
         """Build the lab (and start the servers); on any failure remove what was built."""
         if self._state is not None:
             raise LabError(f"lab {self.runid} is up already")
+        if os.geteuid() != 0:
+            raise PrivilegeError("the namespace lab needs root (it creates network namespaces)",
+                                 fix="run it with sudo")
         netns.cleanup_stale()
-        self._state = netns.new_state(self.runid, self.namespaces)
-        self._state.save()
+        state = netns.new_state(self.runid, self.namespaces)
+        state.save(exclusive=True)  # refuses a run id that another lab holds
+        self._state = state
+        step = "creating the namespaces"
         try:
             for role in self.roles:
                 netns.create(self.ns(role))
+                self._created.append(self.ns(role))
+            step = "building the switch"
             self._build_switch()
             for role in self.hosts:
+                step = f"configuring {role}"
                 self._sysctls(role)
                 self._configure_host(role)
+            step = "attaching xdp_pass to the LB's switch port"
             self._attach_xdp_pass()
             if self.with_servers:
+                step = "starting the servers"
                 self.start_servers()
         except BaseException as exc:
             try:
                 self.down()
             except LabError as cleanup:
                 exc.add_note(f"and the clean-up failed too: {cleanup}")
-            raise
+            if isinstance(exc, FastlbError) or not isinstance(exc, Exception):
+                raise
+            # pyroute2's NetlinkError and friends: say what the lab was doing
+            raise LabError(f"lab {self.runid}: {step} failed: {netns.describe(exc)}") from exc
         return self
 
     def down(self) -> None:
@@ -247,14 +267,15 @@ class Lab:
             self._detach_xdp_pass()
         except LabError as exc:
             errors.append(str(exc))
-        for name in reversed(self._state.namespaces):
+        for name in reversed(list(self._created)):
             try:
                 netns.destroy(name)
+                self._created.remove(name)
             except LabError as exc:
                 errors.append(str(exc))
         if errors:
             raise LabError(f"lab {self.runid} clean-up failed: " + "; ".join(errors),
-                           fix=f"run fastlb.lab.cleanup_stale() after this process exits")
+                           fix="run fastlb.lab.cleanup_stale() after this process exits")
         self._state.remove()
         self._state = None
 
@@ -379,9 +400,9 @@ class Lab:
         with self.ipr("switch") as sw:
             try:
                 sw.link("set", index=sw.link_lookup(ifname=dev)[0], xdp_fd=fn.fd)
-            except OSError as exc:
+            except (OSError, NetlinkError) as exc:
                 raise AttachError(f"cannot attach xdp_pass to {dev} in {self.ns('switch')}: "
-                                  f"{os_error(exc)}") from exc
+                                  f"{netns.describe(exc)}") from exc
         netns.ethtool(self.ns("switch"), dev, "gro", "on")
 
     def _detach_xdp_pass(self) -> None:
@@ -394,9 +415,9 @@ class Lab:
                     idx = sw.link_lookup(ifname=dev)
                     if idx:
                         sw.link("set", index=idx[0], xdp_fd=-1)
-        except OSError as exc:
-            if exc.errno not in netns.GONE:
-                raise LabError(f"cannot detach xdp_pass from {dev}: {os_error(exc)}") from exc
+        except (OSError, NetlinkError) as exc:
+            if netns.errno_of(exc) not in netns.GONE:
+                raise LabError(f"cannot detach xdp_pass from {dev}: {netns.describe(exc)}") from exc
         finally:
             self._bpf.cleanup()
             self._bpf = None
