@@ -160,6 +160,28 @@ def test_up_down_leaves_nothing_behind(ipv6):
 @pytest.mark.netns
 @pytest.mark.root
 @needs_root
+def test_down_asks_processes_to_exit_before_killing_them(tmp_path):
+    """A program in the lab (fastlb attach, say) gets SIGTERM and time to clean up."""
+    polite = tmp_path / "polite"
+    with Lab(backends=1, servers=False) as lab:
+        procs = [
+            lab.exec("lb", ["sh", "-c", f"trap 'echo bye > {polite}; exit 0' TERM; "
+                                        "while :; do sleep 0.05; done"]),
+            lab.exec("client", ["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"]),
+        ]
+        time.sleep(0.3)  # let the shells set their traps
+        start = time.monotonic()
+    took = time.monotonic() - start
+    assert polite.read_text() == "bye\n"
+    assert 3.0 <= took < 10, "the SIGTERM-deaf shell should be SIGKILLed after the 3 s grace"
+    for proc in procs:
+        proc.wait(5)
+    assert_gone(lab.runid, lab.namespaces, [p.pid for p in procs])
+
+
+@pytest.mark.netns
+@pytest.mark.root
+@needs_root
 @pytest.mark.parametrize("where, error, message", [
     ("_attach_xdp_pass", LabError("injected failure"), "injected failure"),
     ("_configure_host", NetlinkError(errno.EEXIST, "File exists"), "configuring client failed: EEXIST"),

@@ -6,8 +6,10 @@
 
     with Lab(backends=3) as lab:               # needs root
         lab.write_config("lab.toml")           # the lab's VIPs and backends, TCP 80 + UDP 9000
-        lab.run("lb", ["fastlb", "run", "--config", "lab.toml", "--iface", lab.lb_iface])
+        lb = lab.exec("lb", ["fastlb", "attach", lab.lb_iface, "-c", "lab.toml"])
+        ...                                    # wait until it says it is attached
         print(tcp_requests(lab, lab.vip4, 80, count=300))   # Counter({'b1': 101, ...})
+    # down(): SIGTERM to everything in the lab's namespaces (so fastlb detaches), then removal
 
 Modules: :mod:`~fastlb.lab.topology` (the :class:`Lab`), :mod:`~fastlb.lab.netns`
 (namespaces, state files, :func:`cleanup_stale`), :mod:`~fastlb.lab.servers` and

@@ -134,20 +134,30 @@ def pids_in(name: str) -> list[int]:
     return pids
 
 
-def kill_all(name: str, timeout: float = 5.0) -> None:
-    """SIGKILL every process inside the named namespace and wait until they are gone."""
-    deadline = time.monotonic() + timeout
+def kill_all(name: str, grace: float = 3.0, timeout: float = 5.0) -> None:
+    """End every process inside the named namespace and wait until they are gone.
+
+    SIGTERM first, so that a program that cleans up after itself (``fastlb
+    attach`` detaching its XDP program and pins) can; SIGKILL for those still
+    there after ``grace`` seconds.
+    """
+    sig = signal.SIGTERM
+    start = time.monotonic()
     while True:
         pids = [p for p in pids_in(name) if p != os.getpid()]
         if not pids:
             return
+        elapsed = time.monotonic() - start
+        if sig == signal.SIGTERM and elapsed > grace:
+            sig = signal.SIGKILL
+            start, elapsed = time.monotonic(), 0.0
+        if sig == signal.SIGKILL and elapsed > timeout:
+            raise LabError(f"processes {pids} in network namespace {name} survive SIGKILL")
         for pid in pids:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        if time.monotonic() > deadline:
-            raise LabError(f"processes {pids} in network namespace {name} survive SIGKILL")
         time.sleep(0.02)
 
 

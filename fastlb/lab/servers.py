@@ -94,12 +94,17 @@ class Handler(BaseHTTPRequestHandler):
         pass  # one line per request would flood the log under load
 
 
-class DualStackHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer on ``::`` that also accepts IPv4 (IPV6_V6ONLY off)."""
+class LabHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, a long listen queue for load tests; IPv4 only."""
 
-    address_family = socket.AF_INET6
     request_queue_size = 1024
     daemon_threads = True
+
+
+class DualStackHTTPServer(LabHTTPServer):
+    """The same on ``::``, also accepting IPv4 (IPV6_V6ONLY off)."""
+
+    address_family = socket.AF_INET6
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -160,8 +165,7 @@ def serve(name: str, http_port: int, udp_port: int, latency_ms: float = 0.0) -> 
     except OSError as exc:
         if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):  # else: no IPv6 here
             raise
-        httpd = ThreadingHTTPServer(("0.0.0.0", http_port), handler)
-        httpd.daemon_threads = True
+        httpd = LabHTTPServer(("0.0.0.0", http_port), handler)
     threading.Thread(target=udp_serve, args=(socks, name), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
