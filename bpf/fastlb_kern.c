@@ -88,7 +88,7 @@ static __always_inline void ct_touch(struct ct_value *ct, struct flow_key *flow,
 				     __u8 tcp_flags)
 {
 	if (flow->proto == IPPROTO_UDP)
-		ct->last_seen_ns = bpf_ktime_get_ns();
+		ct->last_seen_ns = bpf_ktime_get_coarse_ns();
 	else if ((tcp_flags & (FL_TCP_FIN | FL_TCP_RST)) &&
 		 !(ct->flags & FL_CT_F_CLOSING))
 		ct->flags |= FL_CT_F_CLOSING;
@@ -132,7 +132,7 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 	if (!be || !(be->flags & FL_BE_F_VALID))
 		return FL_DROP_NO_BACKEND;
 	new_ct.backend_id = be_id;
-	new_ct.last_seen_ns = bpf_ktime_get_ns();
+	new_ct.last_seen_ns = bpf_ktime_get_coarse_ns();
 	if (tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
 		new_ct.flags = FL_CT_F_CLOSING;
 	conntrack.update(flow, &new_ct);
@@ -146,23 +146,24 @@ rewrite:
 	return FL_TX_DSR;
 }
 
-/* TCP/UDP header -> ports (and TCP flags), then forward. */
+/* TCP/UDP header (within l4_len bytes of IP payload) -> ports and TCP
+ * flags, then forward. */
 static __always_inline __u32 process_l4(struct hdr_cursor *nh, void *data_end,
 					struct ethhdr *eth, struct flow_key *flow,
-					int l4proto, __u64 bytes)
+					int l4proto, __u32 l4_len, __u64 bytes)
 {
 	struct tcphdr *tcph;
 	struct udphdr *udph;
 	__u8 tcp_flags = 0;
 
 	if (l4proto == IPPROTO_TCP) {
-		if (parse_tcphdr(nh, data_end, &tcph) < 0)
+		if (parse_tcphdr(nh, data_end, l4_len, &tcph) < 0)
 			return miss_reason(flow, FL_DROP_L4_MALFORMED);
 		flow->sport = tcph->source;
 		flow->dport = tcph->dest;
 		tcp_flags = ((__u8 *)tcph)[13];
 	} else if (l4proto == IPPROTO_UDP) {
-		if (parse_udphdr(nh, data_end, &udph) < 0)
+		if (parse_udphdr(nh, data_end, l4_len, &udph) < 0)
 			return miss_reason(flow, FL_DROP_L4_MALFORMED);
 		flow->sport = udph->source;
 		flow->dport = udph->dest;
@@ -188,7 +189,8 @@ static __always_inline __u32 process_ipv4(struct hdr_cursor *nh, void *data_end,
 	flow.dst[0] = iph->daddr;
 	if (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return miss_reason(&flow, FL_DROP_FRAGMENT);
-	return process_l4(nh, data_end, eth, &flow, l4proto, bytes);
+	return process_l4(nh, data_end, eth, &flow, l4proto,
+			  bpf_ntohs(iph->tot_len) - iph->ihl * 4, bytes);
 }
 
 static __always_inline __u32 process_ipv6(struct hdr_cursor *nh, void *data_end,
@@ -206,7 +208,7 @@ static __always_inline __u32 process_ipv6(struct hdr_cursor *nh, void *data_end,
 	__builtin_memcpy(flow.dst, &ip6h->daddr, sizeof(flow.dst));
 	if (ipv6_is_exthdr(l4proto))
 		return miss_reason(&flow, FL_DROP_IPV6_EXTHDR);
-	return process_l4(nh, data_end, eth, &flow, l4proto, bytes);
+	return process_l4(nh, data_end, eth, &flow, l4proto, bpf_ntohs(ip6h->payload_len), bytes);
 }
 
 int xdp_fastlb(struct xdp_md *ctx)

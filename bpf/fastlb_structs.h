@@ -56,7 +56,7 @@ struct flow_key {
 struct ct_value {
 	__u32 backend_id;
 	__u32 flags;                /* enum fl_ct_flags */
-	__u64 last_seen_ns;         /* bpf_ktime_get_ns(): creation for TCP, last packet for UDP */
+	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns: creation for TCP, last packet for UDP */
 };
 
 /* A packet and byte counter (per CPU). */

@@ -131,36 +131,40 @@ static __always_inline int ipv6_is_exthdr(int nexthdr)
 	       nexthdr == 140;   /* shim6 */
 }
 
-/* TCP. Returns the header length, PARSE_TRUNCATED or PARSE_MALFORMED
- * (data offset < 5). */
+/* TCP within an IP payload of l4_len bytes (a frame may be padded past
+ * it). Returns the header length, PARSE_TRUNCATED (the header runs past the
+ * frame or the IP payload) or PARSE_MALFORMED (data offset < 5). */
 static __always_inline int parse_tcphdr(struct hdr_cursor *nh, void *data_end,
-					struct tcphdr **tcphdr)
+					__u32 l4_len, struct tcphdr **tcphdr)
 {
 	struct tcphdr *h = nh->pos;
 	int len;
 
-	if ((void *)(h + 1) > data_end)
+	if ((void *)(h + 1) > data_end || l4_len < sizeof(*h))
 		return PARSE_TRUNCATED;
 	len = h->doff * 4;
 	if (len < (int)sizeof(*h))
 		return PARSE_MALFORMED;
-	if (nh->pos + len > data_end)
+	if (nh->pos + len > data_end || len > l4_len)
 		return PARSE_TRUNCATED;
 	nh->pos += len;
 	*tcphdr = h;
 	return len;
 }
 
-/* UDP. Returns the header length, PARSE_TRUNCATED or PARSE_MALFORMED
- * (length field shorter than the header). */
+/* UDP within an IP payload of l4_len bytes. Returns the header length,
+ * PARSE_TRUNCATED or PARSE_MALFORMED (length field shorter than the header
+ * or longer than the IP payload). */
 static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end,
-					struct udphdr **udphdr)
+					__u32 l4_len, struct udphdr **udphdr)
 {
 	struct udphdr *h = nh->pos;
+	__u16 len;
 
-	if ((void *)(h + 1) > data_end)
+	if ((void *)(h + 1) > data_end || l4_len < sizeof(*h))
 		return PARSE_TRUNCATED;
-	if (bpf_ntohs(h->len) < sizeof(*h))
+	len = bpf_ntohs(h->len);
+	if (len < sizeof(*h) || len > l4_len)
 		return PARSE_MALFORMED;
 	nh->pos = h + 1;
 	*udphdr = h;

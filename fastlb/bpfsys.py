@@ -203,15 +203,19 @@ def map_update_batch(fd: int, keys, values, count: int) -> None:
 
 
 def array_lookup_batch(fd: int, start: int, count: int, value_type) -> list:
-    """Read ``count`` consecutive slots of an array map from ``start``."""
+    """Read ``count`` consecutive slots of an array map from ``start``.
+
+    The kernel's batch token is the last key already read: a call with token
+    k returns the slots after k (no token: from slot 0).
+    """
     keys = (ctypes.c_uint32 * count)()
     values = (value_type * count)()
     out: list = []
-    token = ctypes.c_uint32(start)
+    token = ctypes.c_uint32(start - 1) if start > 0 else None
     out_token = ctypes.c_uint32()
     while len(out) < count:
-        attr = _BatchAttr(in_batch=_addr(token), out_batch=_addr(out_token), keys=_addr(keys),
-                          values=_addr(values), count=count - len(out), map_fd=fd)
+        attr = _BatchAttr(in_batch=_addr(token) if token is not None else 0, out_batch=_addr(out_token),
+                          keys=_addr(keys), values=_addr(values), count=count - len(out), map_fd=fd)
         try:
             _bpf(BPF_MAP_LOOKUP_BATCH, attr)
         except FileNotFoundError:  # ENOENT: the end of the array
@@ -219,7 +223,7 @@ def array_lookup_batch(fd: int, start: int, count: int, value_type) -> list:
         if attr.count == 0:
             raise OSError(5, "BPF_MAP_LOOKUP_BATCH read nothing before the requested end")
         out.extend(values[i] for i in range(attr.count))
-        token.value = out_token.value
+        token = ctypes.c_uint32(out_token.value)
     return out
 
 

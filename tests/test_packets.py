@@ -25,7 +25,8 @@ from scapy.packet import Raw
 from fastlb import cdefs, core
 from fastlb.tables import ring_positions
 
-from .conftest import VERDICT_CODES, fake_mac
+from fastlb.testbed import XDP_VERDICTS as VERDICT_CODES
+from fastlb.testbed import fake_mac
 
 pytestmark = pytest.mark.root
 
@@ -183,7 +184,11 @@ ROWS = [
     Row("IPv6 frame cut inside the IPv6 header", truncated(BASE6, 14 + 20), "FL_DROP_L3_MALFORMED", None),
     Row("IPv6 frame cut inside the TCP header", truncated(BASE6, 14 + 40 + 10), "FL_DROP_L3_MALFORMED", None),
     Row("IPv4 total length ends inside the TCP header (consistent lengths)",
-        lambda: eth() / v4(len=20 + 12) / Raw(bytes(tcp())[:12]), "FL_DROP_L4_MALFORMED", None),
+        lambda: eth() / v4(len=20 + 12, proto=6) / Raw(bytes(tcp())[:12]), "FL_DROP_L4_MALFORMED", None),
+    Row("IPv4 payload ends inside the TCP header, frame padded to 60 bytes",
+        lambda: eth() / v4(len=20 + 12, proto=6) / Raw(bytes(tcp())[:12] + b"\0" * 14), "FL_DROP_L4_MALFORMED", None),
+    Row("UDP length beyond the IP payload", lambda: eth() / v4() / UDP(sport=1, dport=53, len=200),
+        "FL_DROP_L4_MALFORMED", None),
     Row("IPv6 payload length ends inside the UDP header",
         lambda: eth() / v6(nh=17, plen=4) / Raw(bytes(udp())[:4]), "FL_DROP_L4_MALFORMED", None),
     Row("TCP data offset below 5", lambda: eth() / v4() / TCP(sport=1, dport=80, dataofs=4), "FL_DROP_L4_MALFORMED", None),
