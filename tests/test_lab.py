@@ -26,7 +26,6 @@ from fastlb.lab import netns
 from fastlb.lab.topology import MAX_BACKENDS, python_env
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="builds network namespaces: needs root")
-lab_test = [pytest.mark.netns, pytest.mark.root, needs_root]
 
 
 def host_links() -> set[str]:
@@ -119,6 +118,16 @@ def test_names_addresses_and_macs():
 def test_bad_parameters_are_refused(kwargs):
     with pytest.raises(LabError, match="Fix:"):
         Lab(**kwargs)
+
+
+def test_up_needs_root(monkeypatch):
+    from fastlb.errors import PrivilegeError
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    lab = Lab(backends=1, runid="unit5")
+    with pytest.raises(PrivilegeError, match="sudo"):
+        lab.up()
+    assert not lab.is_up
 
 
 def test_unknown_role_is_refused():

@@ -144,7 +144,10 @@ class Lab:
         raise LabError(f"address family {family!r} is unknown", fix="use 4 or 6")
 
     def mac(self, role: str) -> str:
-        """The MAC address of ``role``'s eth0 (fixed: 02:00:c6:12:00:N, N as in the address)."""
+        """The MAC address of ``role``'s eth0, fixed: ``02:00:c6:12:00:NN``.
+
+        NN is the last byte of the role's IPv4 address, in hex (b1: 198.18.0.11, ``0b``).
+        """
         return f"02:00:c6:12:00:{self._host_number(role):02x}"
 
     def vip(self, family: int = 4) -> str:
