@@ -138,3 +138,7 @@ def status(as_json):
             moved = {k: r["packets"] for k, r in att["reasons"].items() if r["packets"]}
             if moved:
                 click.echo("  reasons: " + "  ".join(f"{k} {v}" for k, v in moved.items()))
+
+
+if __name__ == "__main__":
+    main()
