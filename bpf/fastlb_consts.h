@@ -32,6 +32,7 @@
 #define FL_MAX_VLAN_DEPTH 2         /* VLAN tags parsed (802.1Q / 802.1ad) */
 #define FL_VIP_ADDR_PORT 0          /* key.port of an address-only VIP marker */
 #define FL_VIP_ADDR_PROTO 0         /* key.proto of an address-only VIP marker */
+#define FL_VIP_ID_ADDR_ONLY 0xffffffff /* vips value of an address-only marker */
 
 /* TCP flag bits in byte 13 of the TCP header. */
 #define FL_TCP_FIN 0x01
@@ -63,7 +64,7 @@ enum fl_hash_mode {
 };
 
 enum fl_vip_flags {
-	FL_VIP_F_ADDR_ONLY = 1,     /* marker: some VIP uses this address */
+	FL_VIP_F_VALID = 1,         /* slot in use */
 };
 
 enum fl_backend_flags {
@@ -87,7 +88,7 @@ enum fl_reason {
 	FL_PASS_NOT_VIP,            /* IP packet whose destination is no VIP address */
 	FL_PASS_VIP_PORT,           /* VIP address, but no VIP on this port/protocol */
 	FL_PASS_VLAN_DEPTH,         /* more VLAN tags than FL_MAX_VLAN_DEPTH */
-	FL_PASS_L2_NOT_UNICAST,     /* VIP packet in a broadcast/multicast frame */
+	FL_PASS_L2_NOT_UNICAST,     /* to a VIP address, in a broadcast/multicast frame */
 	FL_DROP_L2_TRUNCATED,       /* frame ends inside the Ethernet or VLAN header */
 	FL_DROP_L3_MALFORMED,       /* truncated IP header, IHL < 5, bad lengths */
 	FL_DROP_FRAGMENT,           /* IPv4 fragment to a VIP address */

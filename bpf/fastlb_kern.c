@@ -3,7 +3,8 @@
  *
  * A packet for a VIP (address, port, protocol) goes to a backend: its
  * conntrack entry's backend if it has one, else the VIP's table's pick,
- * which is then recorded. Under DSR the frame leaves by XDP_TX with the
+ * which is then recorded. Conntrack is looked up first, so an established
+ * flow costs one hash lookup; the vips map is read only on a miss. Under DSR the frame leaves by XDP_TX with the
  * backend's MAC as destination. Everything else passes untouched, and
  * malformed packets for a VIP address are dropped. Every packet moves
  * exactly one reason counter (enum fl_reason).
@@ -50,14 +51,14 @@ static __always_inline void count_backend(__u32 backend_id, __u64 bytes, int new
 }
 
 /* The backend id in ring slot `hash % M` of a VIP, or FL_RING_EMPTY. */
-static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 hash)
+static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 vip_id, __u32 hash)
 {
 	__u32 m = vip->ring_size;
 	__u32 idx, *be;
 
 	if (m == 0 || m > FASTLB_RING_SIZE)
 		return FL_RING_EMPTY;
-	idx = vip->vip_id * FASTLB_RING_SIZE + hash % m;
+	idx = vip_id * FASTLB_RING_SIZE + hash % m;
 	be = ring.lookup(&idx);
 	return be ? *be : FL_RING_EMPTY;
 }
@@ -94,7 +95,25 @@ static __always_inline void ct_touch(struct ct_value *ct, struct flow_key *flow,
 		ct->flags |= FL_CT_F_CLOSING;
 }
 
-/* Forward a packet of a VIP flow: find or pick its backend, rewrite, count. */
+/* The conntrack entry's VIP and backend, if both still stand: the VIP slot
+ * is valid and holds the same VIP (generation), and the backend slot is
+ * valid and serves that VIP. */
+static __always_inline struct backend *ct_backend(struct ct_value *ct, struct vip_meta **vip)
+{
+	struct backend *be;
+
+	*vip = vip_table.lookup(&ct->vip_id);
+	if (!*vip || !((*vip)->flags & FL_VIP_F_VALID) || (*vip)->gen != ct->vip_gen)
+		return NULL;
+	be = backends.lookup(&ct->backend_id);
+	if (!be || !(be->flags & FL_BE_F_VALID) || be->vip_id != ct->vip_id)
+		return NULL;
+	return be;
+}
+
+/* Forward a packet to a VIP address: find its flow's backend in conntrack
+ * (one lookup on the hot path), or look the VIP up and pick one from its
+ * table; then rewrite and count. */
 static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 				     __u8 tcp_flags, __u64 bytes)
 {
@@ -102,36 +121,44 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 	struct vip_meta *vip;
 	struct ct_value *ct, new_ct = {};
 	struct backend *be;
-	__u32 be_id;
+	__u32 *vip_id_p, vip_id, be_id;
 	int new_flow = 0;
 
+	if (eth->h_dest[0] & 1)
+		return miss_reason(flow, FL_PASS_L2_NOT_UNICAST);
+
+	ct = conntrack.lookup(flow);
+	if (ct) {
+		be = ct_backend(ct, &vip);
+		if (be) {
+			ct_touch(ct, flow, tcp_flags);
+			vip_id = ct->vip_id;
+			be_id = ct->backend_id;
+			goto rewrite;
+		}
+	}
+
+	/* A new flow, or one whose VIP or backend is gone: pick from the table. */
 	__builtin_memcpy(vkey.addr, flow->dst, sizeof(vkey.addr));
 	vkey.port = flow->dport;
 	vkey.proto = flow->proto;
 	vkey.family = flow->family;
-	vip = vips.lookup(&vkey);
-	if (!vip)
+	vip_id_p = vips.lookup(&vkey);
+	if (!vip_id_p)
 		return miss_reason(flow, FL_PASS_VIP_PORT);
-	if (eth->h_dest[0] & 1)
-		return FL_PASS_L2_NOT_UNICAST;
-
-	ct = conntrack.lookup(flow);
-	if (ct) {
-		be_id = ct->backend_id;
-		be = backends.lookup(&be_id);
-		if (be && (be->flags & FL_BE_F_VALID) && be->vip_id == vip->vip_id) {
-			ct_touch(ct, flow, tcp_flags);
-			goto rewrite;
-		}
-	}
-	/* A new flow, or one whose backend is gone: pick from the table. */
-	be_id = ring_pick(vip, flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED));
+	vip_id = *vip_id_p;
+	vip = vip_table.lookup(&vip_id);
+	if (!vip || !(vip->flags & FL_VIP_F_VALID))
+		return FL_DROP_NO_BACKEND;
+	be_id = ring_pick(vip, vip_id, flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED));
 	if (be_id == FL_RING_EMPTY)
 		return FL_DROP_NO_BACKEND;
 	be = backends.lookup(&be_id);
 	if (!be || !(be->flags & FL_BE_F_VALID))
 		return FL_DROP_NO_BACKEND;
 	new_ct.backend_id = be_id;
+	new_ct.vip_id = vip_id;
+	new_ct.vip_gen = vip->gen;
 	new_ct.last_seen_ns = bpf_ktime_get_coarse_ns();
 	if (tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
 		new_ct.flags = FL_CT_F_CLOSING;
@@ -141,7 +168,7 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 rewrite:
 	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
-	count_vip(vip->vip_id, bytes, new_flow);
+	count_vip(vip_id, bytes, new_flow);
 	count_backend(be_id, bytes, new_flow);
 	return FL_TX_DSR;
 }

@@ -17,8 +17,12 @@
 #define FL_MAP(type, key, value, name, entries, flags) \
 	BPF_TABLE_PINNED7(type, key, value, name, entries, FASTLB_PIN_DIR "/" #name, flags)
 
-/* VIPs and address-only markers -> per-VIP settings. Written by the loader. */
-FL_MAP("hash", struct vip_key, struct vip_meta, vips, FASTLB_MAX_VIPS * 2, 0);
+/* VIPs -> vip id; VIP addresses (port 0, proto 0) -> FL_VIP_ID_ADDR_ONLY.
+ * Written by the loader. Read for packets with no conntrack entry. */
+FL_MAP("hash", struct vip_key, __u32, vips, FASTLB_MAX_VIPS * 2, 0);
+
+/* vip id -> per-VIP settings. Written by the loader. */
+FL_MAP("array", __u32, struct vip_meta, vip_table, FASTLB_MAX_VIPS, 0);
 
 /* Backend id -> address, MAC, weight. Written by the loader/controller. */
 FL_MAP("array", __u32, struct backend, backends, FASTLB_MAX_BACKENDS, 0);

@@ -10,7 +10,8 @@
 
 #include "fastlb_consts.h"
 
-/* Key of the vips map: a VIP, or an address-only marker (port 0, proto 0). */
+/* Key of the vips map: a VIP, or an address-only marker (port 0, proto 0)
+ * whose value is FL_VIP_ID_ADDR_ONLY. */
 struct vip_key {
 	__u32 addr[4];
 	__u16 port;                 /* network byte order */
@@ -18,9 +19,10 @@ struct vip_key {
 	__u8 family;                /* FL_AF_INET / FL_AF_INET6 */
 };
 
-/* Value of the vips map. */
+/* Value of the vip_table array, indexed by vip id (the vips map's value). */
 struct vip_meta {
-	__u32 vip_id;               /* index into ring, seq and vip_stats */
+	__u32 gen;                  /* bumped when the slot takes a new VIP, so that
+	                             * conntrack entries of the slot's old VIP miss */
 	__u8 algorithm;             /* enum fl_algorithm */
 	__u8 forwarding;            /* enum fl_forwarding */
 	__u8 hash_mode;             /* enum fl_hash_mode */
@@ -55,6 +57,8 @@ struct flow_key {
 /* Value of the conntrack map. */
 struct ct_value {
 	__u32 backend_id;
+	__u32 vip_id;
+	__u32 vip_gen;              /* vip_meta.gen when the flow was recorded */
 	__u32 flags;                /* enum fl_ct_flags */
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns: creation for TCP, last packet for UDP */
 };

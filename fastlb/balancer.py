@@ -84,15 +84,17 @@ def _read_vips(maps: PinnedMaps) -> list[dict]:
     vips = []
     names = {v: k.removeprefix("FL_ALG_").lower() for k, v in cdefs.enum("fl_algorithm").items()}
     fwd = {v: k.removeprefix("FL_FWD_").lower() for k, v in cdefs.enum("fl_forwarding").items()}
-    for key, meta in maps.items("vips"):
-        if meta.flags & cdefs.FL_VIP_F_ADDR_ONLY:
+    for key, vip_id in maps.items("vips"):
+        vip_id = vip_id.value
+        if vip_id == cdefs.FL_VIP_ID_ADDR_ONLY:
             continue
+        meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         addr = structs.unpack_addr(key.addr, key.family)
         proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
         port = structs.port_host(key.port)
         name = f"[{addr}]:{port}/{proto}" if addr.version == 6 else f"{addr}:{port}/{proto}"
-        c = maps.counter("vip_stats", meta.vip_id)
-        vips.append({"vip": name, "vip_id": meta.vip_id, "algorithm": names.get(meta.algorithm, "?"),
+        c = maps.counter("vip_stats", vip_id)
+        vips.append({"vip": name, "vip_id": vip_id, "algorithm": names.get(meta.algorithm, "?"),
                      "forwarding": fwd.get(meta.forwarding, "?"), "ring_size": meta.ring_size,
                      "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "backends": []})
     return sorted(vips, key=lambda v: v["vip_id"])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bpfsys, cdefs, structs
-from .errors import BpfError, PrivilegeError, ToolchainError, os_error
+from .errors import BpfError, PrivilegeError, ToolchainError
 
 PROGRAM_SOURCE = "fastlb_kern.c"
 PROGRAM_FUNCTION = "xdp_fastlb"
@@ -60,6 +60,7 @@ class MapSpec:
     def entries(self, sizes: Sizes) -> int:
         return {
             "vips": sizes.max_vips * 2,
+            "vip_table": sizes.max_vips,
             "backends": sizes.max_backends,
             "ring": sizes.max_vips * sizes.ring_size,
             "conntrack": sizes.conntrack_size,
@@ -71,7 +72,8 @@ class MapSpec:
 
 # The maps of bpf/fastlb_maps.h; tests/test_structs.py checks this against the loaded program.
 MAP_SPECS = (
-    MapSpec("vips", "hash", structs.VipKey, structs.VipMeta),
+    MapSpec("vips", "hash", structs.VipKey, ctypes.c_uint32),
+    MapSpec("vip_table", "array", ctypes.c_uint32, structs.VipMeta),
     MapSpec("backends", "array", ctypes.c_uint32, structs.Backend),
     MapSpec("ring", "array", ctypes.c_uint32, ctypes.c_uint32),
     MapSpec("conntrack", "lru_hash", structs.FlowKey, structs.CtValue),
@@ -184,6 +186,3 @@ def _last_lines(text: str, count: int = 6) -> str:
     errors = [ln for ln in lines if "error" in ln.lower()] or lines
     return " | ".join(errors[-count:])
 
-
-def describe_oserror(what: str, exc: OSError) -> str:
-    return f"{what}: {os_error(exc)}"

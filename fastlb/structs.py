@@ -23,7 +23,7 @@ class VipKey(ctypes.Structure):
 
 
 class VipMeta(ctypes.Structure):
-    _fields_ = [("vip_id", ctypes.c_uint32), ("algorithm", ctypes.c_uint8),
+    _fields_ = [("gen", ctypes.c_uint32), ("algorithm", ctypes.c_uint8),
                 ("forwarding", ctypes.c_uint8), ("hash_mode", ctypes.c_uint8),
                 ("flags", ctypes.c_uint8), ("seq_len", ctypes.c_uint32),
                 ("ring_size", ctypes.c_uint32)]
@@ -42,7 +42,8 @@ class FlowKey(ctypes.Structure):
 
 
 class CtValue(ctypes.Structure):
-    _fields_ = [("backend_id", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+    _fields_ = [("backend_id", ctypes.c_uint32), ("vip_id", ctypes.c_uint32),
+                ("vip_gen", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("last_seen_ns", ctypes.c_uint64)]
 
 

@@ -1,7 +1,7 @@
 """From a validated config to the contents of the maps.
 
-VIP ids and backend ids are positions in the config (VIP order, then each
-VIP's backends in order). A VIP's Maglev ring comes from the selection core
+VIPs and backends get slots (ids) in the maps, and keep them across applies
+(see ``place``). A VIP's Maglev ring comes from the selection core
 (fastlb.core), as backend positions that are mapped to backend ids here.
 Rings are written as deltas against what the map holds, so re-applying an
 unchanged config writes no ring slot.
@@ -29,14 +29,39 @@ class Placement:
     backend_ids: dict[tuple[str, int], int]  # (vip.name, backend position) -> backend id
 
 
-def place(config) -> Placement:
-    vip_ids, backend_ids = {}, {}
-    next_backend = 0
-    for vip_id, vip in enumerate(config.vips):
-        vip_ids[vip.name] = vip_id
+def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
+    """Give each VIP and backend a slot, keeping the slots they already hold.
+
+    Conntrack entries name slots, so a VIP or backend that stays in the
+    config must keep its slot: otherwise removing one backend would shift
+    its neighbours and move their established flows.
+    """
+    held_vips = {bytes(key): vid.value for key, vid in maps.items("vips")
+                 if vid.value != cdefs.FL_VIP_ID_ADDR_ONLY}
+    vip_ids: dict[str, int] = {}
+    for vip in config.vips:
+        vid = held_vips.get(bytes(_vip_key(vip)))
+        if vid is not None and vid < sizes.max_vips:
+            vip_ids[vip.name] = vid
+    free_vips = (i for i in range(sizes.max_vips) if i not in set(vip_ids.values()))
+    for vip in config.vips:
+        if vip.name not in vip_ids:
+            vip_ids[vip.name] = next(free_vips)
+
+    held_backends = {(e.vip_id, bytes(e.addr), e.port): be_id for be_id, e in _valid_backends(maps, sizes)}
+    backend_ids: dict[tuple[str, int], int] = {}
+    for vip in config.vips:
+        for pos, b in enumerate(vip.backends):
+            be_id = held_backends.get((vip_ids[vip.name], bytes(structs.pack_addr(b.address)),
+                                       structs.port_be(b.port)))
+            if be_id is not None:
+                backend_ids[(vip.name, pos)] = be_id
+    used = set(backend_ids.values())
+    free_backends = (i for i in range(sizes.max_backends) if i not in used)
+    for vip in config.vips:
         for pos in range(len(vip.backends)):
-            backend_ids[(vip.name, pos)] = next_backend
-            next_backend += 1
+            if (vip.name, pos) not in backend_ids:
+                backend_ids[(vip.name, pos)] = next(free_backends)
     return Placement(vip_ids, backend_ids)
 
 
@@ -47,11 +72,11 @@ def ring_positions(vip, sizes: Sizes):
     return core.maglev_table(keys, weights, sizes.ring_size, sizes.hash_seed)
 
 
-def vip_meta(vip, vip_id: int, sizes: Sizes) -> structs.VipMeta:
+def vip_meta(vip, gen: int, sizes: Sizes) -> structs.VipMeta:
     return structs.VipMeta(
-        vip_id=vip_id, algorithm=cdefs.defs()[ALGORITHMS[vip.algorithm]],
+        gen=gen, algorithm=cdefs.defs()[ALGORITHMS[vip.algorithm]],
         forwarding=cdefs.defs()[FORWARDING[vip.forwarding]],
-        hash_mode=cdefs.defs()[HASH_MODES[vip.hash]], flags=0, seq_len=0,
+        hash_mode=cdefs.defs()[HASH_MODES[vip.hash]], flags=cdefs.FL_VIP_F_VALID, seq_len=0,
         ring_size=sizes.ring_size)
 
 
@@ -63,47 +88,54 @@ def backend_entry(vip_id: int, backend, mac: str) -> structs.Backend:
     return entry
 
 
+def _vip_key(vip) -> structs.VipKey:
+    return structs.vip_key(vip.address, vip.port, vip.proto_number)
+
+
 def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes) -> dict[str, int]:
-    """Make the maps hold ``config``. Returns counts of what was written."""
-    placement = place(config)
+    """Make the maps hold ``config``. Returns counts of what was written.
+
+    The order keeps every packet's view consistent: backends, then rings,
+    then the VIP's settings, then the vips entry that makes it reachable;
+    removal runs the other way round.
+    """
+    placement = place(config, maps, sizes)
     written = {"vips": 0, "backends": 0, "ring_slots": 0, "removed": 0}
     empty = cdefs.FL_RING_EMPTY
 
-    # Backends first, so a ring never names a backend slot that is not filled.
     used_backends = set()
     for vip in config.vips:
         vip_id = placement.vip_ids[vip.name]
         for pos, backend in enumerate(vip.backends):
             be_id = placement.backend_ids[(vip.name, pos)]
-            maps.update("backends", ctypes.c_uint32(be_id), backend_entry(vip_id, backend, macs[str(backend.address)]))
+            maps.update("backends", ctypes.c_uint32(be_id),
+                        backend_entry(vip_id, backend, macs[str(backend.address)]))
             used_backends.add(be_id)
             written["backends"] += 1
 
+    wanted_keys: dict[bytes, int] = {}
     for vip in config.vips:
         vip_id = placement.vip_ids[vip.name]
-        positions = ring_positions(vip, sizes)
-        ids = [placement.backend_ids[(vip.name, p)] if p >= 0 else empty for p in positions]
+        same_vip = maps.lookup("vips", _vip_key(vip))
+        same_vip = same_vip is not None and same_vip.value == vip_id
+        ids = [placement.backend_ids[(vip.name, p)] if p >= 0 else empty for p in ring_positions(vip, sizes)]
         start = vip_id * sizes.ring_size
-        current = maps.read_u32_slice("ring", start, sizes.ring_size) if _ring_written(maps, vip, vip_id) \
-            else None
-        if current is None:
-            maps.write_u32_slice("ring", start, ids)
-            written["ring_slots"] += len(ids)
-        else:
+        if same_vip:  # its ring is live: write the delta
+            current = maps.read_u32_slice("ring", start, sizes.ring_size)
             slots = [i for i in range(len(ids)) if ids[i] != current[i]]
             maps.write_u32_slots("ring", [start + i for i in slots], [ids[i] for i in slots])
             written["ring_slots"] += len(slots)
+        else:
+            maps.write_u32_slice("ring", start, ids)
+            written["ring_slots"] += len(ids)
+        old = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
+        gen = old.gen if same_vip else (old.gen + 1) & 0xFFFFFFFF
+        maps.update("vip_table", ctypes.c_uint32(vip_id), vip_meta(vip, gen, sizes))
+        wanted_keys[bytes(_vip_key(vip))] = vip_id
+        wanted_keys.setdefault(bytes(structs.addr_marker_key(vip.address)), cdefs.FL_VIP_ID_ADDR_ONLY)
 
-    # VIPs last: a VIP becomes visible to the program once its ring is ready.
-    wanted_keys = {}
-    for vip in config.vips:
-        vip_id = placement.vip_ids[vip.name]
-        proto = vip.proto_number
-        wanted_keys[bytes(structs.vip_key(vip.address, vip.port, proto))] = vip_meta(vip, vip_id, sizes)
-        marker = structs.VipMeta(vip_id=vip_id, flags=cdefs.FL_VIP_F_ADDR_ONLY)
-        wanted_keys.setdefault(bytes(structs.addr_marker_key(vip.address)), marker)
-    for raw, meta in wanted_keys.items():
-        maps.update("vips", structs.VipKey.from_buffer_copy(raw), meta)
+    for raw, value in wanted_keys.items():
+        maps.update("vips", structs.VipKey.from_buffer_copy(raw), ctypes.c_uint32(value))
         written["vips"] += 1
 
     # Remove what the config no longer has.
@@ -111,17 +143,17 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes) -> dict[
         if bytes(key) not in wanted_keys:
             maps.delete("vips", key)
             written["removed"] += 1
-    for be_id, entry in list(_valid_backends(maps, sizes)):
+    for vip_id in range(sizes.max_vips):
+        if vip_id not in placement.vip_ids.values():
+            meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
+            if meta is not None and meta.flags & cdefs.FL_VIP_F_VALID:
+                meta.flags = 0
+                maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
+    for be_id, _entry in list(_valid_backends(maps, sizes)):
         if be_id not in used_backends:
             maps.update("backends", ctypes.c_uint32(be_id), structs.Backend())
             written["removed"] += 1
     return written
-
-
-def _ring_written(maps: PinnedMaps, vip, vip_id: int) -> bool:
-    """True when the VIP is already in the map with this id (its ring slice is live)."""
-    meta = maps.lookup("vips", structs.vip_key(vip.address, vip.port, vip.proto_number))
-    return meta is not None and meta.vip_id == vip_id
 
 
 def _valid_backends(maps: PinnedMaps, sizes: Sizes):

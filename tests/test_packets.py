@@ -290,3 +290,47 @@ def test_conntrack_keeps_a_flow_on_its_backend_when_the_table_changes(prog, load
     finally:
         loaded.apply(CONFIG)
         loaded.flush_conntrack()
+
+
+def test_a_removed_vip_stops_forwarding_its_established_flows(prog, loaded):
+    """Slot 0 passes to another VIP: the old flow's conntrack entry must not forward."""
+    pkt = eth() / v4() / tcp(sport=43434, flags="A")
+    verdict, _ = prog.run(bytes(pkt))
+    assert verdict == VERDICT_CODES["tx"]
+    without_first = CONFIG.replace(CONFIG[CONFIG.index("[[vip]]"):CONFIG.index("[[vip]]", CONFIG.index("[[vip]]") + 1)], "", 1)
+    loaded.apply(without_first)
+    try:
+        assert loaded.maps.lookup("conntrack", next(iter(loaded.maps.keys("conntrack")))) is not None
+        before = prog.reason_counts()
+        verdict, out = prog.run(bytes(pkt))
+        after = prog.reason_counts()
+        assert verdict == VERDICT_CODES["pass"] and out == bytes(pkt)
+        assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {"FL_PASS_VIP_PORT": 1}
+    finally:
+        loaded.apply(CONFIG)
+        loaded.flush_conntrack()
+
+
+def test_removing_a_backend_moves_only_its_own_flows(prog, loaded):
+    """Its flows go to a live backend; every other flow keeps its backend (slots are stable)."""
+    flows = [eth() / v4() / tcp(sport=port, flags="A") for port in range(45000, 45060)]
+    backend_of = {}
+    for pkt in flows:
+        verdict, out = prog.run(bytes(pkt))
+        assert verdict == VERDICT_CODES["tx"]
+        backend_of[pkt[TCP].sport] = _backend_mac(out)
+    gone = fake_mac("198.18.0.11")
+    assert gone in backend_of.values() and len(set(backend_of.values())) == 3
+    cfg = loaded.apply(CONFIG.replace('[[vip.backend]]\naddress = "198.18.0.11"\n', "", 1))
+    try:
+        for pkt in flows:
+            verdict, out = prog.run(bytes(pkt))
+            assert verdict == VERDICT_CODES["tx"]
+            before = backend_of[pkt[TCP].sport]
+            if before == gone:
+                assert _backend_mac(out) == fake_mac(expected_backend(cfg, prog.sizes, pkt))
+            else:
+                assert _backend_mac(out) == before, "an unrelated established flow moved"
+    finally:
+        loaded.apply(CONFIG)
+        loaded.flush_conntrack()
