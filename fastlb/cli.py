@@ -17,6 +17,7 @@ from . import __version__
 from .errors import FastlbError
 
 XDP_MODES = ("auto", "native", "generic")
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class FastlbGroup(click.Group):
@@ -78,6 +79,9 @@ def attach(iface, config_path, xdp_mode, keep):
     """
     from . import balancer
     config = _load_config(config_path)
+    # Block the stop signals before attaching: one that arrives while attaching
+    # (or just after the banner) is then taken by sigwait and detaches cleanly.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     result = balancer.attach(iface, config, xdp_mode=xdp_mode)
     for note in result.notes:
         click.echo(f"fastlb: note: {note}", err=True)
@@ -94,9 +98,7 @@ def attach(iface, config_path, xdp_mode, keep):
 
 
 def _wait_for_signal() -> None:
-    signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    signal.sigwait(signals)
+    signal.sigwait(STOP_SIGNALS)
 
 
 @main.command()
