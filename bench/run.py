@@ -1,0 +1,94 @@
+"""fastlb's benchmarks: one runner, `sudo make bench`, writing docs/BENCHMARKS.md.
+
+Each section is a module in bench/ with ``run(quick: bool) -> str`` (Markdown).
+Every figure is measured side by side with its baseline or peer in the same
+run, because these machines are noisy: read ratios, not absolute numbers.
+
+    sudo make bench                          # all sections -> docs/BENCHMARKS.md
+    sudo .venv/bin/python bench/run.py --quick --out /tmp/b.md   # the smoke run the tests use
+    sudo .venv/bin/python bench/run.py --only packets
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+# (name, module, needs root)
+SECTIONS = [
+    ("packets", "bench_packets", True),
+    ("core", "bench_core", False),
+]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import bcc  # noqa: F401
+        bcc_version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "python3-bpfcc"],
+                                     capture_output=True, text=True).stdout or "?"
+    except ImportError:
+        bcc_version = "not installed"
+    return "\n".join([
+        "| | |", "|---|---|",
+        f"| date | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} |",
+        f"| kernel | {platform.release()} |",
+        f"| CPU | {cpu}, {os.cpu_count()} CPUs |",
+        f"| Python | {platform.python_version()} |",
+        f"| BCC | {bcc_version} |",
+    ])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny durations: a smoke run (figures meaningless)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"), help="Markdown file to write")
+    ap.add_argument("--only", action="append", choices=[s[0] for s in SECTIONS], help="run only these sections")
+    args = ap.parse_args(argv)
+
+    command = "sudo make bench" if not args.quick and not args.only else \
+        "sudo .venv/bin/python bench/run.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    parts = ["# fastlb benchmarks", "",
+             "Written by `bench/run.py`; every figure is measured next to its baseline or peer in the same run.",
+             "", f"Command: `{command}`", "", "## Machine", "", machine(), ""]
+    started = time.monotonic()
+    for name, module, needs_root in SECTIONS:
+        if args.only and name not in args.only:
+            continue
+        if needs_root and os.geteuid() != 0:
+            print(f"bench: skipping {name}: needs root", file=sys.stderr)
+            continue
+        t0 = time.monotonic()
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        section = importlib.import_module(module).run(quick=args.quick)
+        parts += [section.rstrip(), "", f"*(section took {time.monotonic() - t0:.0f} s)*", ""]
+    parts.append(f"Total: {time.monotonic() - started:.0f} s.")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts) + "\n")
+    print(f"bench: wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
