@@ -6,9 +6,10 @@ is the readable statement of each algorithm and the fallback when the
 extension is not built. Import the public API from :mod:`fastlb.core`, which
 picks the implementation.
 
-The compiled module imports the input checks, the Maglev permutation and the
-weight scaling of smooth WRR from here, so those steps cannot drift apart; it
-reimplements everything with a loop in it. docs/HASH.md states each rule.
+The compiled module takes its constants, its error reporting (the check_*
+helpers, called when its fast-path checks fail) and the weight scaling of
+smooth WRR from here, so those cannot drift apart; it reimplements every
+hash and every loop. docs/HASH.md states each rule.
 """
 
 from __future__ import annotations

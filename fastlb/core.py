@@ -2,8 +2,8 @@
 
 ``fastlb._core`` (Cython) is used unless ``FASTLB_PURE_PYTHON=1`` is set or it
 cannot be imported (not built, or built for another Python); then
-``fastlb._pure`` answers, with identical results and Maglev builds some 20
-to 50 times slower. :data:`IMPLEMENTATION` says which one ("cython" or
+``fastlb._pure`` answers, with identical results and Maglev builds about 20
+to 70 times slower (bench/bench_core.py). :data:`IMPLEMENTATION` says which one ("cython" or
 "python"), and :data:`IMPORT_ERROR` keeps the reason the compiled module
 was not used.
 
