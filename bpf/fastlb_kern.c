@@ -63,6 +63,86 @@ static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 vip_id,
 	return be ? *be : FL_RING_EMPTY;
 }
 
+/* Next backend of the VIP's smooth-WRR sequence, by this CPU's cursor (rr, wrr). */
+static __always_inline __u32 seq_pick(const struct vip_meta *vip, __u32 vip_id)
+{
+	__u32 len = vip->seq_len;
+	__u32 *cursor, slot, idx, *be;
+
+	cursor = seq_cursor.lookup(&vip_id);
+	if (!cursor || len == 0 || len > FASTLB_SEQ_SIZE)
+		return FL_RING_EMPTY;
+	slot = *cursor % len;
+	*cursor = slot + 1;
+	idx = vip_id * FASTLB_SEQ_SIZE + slot;
+	be = seq.lookup(&idx);
+	return be ? *be : FL_RING_EMPTY;
+}
+
+/* Power of two choices (lc, lrt): the ring slot of the flow hash and a
+ * second, distinct backend from the ring slots after the rehash; the lower
+ * score wins, ties to the first. Scores compare by cross-multiplication:
+ * lc (active+1)/weight, lrt rtt*(active+1)/weight. */
+static __always_inline __u32 p2c_pick(const struct vip_meta *vip, __u32 vip_id, __u32 hash)
+{
+	__u32 m = vip->ring_size;
+	__u32 a, b, start, slot, idx, *c, *act_a, *act_b;
+	struct backend *be_a, *be_b;
+	__u64 score_a, score_b;
+	int i;
+
+	a = ring_pick(vip, vip_id, hash);
+	if (a == FL_RING_EMPTY)
+		return a;
+	b = a;
+	start = fl_p2c_rehash(hash, FASTLB_HASH_SEED) % m;
+#pragma unroll
+	for (i = 0; i < FL_P2C_PROBES; i++) {
+		slot = start + i;
+		if (slot >= m)
+			slot -= m;
+		idx = vip_id * FASTLB_RING_SIZE + slot;
+		c = ring.lookup(&idx);
+		if (c && *c != a && *c != FL_RING_EMPTY) {
+			b = *c;
+			break;
+		}
+	}
+	if (b == a)
+		return a;
+	be_a = backends.lookup(&a);
+	be_b = backends.lookup(&b);
+	act_a = backend_active.lookup(&a);
+	act_b = backend_active.lookup(&b);
+	if (!be_a || !be_b || !act_a || !act_b)
+		return a;
+	score_b = ((__u64)*act_b + 1) * be_a->weight;
+	score_a = ((__u64)*act_a + 1) * be_b->weight;
+	if (vip->algorithm == FL_ALG_LRT) {
+		score_b *= be_b->rtt_us;
+		score_a *= be_a->rtt_us;
+	}
+	return score_b < score_a ? b : a;
+}
+
+/* The backend a new flow gets under the VIP's algorithm. */
+static __always_inline __u32 select_backend(const struct vip_meta *vip, __u32 vip_id, __u32 hash)
+{
+	if (vip->algorithm == FL_ALG_RR || vip->algorithm == FL_ALG_WRR)
+		return seq_pick(vip, vip_id);
+	if (vip->algorithm == FL_ALG_LC || vip->algorithm == FL_ALG_LRT)
+		return p2c_pick(vip, vip_id, hash);
+	return ring_pick(vip, vip_id, hash);
+}
+
+static __always_inline void active_add(__u32 be_id, int delta)
+{
+	__u32 *active = backend_active.lookup(&be_id);
+
+	if (active)
+		__sync_fetch_and_add(active, delta);
+}
+
 /* ---- The packet path ---- */
 
 /* True when some VIP uses the flow's destination address. */
@@ -84,15 +164,18 @@ static __always_inline __u32 miss_reason(struct flow_key *flow, __u32 vip_reason
 	return is_vip_addr(flow) ? vip_reason : FL_PASS_NOT_VIP;
 }
 
-/* Conntrack bookkeeping for a packet of a known flow. */
+/* Conntrack bookkeeping for a packet of a known flow: UDP's idle clock, and
+ * TCP's first FIN or RST, which ends its count as an active connection. */
 static __always_inline void ct_touch(struct ct_value *ct, struct flow_key *flow,
 				     __u8 tcp_flags)
 {
-	if (flow->proto == IPPROTO_UDP)
+	if (flow->proto == IPPROTO_UDP) {
 		ct->last_seen_ns = bpf_ktime_get_coarse_ns();
-	else if ((tcp_flags & (FL_TCP_FIN | FL_TCP_RST)) &&
-		 !(ct->flags & FL_CT_F_CLOSING))
+	} else if ((tcp_flags & (FL_TCP_FIN | FL_TCP_RST)) && !(ct->flags & FL_CT_F_CLOSING)) {
 		ct->flags |= FL_CT_F_CLOSING;
+		if (ct->flags & FL_CT_F_COUNTED)
+			active_add(ct->backend_id, -1);
+	}
 }
 
 /* The conntrack entry's VIP and backend, if both still stand: the VIP slot
@@ -121,7 +204,7 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 	struct vip_meta *vip;
 	struct ct_value *ct, new_ct = {};
 	struct backend *be;
-	__u32 *vip_id_p, vip_id, be_id;
+	__u32 *vip_id_p, vip_id, be_id, hash;
 	int new_flow = 0;
 
 	if (eth->h_dest[0] & 1)
@@ -150,11 +233,9 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 	vip = vip_table.lookup(&vip_id);
 	if (!vip || !(vip->flags & FL_VIP_F_VALID))
 		return FL_DROP_NO_BACKEND;
-	be_id = ring_pick(vip, vip_id, flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED));
+	hash = flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED);
+	be_id = select_backend(vip, vip_id, hash);
 	if (be_id == FL_RING_EMPTY)
-		return FL_DROP_NO_BACKEND;
-	be = backends.lookup(&be_id);
-	if (!be || !(be->flags & FL_BE_F_VALID))
 		return FL_DROP_NO_BACKEND;
 	new_ct.backend_id = be_id;
 	new_ct.vip_id = vip_id;
@@ -162,7 +243,19 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 	new_ct.last_seen_ns = bpf_ktime_get_coarse_ns();
 	if (tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
 		new_ct.flags = FL_CT_F_CLOSING;
-	conntrack.update(flow, &new_ct);
+	else if (flow->proto == IPPROTO_TCP)
+		new_ct.flags = FL_CT_F_COUNTED;
+	if (conntrack.update(flow, &new_ct) == 0) {
+		if (new_ct.flags & FL_CT_F_COUNTED)
+			active_add(be_id, 1);
+	} else {
+		/* Not recorded: every packet of the flow must then reach the
+		 * same backend, which only the ring slot of its hash gives. */
+		be_id = ring_pick(vip, vip_id, hash);
+	}
+	be = backends.lookup(&be_id);
+	if (!be || !(be->flags & FL_BE_F_VALID))
+		return FL_DROP_NO_BACKEND;
 	new_flow = 1;
 
 rewrite:

@@ -30,6 +30,18 @@ FL_MAP("array", __u32, struct backend, backends, FASTLB_MAX_BACKENDS, 0);
 /* vip_id * FASTLB_RING_SIZE + slot -> backend id (Maglev ring). Written by the loader. */
 FL_MAP("array", __u32, __u32, ring, FASTLB_MAX_VIPS * FASTLB_RING_SIZE, 0);
 
+/* vip_id * FASTLB_SEQ_SIZE + slot -> backend id (smooth-WRR sequence for
+ * rr/wrr). Written by the loader. */
+FL_MAP("array", __u32, __u32, seq, FASTLB_MAX_VIPS * FASTLB_SEQ_SIZE, 0);
+
+/* vip_id -> this CPU's position in the VIP's sequence. Written by the program. */
+FL_MAP("percpu_array", __u32, __u32, seq_cursor, FASTLB_MAX_VIPS, 0);
+
+/* backend id -> active TCP connections (lc/lrt). Written by the program:
+ * +1 when a flow is recorded, -1 when it first shows FIN or RST; the
+ * loader zeroes a slot it gives to a new backend. */
+FL_MAP("array", __u32, __u32, backend_active, FASTLB_MAX_BACKENDS, 0);
+
 /* 5-tuple -> backend and state. Written by the program (new flows) and the
  * controller (flush). Per-CPU LRU lists: a flow stays on one RX queue. */
 FL_MAP("lru_hash", struct flow_key, struct ct_value, conntrack, FASTLB_CT_SIZE,

@@ -101,6 +101,65 @@ def _wait_for_signal() -> None:
     signal.sigwait(STOP_SIGNALS)
 
 
+def _parse_src(ctx, param, value):
+    from .config import parse_vip_spec
+    try:
+        addr, port, _ = parse_vip_spec(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not ADDR:PORT; write e.g. 198.18.0.1:40000 "
+                                 "or [2001:db8::1]:40000") from exc
+    return str(addr), port
+
+
+@main.command()
+@click.option("--vip", "vip_spec", required=True, metavar="ADDR:PORT/PROTO",
+              help="The VIP, e.g. 198.19.0.100:80/tcp or [2001:db8::100]:53/udp.")
+@click.option("--src", required=True, metavar="ADDR:PORT", callback=_parse_src,
+              help="The client's address and source port.")
+@click.option("-c", "--config", "config_path", required=True, metavar="FILE", envvar="FASTLB_CONFIG",
+              type=click.Path(dir_okay=False), help="The config the balancer runs.")
+@click.option("--no-live", is_flag=True, help="lc/lrt: use zero counts instead of the attached maps'.")
+@click.option("--json", "as_json", is_flag=True, help="Print the same as JSON.")
+def explain(vip_spec, src, config_path, no_live, as_json):
+    """Say which backend a new flow would get, and why.
+
+    Computed from the config and the selection core (the same hash and tables
+    as the XDP program); lc/lrt read the live per-backend counts of the
+    attachment that serves the VIP, if any. Conntrack is never read.
+
+    \b
+    Example:
+      fastlb explain -c fastlb.toml --vip 198.19.0.100:80/tcp --src 198.18.0.1:40000
+    """
+    import dataclasses
+
+    from . import explain as model
+    config = _load_config(config_path)
+    try:
+        vip = config.find_vip(vip_spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--vip") from exc
+    if vip is None:
+        known = ", ".join(v.name for v in config.vips)
+        raise FastlbError(f"{config_path} has no VIP {vip_spec}", fix=f"use one of: {known}")
+    active = rtt = None
+    source = "no attachment serves this VIP here: counts taken as 0"
+    if vip.algorithm in ("lc", "lrt") and not no_live:
+        live = model.live_counts(vip)
+        if live is not None:
+            active, rtt, source = live
+    elif no_live:
+        source = "--no-live: counts taken as 0"
+    try:
+        result = model.explain(config, vip, src[0], src[1], active, rtt, counts_source=source)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--src") from exc
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(result), indent=2))
+    else:
+        click.echo("\n".join(result.lines()))
+
+
 @main.command()
 @click.argument("iface", metavar="IFACE")
 def detach(iface):

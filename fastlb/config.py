@@ -28,7 +28,7 @@ FORWARDING = ("dsr", "tunnel", "nat")
 HASHES = ("5tuple", "src")
 
 # What this build can run. Other values are known but rejected as "not built yet".
-BUILT_ALGORITHMS = frozenset({"maglev"})
+BUILT_ALGORITHMS = frozenset({"maglev", "rr", "wrr", "lc", "lrt"})
 BUILT_FORWARDING = frozenset({"dsr"})
 
 

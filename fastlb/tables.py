@@ -48,7 +48,7 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
         if vip.name not in vip_ids:
             vip_ids[vip.name] = next(free_vips)
 
-    held_backends = {(e.vip_id, bytes(e.addr), e.port): be_id for be_id, e in _valid_backends(maps, sizes)}
+    held_backends = {_identity(e): be_id for be_id, e in _valid_backends(maps, sizes)}
     backend_ids: dict[tuple[str, int], int] = {}
     for vip in config.vips:
         for pos, b in enumerate(vip.backends):
@@ -72,11 +72,21 @@ def ring_positions(vip, sizes: Sizes):
     return core.maglev_table(keys, weights, sizes.ring_size, sizes.hash_seed)
 
 
-def vip_meta(vip, gen: int, sizes: Sizes) -> structs.VipMeta:
+def seq_positions(vip, sizes: Sizes):
+    """The VIP's smooth-WRR sequence (rr: equal weights), as backend positions."""
+    if vip.algorithm not in ("rr", "wrr"):
+        return []
+    weights = [b.weight for b in vip.backends]
+    if vip.algorithm == "rr":
+        weights = [1 if w > 0 else 0 for w in weights]
+    return list(core.swrr_sequence(weights, sizes.seq_size))
+
+
+def vip_meta(vip, gen: int, seq_len: int, sizes: Sizes) -> structs.VipMeta:
     return structs.VipMeta(
         gen=gen, algorithm=cdefs.defs()[ALGORITHMS[vip.algorithm]],
         forwarding=cdefs.defs()[FORWARDING[vip.forwarding]],
-        hash_mode=cdefs.defs()[HASH_MODES[vip.hash]], flags=cdefs.FL_VIP_F_VALID, seq_len=0,
+        hash_mode=cdefs.defs()[HASH_MODES[vip.hash]], flags=cdefs.FL_VIP_F_VALID, seq_len=seq_len,
         ring_size=sizes.ring_size)
 
 
@@ -104,12 +114,17 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes) -> dict[
     empty = cdefs.FL_RING_EMPTY
 
     used_backends = set()
+    held = dict(_valid_backends(maps, sizes))
     for vip in config.vips:
         vip_id = placement.vip_ids[vip.name]
         for pos, backend in enumerate(vip.backends):
             be_id = placement.backend_ids[(vip.name, pos)]
-            maps.update("backends", ctypes.c_uint32(be_id),
-                        backend_entry(vip_id, backend, macs[str(backend.address)]))
+            entry = backend_entry(vip_id, backend, macs[str(backend.address)])
+            old = held.get(be_id)
+            if old is None or _identity(old) != _identity(entry):
+                # A slot new to this backend starts with no connections.
+                maps.update("backend_active", ctypes.c_uint32(be_id), ctypes.c_uint32(0))
+            maps.update("backends", ctypes.c_uint32(be_id), entry)
             used_backends.add(be_id)
             written["backends"] += 1
 
@@ -128,9 +143,11 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes) -> dict[
         else:
             maps.write_u32_slice("ring", start, ids)
             written["ring_slots"] += len(ids)
+        seq_ids = [placement.backend_ids[(vip.name, p)] for p in seq_positions(vip, sizes)]
+        maps.write_u32_slice("seq", vip_id * sizes.seq_size, seq_ids)
         old = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         gen = old.gen if same_vip else (old.gen + 1) & 0xFFFFFFFF
-        maps.update("vip_table", ctypes.c_uint32(vip_id), vip_meta(vip, gen, sizes))
+        maps.update("vip_table", ctypes.c_uint32(vip_id), vip_meta(vip, gen, len(seq_ids), sizes))
         wanted_keys[bytes(_vip_key(vip))] = vip_id
         wanted_keys.setdefault(bytes(structs.addr_marker_key(vip.address)), cdefs.FL_VIP_ID_ADDR_ONLY)
 
@@ -154,6 +171,10 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes) -> dict[
             maps.update("backends", ctypes.c_uint32(be_id), structs.Backend())
             written["removed"] += 1
     return written
+
+
+def _identity(entry: structs.Backend) -> tuple:
+    return entry.vip_id, bytes(entry.addr), entry.port
 
 
 def _valid_backends(maps: PinnedMaps, sizes: Sizes):

@@ -269,12 +269,6 @@ address = "198.19.0.100"
 port = 80
 protocol = "TCP"
 """, "vip[0].protocol", 4, "did you mean 'tcp'?"),
-    ("known algorithm not built", """
-[[vip]]
-address = "198.19.0.100"
-port = 80
-algorithm = "wrr"
-""", "vip[0].algorithm", 4, "algorithm 'wrr' is not built yet in this version; built: maglev"),
     ("unknown algorithm", """
 [[vip]]
 address = "198.19.0.100"
