@@ -78,7 +78,7 @@ def tcp_requests(lab: Lab, vip: str | None = None, port: int = 80, count: int = 
 
 def udp_by_source(lab: Lab, vip: str | None = None, port: int = 9000, count: int = 100,
                   family: int | None = None, sources: int | None = None,
-                  timeout: float = 2.0) -> dict[int, Counter]:
+                  timeout: float = 2.0, first_port: int = 0) -> dict[int, Counter]:
     """Send ``count`` UDP datagrams from the client namespace; answers per source port.
 
     ``sources``: how many client sockets (source ports, so flows) share the
@@ -90,6 +90,8 @@ def udp_by_source(lab: Lab, vip: str | None = None, port: int = 9000, count: int
     args = ["udp", "--host", host, "--port", port, "--count", count, "--timeout", timeout]
     if sources is not None:
         args += ["--sources", sources]
+    if first_port:
+        args += ["--first-port", first_port]
     out = _run(lab, f"UDP to [{host}]:{port}", args, timeout=10 + count * timeout)
     return {int(p): Counter(c) for p, c in out["by_source"].items()}
 
@@ -165,17 +167,23 @@ def cmd_tcp(host: str, port: int, count: int, timeout: float, path: str) -> dict
     return {"counts": counts}
 
 
-def cmd_udp(host: str, port: int, count: int, timeout: float, sources: int | None) -> dict:
-    """Send ``count`` datagrams round robin over ``sources`` sockets; stop at the first failure."""
+def cmd_udp(host: str, port: int, count: int, timeout: float, sources: int | None,
+            first_port: int = 0) -> dict:
+    """Send ``count`` datagrams round robin over ``sources`` sockets; stop at the first failure.
+
+    ``first_port`` > 0 binds the sockets to first_port, first_port+1, ... so
+    that a later run repeats the same flows.
+    """
     family = _family(host)
     want = ipaddress.ip_address(host)
     counts: Counter = Counter()
     by_source: dict[int, Counter] = {}
     pool = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(sources or 0)]
     try:
-        for s in pool:
+        for n, s in enumerate(pool):
             s.settimeout(timeout)
-            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", first_port + n if first_port else 0))
         for i in range(count):
             s = pool[i % len(pool)] if pool else socket.socket(family, socket.SOCK_DGRAM)
             s.settimeout(timeout)
@@ -198,6 +206,31 @@ def cmd_udp(host: str, port: int, count: int, timeout: float, sources: int | Non
         for s in pool:
             s.close()
     return {"counts": counts, "by_source": by_source}
+
+
+def cmd_hold(host: str, port: int, count: int, timeout: float) -> dict:
+    """Open ``count`` TCP connections and hold them, idle, until stdin closes.
+
+    Prints ``{"held": count}`` once all are open (or an error), then blocks;
+    the connections close (FIN) when stdin reaches EOF.
+    """
+    conns = []
+    try:
+        for i in range(count):
+            s = socket.socket(_family(host), socket.SOCK_STREAM)
+            conns.append(s)
+            s.settimeout(timeout)
+            try:
+                s.connect((host, port))
+            except OSError as exc:
+                print(json.dumps({"error": f"connection {i + 1}/{count} failed: {exc!r}"}), flush=True)
+                return {}
+        print(json.dumps({"held": count}), flush=True)
+        sys.stdin.read()
+    finally:
+        for s in conns:
+            s.close()
+    return {"released": count}
 
 
 def cmd_wait(targets: list[tuple[str, int]], timeout: float) -> dict:
@@ -250,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--path", default="/", help="HTTP path (/)")
     sub.choices["udp"].add_argument("--sources", type=int, default=None, metavar="S",
                                     help="client sockets to spread over (default: one each)")
+    sub.choices["udp"].add_argument("--first-port", type=int, default=0, metavar="P",
+                                    help="bind the --sources sockets to ports P, P+1, ... (default: any)")
+    h = sub.add_parser("hold", help="open --count idle connections and hold them until stdin closes")
+    h.add_argument("--host", required=True)
+    h.add_argument("--port", type=int, required=True)
+    h.add_argument("--count", type=int, default=10, metavar="N")
+    h.add_argument("--timeout", type=float, default=2.0)
     w = sub.add_parser("wait")
     w.add_argument("--target", nargs=2, action="append", required=True, metavar=("ADDR", "PORT"))
     w.add_argument("--timeout", type=float, default=15.0)
@@ -261,9 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "udp":
         if a.sources is not None and a.sources < 1:
             p.error("--sources must be at least 1")
-        out = cmd_udp(a.host, a.port, a.count, a.timeout, a.sources)
+        if a.first_port and a.sources is None:
+            p.error("--first-port needs --sources")
+        out = cmd_udp(a.host, a.port, a.count, a.timeout, a.sources, a.first_port)
     elif a.cmd == "get":
         out = cmd_get(a.host, a.port, a.path, a.timeout)
+    elif a.cmd == "hold":
+        if not 1 <= a.count <= MAX_COUNT:
+            p.error(f"--count must be 1 to {MAX_COUNT}")
+        out = cmd_hold(a.host, a.port, a.count, a.timeout)
     else:
         out = cmd_wait([(h, int(port)) for h, port in a.target], a.timeout)
     json.dump(out, sys.stdout)
