@@ -463,3 +463,62 @@ def test_backend_answers_the_vip_from_the_vip():
             assert tcp_requests(lab, vip, 80, count=3) == {"b2": 3}
             # the client checks that each answer's source is the VIP it asked
             assert udp_requests(lab, vip, 9000, count=3) == {"b2": 3}
+
+
+RELEASING_LAB = """
+import json
+from fastlb.lab import Lab
+lab = Lab(backends=1, run_dir=True).up()
+lab.release()
+print(json.dumps({"runid": lab.runid, "namespaces": lab.namespaces,
+                  "run_dir": str(lab.run_dir)}), flush=True)
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.root
+@needs_root
+def test_a_released_lab_outlives_its_process_until_remove_lab():
+    res = subprocess.run([sys.executable, "-c", RELEASING_LAB], capture_output=True, text=True,
+                         env=python_env(), timeout=60)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    state = netns.read_state(info["runid"])
+    try:
+        assert state is not None and state.persistent and not state.owner_alive()
+        assert not state.stale
+        assert state.params == {"backends": 1, "ipv6": True}
+        assert (netns.STATE_DIR / info["runid"] / "b1.log").is_file()
+        cleanup_stale()
+        assert set(info["namespaces"]) <= set(netns.list_namespaces())
+        lab = Lab.existing(info["runid"])
+        assert not lab.is_up and lab.namespaces == info["namespaces"]
+        assert tcp_requests(lab, lab.addr("b1"), 80, count=2) == {"b1": 2}
+        lab.down()  # does not own it: a no-op
+        assert set(info["namespaces"]) <= set(netns.list_namespaces())
+    finally:
+        removed = netns.remove_lab(state)
+    assert set(removed) == set(info["namespaces"])
+    assert_gone(info["runid"], info["namespaces"], [])
+    assert not os.path.exists(info["run_dir"])
+    with pytest.raises(LabError, match="no lab"):
+        Lab.existing(info["runid"])
+
+
+@pytest.mark.netns
+@pytest.mark.root
+@needs_root
+def test_run_dir_holds_the_server_logs_and_goes_with_the_lab():
+    with Lab(backends=1, ipv6=False, run_dir=True) as lab:
+        assert lab.run_dir == netns.STATE_DIR / lab.runid
+        assert json.loads((netns.STATE_DIR / f"{lab.runid}.json").read_text())["run_dir"] == str(lab.run_dir)
+        assert (lab.run_dir / "b1.log").is_file()
+    assert not lab.run_dir.exists()
+    assert_gone(lab.runid, lab.namespaces, [])
+
+
+def test_a_state_file_naming_a_foreign_folder_is_refused(tmp_path):
+    state = netns.State(runid="unit6", pid=0, start_time=0, run_dir=str(tmp_path))
+    with pytest.raises(LabError, match="not removing it"):
+        netns.remove_run_dir(state)
+    assert tmp_path.exists()

@@ -9,6 +9,12 @@ removes what it lists: first every process still inside those namespaces, then
 the namespaces themselves. A namespace that no state file lists is never
 touched.
 
+A lab made by ``fastlb lab up`` outlives the command that built it: once it is
+ready, its state file is marked ``persistent`` (owned by no process), and
+:func:`cleanup_stale` leaves it alone. Only :func:`remove_lab` (``fastlb lab
+down``) removes it. A run may also own a folder, ``/run/fastlb/lab/<runid>/``
+(config, logs), which goes with it.
+
 Namespaces are made with pyroute2 (``netns.create`` bind-mounts them under
 ``/var/run/netns/NAME``, like ``ip netns add``), so ``ip netns exec NAME ...``
 works on them, and that is how the lab runs programs inside them.
@@ -21,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -61,7 +68,7 @@ def new_runid() -> str:
     """Return a fresh run id: 6 hex digits not used by any state file or namespace."""
     for _ in range(100):
         runid = secrets.token_hex(3)
-        if not (STATE_DIR / f"{runid}.json").exists() and not any(
+        if not (STATE_DIR / f"{runid}.json").exists() and not (STATE_DIR / runid).exists() and not any(
             n.startswith(f"{PREFIX}{runid}-") for n in list_namespaces()
         ):
             return runid
@@ -228,6 +235,10 @@ class State:
     pid: int
     start_time: int  # the owner's start time (clock ticks after boot): guards against PID reuse
     namespaces: list[str] = field(default_factory=list)
+    # Made by `fastlb lab up`: no process owns it, cleanup_stale() leaves it alone.
+    persistent: bool = False
+    run_dir: str | None = None  # the run's own folder, STATE_DIR/<runid>, or None
+    params: dict = field(default_factory=dict)  # how the Lab was built (backends, ipv6)
 
     @property
     def path(self) -> Path:
@@ -260,6 +271,11 @@ class State:
         """True while the process that wrote this state is still running."""
         return process_start_time(self.pid) == self.start_time
 
+    @property
+    def stale(self) -> bool:
+        """True for a lab that nobody will remove: not persistent, and its owner is dead."""
+        return not self.persistent and not self.owner_alive()
+
 
 def process_start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks after boot (/proc/PID/stat field 22), None if gone."""
@@ -274,11 +290,13 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def new_state(runid: str, namespaces: list[str]) -> State:
-    """A state owned by this process."""
+def new_state(runid: str, namespaces: list[str], run_dir: Path | None = None,
+              params: dict | None = None) -> State:
+    """A state owned by this process (not persistent)."""
     pid = os.getpid()
     return State(runid=runid, pid=pid, start_time=process_start_time(pid) or 0,
-                 namespaces=list(namespaces))
+                 namespaces=list(namespaces), run_dir=str(run_dir) if run_dir else None,
+                 params=dict(params or {}))
 
 
 def read_states() -> list[State]:
@@ -289,12 +307,62 @@ def read_states() -> list[State]:
             raw = json.loads(path.read_text())
             state = State(runid=check_runid(raw["runid"]), pid=int(raw["pid"]),
                           start_time=int(raw["start_time"]),
-                          namespaces=[str(n) for n in raw["namespaces"]])
+                          namespaces=[str(n) for n in raw["namespaces"]],
+                          persistent=raw.get("persistent", False) is True,
+                          run_dir=str(raw["run_dir"]) if raw.get("run_dir") else None,
+                          params=dict(raw.get("params") or {}))
         except (OSError, ValueError, KeyError, TypeError, LabError):
             continue
         if state.path == path:
             states.append(state)
     return states
+
+
+def read_state(runid: str) -> State | None:
+    """The state of run ``runid``, None if there is none (or it does not parse)."""
+    check_runid(runid)
+    return next((s for s in read_states() if s.runid == runid), None)
+
+
+def run_dir_of(runid: str) -> Path:
+    """The folder a run may own: ``/run/fastlb/lab/<runid>``."""
+    return STATE_DIR / check_runid(runid)
+
+
+def remove_run_dir(state: State) -> None:
+    """Remove the run's folder, if it has one. Only ``STATE_DIR/<runid>`` is ever removed."""
+    if not state.run_dir:
+        return
+    path = Path(state.run_dir)
+    if path != run_dir_of(state.runid):
+        raise LabError(f"lab {state.runid}: its state file names {path} as its folder, "
+                       f"not {run_dir_of(state.runid)}; not removing it",
+                       fix=f"check {state.path} and remove what it lists by hand")
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise LabError(f"cannot remove the lab folder {path}: {os_error(exc)}") from exc
+
+
+def remove_lab(state: State) -> list[str]:
+    """Remove what ``state`` lists: its namespaces (with the processes inside), folder and file.
+
+    Hosts go before the switch, so that a program in a host (``fastlb attach``)
+    gets its SIGTERM while its interface still exists. Only namespaces that
+    carry the run's prefix are touched. Returns the names of those removed.
+    """
+    prefix = ns_name(state.runid, "")
+    present = set(list_namespaces())
+    removed = []
+    for name in reversed(state.namespaces):
+        if name.startswith(prefix) and name in present:
+            destroy(name)
+            removed.append(name)
+    remove_run_dir(state)
+    state.remove()
+    return removed
 
 
 def cleanup_stale() -> list[str]:
@@ -303,17 +371,11 @@ def cleanup_stale() -> list[str]:
     Only labs whose owning process is dead are touched, and of them only the
     namespaces their state file lists that also carry that run's prefix.
     Processes still running inside those namespaces (servers the dead lab
-    started) are killed first, so that the namespaces really go away.
+    started) are killed first, so that the namespaces really go away. A
+    persistent lab (``fastlb lab up``) has no owner and is never touched here.
     """
     removed = []
     for state in read_states():
-        if state.owner_alive():
-            continue
-        prefix = ns_name(state.runid, "")
-        present = set(list_namespaces())
-        for name in state.namespaces:
-            if name.startswith(prefix) and name in present:
-                destroy(name)
-                removed.append(name)
-        state.remove()
+        if state.stale:
+            removed += remove_lab(state)
     return removed

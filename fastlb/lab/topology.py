@@ -77,7 +77,12 @@ class Lab:
     Attributes: ``runid``; ``backend_names`` (``["b1", ...]``); ``hosts`` (client,
     lb, backends) and ``roles`` (switch + hosts); ``vip4``, ``vip6`` and ``vips``;
     ``lb_iface`` (where the balancer attaches, in the LB's namespace);
-    ``http_port`` (80) and ``udp_port`` (9000) of the servers.
+    ``http_port`` (80) and ``udp_port`` (9000) of the servers; ``run_dir``, the
+    lab's own folder, or None.
+
+    A lab can outlive this process: :meth:`release` hands it over (``fastlb lab
+    up``), :meth:`existing` describes it again later, and
+    :func:`fastlb.lab.netns.remove_lab` removes it (``fastlb lab down``).
     """
 
     lb_iface = "eth0"
@@ -87,12 +92,16 @@ class Lab:
     udp_port = UDP_PORT
 
     def __init__(self, backends: int = 3, ipv6: bool = True, runid: str | None = None,
-                 servers: bool = True, latency_ms: float = 0.0, static_neighbours: bool = True):
+                 servers: bool = True, latency_ms: float = 0.0, static_neighbours: bool = True,
+                 run_dir: bool = False):
         """Describe a lab; nothing is created until :meth:`up`.
 
         ``servers``: start the HTTP/UDP servers on the backends in ``up()``.
         ``latency_ms``: their initial HTTP latency. ``static_neighbours``: give the
         LB permanent neighbour entries for the backends (their MACs are fixed).
+        ``run_dir``: give the lab a folder, ``/run/fastlb/lab/<runid>/``, made in
+        ``up()`` and removed with the lab; the servers log there
+        (``b1.log``, ...) instead of to unlinked files.
         """
         if not isinstance(backends, int) or not 1 <= backends <= MAX_BACKENDS:
             raise LabError(f"lab backends={backends!r} is out of range",
@@ -105,6 +114,7 @@ class Lab:
         self.with_servers = servers
         self.latency_ms = latency_ms
         self.static_neighbours = static_neighbours
+        self.run_dir = netns.run_dir_of(self.runid) if run_dir else None
         self._state: netns.State | None = None
         self._created: list[str] = []  # namespaces this object made: down() removes these only
         self._servers: dict[str, tuple[subprocess.Popen, object]] = {}
@@ -221,11 +231,21 @@ class Lab:
             raise PrivilegeError("the namespace lab needs root (it creates network namespaces)",
                                  fix="run it with sudo")
         netns.cleanup_stale()
-        state = netns.new_state(self.runid, self.namespaces)
+        state = netns.new_state(self.runid, self.namespaces, run_dir=self.run_dir,
+                                params={"backends": len(self.backend_names), "ipv6": self.ipv6})
         state.save(exclusive=True)  # refuses a run id that another lab holds
         self._state = state
-        step = "creating the namespaces"
+        step = "creating the lab folder"
         try:
+            if self.run_dir is not None:
+                try:
+                    self.run_dir.mkdir(mode=0o755)
+                except FileExistsError:
+                    state.run_dir = None  # not ours: down() must leave it alone
+                    state.save()
+                    raise LabError(f"the lab folder {self.run_dir} exists already",
+                                   fix="pick another run id, or remove the folder") from None
+            step = "creating the namespaces"
             for role in self.roles:
                 netns.create(self.ns(role))
                 self._created.append(self.ns(role))
@@ -276,11 +296,63 @@ class Lab:
                 self._created.remove(name)
             except LabError as exc:
                 errors.append(str(exc))
+        if not errors:
+            try:
+                netns.remove_run_dir(self._state)
+            except LabError as exc:
+                errors.append(str(exc))
         if errors:
             raise LabError(f"lab {self.runid} clean-up failed: " + "; ".join(errors),
                            fix="run fastlb.lab.cleanup_stale() after this process exits")
         self._state.remove()
         self._state = None
+
+    def release(self) -> None:
+        """Hand the running lab over: it stays up after this process exits.
+
+        The state file is marked persistent, so no ``cleanup_stale()`` removes
+        the lab; :func:`fastlb.lab.netns.remove_lab` does (``fastlb lab down``).
+        Afterwards this object no longer owns the lab: ``down()`` does nothing.
+        The servers keep running (they have their own session, so a closing
+        terminal does not end them) and the XDP_PASS program stays attached.
+        """
+        if self._state is None:
+            raise LabError(f"lab {self.runid} is not up", fix="call up() first")
+        self._state.persistent = True
+        self._state.save()
+        for _proc, log in self._servers.values():
+            log.close()
+        self._servers.clear()
+        self._created.clear()
+        if self._bpf is not None:
+            self._bpf.cleanup()  # closes our fds; the attachment keeps the program loaded
+            self._bpf = None
+        self._state = None
+
+    @classmethod
+    def existing(cls, runid: str) -> Lab:
+        """Describe the running lab ``runid`` (made by another process) from its state file.
+
+        The result runs programs in the lab, reads its addresses and writes
+        configs; it does not own the lab (``is_up`` is False, ``down()`` does nothing).
+        """
+        state = netns.read_state(runid)
+        if state is None:
+            raise LabError(f"there is no lab {runid} (no {netns.STATE_DIR / runid}.json)",
+                           fix="see the running labs with: fastlb lab status")
+        try:
+            lab = cls(backends=int(state.params["backends"]), ipv6=bool(state.params["ipv6"]),
+                      runid=state.runid, servers=False)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LabError(f"lab {runid}'s state file does not say how it was built ({exc!r})",
+                           fix=f"remove it with: fastlb lab down {runid}") from exc
+        if state.run_dir:
+            lab.run_dir = Path(state.run_dir)
+        missing = set(lab.namespaces) - set(netns.list_namespaces())
+        if missing:
+            raise LabError(f"lab {runid} is broken: namespaces {', '.join(sorted(missing))} are gone",
+                           fix=f"remove it with: fastlb lab down {runid}")
+        return lab
 
     @property
     def is_up(self) -> bool:
@@ -471,12 +543,18 @@ class Lab:
 
     def _spawn_server(self, backend: str, latency_ms: float | None = None) -> None:
         self._host_number(backend)
-        log = tempfile.TemporaryFile()  # unlinked at once: nothing is left on disk
+        if self.run_dir is not None:
+            log = open(self.run_dir / f"{backend}.log", "ab+")
+        else:
+            log = tempfile.TemporaryFile()  # unlinked at once: nothing is left on disk
         args = ("--name", backend, "--http-port", self.http_port, "--udp-port", self.udp_port,
                 "--latency-ms", self.latency_ms if latency_ms is None else latency_ms)
         try:
+            # A session of their own: a terminal's Ctrl-C or hang-up is not for them,
+            # and a released lab's servers must outlive the terminal that built it.
             proc = self.exec_python(backend, "fastlb.lab.servers", *args,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
         except OSError as exc:
             log.close()
             raise LabError(f"cannot start the servers on {backend}: {os_error(exc)}") from exc
