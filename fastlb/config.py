@@ -29,7 +29,8 @@ HASHES = ("5tuple", "src")
 
 # What this build can run. Other values are known but rejected as "not built yet".
 BUILT_ALGORITHMS = frozenset({"maglev", "rr", "wrr", "lc", "lrt"})
-BUILT_FORWARDING = frozenset({"dsr"})
+BUILT_FORWARDING = frozenset({"dsr", "tunnel", "nat"})
+ANNOUNCE = ("none", "arp")
 
 
 def _hostport(address: IPAddress, port: int) -> str:
@@ -46,6 +47,12 @@ class Settings:
     max_backends: int = 1024
     hash_seed: int = 0
     swrr_size: int = 1024
+    # Tunnel mode's outer source prefixes (the host bits vary per flow), and the
+    # source of the ICMP errors fastlb sends (None: it drops instead).
+    tunnel_source: ipaddress.IPv4Network | None = None
+    tunnel_source6: ipaddress.IPv6Network | None = None
+    icmp_source: ipaddress.IPv4Address | None = None
+    icmp_source6: ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ class Vip:
     hash: str
     backends: tuple[Backend, ...]
     line: int = field(default=0, compare=False)
+    announce: str = "none"
 
     @property
     def family(self) -> int:
@@ -192,18 +200,26 @@ _SETTINGS_RANGES = {
     "hash_seed": (0, 2**32 - 1),
     "swrr_size": (1, 65536),
 }
-_VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "backend")
+_SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}
+_SETTINGS_ADDRESSES = {"icmp_source": 4, "icmp_source6": 6}
+_SETTINGS_KEYS = (*_SETTINGS_RANGES, *_SETTINGS_NETWORKS, *_SETTINGS_ADDRESSES)
+_VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "announce", "backend")
 _BACKEND_KEYS = ("address", "weight", "port")
 _TABLE_KEYS = frozenset({"settings", "vip", "backend"})
-_KEY_HOMES = (("[settings]", tuple(_SETTINGS_RANGES)), ("[[vip]]", _VIP_KEYS),
+_KEY_HOMES = (("[settings]", _SETTINGS_KEYS), ("[[vip]]", _VIP_KEYS),
               ("[[vip.backend]]", _BACKEND_KEYS))  # where a misplaced key belongs
 
 
 def _settings(t: _Table) -> Settings:
-    t.check_keys(_SETTINGS_RANGES)
+    t.check_keys(_SETTINGS_KEYS)
     defaults = Settings()
-    values = {f.name: t.integer(f.name, *_SETTINGS_RANGES[f.name], default=getattr(defaults, f.name))
-              for f in fields(Settings)}
+    values = {name: t.integer(name, *_SETTINGS_RANGES[name], default=getattr(defaults, name))
+              for name in _SETTINGS_RANGES}
+    for name, version in _SETTINGS_NETWORKS.items():
+        values[name] = t.network(name, version) if name in t.data else None
+    for name, version in _SETTINGS_ADDRESSES.items():
+        values[name] = t.address(name, "ICMP source", loopback_ok=False, version=version) \
+            if name in t.data else None
     ring_size = values["ring_size"]
     if not _is_prime(ring_size):
         below, above = _nearest_primes(ring_size)
@@ -220,6 +236,14 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
     algorithm = t.choice("algorithm", ALGORITHMS, "maglev", built=BUILT_ALGORITHMS)
     forwarding = t.choice("forwarding", FORWARDING, "dsr", built=BUILT_FORWARDING)
     hash_ = t.choice("hash", HASHES, "5tuple")
+    announce = t.choice("announce", ANNOUNCE, "none")
+    if forwarding == "tunnel":
+        need = "tunnel_source" if address.version == 4 else "tunnel_source6"
+        if getattr(settings, need) is None:
+            raise t.error(("forwarding",), f"tunnel forwarding needs settings.{need}, the prefix its outer "
+                                           "source addresses come from",
+                          fix=f'add {need} = "{"198.18.200.0/24" if need == "tunnel_source" else "2001:db8:200::/64"}"'
+                              " (any prefix of yours; backends only decapsulate) to [settings]")
     backend_tables = t.tables("backend")
     if not backend_tables:
         raise t.error(("backend",), "the VIP has no backends",
@@ -236,13 +260,20 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
                                   f"{settings.ring_size}: Maglev needs at least one ring slot per backend",
                               fix="raise settings.ring_size to a prime at least 100 times the number of backends")
         backend = _backend(table, address, port, forwarding)
+        if forwarding == "tunnel" and backend.address.version == 4 and address.version == 6:
+            raise table.error(("address",), "IPv4 backend on an IPv6 tunnel VIP: fastlb tunnels IPv4 in IPv4 "
+                                            "or IPv6, and IPv6 only in IPv6",
+                              fix="use an IPv6 backend address for an IPv6 VIP")
+        if forwarding == "tunnel" and backend.address.version == 6 and settings.tunnel_source6 is None:
+            raise table.error(("address",), "an IPv6 tunnel backend needs settings.tunnel_source6",
+                              fix='add tunnel_source6 = "2001:db8:200::/64" (a prefix of yours) to [settings]')
         first = seen.setdefault((backend.address, backend.port), table)
         if first is not table:
             raise table.error((), f"duplicate backend {backend.key.decode()}: already defined as {first.where()}",
                               fix="remove one of them")
         backends.append(backend)
     return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding=forwarding,
-               hash=hash_, backends=tuple(backends), line=t.line)
+               hash=hash_, backends=tuple(backends), line=t.line, announce=announce)
 
 
 def _backend(t: _Table, vip_address: IPAddress, vip_port: int, forwarding: str) -> Backend:
@@ -371,13 +402,33 @@ class _Table:
                              fix=f"use one of: {listing}")
         return value
 
-    def address(self, key: str, role: str, *, loopback_ok: bool) -> IPAddress:
+    def network(self, key: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """A prefix of IP version ``version``, with at least one host bit (outer sources vary in them)."""
+        text = self.get(key, str)
+        example = "198.18.200.0/24" if version == 4 else "2001:db8:200::/64"
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise self.error((key,), f"{_show(text)} is not an IPv{version} prefix",
+                             fix=f'write a prefix such as "{example}" (host bits zero)') from exc
+        if net.version != version:
+            raise self.error((key,), f"{text} is an IPv{net.version} prefix; {key} takes IPv{version}",
+                             fix=f'write a prefix such as "{example}"')
+        if net.num_addresses < 2:
+            raise self.error((key,), f"{text} has no host bits to vary per flow",
+                             fix=f'use a shorter prefix, such as "{example}"')
+        return net
+
+    def address(self, key: str, role: str, *, loopback_ok: bool, version: int | None = None) -> IPAddress:
         text = self.get(key, str)
         try:
             address = ipaddress.ip_address(text)
         except ValueError as exc:
             raise self.error((key,), f"{_show(text)} is not an IPv4 or IPv6 address",
                              fix='write a plain address such as "198.18.0.11" or "2001:db8::11"') from exc
+        if version is not None and address.version != version:
+            raise self.error((key,), f"{text} is an IPv{address.version} address; {key} takes IPv{version}",
+                             fix=f"give an IPv{version} address")
         problem = None
         if getattr(address, "scope_id", None):
             problem = "has a zone index (%), which fastlb does not support"

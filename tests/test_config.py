@@ -275,12 +275,49 @@ address = "198.19.0.100"
 port = 80
 algorithm = "magleve"
 """, "vip[0].algorithm", 4, "unknown algorithm 'magleve'. Fix: did you mean 'maglev'? Valid: rr, wrr, lc, lrt, maglev"),
-    ("known forwarding not built", """
+    ("tunnel without its source prefix", """
 [[vip]]
 address = "198.19.0.100"
 port = 80
 forwarding = "tunnel"
-""", "vip[0].forwarding", 4, "forwarding 'tunnel' is not built yet in this version; built: dsr"),
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].forwarding", 4, "tunnel forwarding needs settings.tunnel_source"),
+    ("tunnel source that is no prefix", """
+[settings]
+tunnel_source = "198.18.200.1/24"
+""", "settings.tunnel_source", 2, "is not an IPv4 prefix"),
+    ("tunnel source of the wrong family", """
+[settings]
+tunnel_source6 = "198.18.200.0/24"
+""", "settings.tunnel_source6", 2, "is an IPv4 prefix; tunnel_source6 takes IPv6"),
+    ("tunnel source with no host bits", """
+[settings]
+tunnel_source = "198.18.200.1/32"
+""", "settings.tunnel_source", 2, "has no host bits"),
+    ("ICMP source of the wrong family", """
+[settings]
+icmp_source = "2001:db8::2"
+""", "settings.icmp_source", 2, "takes IPv4"),
+    ("IPv4 backend on an IPv6 tunnel VIP", """
+[settings]
+tunnel_source = "198.18.200.0/24"
+tunnel_source6 = "2001:db8:200::/64"
+[[vip]]
+address = "2001:db8:ffff::100"
+port = 80
+forwarding = "tunnel"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].backend[0].address", 9, "IPv4 backend on an IPv6 tunnel VIP"),
+    ("unknown announce", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+announce = "bgp"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].announce", 4, "unknown announce 'bgp'"),
     ("unknown forwarding", """
 [[vip]]
 address = "198.19.0.100"
@@ -572,6 +609,7 @@ def test_vip_may_be_loopback() -> None:
 
 def test_nat_may_remap_the_backend_port(monkeypatch) -> None:
     nat = MINIMAL.replace("port = 80", 'port = 80\nforwarding = "nat"') + "port = 8080\n"
+    monkeypatch.setattr(config, "BUILT_FORWARDING", frozenset({"dsr"}))
     with pytest.raises(ConfigError, match="forwarding 'nat' is not built yet in this version; built: dsr"):
         parse_config(nat)
     monkeypatch.setattr(config, "BUILT_FORWARDING", frozenset({"dsr", "nat"}))
@@ -582,12 +620,13 @@ def test_nat_may_remap_the_backend_port(monkeypatch) -> None:
 
 def test_tunnel_may_mix_families_but_not_remap_ports(monkeypatch) -> None:
     monkeypatch.setattr(config, "BUILT_FORWARDING", frozenset({"dsr", "tunnel"}))
-    tunnel = MINIMAL.replace("port = 80", 'port = 80\nforwarding = "tunnel"').replace("198.18.0.11", "2001:db8::11")
+    tunnel = ('[settings]\ntunnel_source = "198.18.200.0/24"\ntunnel_source6 = "2001:db8:200::/64"\n'
+              + MINIMAL.replace("port = 80", 'port = 80\nforwarding = "tunnel"').replace("198.18.0.11", "2001:db8::11"))
     (vip,) = parse_config(tunnel).vips
     assert (vip.family, vip.backends[0].address.version) == (4, 6)
     with pytest.raises(ConfigError, match="only nat forwarding remaps ports") as info:
         parse_config(tunnel + "port = 81\n")
-    assert (info.value.field, info.value.line) == ("vip[0].backend[0].port", 7)
+    assert (info.value.field, info.value.line) == ("vip[0].backend[0].port", 10)
 
 
 def test_newly_built_algorithm_is_accepted(monkeypatch) -> None:
@@ -752,5 +791,5 @@ def test_settings_defaults_match_the_documented_ranges() -> None:
     defaults = Settings()
     for name, (low, high) in config._SETTINGS_RANGES.items():
         assert low <= getattr(defaults, name) <= high
-    assert {f.name for f in dataclasses.fields(Settings)} == set(config._SETTINGS_RANGES)
+    assert {f.name for f in dataclasses.fields(Settings)} == set(config._SETTINGS_KEYS)
     assert config._is_prime(defaults.ring_size) and config._is_prime(config._SETTINGS_RANGES["ring_size"][1])
