@@ -33,6 +33,12 @@
 #define FL_VIP_ADDR_PORT 0          /* key.port of an address-only VIP marker */
 #define FL_VIP_ADDR_PROTO 0         /* key.proto of an address-only VIP marker */
 #define FL_VIP_ID_ADDR_ONLY 0xffffffff /* vips value of an address-only marker */
+#define FL_VIP_ID_ANNOUNCE 0xfffffffe  /* ... of one whose address fastlb answers ARP/ND for */
+
+/* IP protocol numbers fastlb writes or recognises. */
+#define FL_IPPROTO_IPIP 4           /* IPv4 inside */
+#define FL_IPPROTO_IPV6 41          /* IPv6 inside */
+#define FL_IPPROTO_ICMPV6 58
 
 /* TCP flag bits in byte 13 of the TCP header. */
 #define FL_TCP_FIN 0x01
@@ -84,6 +90,9 @@ enum fl_ct_flags {
  */
 enum fl_reason {
 	FL_TX_DSR = 0,              /* forwarded to a backend by MAC rewrite */
+	FL_TX_TUNNEL,               /* forwarded to a backend in an IP-in-IP header */
+	FL_TX_NAT,                  /* forwarded to a backend with its address and port */
+	FL_TX_NAT_REPLY,            /* a NAT backend's reply, sent on as the VIP's */
 	FL_PASS_NOT_IP,             /* ARP and other non-IP frames */
 	FL_PASS_NOT_VIP,            /* IP packet whose destination is no VIP address */
 	FL_PASS_VIP_PORT,           /* VIP address, but no VIP on this port/protocol */
@@ -95,6 +104,8 @@ enum fl_reason {
 	FL_DROP_IPV6_EXTHDR,        /* IPv6 extension header to a VIP address */
 	FL_DROP_L4_MALFORMED,       /* truncated TCP/UDP header, TCP data offset < 5 */
 	FL_DROP_NO_BACKEND,         /* VIP with no usable backend */
+	FL_DROP_TOO_BIG,            /* too big for the egress MTU once tunnelled */
+	FL_DROP_ENCAP_FAILED,       /* the frame could not grow for the outer header */
 	FL_REASON_MAX,
 };
 

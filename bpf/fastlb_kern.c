@@ -4,10 +4,13 @@
  * A packet for a VIP (address, port, protocol) goes to a backend: its
  * conntrack entry's backend if it has one, else the VIP's table's pick,
  * which is then recorded. Conntrack is looked up first, so an established
- * flow costs one hash lookup; the vips map is read only on a miss. Under DSR the frame leaves by XDP_TX with the
- * backend's MAC as destination. Everything else passes untouched, and
- * malformed packets for a VIP address are dropped. Every packet moves
- * exactly one reason counter (enum fl_reason).
+ * flow costs one hash lookup; the vips map is read only on a miss. The
+ * frame then leaves by XDP_TX in the VIP's forwarding mode: DSR (the
+ * backend's MAC as destination), tunnel (an outer IP header to the backend)
+ * or NAT (the backend's address and port, and the reverse for its replies).
+ * Everything else passes untouched, and malformed packets for a VIP address
+ * are dropped. Every packet moves exactly one reason counter (enum
+ * fl_reason); docs/DATAPLANE.md states the rules.
  *
  * Code that touches maps lives in this file: BCC rewrites map calls
  * (vips.lookup()) in the main source only, so headers hold pure helpers.
@@ -15,6 +18,8 @@
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
 #include "parsing_helpers.h"
+#include "fastlb_csum.h"
+#include "fastlb_encap.h"
 #include "fastlb_hash.h"
 #include "fastlb_maps.h"
 #include "fastlb_verdict.h"
@@ -145,6 +150,19 @@ static __always_inline void active_add(__u32 be_id, int delta)
 
 /* ---- The packet path ---- */
 
+/* What the parsers learnt about a packet. */
+struct fl_pkt {
+	struct flow_key flow;       /* as it arrived */
+	void *l3;                   /* the IP header */
+	void *l4;                   /* the TCP/UDP/ICMP header */
+	__u64 bytes;                /* frame length, for the counters */
+	__u32 l2_len;               /* Ethernet and VLAN tags: 14, 18 or 22 */
+	__u32 l3_len;               /* IP header and payload */
+	__u32 l4_len;               /* IP payload */
+	__u8 tcp_flags;
+	__u8 tos;                   /* IPv4 TOS, copied to an outer IPv4 header */
+};
+
 /* True when some VIP uses the flow's destination address. */
 static __always_inline int is_vip_addr(struct flow_key *flow)
 {
@@ -194,17 +212,260 @@ static __always_inline struct backend *ct_backend(struct ct_value *ct, struct vi
 	return be;
 }
 
-/* Forward a packet to a VIP address: find its flow's backend in conntrack
- * (one lookup on the hot path), or look the VIP up and pick one from its
- * table; then rewrite and count. */
-static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
-				     __u8 tcp_flags, __u64 bytes)
+static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const __u8 *src)
 {
+	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, src, ETH_ALEN);
+}
+
+/* ---- Tunnel mode ---- */
+
+/* Encapsulate towards the backend (IPv4-in-IPv4, IPv6-in-IPv6 or
+ * IPv4-in-IPv6), from a source in the tunnel prefix chosen per flow so the
+ * backend's RSS spreads flows, after checking the egress MTU. */
+static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, struct backend *be)
+{
+	__u32 zero = 0, mtu_len = 0, src6[4], flowbits, outer_len, inner_proto;
+	struct fl_settings *cfg = settings.lookup(&zero);
+	__u8 lb_mac[ETH_ALEN];
+	void *data, *data_end;
+	struct ethhdr *eth;
+
+	if (!cfg)
+		return FL_DROP_ENCAP_FAILED;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return FL_DROP_ENCAP_FAILED;
+	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
+
+	outer_len = be->family == FL_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+	if (bpf_check_mtu(ctx, 0, &mtu_len, outer_len, 0))
+		return FL_DROP_TOO_BIG;
+	flowbits = fl_jhash_3words(pkt->flow.src[0] ^ pkt->flow.src[1] ^ pkt->flow.src[2] ^ pkt->flow.src[3],
+				   ((__u32)pkt->flow.dport << 16) | pkt->flow.sport, pkt->flow.proto, 0);
+	inner_proto = pkt->flow.family == FL_AF_INET ? FL_IPPROTO_IPIP : FL_IPPROTO_IPV6;
+	if (be->family == FL_AF_INET) {
+		if (encap_ipv4(ctx, pkt->l2_len, pkt->l3_len,
+			       cfg->tunnel_src4 | (flowbits & cfg->tunnel_host4), be->addr[0],
+			       inner_proto, pkt->tos))
+			return FL_DROP_ENCAP_FAILED;
+	} else {
+		src6[0] = cfg->tunnel_src6[0];
+		src6[1] = cfg->tunnel_src6[1];
+		src6[2] = cfg->tunnel_src6[2];
+		src6[3] = cfg->tunnel_src6[3] | (flowbits & cfg->tunnel_host6);
+		if (encap_ipv6(ctx, pkt->l2_len, pkt->l3_len, src6, be->addr, inner_proto))
+			return FL_DROP_ENCAP_FAILED;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return FL_DROP_ENCAP_FAILED;
+	set_macs(eth, be->mac, lb_mac);
+	return FL_TX_TUNNEL;
+}
+
+/* ---- NAT mode ---- */
+
+/* Rewrite the destination to the backend's address and port, updating the
+ * IPv4 header and TCP/UDP checksums incrementally (pseudo-header included). */
+static __always_inline int nat_rewrite_dst(struct fl_pkt *pkt, void *data_end, const __u32 *addr,
+					   __u16 port)
+{
+	struct iphdr *iph = pkt->l3;
+	struct ipv6hdr *ip6h = pkt->l3;
+	__u16 *check = NULL, *portp;
+	struct tcphdr *tcph = pkt->l4;
+	struct udphdr *udph = pkt->l4;
+	__u32 *dst;
+	int i, nwords;
+
+	if (pkt->flow.proto == IPPROTO_TCP) {
+		if ((void *)(tcph + 1) > data_end)
+			return -1;
+		check = &tcph->check;
+		portp = &tcph->dest;
+	} else {
+		if ((void *)(udph + 1) > data_end)
+			return -1;
+		if (udph->check || pkt->flow.family == FL_AF_INET6)
+			check = &udph->check;
+		portp = &udph->dest;
+	}
+	if (pkt->flow.family == FL_AF_INET) {
+		if ((void *)(iph + 1) > data_end)
+			return -1;
+		dst = &iph->daddr;
+		fl_csum_replace4(&iph->check, *dst, addr[0]);
+		nwords = 1;
+	} else {
+		if ((void *)(ip6h + 1) > data_end)
+			return -1;
+		dst = (__u32 *)&ip6h->daddr;
+		nwords = 4;
+	}
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		if (i >= nwords)
+			break;
+		if (check)
+			fl_csum_replace4(check, dst[i], addr[i]);
+		dst[i] = addr[i];
+	}
+	if (check) {
+		fl_csum_replace2(check, *portp, port);
+		if (pkt->flow.proto == IPPROTO_UDP && *check == 0)
+			*check = 0xffff;
+	}
+	*portp = port;
+	return 0;
+}
+
+/* Rewrite a reply's source back to the VIP's address and port. */
+static __always_inline int nat_rewrite_src(struct fl_pkt *pkt, void *data_end, const __u32 *addr,
+					   __u16 port)
+{
+	struct iphdr *iph = pkt->l3;
+	struct ipv6hdr *ip6h = pkt->l3;
+	__u16 *check = NULL, *portp;
+	struct tcphdr *tcph = pkt->l4;
+	struct udphdr *udph = pkt->l4;
+	__u32 *src;
+	int i, nwords;
+
+	if (pkt->flow.proto == IPPROTO_TCP) {
+		if ((void *)(tcph + 1) > data_end)
+			return -1;
+		check = &tcph->check;
+		portp = &tcph->source;
+	} else {
+		if ((void *)(udph + 1) > data_end)
+			return -1;
+		if (udph->check || pkt->flow.family == FL_AF_INET6)
+			check = &udph->check;
+		portp = &udph->source;
+	}
+	if (pkt->flow.family == FL_AF_INET) {
+		if ((void *)(iph + 1) > data_end)
+			return -1;
+		src = &iph->saddr;
+		fl_csum_replace4(&iph->check, *src, addr[0]);
+		nwords = 1;
+	} else {
+		if ((void *)(ip6h + 1) > data_end)
+			return -1;
+		src = (__u32 *)&ip6h->saddr;
+		nwords = 4;
+	}
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		if (i >= nwords)
+			break;
+		if (check)
+			fl_csum_replace4(check, src[i], addr[i]);
+		src[i] = addr[i];
+	}
+	if (check) {
+		fl_csum_replace2(check, *portp, port);
+		if (pkt->flow.proto == IPPROTO_UDP && *check == 0)
+			*check = 0xffff;
+	}
+	*portp = port;
+	return 0;
+}
+
+/* The reverse entry of a NAT flow: the backend's reply 5-tuple. */
+static __always_inline void nat_rev_key(struct flow_key *rkey, struct flow_key *flow, struct backend *be)
+{
+	__builtin_memcpy(rkey->src, be->addr, sizeof(rkey->src));
+	__builtin_memcpy(rkey->dst, flow->src, sizeof(rkey->dst));
+	rkey->sport = be->port;
+	rkey->dport = flow->sport;
+	rkey->proto = flow->proto;
+	rkey->family = flow->family;
+	rkey->pad = 0;
+}
+
+/* Send a VIP packet on to its backend under NAT, keeping the reverse entry. */
+static __always_inline __u32 nat_out(struct ethhdr *eth, void *data_end, struct fl_pkt *pkt,
+				     struct backend *be, __u32 vip_id, int new_flow)
+{
+	struct flow_key rkey = {};
+	struct nat_rev rev = {}, *old;
+	__u8 lb_mac[ETH_ALEN];
+
+	nat_rev_key(&rkey, &pkt->flow, be);
+	/* Reading the entry marks it used, so it ages no faster than conntrack's. */
+	old = new_flow ? NULL : nat_rev.lookup(&rkey);
+	if (!old) {
+		__builtin_memcpy(rev.vip, pkt->flow.dst, sizeof(rev.vip));
+		rev.vip_port = pkt->flow.dport;
+		__builtin_memcpy(rev.client_mac, eth->h_source, ETH_ALEN);
+		rev.vip_id = vip_id;
+		nat_rev.update(&rkey, &rev);
+	}
+	if (nat_rewrite_dst(pkt, data_end, be->addr, be->port))
+		return FL_DROP_L4_MALFORMED;
+	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
+	set_macs(eth, be->mac, lb_mac);
+	return FL_TX_NAT;
+}
+
+/* A NAT backend's reply: restore the VIP as its source. 0 when the packet
+ * is not one. */
+static __always_inline __u32 nat_in(struct ethhdr *eth, void *data_end, struct fl_pkt *pkt)
+{
+	__u32 zero = 0;
+	struct fl_settings *cfg = settings.lookup(&zero);
+	struct nat_rev *rev;
+	__u8 lb_mac[ETH_ALEN];
+
+	if (!cfg || !cfg->nat_vips)
+		return 0;
+	rev = nat_rev.lookup(&pkt->flow);
+	if (!rev)
+		return 0;
+	if (nat_rewrite_src(pkt, data_end, rev->vip, rev->vip_port))
+		return 0;
+	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
+	set_macs(eth, rev->client_mac, lb_mac);
+	return FL_TX_NAT_REPLY;
+}
+
+/* ---- Forwarding ---- */
+
+/* Send a packet of a VIP flow to its backend in the VIP's forwarding mode. */
+static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
+					struct vip_meta *vip, __u32 vip_id, struct backend *be,
+					int new_flow)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 lb_mac[ETH_ALEN];
+
+	if (vip->forwarding == FL_FWD_TUNNEL)
+		return tunnel_out(ctx, pkt, be);
+	if (vip->forwarding == FL_FWD_NAT)
+		return nat_out(eth, data_end, pkt, be, vip_id, new_flow);
+	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
+	set_macs(eth, be->mac, lb_mac);
+	return FL_TX_DSR;
+}
+
+/* A packet to a VIP address, or a NAT reply: find its flow's backend in
+ * conntrack (one lookup on the hot path), or look the VIP up and pick one
+ * from its table; then send it on and count. */
+static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct flow_key *flow = &pkt->flow;
 	struct vip_key vkey = {};
 	struct vip_meta *vip;
 	struct ct_value *ct, new_ct = {};
 	struct backend *be;
-	__u32 *vip_id_p, vip_id, be_id, hash;
+	__u32 *vip_id_p, vip_id, be_id, hash, reason;
 	int new_flow = 0;
 
 	if (eth->h_dest[0] & 1)
@@ -214,10 +475,10 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 	if (ct) {
 		be = ct_backend(ct, &vip);
 		if (be) {
-			ct_touch(ct, flow, tcp_flags);
+			ct_touch(ct, flow, pkt->tcp_flags);
 			vip_id = ct->vip_id;
 			be_id = ct->backend_id;
-			goto rewrite;
+			goto send;
 		}
 	}
 
@@ -227,8 +488,10 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 	vkey.proto = flow->proto;
 	vkey.family = flow->family;
 	vip_id_p = vips.lookup(&vkey);
-	if (!vip_id_p)
-		return miss_reason(flow, FL_PASS_VIP_PORT);
+	if (!vip_id_p) {
+		reason = nat_in(eth, data_end, pkt);
+		return reason ? reason : miss_reason(flow, FL_PASS_VIP_PORT);
+	}
 	vip_id = *vip_id_p;
 	vip = vip_table.lookup(&vip_id);
 	if (!vip || !(vip->flags & FL_VIP_F_VALID))
@@ -241,7 +504,7 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 	new_ct.vip_id = vip_id;
 	new_ct.vip_gen = vip->gen;
 	new_ct.last_seen_ns = bpf_ktime_get_coarse_ns();
-	if (tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
+	if (pkt->tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
 		new_ct.flags = FL_CT_F_CLOSING;
 	else if (flow->proto == IPPROTO_TCP)
 		new_ct.flags = FL_CT_F_COUNTED;
@@ -258,32 +521,32 @@ static __always_inline __u32 forward(struct ethhdr *eth, struct flow_key *flow,
 		return FL_DROP_NO_BACKEND;
 	new_flow = 1;
 
-rewrite:
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
-	count_vip(vip_id, bytes, new_flow);
-	count_backend(be_id, bytes, new_flow);
-	return FL_TX_DSR;
+send:
+	reason = to_backend(ctx, eth, pkt, vip, vip_id, be, new_flow);
+	if (reason_verdict(reason) == XDP_TX) {
+		count_vip(vip_id, pkt->bytes, new_flow);
+		count_backend(be_id, pkt->bytes, new_flow);
+	}
+	return reason;
 }
 
-/* TCP/UDP header (within l4_len bytes of IP payload) -> ports and TCP
- * flags, then forward. */
-static __always_inline __u32 process_l4(struct hdr_cursor *nh, void *data_end,
-					struct ethhdr *eth, struct flow_key *flow,
-					int l4proto, __u32 l4_len, __u64 bytes)
+/* TCP/UDP header (within the IP payload) -> ports and TCP flags, then forward. */
+static __always_inline __u32 process_l4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
+					struct ethhdr *eth, struct fl_pkt *pkt, int l4proto)
 {
+	struct flow_key *flow = &pkt->flow;
 	struct tcphdr *tcph;
 	struct udphdr *udph;
-	__u8 tcp_flags = 0;
 
+	pkt->l4 = nh->pos;
 	if (l4proto == IPPROTO_TCP) {
-		if (parse_tcphdr(nh, data_end, l4_len, &tcph) < 0)
+		if (parse_tcphdr(nh, data_end, pkt->l4_len, &tcph) < 0)
 			return miss_reason(flow, FL_DROP_L4_MALFORMED);
 		flow->sport = tcph->source;
 		flow->dport = tcph->dest;
-		tcp_flags = ((__u8 *)tcph)[13];
+		pkt->tcp_flags = ((__u8 *)tcph)[13];
 	} else if (l4proto == IPPROTO_UDP) {
-		if (parse_udphdr(nh, data_end, l4_len, &udph) < 0)
+		if (parse_udphdr(nh, data_end, pkt->l4_len, &udph) < 0)
 			return miss_reason(flow, FL_DROP_L4_MALFORMED);
 		flow->sport = udph->source;
 		flow->dport = udph->dest;
@@ -291,44 +554,48 @@ static __always_inline __u32 process_l4(struct hdr_cursor *nh, void *data_end,
 		return miss_reason(flow, FL_PASS_VIP_PORT);
 	}
 	flow->proto = l4proto;
-	return forward(eth, flow, tcp_flags, bytes);
+	return forward(ctx, eth, pkt);
 }
 
-static __always_inline __u32 process_ipv4(struct hdr_cursor *nh, void *data_end,
-					  struct ethhdr *eth, __u64 bytes)
+static __always_inline __u32 process_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
+					  struct ethhdr *eth, struct fl_pkt *pkt)
 {
-	struct flow_key flow = {};
 	struct iphdr *iph;
 	int l4proto;
 
 	l4proto = parse_iphdr(nh, data_end, &iph);
 	if (l4proto < 0)
 		return FL_DROP_L3_MALFORMED;
-	flow.family = FL_AF_INET;
-	flow.src[0] = iph->saddr;
-	flow.dst[0] = iph->daddr;
+	pkt->l3 = iph;
+	pkt->flow.family = FL_AF_INET;
+	pkt->flow.src[0] = iph->saddr;
+	pkt->flow.dst[0] = iph->daddr;
+	pkt->l3_len = bpf_ntohs(iph->tot_len);
+	pkt->l4_len = pkt->l3_len - iph->ihl * 4;
+	pkt->tos = iph->tos;
 	if (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return miss_reason(&flow, FL_DROP_FRAGMENT);
-	return process_l4(nh, data_end, eth, &flow, l4proto,
-			  bpf_ntohs(iph->tot_len) - iph->ihl * 4, bytes);
+		return miss_reason(&pkt->flow, FL_DROP_FRAGMENT);
+	return process_l4(ctx, nh, data_end, eth, pkt, l4proto);
 }
 
-static __always_inline __u32 process_ipv6(struct hdr_cursor *nh, void *data_end,
-					  struct ethhdr *eth, __u64 bytes)
+static __always_inline __u32 process_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
+					  struct ethhdr *eth, struct fl_pkt *pkt)
 {
-	struct flow_key flow = {};
 	struct ipv6hdr *ip6h;
 	int l4proto;
 
 	l4proto = parse_ip6hdr(nh, data_end, &ip6h);
 	if (l4proto < 0)
 		return FL_DROP_L3_MALFORMED;
-	flow.family = FL_AF_INET6;
-	__builtin_memcpy(flow.src, &ip6h->saddr, sizeof(flow.src));
-	__builtin_memcpy(flow.dst, &ip6h->daddr, sizeof(flow.dst));
+	pkt->l3 = ip6h;
+	pkt->flow.family = FL_AF_INET6;
+	__builtin_memcpy(pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
+	__builtin_memcpy(pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
+	pkt->l4_len = bpf_ntohs(ip6h->payload_len);
+	pkt->l3_len = pkt->l4_len + sizeof(*ip6h);
 	if (ipv6_is_exthdr(l4proto))
-		return miss_reason(&flow, FL_DROP_IPV6_EXTHDR);
-	return process_l4(nh, data_end, eth, &flow, l4proto, bpf_ntohs(ip6h->payload_len), bytes);
+		return miss_reason(&pkt->flow, FL_DROP_IPV6_EXTHDR);
+	return process_l4(ctx, nh, data_end, eth, pkt, l4proto);
 }
 
 int xdp_fastlb(struct xdp_md *ctx)
@@ -336,23 +603,25 @@ int xdp_fastlb(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct hdr_cursor nh = { .pos = data };
-	__u64 bytes = data_end - data;
+	struct fl_pkt pkt = {};
 	struct ethhdr *eth;
 	__u32 reason;
 	int eth_type;
 
+	pkt.bytes = data_end - data;
 	eth_type = parse_ethhdr(&nh, data_end, &eth);
+	pkt.l2_len = nh.pos - data;
 	if (eth_type == PARSE_TRUNCATED)
 		reason = FL_DROP_L2_TRUNCATED;
 	else if (eth_type == PARSE_TOO_DEEP)
 		reason = FL_PASS_VLAN_DEPTH;
 	else if (eth_type == bpf_htons(ETH_P_IP))
-		reason = process_ipv4(&nh, data_end, eth, bytes);
+		reason = process_ipv4(ctx, &nh, data_end, eth, &pkt);
 	else if (eth_type == bpf_htons(ETH_P_IPV6))
-		reason = process_ipv6(&nh, data_end, eth, bytes);
+		reason = process_ipv6(ctx, &nh, data_end, eth, &pkt);
 	else
 		reason = FL_PASS_NOT_IP;
 
-	count_reason(reason, bytes);
+	count_reason(reason, pkt.bytes);
 	return reason_verdict(reason);
 }

@@ -47,6 +47,17 @@ FL_MAP("array", __u32, __u32, backend_active, FASTLB_MAX_BACKENDS, 0);
 FL_MAP("lru_hash", struct flow_key, struct ct_value, conntrack, FASTLB_CT_SIZE,
        BPF_F_NO_COMMON_LRU);
 
+/* NAT: a backend's reply 5-tuple -> the VIP and client to restore.
+ * Written by the program with each NAT flow, and refreshed by every packet
+ * of it, so it lives at least as long as the conntrack entry; twice the
+ * size, so that replies outnumbering requests do not evict it first. */
+FL_MAP("lru_hash", struct flow_key, struct nat_rev, nat_rev, FASTLB_CT_SIZE * 2,
+       BPF_F_NO_COMMON_LRU);
+
+/* 0 -> global settings (ICMP source, tunnel source prefixes, the LB's MAC).
+ * Written by the loader. */
+FL_MAP("array", __u32, struct fl_settings, settings, 1, 0);
+
 /* enum fl_reason -> packets/bytes. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_counter, reason_stats, FL_REASON_MAX, 0);
 

@@ -63,6 +63,27 @@ struct ct_value {
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns: creation for TCP, last packet for UDP */
 };
 
+/* Value of nat_rev: how to turn a backend's reply back into the VIP's. */
+struct nat_rev {
+	__u32 vip[4];               /* the VIP address the client sent to */
+	__u16 vip_port;             /* network byte order */
+	__u8 client_mac[6];         /* next hop towards the client */
+	__u32 vip_id;
+};
+
+/* The one entry of the settings array. Written by the loader. */
+struct fl_settings {
+	__u32 icmp_src4;            /* source of the ICMP errors fastlb sends */
+	__u32 icmp_src6[4];
+	__u32 tunnel_src4;          /* tunnel mode's outer source prefix ... */
+	__u32 tunnel_host4;         /* ... and its host bits, varied per flow */
+	__u32 tunnel_src6[4];
+	__u32 tunnel_host6;         /* host bits of the last word */
+	__u32 nat_vips;             /* NAT VIPs configured: replies are looked up only if > 0 */
+	__u8 lb_mac[6];             /* the attach interface's MAC (ARP/ND answers) */
+	__u16 pad;
+};
+
 /* A packet and byte counter (per CPU). */
 struct fl_counter {
 	__u64 packets;

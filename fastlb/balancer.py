@@ -44,7 +44,8 @@ def attach(ifname: str, config, xdp_mode: str = "auto") -> AttachResult:
     base = pins.ensure_bpffs()
     pin_dir = pins.attachment_dir(ifname, base)
     xdp.refuse_foreign(iface, pin_dir)
-    macs = neigh.resolve_macs(iface, {b.address for v in config.vips for b in v.backends})
+    macs = neigh.resolve_macs(iface, {b.address for v in config.vips for b in v.backends},
+                              on_link={b.address for v in config.vips if v.forwarding == "dsr" for b in v.backends})
     sizes = Sizes.from_settings(config.settings)
 
     created = not pin_dir.exists()
@@ -52,7 +53,7 @@ def attach(ifname: str, config, xdp_mode: str = "auto") -> AttachResult:
     try:
         prog.load()
         with PinnedMaps(pin_dir) as maps:
-            written = apply(maps, config, macs, sizes)
+            written = apply(maps, config, macs, sizes, lb_mac=iface.mac)
         prog.pin()
         mode = xdp.attach(prog.fd, iface, pin_dir, xdp_mode)
         prog_id = neigh.interface(ifname).xdp_prog_id
@@ -86,7 +87,7 @@ def _read_vips(maps: PinnedMaps) -> list[dict]:
     fwd = {v: k.removeprefix("FL_FWD_").lower() for k, v in cdefs.enum("fl_forwarding").items()}
     for key, vip_id in maps.items("vips"):
         vip_id = vip_id.value
-        if vip_id == cdefs.FL_VIP_ID_ADDR_ONLY:
+        if vip_id in (cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE):
             continue
         meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         addr = structs.unpack_addr(key.addr, key.family)

@@ -1,9 +1,11 @@
 """Interfaces and next-hop MAC addresses, through netlink (pyroute2).
 
-Under DSR a backend shares the LB's L2 segment, so its next hop is itself:
-its MAC comes from the neighbour table of the attach interface, and when the
-table has no usable entry the kernel is asked to resolve it (a neighbour
-entry with NTF_USE starts an ARP or neighbour-solicitation probe).
+Under DSR a backend shares the LB's L2 segment, so its next hop is itself.
+Under tunnel and NAT a backend may sit behind a router: its next hop is the
+gateway of the route to it. Either way the MAC comes from the neighbour
+table of the attach interface, and when the table has no usable entry the
+kernel is asked to resolve it (a neighbour entry with NTF_USE starts an ARP
+or neighbour-solicitation probe).
 """
 
 from __future__ import annotations
@@ -68,56 +70,66 @@ def _usable_mac(ipr: IPRoute, ifindex: int, dst: str) -> str | None:
     return None
 
 
-def check_on_link(ipr: IPRoute, iface: Interface, address) -> None:
-    """DSR needs the backend on the attach interface's segment: no gateway."""
+def next_hop(ipr: IPRoute, iface: Interface, address, on_link: bool) -> str:
+    """The address whose MAC a packet to ``address`` leaves with: the address
+    itself when it is on ``iface``'s segment, else the route's gateway.
+
+    ``on_link`` (DSR) refuses a backend behind a gateway. A route out of
+    another interface is refused either way: the program sends frames back
+    out of the interface they came in on.
+    """
     try:
         routes = ipr.route("get", dst=str(address))
     except NetlinkError as exc:
         raise NeighbourError(f"backend {address}: no route from this host ({exc})",
-                             fix=f"add an address on {iface.name} in the backend's subnet") from exc
-    for route in routes:
-        oif = route.get_attr("RTA_OIF")
-        gateway = route.get_attr("RTA_GATEWAY")
-        if gateway or oif != iface.index:
-            via = f"via {gateway}" if gateway else f"out of ifindex {oif}"
-            raise NeighbourError(
-                f"backend {address} is not on the L2 segment of {iface.name} (route {via})",
-                fix=f"DSR needs backends reachable directly on {iface.name}; give {iface.name} an "
-                    "address in the backends' subnet")
+                             fix=f"add a route to it via {iface.name}") from exc
+    route = routes[0]
+    oif = route.get_attr("RTA_OIF")
+    gateway = route.get_attr("RTA_GATEWAY")
+    if oif != iface.index:
+        raise NeighbourError(f"backend {address} is routed out of ifindex {oif}, not {iface.name}",
+                             fix=f"route the backends via {iface.name}, the interface fastlb is attached to")
+    if gateway and on_link:
+        raise NeighbourError(
+            f"backend {address} is not on the L2 segment of {iface.name} (route via {gateway})",
+            fix=f"DSR needs backends reachable directly on {iface.name}; give {iface.name} an address in "
+                "the backends' subnet, or use forwarding = \"tunnel\" or \"nat\" for routed backends")
+    return str(gateway or address)
 
 
-def resolve_macs(iface: Interface, addresses, timeout: float = 3.0) -> dict[str, str]:
-    """MAC of every address on ``iface``, probing the ones not in the table.
+def resolve_macs(iface: Interface, addresses, timeout: float = 3.0, on_link=()) -> dict[str, str]:
+    """The next-hop MAC for every address on ``iface``, probing the ones not in the table.
 
-    Raises NeighbourError naming the addresses that stay unresolved.
+    Addresses in ``on_link`` must be on the segment (DSR backends). Raises
+    NeighbourError naming the next hops that stay unresolved.
     """
-    wanted = [str(a) for a in addresses]
+    on_link = {str(a) for a in on_link}
     found: dict[str, str] = {}
     with IPRoute() as ipr:
-        for addr in wanted:
-            check_on_link(ipr, iface, addr)
-        for addr in wanted:
-            mac = _usable_mac(ipr, iface.index, addr)
+        hops = {str(a): next_hop(ipr, iface, a, str(a) in on_link) for a in addresses}
+        wanted = sorted(set(hops.values()))
+        for hop in wanted:
+            mac = _usable_mac(ipr, iface.index, hop)
             if mac:
-                found[addr] = mac
+                found[hop] = mac
                 continue
             try:
-                ipr.neigh("replace", dst=addr, ifindex=iface.index, flags=NTF_USE,
-                          state=NUD_INCOMPLETE)
+                ipr.neigh("replace", dst=hop, ifindex=iface.index, flags=NTF_USE, state=NUD_INCOMPLETE)
             except NetlinkError:
                 pass  # an entry in a state the kernel won't restart; polling decides
         deadline = time.monotonic() + timeout
-        pending = [a for a in wanted if a not in found]
+        pending = [h for h in wanted if h not in found]
         while pending and time.monotonic() < deadline:
             time.sleep(0.05)
-            for addr in list(pending):
-                mac = _usable_mac(ipr, iface.index, addr)
+            for hop in list(pending):
+                mac = _usable_mac(ipr, iface.index, hop)
                 if mac:
-                    found[addr] = mac
-                    pending.remove(addr)
+                    found[hop] = mac
+                    pending.remove(hop)
     if pending:
-        raise NeighbourError(
-            f"no MAC address for backend(s) {', '.join(pending)} on {iface.name} after {timeout:g} s",
-            fix="check that the backends are up and on this segment (they must answer ARP/ND "
-                "for their own address)")
-    return found
+        via = {h: [a for a, n in hops.items() if n == h and a != h] for h in pending}
+        names = ", ".join(f"{h} (next hop of {', '.join(v)})" if v else h for h, v in via.items())
+        raise NeighbourError(f"no MAC address for {names} on {iface.name} after {timeout:g} s",
+                             fix="check that the backends (or their gateway) are up and answer ARP/ND "
+                                 "on this segment")
+    return {addr: found[hop] for addr, hop in hops.items()}

@@ -47,6 +47,18 @@ class CtValue(ctypes.Structure):
                 ("last_seen_ns", ctypes.c_uint64)]
 
 
+class NatRev(ctypes.Structure):
+    _fields_ = [("vip", U32x4), ("vip_port", ctypes.c_uint16), ("client_mac", ctypes.c_uint8 * 6),
+                ("vip_id", ctypes.c_uint32)]
+
+
+class Settings(ctypes.Structure):
+    _fields_ = [("icmp_src4", ctypes.c_uint32), ("icmp_src6", U32x4),
+                ("tunnel_src4", ctypes.c_uint32), ("tunnel_host4", ctypes.c_uint32),
+                ("tunnel_src6", U32x4), ("tunnel_host6", ctypes.c_uint32),
+                ("nat_vips", ctypes.c_uint32), ("lb_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
+
+
 class Counter(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("new_flows", ctypes.c_uint64)]
@@ -60,6 +72,8 @@ C_STRUCTS = {
     "flow_key": FlowKey,
     "ct_value": CtValue,
     "fl_counter": Counter,
+    "nat_rev": NatRev,
+    "fl_settings": Settings,
 }
 
 

@@ -37,7 +37,7 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
     its neighbours and move their established flows.
     """
     held_vips = {bytes(key): vid.value for key, vid in maps.items("vips")
-                 if vid.value != cdefs.FL_VIP_ID_ADDR_ONLY}
+                 if vid.value not in (cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE)}
     vip_ids: dict[str, int] = {}
     for vip in config.vips:
         vid = held_vips.get(bytes(_vip_key(vip)))
@@ -102,16 +102,57 @@ def _vip_key(vip) -> structs.VipKey:
     return structs.vip_key(vip.address, vip.port, vip.proto_number)
 
 
-def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes) -> dict[str, int]:
+def settings_entry(config, lb_mac: str | None) -> structs.Settings:
+    """The settings map's one entry: tunnel source prefixes, ICMP sources, NAT use, the LB's MAC."""
+    cfg = config.settings
+    entry = structs.Settings(nat_vips=sum(1 for v in config.vips if v.forwarding == "nat"))
+    if cfg.tunnel_source is not None:
+        entry.tunnel_src4 = structs.pack_addr(cfg.tunnel_source.network_address)[0]
+        entry.tunnel_host4 = structs.pack_addr(cfg.tunnel_source.hostmask)[0]
+    if cfg.tunnel_source6 is not None:
+        entry.tunnel_src6 = structs.pack_addr(cfg.tunnel_source6.network_address)
+        entry.tunnel_host6 = structs.pack_addr(cfg.tunnel_source6.hostmask)[3]  # the varied bits: the last word's
+    if cfg.icmp_source is not None:
+        entry.icmp_src4 = structs.pack_addr(cfg.icmp_source)[0]
+    if cfg.icmp_source6 is not None:
+        entry.icmp_src6 = structs.pack_addr(cfg.icmp_source6)
+    if lb_mac:
+        ctypes.memmove(entry.lb_mac, structs.mac_bytes(lb_mac), 6)
+    return entry
+
+
+def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
+          lb_mac: str | None = None) -> dict[str, int]:
     """Make the maps hold ``config``. Returns counts of what was written.
 
-    The order keeps every packet's view consistent: backends, then rings,
-    then the VIP's settings, then the vips entry that makes it reachable;
-    removal runs the other way round.
+    The order keeps every packet's view consistent: VIPs that go away become
+    unreachable first; then backends, rings and each VIP's settings are
+    written before the vips entry that makes the VIP reachable; backends
+    that go away are cleared last.
     """
     placement = place(config, maps, sizes)
     written = {"vips": 0, "backends": 0, "ring_slots": 0, "removed": 0}
     empty = cdefs.FL_RING_EMPTY
+    maps.update("settings", ctypes.c_uint32(0), settings_entry(config, lb_mac))
+
+    wanted_keys: dict[bytes, int] = {}
+    for vip in config.vips:
+        wanted_keys[bytes(_vip_key(vip))] = placement.vip_ids[vip.name]
+        marker = bytes(structs.addr_marker_key(vip.address))
+        if vip.announce == "arp":  # one announcing VIP makes fastlb answer ARP/ND for the address
+            wanted_keys[marker] = cdefs.FL_VIP_ID_ANNOUNCE
+        else:
+            wanted_keys.setdefault(marker, cdefs.FL_VIP_ID_ADDR_ONLY)
+    for key in list(maps.keys("vips")):
+        if bytes(key) not in wanted_keys:
+            maps.delete("vips", key)
+            written["removed"] += 1
+    for vip_id in range(sizes.max_vips):
+        if vip_id not in placement.vip_ids.values():
+            meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
+            if meta is not None and meta.flags & cdefs.FL_VIP_F_VALID:
+                meta.flags = 0
+                maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
 
     used_backends = set()
     held = dict(_valid_backends(maps, sizes))
@@ -128,7 +169,6 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes) -> dict[
             used_backends.add(be_id)
             written["backends"] += 1
 
-    wanted_keys: dict[bytes, int] = {}
     for vip in config.vips:
         vip_id = placement.vip_ids[vip.name]
         same_vip = maps.lookup("vips", _vip_key(vip))
@@ -148,24 +188,10 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes) -> dict[
         old = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         gen = old.gen if same_vip else (old.gen + 1) & 0xFFFFFFFF
         maps.update("vip_table", ctypes.c_uint32(vip_id), vip_meta(vip, gen, len(seq_ids), sizes))
-        wanted_keys[bytes(_vip_key(vip))] = vip_id
-        wanted_keys.setdefault(bytes(structs.addr_marker_key(vip.address)), cdefs.FL_VIP_ID_ADDR_ONLY)
 
     for raw, value in wanted_keys.items():
         maps.update("vips", structs.VipKey.from_buffer_copy(raw), ctypes.c_uint32(value))
         written["vips"] += 1
-
-    # Remove what the config no longer has.
-    for key in list(maps.keys("vips")):
-        if bytes(key) not in wanted_keys:
-            maps.delete("vips", key)
-            written["removed"] += 1
-    for vip_id in range(sizes.max_vips):
-        if vip_id not in placement.vip_ids.values():
-            meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
-            if meta is not None and meta.flags & cdefs.FL_VIP_F_VALID:
-                meta.flags = 0
-                maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
     for be_id, _entry in list(_valid_backends(maps, sizes)):
         if be_id not in used_backends:
             maps.update("backends", ctypes.c_uint32(be_id), structs.Backend())

@@ -21,6 +21,10 @@ from .program import Program, Sizes
 XDP_VERDICTS = {"aborted": 0, "drop": 1, "pass": 2, "tx": 3, "redirect": 4}
 
 
+# The MAC the testbed's balancer answers ARP/ND with (its "interface" MAC).
+LB_MAC = "02:00:00:00:00:02"
+
+
 def fake_mac(address) -> str:
     """A locally administered MAC derived from the address's last byte."""
     return f"02:00:00:00:00:{ipaddress.ip_address(str(address)).packed[-1]:02x}"
@@ -51,7 +55,7 @@ class Testbed:
         """Parse ``config_text`` and write it to the maps; returns the Config."""
         config = parse_config(config_text)
         macs = {str(b.address): fake_mac(b.address) for v in config.vips for b in v.backends}
-        tables.apply(self.maps, config, macs, self.sizes)
+        tables.apply(self.maps, config, macs, self.sizes, lb_mac=LB_MAC)
         self.config = config
         return config
 

@@ -241,12 +241,6 @@ def test_packet_table(prog, row):
         assert out == dsr_rewrite(prog.config, prog.sizes, Ether(data))
 
 
-def test_every_reason_has_a_row():
-    covered = {r.reason for r in ROWS}
-    reasons = set(cdefs.enum("fl_reason")) - {"FL_REASON_MAX"}
-    assert reasons - covered == set()
-
-
 def test_vip_and_backend_counters_move(prog):
     pkt = eth() / v4() / tcp(sport=41001)
     backend = expected_backend(prog.config, prog.sizes, pkt)
