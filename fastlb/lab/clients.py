@@ -78,7 +78,7 @@ def tcp_requests(lab: Lab, vip: str | None = None, port: int = 80, count: int = 
 
 def udp_by_source(lab: Lab, vip: str | None = None, port: int = 9000, count: int = 100,
                   family: int | None = None, sources: int | None = None,
-                  timeout: float = 2.0, first_port: int = 0) -> dict[int, Counter]:
+                  timeout: float = 2.0, first_port: int = 0, size: int = 0) -> dict[int, Counter]:
     """Send ``count`` UDP datagrams from the client namespace; answers per source port.
 
     ``sources``: how many client sockets (source ports, so flows) share the
@@ -92,6 +92,8 @@ def udp_by_source(lab: Lab, vip: str | None = None, port: int = 9000, count: int
         args += ["--sources", sources]
     if first_port:
         args += ["--first-port", first_port]
+    if size:
+        args += ["--size", size]
     out = _run(lab, f"UDP to [{host}]:{port}", args, timeout=10 + count * timeout)
     return {int(p): Counter(c) for p, c in out["by_source"].items()}
 
@@ -168,7 +170,7 @@ def cmd_tcp(host: str, port: int, count: int, timeout: float, path: str) -> dict
 
 
 def cmd_udp(host: str, port: int, count: int, timeout: float, sources: int | None,
-            first_port: int = 0) -> dict:
+            first_port: int = 0, size: int = 0) -> dict:
     """Send ``count`` datagrams round robin over ``sources`` sockets; stop at the first failure.
 
     ``first_port`` > 0 binds the sockets to first_port, first_port+1, ... so
@@ -188,7 +190,7 @@ def cmd_udp(host: str, port: int, count: int, timeout: float, sources: int | Non
             s = pool[i % len(pool)] if pool else socket.socket(family, socket.SOCK_DGRAM)
             s.settimeout(timeout)
             try:
-                s.sendto(f"ping {i}".encode(), (host, port))
+                s.sendto(f"ping {i}".encode().ljust(size, b"."), (host, port))
                 data, peer = s.recvfrom(2048)
                 if ipaddress.ip_address(peer[0]) != want:
                     raise ValueError(f"answer came from {peer[0]}, not from {host}")
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                                     help="client sockets to spread over (default: one each)")
     sub.choices["udp"].add_argument("--first-port", type=int, default=0, metavar="P",
                                     help="bind the --sources sockets to ports P, P+1, ... (default: any)")
+    sub.choices["udp"].add_argument("--size", type=int, default=0, metavar="BYTES",
+                                    help="pad each datagram's payload to BYTES (default: a few bytes)")
     h = sub.add_parser("hold", help="open --count idle connections and hold them until stdin closes")
     h.add_argument("--host", required=True)
     h.add_argument("--port", type=int, required=True)
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--sources must be at least 1")
         if a.first_port and a.sources is None:
             p.error("--first-port needs --sources")
-        out = cmd_udp(a.host, a.port, a.count, a.timeout, a.sources, a.first_port)
+        out = cmd_udp(a.host, a.port, a.count, a.timeout, a.sources, a.first_port, a.size)
     elif a.cmd == "get":
         out = cmd_get(a.host, a.port, a.path, a.timeout)
     elif a.cmd == "hold":
