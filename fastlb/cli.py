@@ -201,5 +201,9 @@ def status(as_json):
                 click.echo("  reasons: " + "  ".join(f"{k} {v}" for k, v in moved.items()))
 
 
+from .lab.cli import lab as _lab_group  # noqa: E402
+main.add_command(_lab_group)
+
+
 if __name__ == "__main__":
     main()

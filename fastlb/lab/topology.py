@@ -47,6 +47,10 @@ VIP_NET4 = ipaddress.ip_network("198.19.0.0/24")
 VIP_NET6 = ipaddress.ip_network("2001:db8:ffff::/64")
 HTTP_PORT = 80
 UDP_PORT = 9000
+# The forwarding modes this wiring hosts: the backends hold the VIPs on lo and
+# answer the client directly. Tunnel (decapsulating backends) and NAT (replies
+# back through the LB) need wiring the lab does not have yet.
+LAB_FORWARDING = ("dsr",)
 MAX_BACKENDS = 100
 XDP_PASS_SRC = Path(__file__).resolve().parents[2] / "bpf" / "xdp_pass.c"
 PKG_ROOT = Path(__file__).resolve().parents[2]

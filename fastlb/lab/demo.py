@@ -1,0 +1,243 @@
+"""``fastlb lab demo``: fastlb balancing real connections in a namespace lab, start to finish.
+
+What it does (``sudo make demo``; about a minute here, at most 90 s)::
+
+    1. a lab: a client, the LB and three backends (HTTP on TCP 80, UDP echo on 9000)
+    2. for each algorithm this build has (fastlb.config.BUILT_ALGORITHMS): a fresh
+       fastlb attach with weights 1:1:1, then one with 3:2:1; each time 300 TCP
+       connections and 300 UDP exchanges, counted by the client (who answered)
+       and by fastlb (its per-backend counters, fastlb status --json)
+    3. a line-rate UDP burst (BPF_PROG_TEST_RUN live frames, 1 s) through the
+       last attach, counted by fastlb and at the backends' eth0
+    4. failover: b3's servers stop and the operator re-attaches with b3's weight
+       at 0; 300 more connections, none of which may reach b3
+    5. everything removed; a chart of each backend's share per phase, as a PNG
+
+``--quick`` (at most 30 s) makes one attach serve one VIP per algorithm
+(198.19.0.100, .101, ... with weights 3:2:1) instead of an attach per
+algorithm, 60 connections and exchanges per phase, and a 0.5 s burst.
+
+The exit code is 1 if any connection or exchange failed, or if the failover
+sent a new flow to the removed backend.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastlb.lab import balancer, chart, linerate, spread
+from fastlb.lab.balancer import Balancer
+from fastlb.lab.topology import Lab
+
+EQUAL = (1, 1, 1)
+WEIGHTED = (3, 2, 1)
+HEALTH_NOTE = "health checks arrive with the controller; here the operator removes it"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much the demo does."""
+
+    connections: int        # TCP connections per phase (and as many UDP exchanges)
+    burst_seconds: float
+    flows: int              # flows in the burst
+    attach_per_algorithm: bool
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(connections=60, burst_seconds=0.5, flows=1000, attach_per_algorithm=False)
+        return cls(connections=300, burst_seconds=1.0, flows=1000, attach_per_algorithm=True)
+
+
+@dataclass
+class Outcome:
+    """What the demo saw: the phases, the burst, the problems; the exit code follows."""
+
+    phases: list[spread.Spread] = field(default_factory=list)
+    burst: linerate.LineRate | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+
+def built_algorithms() -> list[str]:
+    """The algorithms this build runs, in the config's order (read at run time)."""
+    from fastlb import config
+
+    return [a for a in config.ALGORITHMS if a in config.BUILT_ALGORITHMS]
+
+
+def built_forwarding() -> str:
+    """The first forwarding mode this build runs and the lab's wiring hosts (DSR today)."""
+    from fastlb import config
+    from fastlb.lab.netns import LabError
+    from fastlb.lab.topology import LAB_FORWARDING
+
+    usable = [f for f in config.FORWARDING if f in config.BUILT_FORWARDING and f in LAB_FORWARDING]
+    if not usable:
+        raise LabError(f"this build runs none of the forwarding modes the lab hosts ({', '.join(LAB_FORWARDING)})")
+    return usable[0]
+
+
+def weights_of(lab: Lab, values: tuple[int, ...]) -> dict[str, int]:
+    return dict(zip(lab.backend_names, values))
+
+
+def ratio(weights: dict[str, int]) -> str:
+    return ":".join(str(w) for w in weights.values())
+
+
+class Demo:
+    """One run of the demo; :meth:`run` returns the exit code."""
+
+    def __init__(self, quick: bool = False, chart_path: str | os.PathLike = "fastlb-demo.png",
+                 console=None):
+        from rich.console import Console
+
+        self.quick = quick
+        self.plan = Plan.for_mode(quick)
+        self.chart_path = Path(chart_path)
+        self.console = console or Console(highlight=False)
+        self.outcome = Outcome()
+        self.forwarding = built_forwarding()
+        self._lab: Lab | None = None
+        self._bal: Balancer | None = None
+        self._configs = 0
+        self._start = 0.0
+
+    # ---- steps --------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        self.console.print(f"[dim]{time.monotonic() - self._start:5.1f} s[/]  {text}")
+
+    def attach(self, text: str) -> None:
+        """Detach what runs, then a fresh fastlb attach with ``text`` as its config."""
+        lab = self._lab
+        self.detach()
+        self._configs += 1
+        path = lab.run_dir / f"fastlb-{self._configs}.toml"
+        path.write_text(text)
+        self._bal = balancer.start(lab, path, lab.run_dir / "fastlb.log")
+        self.say(f"[green]{self._bal.banner.split(';')[0]}[/]")
+
+    def detach(self) -> None:
+        if self._bal is not None:
+            bal, self._bal = self._bal, None
+            balancer.stop(self._lab, bal)
+
+    def phase(self, name: str, algorithm: str, weights: dict[str, int], vip: str, note: str = "") -> spread.Spread:
+        n = self.plan.connections
+        result = spread.measure(self._lab, name, algorithm, weights, vip=vip, tcp=n, udp=n,
+                                timeout=1.0, note=note)
+        self.outcome.phases.append(result)
+        self.console.print(spread.table(result))
+        if result.failed:
+            errors = "; ".join(result.tcp.errors + result.udp.errors)
+            self.outcome.problems.append(f"{name}: {result.failed} requests failed ({errors})")
+        return result
+
+    def config(self, algorithm: str, weights: dict[str, int], vips: list[str] | None = None) -> str:
+        return self._lab.config_text(vips=vips, algorithm=algorithm, weights=weights,
+                                     forwarding=self.forwarding)
+
+    def algorithms(self) -> None:
+        lab = self._lab
+        algorithms = built_algorithms()
+        if self.plan.attach_per_algorithm:
+            for algorithm in algorithms:
+                for values in (EQUAL, WEIGHTED):
+                    weights = weights_of(lab, values)
+                    self.console.rule(f"{algorithm}, weights {ratio(weights)}")
+                    self.attach(self.config(algorithm, weights))
+                    self.phase(f"{algorithm} {ratio(weights)}", algorithm, weights, lab.vip4)
+            return
+        # Quick: one attach, one VIP per algorithm.
+        weights = weights_of(lab, WEIGHTED)
+        vips = {a: f"198.19.0.{100 + i}" for i, a in enumerate(algorithms)}
+        for vip in vips.values():
+            lab.add_vip(vip)
+        self.console.rule(f"{', '.join(algorithms)}: one VIP each, weights {ratio(weights)}")
+        self.attach("\n".join(self.config(a, weights, [vip]) for a, vip in vips.items()))
+        for algorithm, vip in vips.items():
+            self.phase(f"{algorithm} {ratio(weights)}", algorithm, weights, vip)
+
+    def burst(self) -> None:
+        lab = self._lab
+        vip = self.outcome.phases[-1].vip
+        self.console.rule(f"line-rate burst: {self.plan.burst_seconds:g} s of UDP to {vip}:{lab.udp_port}")
+        result = linerate.line_rate(lab, flows=self.plan.flows, seconds=self.plan.burst_seconds, vip=vip)
+        self.outcome.burst = result
+        self.console.print(linerate.table(result))
+        self.say(linerate.summary(result))
+
+    def failover(self) -> None:
+        lab = self._lab
+        victim = lab.backend_names[-1]
+        algorithm = "maglev" if "maglev" in built_algorithms() else built_algorithms()[0]
+        weights = weights_of(lab, EQUAL)
+        weights[victim] = 0
+        self.console.rule(f"failover: {victim} goes down")
+        lab.stop_server(victim)
+        self.say(f"{victim}'s servers are stopped. Note: {HEALTH_NOTE}: "
+                 f"fastlb is re-attached with {victim}'s weight set to 0.")
+        self.attach(self.config(algorithm, weights))
+        result = self.phase(f"failover {victim}=0", algorithm, weights, lab.vip4,
+                            note=f"{victim} is down; {HEALTH_NOTE}")
+        reached = (result.tcp.counts.get(victim, 0) + result.udp.counts.get(victim, 0)
+                   + result.fastlb_tcp[victim].new_flows + result.fastlb_udp[victim].new_flows)
+        if reached:
+            self.outcome.problems.append(f"failover: {reached} new flows reached {victim} after its weight was 0")
+            self.say(f"[bold red]{reached} new flows still reached {victim}[/]")
+        else:
+            self.say(f"[green]no new connection reached {victim}[/] (client and fastlb agree: 0)")
+
+    def draw(self) -> None:
+        bars = [chart.Bar(p.name, dict(p.tcp.counts)) for p in self.outcome.phases]
+        if self.outcome.burst is not None:
+            # after the algorithm phases, where it was sent
+            bars.insert(len(bars) - 1, chart.Bar("line-rate burst", self.outcome.burst.received))
+        subtitle = ("TCP connections as answered at the client; the burst: UDP packets counted "
+                    "at the backends' eth0")
+        chart.draw(bars, self.chart_path, "fastlb demo: each backend's share of the traffic, by phase",
+                   subtitle)
+
+    # ---- the whole run ------------------------------------------------------------
+
+    def run(self) -> int:
+        self._start = time.monotonic()
+        mode = "quick" if self.quick else "full"
+        self.console.rule(f"[bold]fastlb lab demo ({mode})")
+        lab = Lab(backends=3, ipv6=True, run_dir=True)
+        self._lab = lab
+        try:
+            lab.up()
+            self.say(f"lab {lab.runid} is up: client {lab.addr('client')}, LB {lab.addr('lb')}, "
+                     + ", ".join(f"{b} {lab.addr(b)}" for b in lab.backend_names)
+                     + f"; VIP {lab.vip4} (TCP {lab.http_port}, UDP {lab.udp_port})")
+            self.algorithms()
+            self.burst()
+            self.failover()
+        finally:
+            try:
+                self.detach()
+            finally:
+                lab.down()
+            self.say(f"lab {lab.runid} removed (namespaces, fastlb, servers)")
+        self.draw()
+        self.say(f"chart written to {self.chart_path.resolve()}")
+        elapsed = time.monotonic() - self._start
+        if self.outcome.problems:
+            for problem in self.outcome.problems:
+                self.console.print(f"[bold red]problem:[/] {problem}")
+        total = sum(p.tcp.made + p.udp.made for p in self.outcome.phases)
+        failed = sum(p.failed for p in self.outcome.phases)
+        verdict = "[green]all answered[/]" if not failed else f"[bold red]{failed} failed[/]"
+        self.console.print(f"[bold]demo finished in {elapsed:.1f} s[/]: {len(self.outcome.phases)} phases, "
+                           f"{total:,} connections and exchanges, {verdict}")
+        return self.outcome.exit_code
