@@ -109,4 +109,22 @@ enum fl_reason {
 	FL_REASON_MAX,
 };
 
+/* ---- The backends' decap program (fastlb_decap.c): one counter each ---- */
+#ifndef FASTLB_DECAP_MAX_ADDRS
+#define FASTLB_DECAP_MAX_ADDRS 256  /* VIPs plus local addresses */
+#endif
+
+enum fl_decap_reason {
+	FL_DECAP_OK = 0,            /* outer header stripped, inner packet passed to the stack */
+	FL_DECAP_NOT_TUNNEL,        /* not IP-in-IP: passed untouched */
+	FL_DECAP_NOT_LOCAL,         /* tunnelled to another host: passed untouched */
+	FL_DECAP_NOT_VIP,           /* tunnelled here, but not for a configured VIP: passed untouched */
+	FL_DECAP_MALFORMED,         /* truncated outer or inner header: dropped */
+	FL_DECAP_REASON_MAX,
+};
+
+/* Values of the decap program's addrs map. */
+#define FL_DECAP_ADDR_LOCAL 1       /* an address of this host: outer destinations */
+#define FL_DECAP_ADDR_VIP 2         /* a VIP served here: inner destinations */
+
 #endif /* FASTLB_CONSTS_H */

@@ -201,7 +201,9 @@ def status(as_json):
                 click.echo("  reasons: " + "  ".join(f"{k} {v}" for k, v in moved.items()))
 
 
+from .decap_cli import decap as _decap_group  # noqa: E402
 from .lab.cli import lab as _lab_group  # noqa: E402
+main.add_command(_decap_group)
 main.add_command(_lab_group)
 
 

@@ -19,13 +19,13 @@ from .program import MAP_SPECS, MapSpec
 class PinnedMaps:
     """File descriptors of the maps pinned in ``pin_dir`` (a context manager)."""
 
-    def __init__(self, pin_dir: Path):
+    def __init__(self, pin_dir: Path, specs=MAP_SPECS):
         self.pin_dir = Path(pin_dir)
         self.fds: dict[str, int] = {}
-        self.specs: dict[str, MapSpec] = {s.name: s for s in MAP_SPECS}
+        self.specs: dict[str, MapSpec] = {s.name: s for s in specs}
         self.ncpus = bpfsys.possible_cpus()
         try:
-            for spec in MAP_SPECS:
+            for spec in specs:
                 path = self.pin_dir / spec.name
                 try:
                     self.fds[spec.name] = bpfsys.obj_get(str(path))

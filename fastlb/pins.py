@@ -87,16 +87,25 @@ def netns_id() -> str:
     return "net" + str(os.stat("/proc/self/ns/net").st_ino)
 
 
-def attachment_dir(ifname: str, base: Path | None = None) -> Path:
-    """The pin folder of fastlb's attachment to ``ifname`` in this netns."""
+def attachment_dir(ifname: str, base: Path | None = None, kind: str = "") -> Path:
+    """The pin folder of fastlb's attachment to ``ifname`` in this netns.
+
+    ``kind`` "decap" names the backends' decap program's folders, kept apart
+    from the balancer's.
+    """
     if "/" in ifname or ifname in (".", ".."):
         raise ValueError(f"bad interface name {ifname!r}")
-    return (base or root()) / netns_id() / ifname
+    return _netns_dir(base, kind) / ifname
 
 
-def attachments(base: Path | None = None) -> list[str]:
-    """Interface names with a fastlb pin folder in this netns."""
-    folder = (base or root()) / netns_id()
+def _netns_dir(base: Path | None, kind: str) -> Path:
+    prefix = f"{kind}-" if kind else ""
+    return (base or root()) / f"{prefix}{netns_id()}"
+
+
+def attachments(base: Path | None = None, kind: str = "") -> list[str]:
+    """Interface names with a fastlb pin folder (of ``kind``) in this netns."""
+    folder = _netns_dir(base, kind)
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if p.is_dir())

@@ -69,6 +69,8 @@ class MapSpec:
             "conntrack": sizes.conntrack_size,
             "nat_rev": sizes.conntrack_size * 2,
             "settings": 1,
+            "addrs": cdefs.FASTLB_DECAP_MAX_ADDRS,
+            "decap_stats": cdefs.FL_DECAP_REASON_MAX,
             "reason_stats": cdefs.FL_REASON_MAX,
             "vip_stats": sizes.max_vips,
             "backend_stats": sizes.max_backends,
@@ -93,9 +95,16 @@ MAP_SPECS = (
 )
 
 
-def check_pinned_layouts(pin_dir: Path, sizes: Sizes) -> None:
+# The maps of bpf/fastlb_decap.c, the backends' decapsulation program.
+DECAP_MAP_SPECS = (
+    MapSpec("addrs", "hash", structs.VipKey, ctypes.c_uint32),
+    MapSpec("decap_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
+)
+
+
+def check_pinned_layouts(pin_dir: Path, sizes: Sizes, specs=MAP_SPECS) -> None:
     """Refuse pinned maps whose layout differs from what the program declares."""
-    for spec in MAP_SPECS:
+    for spec in specs:
         path = pin_dir / spec.name
         if not path.exists():
             continue
@@ -130,11 +139,19 @@ def _captured_stderr():
 
 
 class Program:
-    """The balancer compiled and loaded by BCC, its maps pinned in ``pin_dir``."""
+    """An XDP program compiled and loaded by BCC, its maps pinned in ``pin_dir``.
 
-    def __init__(self, pin_dir: Path, sizes: Sizes):
+    By default the balancer (bpf/fastlb_kern.c); the decap program passes its
+    own source, function and map specs.
+    """
+
+    def __init__(self, pin_dir: Path, sizes: Sizes, source: str = PROGRAM_SOURCE,
+                 function: str = PROGRAM_FUNCTION, specs=MAP_SPECS):
         self.pin_dir = Path(pin_dir)
         self.sizes = sizes
+        self.source = source
+        self.function = function
+        self.specs = specs
         self.bpf = None
         self.fd = -1
         self.messages = ""
@@ -153,12 +170,12 @@ class Program:
             raise ToolchainError("BCC's Python module (bcc) is not importable",
                                  fix="sudo make setup (installs python3-bpfcc and the venv)") from exc
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        check_pinned_layouts(self.pin_dir, self.sizes)
-        src = bpf_dir() / PROGRAM_SOURCE
+        check_pinned_layouts(self.pin_dir, self.sizes, self.specs)
+        src = bpf_dir() / self.source
         with _captured_stderr() as err:
             try:
                 bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
-                fn = bpf.load_func(PROGRAM_FUNCTION.encode(), BPF.XDP)
+                fn = bpf.load_func(self.function.encode(), BPF.XDP)
             except Exception as exc:  # BCC raises bare Exception
                 failure = exc
             else:

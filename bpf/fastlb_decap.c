@@ -1,0 +1,131 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* fastlb_decap.c: the backends' side of tunnel mode.
+ *
+ * An IP-in-IP packet (IPv4 or IPv6 outside, IPv4 or IPv6 inside) whose
+ * outer destination is an address of this host and whose inner destination
+ * is a configured VIP loses its outer header here, and the inner packet goes
+ * on to the stack, where the VIP sits on lo. No ipip/ip6_tunnel module is
+ * needed. Everything else passes untouched; a truncated tunnel packet for
+ * us is dropped. Every packet moves one counter (enum fl_decap_reason).
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include "parsing_helpers.h"
+#include "fastlb_encap.h"
+#include "fastlb_structs.h"
+
+#ifndef FASTLB_PIN_DIR
+#error "FASTLB_PIN_DIR must name the bpffs folder for the maps (the loader sets it)"
+#endif
+
+#define FL_MAP(type, key, value, name, entries, flags) \
+	BPF_TABLE_PINNED7(type, key, value, name, entries, FASTLB_PIN_DIR "/" #name, flags)
+
+/* Address (vip_key with port 0, proto 0) -> FL_DECAP_ADDR_LOCAL and/or
+ * FL_DECAP_ADDR_VIP. Written by the loader. */
+FL_MAP("hash", struct vip_key, __u32, addrs, FASTLB_DECAP_MAX_ADDRS, 0);
+
+/* enum fl_decap_reason -> packets/bytes. Written by the program. */
+FL_MAP("percpu_array", __u32, struct fl_counter, decap_stats, FL_DECAP_REASON_MAX, 0);
+
+static __always_inline int addr_has(const __u32 *addr, __u8 family, __u32 flag)
+{
+	struct vip_key key = {};
+	__u32 *v;
+
+	if (family == FL_AF_INET)
+		key.addr[0] = addr[0];
+	else
+		__builtin_memcpy(key.addr, addr, 16);
+	key.family = family;
+	v = addrs.lookup(&key);
+	return v && (*v & flag);
+}
+
+/* The inner header's destination (at `inner`, of IP version per `proto`). */
+static __always_inline int inner_dst(void *inner, void *data_end, int proto, __u32 *dst, __u8 *family)
+{
+	struct iphdr *iph = inner;
+	struct ipv6hdr *ip6h = inner;
+
+	if (proto == FL_IPPROTO_IPIP) {
+		if ((void *)(iph + 1) > data_end || iph->version != 4)
+			return -1;
+		dst[0] = iph->daddr;
+		*family = FL_AF_INET;
+		return 0;
+	}
+	if ((void *)(ip6h + 1) > data_end || ip6h->version != 6)
+		return -1;
+	__builtin_memcpy(dst, &ip6h->daddr, 16);
+	*family = FL_AF_INET6;
+	return 0;
+}
+
+static __always_inline __u32 decap(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct hdr_cursor nh = { .pos = data };
+	__u32 outer_dst[4], dst[4], l2_len, outer_len;
+	struct ethhdr *eth;
+	struct iphdr *iph;
+	struct ipv6hdr *ip6h;
+	__u8 outer_family, family;
+	int eth_type, proto;
+
+	eth_type = parse_ethhdr(&nh, data_end, &eth);
+	if (eth_type < 0)
+		return FL_DECAP_NOT_TUNNEL;
+	l2_len = nh.pos - data;
+	if (eth_type == bpf_htons(ETH_P_IP)) {
+		iph = nh.pos;
+		if ((void *)(iph + 1) > data_end)
+			return FL_DECAP_NOT_TUNNEL;
+		proto = iph->protocol;
+		if (proto != FL_IPPROTO_IPIP && proto != FL_IPPROTO_IPV6)
+			return FL_DECAP_NOT_TUNNEL;
+		if (iph->ihl != 5 || (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+			return FL_DECAP_NOT_TUNNEL;  /* fastlb sends neither options nor fragments */
+		outer_dst[0] = iph->daddr;
+		outer_family = FL_AF_INET;
+		outer_len = sizeof(*iph);
+	} else if (eth_type == bpf_htons(ETH_P_IPV6)) {
+		ip6h = nh.pos;
+		if ((void *)(ip6h + 1) > data_end)
+			return FL_DECAP_NOT_TUNNEL;
+		proto = ip6h->nexthdr;
+		if (proto != FL_IPPROTO_IPIP && proto != FL_IPPROTO_IPV6)
+			return FL_DECAP_NOT_TUNNEL;
+		__builtin_memcpy(outer_dst, &ip6h->daddr, 16);
+		outer_family = FL_AF_INET6;
+		outer_len = sizeof(*ip6h);
+	} else {
+		return FL_DECAP_NOT_TUNNEL;
+	}
+	if (!addr_has(outer_dst, outer_family, FL_DECAP_ADDR_LOCAL))
+		return FL_DECAP_NOT_LOCAL;
+	if (inner_dst(nh.pos + outer_len, data_end, proto, dst, &family))
+		return FL_DECAP_MALFORMED;
+	if (!addr_has(dst, family, FL_DECAP_ADDR_VIP))
+		return FL_DECAP_NOT_VIP;
+	if (l2_move_back(data, data_end, outer_len, l2_len,
+			 proto == FL_IPPROTO_IPIP ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6)))
+		return FL_DECAP_MALFORMED;
+	if (bpf_xdp_adjust_head(ctx, outer_len))
+		return FL_DECAP_MALFORMED;
+	return FL_DECAP_OK;
+}
+
+int xdp_fastlb_decap(struct xdp_md *ctx)
+{
+	__u64 bytes = (long)ctx->data_end - (long)ctx->data;
+	__u32 reason = decap(ctx);
+	struct fl_counter *c = decap_stats.lookup(&reason);
+
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+	return reason == FL_DECAP_MALFORMED ? XDP_DROP : XDP_PASS;
+}

@@ -1,0 +1,156 @@
+"""Tunnel and NAT forwarding with real TCP and UDP in a namespace lab.
+
+Tunnel: the backends run `fastlb decap` (no ipip module on these machines)
+and keep the VIPs on lo; they answer the client directly. NAT: the backends
+serve on other ports with no VIP and no change beyond the LB as their route
+to the client (its gateway, as in any NAT deployment).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastlb.lab.clients import tcp_requests, udp_by_source, udp_requests
+from fastlb.lab.netns import LabError
+from fastlb.lab.topology import Lab
+
+from test_e2e import Attached, run_fastlb
+
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
+COUNT = 300
+SETTINGS = """[settings]
+tunnel_source = "198.18.200.0/24"
+tunnel_source6 = "2001:db8:200::/64"
+"""
+
+
+def vip_block(vip, port, proto, mode, backends, bport=None):
+    text = f'[[vip]]\naddress = "{vip}"\nport = {port}\nprotocol = "{proto}"\nforwarding = "{mode}"\n'
+    for b in backends:
+        text += f'[[vip.backend]]\naddress = "{b}"\n' + (f"port = {bport}\n" if bport else "")
+    return text + "\n"
+
+
+def reason_packets(lab, name) -> int:
+    res = run_fastlb(lab, "lb", "status", "--json", check=True)
+    return json.loads(res.stdout)[0]["reasons"][name]["packets"]
+
+
+def spread_ok(lab, counts, total):
+    assert sum(counts.values()) == total
+    assert set(counts) == set(lab.backend_names), counts
+
+
+@pytest.fixture(scope="class")
+def tunnel_lab(tmp_path_factory):
+    with Lab(backends=3) as lab:
+        for b in lab.backend_names:
+            run_fastlb(lab, b, "decap", "attach", "eth0", "--vip", lab.vip4, "--vip", lab.vip6, check=True)
+        config = SETTINGS
+        for proto, port in (("tcp", 80), ("udp", lab.udp_port)):
+            config += vip_block(lab.vip4, port, proto, "tunnel", [lab.addr(b) for b in lab.backend_names])
+            config += vip_block(lab.vip6, port, proto, "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
+        path = tmp_path_factory.mktemp("tun") / "fastlb.toml"
+        path.write_text(config)
+        attached = Attached(lab, path)
+        try:
+            yield lab
+        finally:
+            attached.stop()
+            for b in lab.backend_names:
+                run_fastlb(lab, b, "decap", "detach", "eth0")
+
+
+class TestTunnel:
+    @pytest.fixture
+    def lab(self, tunnel_lab):
+        return tunnel_lab
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_tcp(self, lab, family):
+        spread_ok(lab, tcp_requests(lab, family=family, count=COUNT), COUNT)
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_udp(self, lab, family):
+        spread_ok(lab, udp_requests(lab, port=lab.udp_port, family=family, count=COUNT), COUNT)
+
+    def test_backends_decapsulated_the_traffic(self, lab):
+        for b in lab.backend_names:
+            data = json.loads(run_fastlb(lab, b, "decap", "status", "--json", check=True).stdout)
+            assert data[0]["attached"] and data[0]["counters"]["ok"] > 0
+
+    def test_a_frame_too_big_once_tunnelled_is_dropped_and_counted(self, lab):
+        before = reason_packets(lab, "drop_too_big")
+        # 1472 bytes of UDP payload fill a 1500-byte IPv4 packet; 20 more do not fit.
+        with pytest.raises(LabError):
+            udp_by_source(lab, port=lab.udp_port, count=1, sources=1, size=1472, timeout=0.5)
+        assert reason_packets(lab, "drop_too_big") == before + 1
+        # A datagram that still fits once tunnelled goes through.
+        udp_by_source(lab, port=lab.udp_port, count=1, sources=1, size=1472 - 20, timeout=2)
+
+
+@pytest.fixture(scope="class")
+def tun46_lab(tmp_path_factory):
+    with Lab(backends=3) as lab:
+        for b in lab.backend_names:
+            run_fastlb(lab, b, "decap", "attach", "eth0", "--vip", lab.vip4, check=True)
+        config = SETTINGS + vip_block(lab.vip4, 80, "tcp", "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
+        path = tmp_path_factory.mktemp("tun46") / "fastlb.toml"
+        path.write_text(config)
+        attached = Attached(lab, path)
+        try:
+            yield lab
+        finally:
+            attached.stop()
+
+
+class TestTunnelIPv4InIPv6:
+    @pytest.fixture
+    def lab(self, tun46_lab):
+        return tun46_lab
+
+    def test_tcp(self, lab):
+        spread_ok(lab, tcp_requests(lab, family=4, count=COUNT), COUNT)
+
+
+@pytest.fixture(scope="class")
+def nat_lab(tmp_path_factory):
+    lab = Lab(backends=3)
+    lab.http_port = 8080  # plain servers on another port than the VIP's
+    with lab:
+        for b in lab.backend_names:
+            with lab.ipr(b) as ipr:  # the LB is the backends' way to the client
+                ipr.route("add", dst=f"{lab.addr('client')}/32", gateway=lab.addr("lb"))
+                ipr.route("add", dst=f"{lab.addr('client', 6)}/128", gateway=lab.addr("lb", 6))
+        config = ""
+        for vip, fam in ((lab.vip4, 4), (lab.vip6, 6)):
+            backends = [lab.addr(b, fam) for b in lab.backend_names]
+            config += vip_block(vip, 80, "tcp", "nat", backends, bport=8080)
+            config += vip_block(vip, lab.udp_port, "udp", "nat", backends)
+        path = tmp_path_factory.mktemp("nat") / "fastlb.toml"
+        path.write_text(config)
+        attached = Attached(lab, path)
+        try:
+            yield lab
+        finally:
+            attached.stop()
+
+
+class TestNat:
+    @pytest.fixture
+    def lab(self, nat_lab):
+        return nat_lab
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_tcp_to_port_80_reaches_servers_on_8080(self, lab, family):
+        spread_ok(lab, tcp_requests(lab, family=family, port=80, count=COUNT), COUNT)
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_udp(self, lab, family):
+        spread_ok(lab, udp_requests(lab, port=lab.udp_port, family=family, count=COUNT), COUNT)
+
+    def test_replies_went_back_through_the_lb(self, lab):
+        assert reason_packets(lab, "tx_nat_reply") >= 4 * COUNT
