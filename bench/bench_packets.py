@@ -30,26 +30,34 @@ from fastlb.program import Sizes  # noqa: E402
 from fastlb.testbed import XDP_VERDICTS, Testbed  # noqa: E402
 
 VIP4, VIP6 = "198.19.0.100", "2001:db8:ffff::100"
-CONFIG = f"""
+# One VIP address per forwarding mode and family; every VIP has three backends.
+MODE_VIPS = {("dsr", 4): VIP4, ("dsr", 6): VIP6,
+             ("tunnel", 4): "198.19.0.101", ("tunnel", 6): "2001:db8:ffff::101",
+             ("nat", 4): "198.19.0.102", ("nat", 6): "2001:db8:ffff::102"}
+CONFIG = """
 [settings]
 conntrack_size = 1048576
+tunnel_source = "198.18.200.0/24"
+tunnel_source6 = "2001:db8:200::/64"
 """ + "".join(f"""
 [[vip]]
 address = "{vip}"
 port = 80
 protocol = "{proto}"
+forwarding = "{mode}"
 """ + "".join(f"""[[vip.backend]]
-address = "{prefix}{n}"
-""" for n in (11, 12, 13)) for vip, prefix in ((VIP4, "198.18.0."), (VIP6, "2001:db8::")) for proto in ("tcp", "udp"))
+address = "{'198.18.0.' if family == 4 else '2001:db8::'}{n}"
+""" for n in (11, 12, 13)) for (mode, family), vip in MODE_VIPS.items() for proto in ("tcp", "udp"))
 
 ETH = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 # Offset of a 4-byte counter inside the source address (bumped per call for new flows).
 SRC_OFFSET = {4: 14 + 12, 6: 14 + 8 + 12}
 
 
-def packet(family: int, proto: str) -> bytes:
-    """A 64-byte frame (60 on the wire before the FCS) for the VIP's port 80."""
-    ip = IP(src="198.18.0.1", dst=VIP4) if family == 4 else IPv6(src="2001:db8::1", dst=VIP6)
+def packet(family: int, proto: str, mode: str = "dsr") -> bytes:
+    """A 64-byte frame (60 on the wire before the FCS) for the mode's VIP, port 80."""
+    vip = MODE_VIPS[(mode, family)]
+    ip = IP(src="198.18.0.1", dst=vip) if family == 4 else IPv6(src="2001:db8::1", dst=vip)
     l4 = TCP(sport=40000, dport=80, flags="A") if proto == "tcp" else UDP(sport=40000, dport=80)
     frame = Ether(**ETH) / ip / l4
     pad = max(0, 60 - len(frame))
@@ -87,18 +95,20 @@ def run(quick: bool = False) -> str:
             swap, v = measure(swap_fd, base4, calls, runs)
             assert v == XDP_VERDICTS["tx"]
             rows.append(("MAC swap (XDP_TX)", "IPv4 TCP", swap, v))
-            for family in (4, 6):
-                for proto in ("tcp", "udp"):
-                    data = packet(family, proto)
-                    label = f"IPv{family} {proto.upper()}"
-                    verdict, _ = bed.run(data)  # records the flow: the next calls hit conntrack
-                    est, v = measure(bed.fd, data, calls, runs)
-                    assert v == XDP_VERDICTS["tx"], f"established {label}: verdict {v}"
-                    rows.append(("fastlb DSR, established flow", label, est, v))
-                    new, v = measure(bed.fd, data, calls, runs, vary_offset=SRC_OFFSET[family])
-                    assert v == XDP_VERDICTS["tx"], f"new flow {label}: verdict {v}"
-                    rows.append(("fastlb DSR, new flow each packet", label, new, v))
-                    bed.flush_conntrack()
+            cases = [("dsr", f, p) for f in (4, 6) for p in ("tcp", "udp")]
+            cases += [(m, f, "tcp") for m in ("tunnel", "nat") for f in (4, 6)]
+            for mode, family, proto in cases:
+                data = packet(family, proto, mode)
+                label = f"IPv{family} {proto.upper()}"
+                name = {"dsr": "DSR", "tunnel": "tunnel", "nat": "NAT"}[mode]
+                verdict, _ = bed.run(data)  # records the flow: the next calls hit conntrack
+                est, v = measure(bed.fd, data, calls, runs)
+                assert v == XDP_VERDICTS["tx"], f"established {mode} {label}: verdict {v}"
+                rows.append((f"fastlb {name}, established flow", label, est, v))
+                new, v = measure(bed.fd, data, calls, runs, vary_offset=SRC_OFFSET[family])
+                assert v == XDP_VERDICTS["tx"], f"new flow {mode} {label}: verdict {v}"
+                rows.append((f"fastlb {name}, new flow each packet", label, new, v))
+                bed.flush_conntrack()
     finally:
         pass_bpf.cleanup()
         swap_bpf.cleanup()

@@ -21,4 +21,6 @@ def test_bench_quick_writes_every_section(tmp_path):
     text = out.read_text()
     assert "## Per-packet cost" in text
     assert "fastlb DSR, established flow | IPv6 UDP" in text
+    assert "fastlb tunnel, new flow each packet | IPv6 TCP" in text
+    assert "fastlb NAT, established flow | IPv4 TCP" in text
     assert "## Machine" in text
