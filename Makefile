@@ -4,12 +4,13 @@
 #   sudo make test    set up, then the whole test suite (what CI runs)
 #   sudo make demo    set up, then a namespace lab balancing real connections
 #   sudo make bench   set up, then the benchmarks; writes docs/BENCHMARKS.md
+#   sudo make fuzz    set up, then a million fuzzed frames against the data plane's rules
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test test-core demo bench clean
+.PHONY: setup test test-core demo bench fuzz clean
 
 setup:
 	@./scripts/setup.sh
@@ -23,6 +24,9 @@ demo: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+fuzz: setup
+	$(PY) fuzz/run.py --packets 1000000
 
 clean:
 	rm -rf build *.egg-info fastlb/*.so fastlb/_core.c fastlb/_testrun.c .pytest_cache
