@@ -13,7 +13,13 @@
 
 Modules: :mod:`~fastlb.lab.topology` (the :class:`Lab`), :mod:`~fastlb.lab.netns`
 (namespaces, state files, :func:`cleanup_stale`), :mod:`~fastlb.lab.servers` and
-:mod:`~fastlb.lab.clients` (the traffic at both ends).
+:mod:`~fastlb.lab.clients` (the traffic at both ends), :mod:`~fastlb.lab.balancer`
+(``fastlb attach`` in the LB namespace, and its counters), :mod:`~fastlb.lab.spread`
+(requests counted by the client and by fastlb), :mod:`~fastlb.lab.linerate` (a
+line-rate UDP burst from BPF_PROG_TEST_RUN live frames), :mod:`~fastlb.lab.runs`
+(labs that outlive ``fastlb lab up``), :mod:`~fastlb.lab.demo` and
+:mod:`~fastlb.lab.chart` (``fastlb lab demo``), :mod:`~fastlb.lab.cli` (the
+``fastlb lab`` commands).
 
 The names below are imported lazily: the servers and clients run as
 ``python -m fastlb.lab.servers`` inside namespaces, and should not pay for
