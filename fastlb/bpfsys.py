@@ -30,6 +30,7 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_LINK_DETACH = 34
@@ -225,6 +226,65 @@ def array_lookup_batch(fd: int, start: int, count: int, value_type) -> list:
         out.extend(values[i] for i in range(attr.count))
         token = ctypes.c_uint32(out_token.value)
     return out
+
+
+def map_lookup_batch(fd: int, key_type, value_type, chunk: int = 4096) -> list[tuple]:
+    """Every (key, value) of a hash or LRU hash map, read ``chunk`` at a time.
+
+    The batch token of a hash map is a bucket number (u32) that only the
+    kernel interprets. A bucket that holds more entries than ``chunk`` gives
+    ENOSPC; the chunk is then doubled and the same bucket read again. Entries
+    added or removed while the walk runs may or may not be seen (the kernel's
+    batch walk is not a snapshot).
+    """
+    out: list[tuple] = []
+    token_in = ctypes.c_uint64()
+    token_out = ctypes.c_uint64()
+    first = True
+    while True:
+        keys = (key_type * chunk)()
+        values = (value_type * chunk)()
+        attr = _BatchAttr(in_batch=0 if first else _addr(token_in), out_batch=_addr(token_out),
+                          keys=_addr(keys), values=_addr(values), count=chunk, map_fd=fd)
+        done = False
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+        except FileNotFoundError:  # ENOENT: the walk is over; attr.count entries were still read
+            done = True
+        except OSError as exc:
+            if exc.errno == 28 and chunk < (1 << 20):  # ENOSPC: one bucket is bigger than chunk
+                chunk *= 2
+                continue
+            raise
+        for i in range(attr.count):
+            out.append((keys[i], values[i]))
+        if done:
+            return out
+        token_in.value = token_out.value
+        first = False
+
+
+def map_delete_batch(fd: int, keys, count: int) -> int:
+    """Delete ``keys[:count]`` (a ctypes array); returns how many were there and are gone.
+
+    The kernel stops a batch at the first key that is absent (ENOENT): that
+    key is skipped and the rest go in the next call.
+    """
+    key_size = ctypes.sizeof(keys._type_)
+    done = deleted = 0
+    while done < count:
+        attr = _BatchAttr(keys=_addr(keys) + done * key_size, count=count - done, map_fd=fd)
+        try:
+            _bpf(BPF_MAP_DELETE_BATCH, attr)
+        except FileNotFoundError:
+            done += attr.count + 1  # the ones before the absent key went, then skip it
+            deleted += attr.count
+            continue
+        done += attr.count
+        deleted += attr.count
+        if attr.count == 0:
+            raise OSError(5, "BPF_MAP_DELETE_BATCH deleted nothing")
+    return deleted
 
 
 def map_delete(fd: int, key) -> bool:
