@@ -4,12 +4,19 @@ VIPs and backends get slots (ids) in the maps, and keep them across applies
 (see ``place``). A VIP's Maglev ring comes from the selection core
 (fastlb.core), as backend positions that are mapped to backend ids here.
 Rings are written as deltas against what the map holds, so re-applying an
-unchanged config writes no ring slot.
+unchanged config writes no ring slot, and no other entry either.
+
+The controller (fastlb.controller) passes the backends that failed their
+health checks as ``down``: such a backend keeps its slot (so it comes back
+to it, with its counters), but the slot is not valid, so the kernel re-picks
+a backend for its flows (IPVS's ``expire_nodest_conn``), and it has no ring
+or sequence slot.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 
 from . import cdefs, core, structs
@@ -48,7 +55,7 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
         if vip.name not in vip_ids:
             vip_ids[vip.name] = next(free_vips)
 
-    held_backends = {_identity(e): be_id for be_id, e in _valid_backends(maps, sizes)}
+    held_backends = {_identity(e): be_id for be_id, e in _held_backends(maps, sizes)}
     backend_ids: dict[tuple[str, int], int] = {}
     for vip in config.vips:
         for pos, b in enumerate(vip.backends):
@@ -121,9 +128,22 @@ def settings_entry(config, lb_mac: str | None) -> structs.Settings:
     return entry
 
 
+def without_down(vip, down) -> object:
+    """``vip`` with weight 0 for its backends in ``down`` ((vip name, backend key) pairs)."""
+    if not any((vip.name, b.key) in down for b in vip.backends):
+        return vip
+    return dataclasses.replace(vip, backends=tuple(
+        dataclasses.replace(b, weight=0) if (vip.name, b.key) in down else b for b in vip.backends))
+
+
 def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
-          lb_mac: str | None = None) -> dict[str, int]:
+          lb_mac: str | None = None, down: frozenset = frozenset()) -> dict[str, int]:
     """Make the maps hold ``config``. Returns counts of what was written.
+
+    ``down`` holds (vip name, backend key) pairs of backends that keep their
+    slot but not its valid flag (see the module's docstring). Entries equal
+    to what the map holds are not written. ``written["ring_slots_by_vip"]``
+    gives the ring and sequence slots changed per VIP name.
 
     The order keeps every packet's view consistent: VIPs that go away become
     unreachable first; then backends, rings and each VIP's settings are
@@ -131,7 +151,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
     that go away are cleared last.
     """
     placement = place(config, maps, sizes)
-    written = {"vips": 0, "backends": 0, "ring_slots": 0, "removed": 0}
+    written = {"vips": 0, "backends": 0, "ring_slots": 0, "removed": 0, "ring_slots_by_vip": {}}
     empty = cdefs.FL_RING_EMPTY
     maps.update("settings", ctypes.c_uint32(0), settings_entry(config, lb_mac))
 
@@ -155,19 +175,26 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
                 maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
 
     used_backends = set()
-    held = dict(_valid_backends(maps, sizes))
+    held = dict(_held_backends(maps, sizes))
     for vip in config.vips:
         vip_id = placement.vip_ids[vip.name]
         for pos, backend in enumerate(vip.backends):
             be_id = placement.backend_ids[(vip.name, pos)]
             entry = backend_entry(vip_id, backend, macs[str(backend.address)])
+            if (vip.name, backend.key) in down:
+                entry.flags &= ~cdefs.FL_BE_F_VALID
             old = held.get(be_id)
             if old is None or _identity(old) != _identity(entry):
-                # A slot new to this backend starts with no connections.
+                # A slot new to this backend starts with no connections and no counts.
                 maps.update("backend_active", ctypes.c_uint32(be_id), ctypes.c_uint32(0))
-            maps.update("backends", ctypes.c_uint32(be_id), entry)
+                maps.update("backend_stats", ctypes.c_uint32(be_id), (structs.Counter * maps.ncpus)())
+            else:
+                entry.rtt_us = old.rtt_us  # lrt's live score stays until the controller writes one
             used_backends.add(be_id)
-            written["backends"] += 1
+            if old is None or bytes(old) != bytes(entry):
+                maps.update("backends", ctypes.c_uint32(be_id), entry)
+                written["backends"] += 1
+    config = dataclasses.replace(config, vips=tuple(without_down(v, down) for v in config.vips))
 
     for vip in config.vips:
         vip_id = placement.vip_ids[vip.name]
@@ -175,28 +202,41 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         same_vip = same_vip is not None and same_vip.value == vip_id
         ids = [placement.backend_ids[(vip.name, p)] if p >= 0 else empty for p in ring_positions(vip, sizes)]
         start = vip_id * sizes.ring_size
-        if same_vip:  # its ring is live: write the delta
-            current = maps.read_u32_slice("ring", start, sizes.ring_size)
-            slots = [i for i in range(len(ids)) if ids[i] != current[i]]
-            maps.write_u32_slots("ring", [start + i for i in slots], [ids[i] for i in slots])
-            written["ring_slots"] += len(slots)
-        else:
-            maps.write_u32_slice("ring", start, ids)
-            written["ring_slots"] += len(ids)
+        changed = _write_delta(maps, "ring", start, ids, live=same_vip)
         seq_ids = [placement.backend_ids[(vip.name, p)] for p in seq_positions(vip, sizes)]
-        maps.write_u32_slice("seq", vip_id * sizes.seq_size, seq_ids)
+        changed_seq = _write_delta(maps, "seq", vip_id * sizes.seq_size, seq_ids, live=same_vip)
+        written["ring_slots"] += changed
+        written["ring_slots_by_vip"][vip.name] = changed + changed_seq
         old = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         gen = old.gen if same_vip else (old.gen + 1) & 0xFFFFFFFF
-        maps.update("vip_table", ctypes.c_uint32(vip_id), vip_meta(vip, gen, len(seq_ids), sizes))
+        meta = vip_meta(vip, gen, len(seq_ids), sizes)
+        if bytes(meta) != bytes(old):
+            maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
 
     for raw, value in wanted_keys.items():
-        maps.update("vips", structs.VipKey.from_buffer_copy(raw), ctypes.c_uint32(value))
-        written["vips"] += 1
-    for be_id, _entry in list(_valid_backends(maps, sizes)):
+        key = structs.VipKey.from_buffer_copy(raw)
+        held_id = maps.lookup("vips", key)
+        if held_id is None or held_id.value != value:
+            maps.update("vips", key, ctypes.c_uint32(value))
+            written["vips"] += 1
+    for be_id, _entry in list(_held_backends(maps, sizes)):
         if be_id not in used_backends:
             maps.update("backends", ctypes.c_uint32(be_id), structs.Backend())
             written["removed"] += 1
     return written
+
+
+def _write_delta(maps: PinnedMaps, name: str, start: int, ids: list[int], live: bool) -> int:
+    """Write ``ids`` to slots start.. of array ``name``: only the changed ones when ``live``."""
+    if not ids:
+        return 0
+    if not live:
+        maps.write_u32_slice(name, start, ids)
+        return len(ids)
+    current = maps.read_u32_slice(name, start, len(ids))
+    slots = [i for i in range(len(ids)) if ids[i] != current[i]]
+    maps.write_u32_slots(name, [start + i for i in slots], [ids[i] for i in slots])
+    return len(slots)
 
 
 def _identity(entry: structs.Backend) -> tuple:
@@ -204,7 +244,14 @@ def _identity(entry: structs.Backend) -> tuple:
 
 
 def _valid_backends(maps: PinnedMaps, sizes: Sizes):
+    for be_id, entry in _held_backends(maps, sizes):
+        if entry.flags & cdefs.FL_BE_F_VALID:
+            yield be_id, entry
+
+
+def _held_backends(maps: PinnedMaps, sizes: Sizes):
+    """Slots that hold a backend: valid ones, and those kept for a backend that is down."""
     for be_id in range(sizes.max_backends):
         entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-        if entry is not None and entry.flags & cdefs.FL_BE_F_VALID:
+        if entry is not None and entry.family != 0:
             yield be_id, entry
