@@ -1,6 +1,7 @@
 """Load and validate the fastlb TOML config.
 
-``load_config(path)`` and ``parse_config(text)`` return a frozen ``Config``.
+``load_config(path)`` and ``parse_config(text)`` return a frozen ``Config``;
+``render_config(config)`` writes one back as TOML (``--save``).
 Every problem is one ``ConfigError`` that names the key as a dotted path with
 0-based indices in file order (``vip[1].backend[0].address``) and its 1-based
 line. ``tomllib`` gives no positions, so ``_KeyLines`` scans the text for
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -26,6 +28,8 @@ PROTOCOLS = {"tcp": 6, "udp": 17}
 ALGORITHMS = ("rr", "wrr", "lc", "lrt", "maglev")
 FORWARDING = ("dsr", "tunnel", "nat")
 HASHES = ("5tuple", "src")
+HEALTH_KINDS = ("none", "tcp", "http", "udp")
+ALL_DOWN = ("drop", "keep")
 
 # What this build can run. Other values are known but rejected as "not built yet".
 BUILT_ALGORITHMS = frozenset({"maglev", "rr", "wrr", "lc", "lrt"})
@@ -53,6 +57,28 @@ class Settings:
     tunnel_source6: ipaddress.IPv6Network | None = None
     icmp_source: ipaddress.IPv4Address | None = None
     icmp_source6: ipaddress.IPv6Address | None = None
+    # The controller: UDP flows idle this long are expired; conntrack is swept this often.
+    udp_timeout: float = 300.0
+    sweep_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A ``[vip.health]`` or ``[vip.backend.health]`` table, defaults filled in.
+
+    ``port`` 0 means the backend's own port. ``path`` and ``expect`` are for
+    ``http`` checks, ``payload`` for ``udp`` ones.
+    """
+
+    kind: str = "none"
+    interval: float = 1.0
+    timeout: float = 0.5
+    rise: int = 2
+    fall: int = 2
+    port: int = 0
+    path: str = "/"
+    expect: int = 200
+    payload: str = "fastlb health check\n"
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,7 @@ class Backend:
     weight: int
     port: int
     line: int = field(default=0, compare=False)
+    health: HealthCheck | None = None   # None: the VIP's check
 
     @property
     def key(self) -> bytes:
@@ -83,6 +110,13 @@ class Vip:
     backends: tuple[Backend, ...]
     line: int = field(default=0, compare=False)
     announce: str = "none"
+    health: HealthCheck = HealthCheck()
+    all_down: str = "drop"              # every backend down: drop new flows, or keep the last table
+    expire_nodest_conn: bool = True     # a failed backend's flows move to a live one
+
+    def check_of(self, backend: Backend) -> HealthCheck:
+        """The health check that applies to ``backend``: its own, else the VIP's."""
+        return backend.health if backend.health is not None else self.health
 
     @property
     def family(self) -> int:
@@ -189,6 +223,54 @@ def parse_config(text: str, path: str | None = None) -> Config:
     return Config(settings=settings, vips=tuple(vips), path=path)
 
 
+def render_config(config: Config) -> str:
+    """``config`` as TOML that ``parse_config`` reads back to an equal Config.
+
+    Settings and health keys are written only where they differ from their
+    defaults (a backend's check: where it differs from its VIP's). Comments
+    and the layout of the original file are not kept.
+    """
+    out: list[str] = []
+    settings = _changed(config.settings, Settings())
+    if settings:
+        out += ["[settings]", *settings, ""]
+    for vip in config.vips:
+        out += ["[[vip]]", f"address = {_toml(vip.address)}", f"port = {vip.port}",
+                f"protocol = {_toml(vip.protocol)}", f"algorithm = {_toml(vip.algorithm)}",
+                f"forwarding = {_toml(vip.forwarding)}", f"hash = {_toml(vip.hash)}"]
+        if vip.announce != "none":
+            out.append(f"announce = {_toml(vip.announce)}")
+        health = _changed(vip.health, HealthCheck())
+        if vip.all_down != "drop":
+            health.append(f"all_down = {_toml(vip.all_down)}")
+        if not vip.expire_nodest_conn:
+            health.append("expire_nodest_conn = false")
+        if health:
+            out += ["", "[vip.health]", *health]
+        for b in vip.backends:
+            out += ["", "[[vip.backend]]", f"address = {_toml(b.address)}", f"weight = {b.weight}"]
+            if b.port != vip.port:
+                out.append(f"port = {b.port}")
+            if b.health is not None:
+                out += ["[vip.backend.health]", *_changed(b.health, vip.health)]
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # strings, addresses, prefixes: a JSON string is a TOML basic string
+
+
+def _changed(obj: object, base: object) -> list[str]:
+    """``key = value`` lines for the fields of ``obj`` that differ from ``base``'s."""
+    return [f"{f.name} = {_toml(getattr(obj, f.name))}" for f in fields(obj)
+            if getattr(obj, f.name) != getattr(base, f.name) and getattr(obj, f.name) is not None]
+
+
 # Validation: one function per table.
 
 # setting: (min, max); defaults live on Settings.
@@ -199,21 +281,32 @@ _SETTINGS_RANGES = {
     "max_backends": (1, 65536),
     "hash_seed": (0, 2**32 - 1),
     "swrr_size": (1, 65536),
+    "udp_timeout": (1.0, 86400.0),
+    "sweep_interval": (0.1, 3600.0),
 }
+_SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not only integers
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}
 _SETTINGS_ADDRESSES = {"icmp_source": 4, "icmp_source6": 6}
 _SETTINGS_KEYS = (*_SETTINGS_RANGES, *_SETTINGS_NETWORKS, *_SETTINGS_ADDRESSES)
-_VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "announce", "backend")
-_BACKEND_KEYS = ("address", "weight", "port")
-_TABLE_KEYS = frozenset({"settings", "vip", "backend"})
+_VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "announce", "health", "backend")
+_BACKEND_KEYS = ("address", "weight", "port", "health")
+_HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "port", "path", "expect", "payload")
+_VIP_HEALTH_KEYS = _HEALTH_KEYS + ("all_down", "expire_nodest_conn")
+_HEALTH_RANGES = {"interval": (0.05, 3600.0), "timeout": (0.01, 60.0), "rise": (1, 100), "fall": (1, 100),
+                  "port": (1, 65535), "expect": (100, 599)}
+_KIND_ONLY = {"path": "http", "expect": "http", "payload": "udp"}  # keys that only one kind reads
+MAX_PAYLOAD = 1400
+_TABLE_KEYS = frozenset({"settings", "vip", "backend", "health"})
 _KEY_HOMES = (("[settings]", _SETTINGS_KEYS), ("[[vip]]", _VIP_KEYS),
-              ("[[vip.backend]]", _BACKEND_KEYS))  # where a misplaced key belongs
+              ("[[vip.backend]]", _BACKEND_KEYS),
+              ("[vip.health]", _VIP_HEALTH_KEYS))  # where a misplaced key belongs
 
 
 def _settings(t: _Table) -> Settings:
     t.check_keys(_SETTINGS_KEYS)
     defaults = Settings()
-    values = {name: t.integer(name, *_SETTINGS_RANGES[name], default=getattr(defaults, name))
+    values = {name: (t.number if name in _SETTINGS_SECONDS else t.integer)(
+                  name, *_SETTINGS_RANGES[name], default=getattr(defaults, name))
               for name in _SETTINGS_RANGES}
     for name, version in _SETTINGS_NETWORKS.items():
         values[name] = t.network(name, version) if name in t.data else None
@@ -237,6 +330,10 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
     forwarding = t.choice("forwarding", FORWARDING, "dsr", built=BUILT_FORWARDING)
     hash_ = t.choice("hash", HASHES, "5tuple")
     announce = t.choice("announce", ANNOUNCE, "none")
+    health_table = t.table("health")
+    health = _health(health_table, HealthCheck(), _VIP_HEALTH_KEYS)
+    all_down = health_table.choice("all_down", ALL_DOWN, "drop")
+    expire = health_table.get("expire_nodest_conn", bool, True)
     if forwarding == "tunnel":
         need = "tunnel_source" if address.version == 4 else "tunnel_source6"
         if getattr(settings, need) is None:
@@ -259,7 +356,7 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
             raise table.error((), f"backend number {index + 1} does not fit in settings.ring_size = "
                                   f"{settings.ring_size}: Maglev needs at least one ring slot per backend",
                               fix="raise settings.ring_size to a prime at least 100 times the number of backends")
-        backend = _backend(table, address, port, forwarding)
+        backend = _backend(table, address, port, forwarding, health)
         if forwarding == "tunnel" and backend.address.version == 4 and address.version == 6:
             raise table.error(("address",), "IPv4 backend on an IPv6 tunnel VIP: fastlb tunnels IPv4 in IPv4 "
                                             "or IPv6, and IPv6 only in IPv6",
@@ -273,10 +370,41 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
                               fix="remove one of them")
         backends.append(backend)
     return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding=forwarding,
-               hash=hash_, backends=tuple(backends), line=t.line, announce=announce)
+               hash=hash_, backends=tuple(backends), line=t.line, announce=announce, health=health,
+               all_down=all_down, expire_nodest_conn=expire)
 
 
-def _backend(t: _Table, vip_address: IPAddress, vip_port: int, forwarding: str) -> Backend:
+def _health(t: _Table, base: HealthCheck, allowed: tuple[str, ...]) -> HealthCheck:
+    """A health table over ``base`` (the VIP's check, for a backend's table)."""
+    t.check_keys(allowed)
+    kind = t.choice("kind", HEALTH_KINDS, base.kind)
+    values: dict[str, Any] = {"kind": kind}
+    for key in ("interval", "timeout"):
+        values[key] = t.number(key, *_HEALTH_RANGES[key], default=getattr(base, key))
+    for key in ("rise", "fall", "expect"):
+        values[key] = t.integer(key, *_HEALTH_RANGES[key], default=getattr(base, key))
+    values["port"] = t.integer("port", *_HEALTH_RANGES["port"]) if "port" in t.data else base.port
+    if values["timeout"] > values["interval"]:
+        key = "timeout" if "timeout" in t.data else "interval"
+        raise t.error((key,), f"timeout {values['timeout']:g} s is longer than interval {values['interval']:g} s",
+                      fix="a check must end before the next one starts: make timeout at most interval")
+    path = t.get("path", str, base.path)
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise t.error(("path",), f"path {_show(path)} is not an absolute URL path without spaces",
+                      fix='write it like path = "/health"')
+    payload = t.get("payload", str, base.payload)
+    if not payload or len(payload.encode()) > MAX_PAYLOAD:
+        raise t.error(("payload",), f"payload must be 1 to {MAX_PAYLOAD} bytes, got {len(payload.encode())}",
+                      fix="send a short request your UDP service answers")
+    for key, only in _KIND_ONLY.items():
+        if key in t.data and kind != only:
+            raise t.error((key,), f"'{key}' is only read by {only} checks, and this check is kind '{kind}'",
+                          fix=f'remove it, or set kind = "{only}"')
+    return HealthCheck(path=path, payload=payload, **values)
+
+
+def _backend(t: _Table, vip_address: IPAddress, vip_port: int, forwarding: str,
+             vip_health: HealthCheck = HealthCheck()) -> Backend:
     t.check_keys(_BACKEND_KEYS)
     address = t.address("address", "backend", loopback_ok=False)
     if address.version != vip_address.version and forwarding != "tunnel":
@@ -289,7 +417,8 @@ def _backend(t: _Table, vip_address: IPAddress, vip_port: int, forwarding: str) 
         raise t.error(("port",), f"port {port} differs from the VIP's port {vip_port}, "
                                  f"but only nat forwarding remaps ports (this VIP uses {forwarding})",
                       fix=f"remove the port key or set port = {vip_port}")
-    return Backend(address=address, weight=weight, port=port, line=t.line)
+    health = _health(t.table("health"), vip_health, _HEALTH_KEYS) if "health" in t.data else None
+    return Backend(address=address, weight=weight, port=port, line=t.line, health=health)
 
 
 # Typed access to one table's keys, with errors that point at them.
@@ -380,6 +509,18 @@ class _Table:
             elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
                 fix = f'quote it: {key} = "{value}"'
             raise self.error((key,), f"expected {_TYPE_NAMES[kind]}, got {_type_name(value)} {_show(value)}", fix=fix)
+        return value
+
+    def number(self, key: str, low: float, high: float, default: Any = _MISSING) -> float:
+        """An integer or float (seconds), as a float."""
+        if key in self.data and isinstance(self.data[key], int) and not isinstance(self.data[key], bool):
+            value = float(self.data[key])
+        else:
+            value = float(self.get(key, float, default))
+        if not low <= value <= high:
+            hint = f"; the default is {default:g}" if default is not _MISSING else ""
+            raise self.error((key,), f"{key} must be {low:g}..{high:g}, got {value:g}",
+                             fix=f"use a number from {low:g} to {high:g}{hint}")
         return value
 
     def integer(self, key: str, low: int, high: int, default: Any = _MISSING) -> int:

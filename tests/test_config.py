@@ -191,9 +191,9 @@ address = "198.19.0.100"
 port = 80
 [[vip.backend]]
 address = "198.18.0.11"
-[vip.health]
+[vip.tls]
 interval = 5
-""", "vip[0].health", 6, "unknown table 'health'. Fix: remove it; valid here: address, port, protocol"),
+""", "vip[0].tls", 6, "unknown table 'tls'. Fix: remove it; valid here: address, port, protocol"),
     ("vip without address", """
 [[vip]]
 port = 80
