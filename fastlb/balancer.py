@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cdefs, neigh, pins, structs, xdp
+from . import cdefs, neigh, pins, state, structs, xdp
 from .errors import FastlbError, PrivilegeError
 from .maps import PinnedMaps
 from .program import Program, Sizes
@@ -37,15 +37,25 @@ class AttachResult:
     notes: list[str] = field(default_factory=list)
 
 
-def attach(ifname: str, config, xdp_mode: str = "auto") -> AttachResult:
-    """Compile, fill the maps and attach to ``ifname`` (or update fastlb's own attachment)."""
+def attach(ifname: str, config, xdp_mode: str = "auto", *, macs: dict[str, str] | None = None,
+           down: frozenset = frozenset()) -> AttachResult:
+    """Compile, fill the maps and attach to ``ifname`` (or update fastlb's own attachment).
+
+    ``macs`` (backend address -> MAC) skips the resolution, and ``down``
+    names backends that fail their checks (fastlb.tables.apply); the
+    controller passes both. When fastlb is attached already, its maps are
+    adopted (pinned maps, conntrack and all) and its program is replaced
+    atomically through its link.
+    """
     require_root("attach")
     iface = neigh.interface(ifname)
     base = pins.ensure_bpffs()
     pin_dir = pins.attachment_dir(ifname, base)
     xdp.refuse_foreign(iface, pin_dir)
-    macs = neigh.resolve_macs(iface, {b.address for v in config.vips for b in v.backends},
-                              on_link={b.address for v in config.vips if v.forwarding == "dsr" for b in v.backends})
+    if macs is None:
+        macs = neigh.resolve_macs(iface, {b.address for v in config.vips for b in v.backends},
+                                  on_link={b.address for v in config.vips if v.forwarding == "dsr"
+                                           for b in v.backends})
     sizes = Sizes.from_settings(config.settings)
 
     created = not pin_dir.exists()
@@ -53,7 +63,7 @@ def attach(ifname: str, config, xdp_mode: str = "auto") -> AttachResult:
     try:
         prog.load()
         with PinnedMaps(pin_dir) as maps:
-            written = apply(maps, config, macs, sizes, lb_mac=iface.mac)
+            written = apply(maps, config, macs, sizes, lb_mac=iface.mac, down=down)
         prog.pin()
         mode = xdp.attach(prog.fd, iface, pin_dir, xdp_mode)
         prog_id = neigh.interface(ifname).xdp_prog_id
@@ -78,6 +88,7 @@ def detach(ifname: str) -> bool:
         return False
     xdp.detach(pin_dir)
     pins.remove_dir(pin_dir)
+    state.remove(ifname)
     return True
 
 

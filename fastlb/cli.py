@@ -18,6 +18,7 @@ from .errors import FastlbError
 
 XDP_MODES = ("auto", "native", "generic")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+CONTROLLER_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 
 
 class FastlbGroup(click.Group):
@@ -39,6 +40,8 @@ def main():
     \b
     Examples:
       sudo fastlb attach eth0 -c fastlb.toml     # balance, in the foreground
+      sudo fastlb stats --watch                   # per VIP and backend, with health
+      sudo fastlb backend drain 198.19.0.100:80/tcp 198.18.0.11
       sudo fastlb status                          # attachments, VIPs, counters
       sudo fastlb detach eth0                     # remove program and pins
     """
@@ -67,38 +70,52 @@ def check(config_path):
               envvar="FASTLB_XDP_MODE",
               help="native, generic, or auto (native, falling back to generic with a note).")
 @click.option("--keep", is_flag=True, help="On exit, leave the data plane attached (hitless restarts).")
-def attach(iface, config_path, xdp_mode, keep):
-    """Attach the balancer to IFACE and stay in the foreground.
+@click.option("--metrics", "metrics_listen", default="127.0.0.1:9469", show_default=True, metavar="ADDR:PORT|off",
+              envvar="FASTLB_METRICS", callback=lambda ctx, param, value: _parse_listen(value),
+              help="Where to serve Prometheus metrics, or off.")
+def attach(iface, config_path, xdp_mode, keep, metrics_listen):
+    """Attach the balancer to IFACE and run its controller in the foreground.
 
-    The program and its maps stay until SIGINT/SIGTERM, when fastlb detaches
-    cleanly (unless --keep).
+    The controller runs the health checks and keeps the maps current; it
+    takes live changes on its control socket (fastlb backend/vip) and
+    reloads the config on SIGHUP (a config that does not validate is logged
+    and ignored). On SIGINT/SIGTERM it detaches, unless --keep: then the
+    data plane stays and the next attach adopts it (maps, conntrack, health).
 
     \b
-    Example:
+    Examples:
       sudo fastlb attach eth0 -c /etc/fastlb/fastlb.toml
+      sudo fastlb attach eth0 -c fastlb.toml --keep --metrics off
     """
-    from . import balancer
+    from .controller import Controller
     config = _load_config(config_path)
-    # Block the stop signals before attaching: one that arrives while attaching
-    # (or just after the banner) is then taken by sigwait and detaches cleanly.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    result = balancer.attach(iface, config, xdp_mode=xdp_mode)
+    # Block the signals before attaching: one that arrives while attaching (or
+    # just after the banner) is then taken by the controller's signal thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROLLER_SIGNALS)
+    ctl = Controller(iface, config_path, config, xdp_mode=xdp_mode, keep=keep, metrics=metrics_listen)
+    result = ctl.start()
     for note in result.notes:
         click.echo(f"fastlb: note: {note}", err=True)
     vips = ", ".join(v.name for v in config.vips)
     click.echo(f"fastlb: attached to {iface} ({result.mode} mode, prog id {result.prog_id}); "
                f"VIPs: {vips}; pins: {result.pin_dir}", nl=True)
     sys.stdout.flush()
-    _wait_for_signal()
-    if keep:
+    try:
+        ctl.run()
+    finally:
+        detached = ctl.stop()
+    if not detached:
         click.echo(f"fastlb: leaving {iface} attached (--keep); remove with: fastlb detach {iface}")
         return
-    balancer.detach(iface)
     click.echo(f"fastlb: detached from {iface}")
 
 
-def _wait_for_signal() -> None:
-    signal.sigwait(STOP_SIGNALS)
+def _parse_listen(value):
+    from .metrics import parse_listen
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics") from exc
 
 
 def _parse_src(ctx, param, value):
@@ -199,6 +216,280 @@ def status(as_json):
             moved = {k: r["packets"] for k, r in att["reasons"].items() if r["packets"]}
             if moved:
                 click.echo("  reasons: " + "  ".join(f"{k} {v}" for k, v in moved.items()))
+
+
+
+# ---- the running controller: stats, live changes, flows -------------------------------
+
+iface_option = click.option("-i", "--iface", metavar="IFACE", envvar="FASTLB_IFACE", default=None,
+                            help="The attachment to talk to; needed only when several run in this namespace.")
+save_option = click.option("--save", is_flag=True,
+                           help="Also write the running config back to the config file (comments are not "
+                                "kept); without it the change is lost at the next restart or reload.")
+
+
+def _call(request: dict, iface: str | None) -> dict:
+    from . import control
+    return control.call(request, iface)
+
+
+def _stats(iface: str | None) -> list[dict]:
+    """The controller's stats, or the maps' alone when no controller runs."""
+    from . import balancer, control, pins, stats
+    from .maps import PinnedMaps
+    try:
+        return [_call({"cmd": "stats"}, iface)["stats"]]
+    except control.NoController as exc:
+        why = exc.message
+    balancer.require_root("stats")
+    base = pins.ensure_bpffs()
+    names = [iface] if iface else pins.attachments(base)
+    if not names or not pins.attachment_dir(names[0], base).exists():
+        raise FastlbError(f"fastlb is not attached {'to ' + iface if iface else 'to any interface'} in this "
+                          "network namespace", fix="attach it: fastlb attach IFACE -c CONFIG")
+    out = []
+    for name in names:
+        with PinnedMaps(pins.attachment_dir(name, base)) as maps:
+            data = stats.collect(maps)
+        data.update(interface=name, controller=False, note=f"{why}: health unknown, counters from the maps")
+        out.append(data)
+    return out
+
+
+@main.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with --watch: one object per line).")
+@click.option("--watch", is_flag=True, help="Print again every --every seconds until Ctrl-C.")
+@click.option("--every", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600), metavar="SECONDS",
+              help="Interval of --watch.")
+@iface_option
+def stats_cmd(as_json, watch, every, iface):
+    """Packets, bytes, new flows, active connections and health, per VIP and backend.
+
+    Also the global verdict and drop-reason counters. Asks the running
+    controller; with none running, reads the maps (health then unknown).
+
+    \b
+    Examples:
+      sudo fastlb stats
+      sudo fastlb stats --json --watch --every 1
+    """
+    import time
+
+    from . import stats
+    while True:
+        data = _stats(iface)
+        if as_json:
+            click.echo(json.dumps(data if not watch else {"time": time.time(), "attachments": data},
+                                  indent=None if watch else 2))
+        else:
+            for att in data:
+                click.echo("\n".join(stats.render(att)))
+        if not watch:
+            return
+        sys.stdout.flush()
+        time.sleep(every)
+
+
+@main.group()
+def backend():
+    """Add, remove, reweight or drain a backend of a running VIP (no restart).
+
+    \b
+    Examples:
+      sudo fastlb backend add 198.19.0.100:80/tcp 198.18.0.14 --weight 2
+      sudo fastlb backend drain 198.19.0.100:80/tcp 198.18.0.11
+      sudo fastlb backend weight 198.19.0.100:80/tcp 198.18.0.11 1 --save
+      sudo fastlb backend remove 198.19.0.100:80/tcp 198.18.0.11
+    """
+
+
+def _change(request: dict, iface, save: bool) -> None:
+    reply = _call({**request, "save": save}, iface)
+    click.echo(f"fastlb: {reply['message']}")
+
+
+@backend.command("add")
+@click.argument("vip", metavar="VIP")
+@click.argument("address", metavar="BACKEND")
+@click.option("--weight", default=1, show_default=True, type=click.IntRange(0, 65535), help="Its weight.")
+@iface_option
+@save_option
+def backend_add(vip, address, weight, iface, save):
+    """Add BACKEND (ADDR or ADDR:PORT) to VIP (ADDR:PORT/PROTO)."""
+    _change({"cmd": "backend.add", "vip": vip, "backend": address, "weight": weight}, iface, save)
+
+
+@backend.command("remove")
+@click.argument("vip", metavar="VIP")
+@click.argument("address", metavar="BACKEND")
+@iface_option
+@save_option
+def backend_remove(vip, address, iface, save):
+    """Remove BACKEND from VIP: its flows' next packets go to a live backend (expect resets)."""
+    _change({"cmd": "backend.remove", "vip": vip, "backend": address}, iface, save)
+
+
+@backend.command("weight")
+@click.argument("vip", metavar="VIP")
+@click.argument("address", metavar="BACKEND")
+@click.argument("weight", type=click.IntRange(0, 65535))
+@iface_option
+@save_option
+def backend_weight(vip, address, weight, iface, save):
+    """Set the weight of BACKEND (0 drains it)."""
+    _change({"cmd": "backend.weight", "vip": vip, "backend": address, "weight": weight}, iface, save)
+
+
+@backend.command("drain")
+@click.argument("vip", metavar="VIP")
+@click.argument("address", metavar="BACKEND")
+@iface_option
+@save_option
+def backend_drain(vip, address, iface, save):
+    """Give BACKEND no new flows; its established flows go on until they end (weight 0)."""
+    _change({"cmd": "backend.drain", "vip": vip, "backend": address}, iface, save)
+
+
+@main.group()
+def vip():
+    """Add or remove a VIP of the running controller (no restart).
+
+    \b
+    Examples:
+      sudo fastlb vip add 198.19.0.101:80/tcp --backend 198.18.0.11 --backend 198.18.0.12
+      sudo fastlb vip remove 198.19.0.101:80/tcp --save
+    """
+
+
+@vip.command("add")
+@click.argument("spec", metavar="VIP")
+@click.option("-b", "--backend", "backends", multiple=True, required=True, metavar="BACKEND",
+              help="A backend, ADDR or ADDR:PORT (repeat for more), weight 1.")
+@click.option("--algorithm", type=click.Choice(["maglev", "rr", "wrr", "lc", "lrt"]), default="maglev",
+              show_default=True, help="How new flows pick a backend.")
+@iface_option
+@save_option
+def vip_add(spec, backends, algorithm, iface, save):
+    """Add VIP (ADDR:PORT/PROTO) with its backends (no health check: add one in the file)."""
+    _change({"cmd": "vip.add", "vip": spec, "backends": list(backends), "algorithm": algorithm}, iface, save)
+
+
+@vip.command("remove")
+@click.argument("spec", metavar="VIP")
+@iface_option
+@save_option
+def vip_remove(spec, iface, save):
+    """Remove VIP: its packets are no longer balanced."""
+    _change({"cmd": "vip.remove", "vip": spec}, iface, save)
+
+
+@main.command()
+@iface_option
+def reload(iface):
+    """Reload the config file now (as SIGHUP does), and say whether it took."""
+    click.echo(f"fastlb: {_call({'cmd': 'reload'}, iface)['message']}")
+
+
+@main.group()
+def flows():
+    """Show or clear conntrack entries (works with or without a running controller).
+
+    \b
+    Examples:
+      sudo fastlb flows list --vip 198.19.0.100:80/tcp
+      sudo fastlb flows flush --backend 198.18.0.11
+    """
+
+
+def _flow_filter(maps, vip_spec, backend_spec):
+    """Slot ids for --vip and --backend (None: any)."""
+    from . import flows as ct
+    names = ct.Names.read(maps)
+    vip_ids = backend_ids = None
+    if vip_spec:
+        from .config import parse_vip_spec
+        try:
+            addr, port, proto = parse_vip_spec(vip_spec)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--vip") from exc
+        want = f"{ct.hostport(addr, port)}/{proto}"
+        vip_ids = {i for i, n in names.vips.items() if n == want}
+        if not vip_ids:
+            raise FastlbError(f"no VIP {want} in the maps", fix="use one of: " + ", ".join(sorted(
+                names.vips.values())))
+    if backend_spec:
+        from .controller import parse_backend_spec
+        addr, port = parse_backend_spec(backend_spec)
+        backend_ids = {i for i, n in names.backends.items()
+                       if n.rpartition(":")[0].strip("[]") == str(addr) and
+                       (port is None or n.endswith(f":{port}"))}
+        if not backend_ids:
+            raise FastlbError(f"no backend {backend_spec} in the maps", fix="use one of: " + ", ".join(sorted(
+                set(names.backends.values()))))
+    return names, vip_ids, backend_ids
+
+
+def _open_attachment(iface):
+    from . import balancer, pins
+    from .maps import PinnedMaps
+    balancer.require_root("flows")
+    base = pins.ensure_bpffs()
+    names = [iface] if iface else pins.attachments(base)
+    if not names or not pins.attachment_dir(names[0], base).exists():
+        raise FastlbError("fastlb is not attached" + (f" to {iface}" if iface else "") +
+                          " in this network namespace", fix="attach it: fastlb attach IFACE -c CONFIG")
+    if len(names) > 1:
+        raise FastlbError(f"fastlb is attached to several interfaces here: {', '.join(names)}",
+                          fix="say which with --iface")
+    return PinnedMaps(pins.attachment_dir(names[0], base))
+
+
+@flows.command("list")
+@click.option("--vip", "vip_spec", metavar="VIP", help="Only this VIP's flows (ADDR:PORT/PROTO).")
+@click.option("--backend", "backend_spec", metavar="BACKEND", help="Only this backend's (ADDR or ADDR:PORT).")
+@click.option("--limit", default=0, type=click.IntRange(0), help="Show at most this many (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@iface_option
+def flows_list(vip_spec, backend_spec, limit, as_json, iface):
+    """List conntrack entries: client, VIP, backend, state and age (TCP) or idle time (UDP)."""
+    from . import flows as ct
+    with _open_attachment(iface) as maps:
+        names, vip_ids, backend_ids = _flow_filter(maps, vip_spec, backend_spec)
+        slots = ct.Slots.read(maps)
+        now = ct.now_ns()
+        rows = [ct.describe(k, v, names, slots, now) for k, v in ct.select(ct.read(maps), vip_ids, backend_ids)]
+    rows.sort(key=lambda r: (r["vip"], r["backend"], r["client"]))
+    total = len(rows)
+    if limit:
+        rows = rows[:limit]
+    if as_json:
+        click.echo(json.dumps({"total": total, "flows": rows}, indent=2))
+        return
+    for r in rows:
+        clock = f"age {r['age_s']:.1f} s" if "age_s" in r else f"idle {r['idle_s']:.1f} s"
+        state = ",".join(r["flags"]) or "-"
+        live = "" if r["live"] else "  (stale: its next packet picks again)"
+        click.echo(f"{r['proto']} {r['client']} -> {r['vip']}  backend {r['backend']}  {state}  {clock}{live}")
+    click.echo(f"{total} flow(s)" + (f", {len(rows)} shown" if len(rows) < total else ""))
+
+
+@flows.command("flush")
+@click.option("--vip", "vip_spec", metavar="VIP", help="Only this VIP's flows (ADDR:PORT/PROTO).")
+@click.option("--backend", "backend_spec", metavar="BACKEND", help="Only this backend's (ADDR or ADDR:PORT).")
+@iface_option
+def flows_flush(vip_spec, backend_spec, iface):
+    """Delete conntrack entries: their next packets pick a backend as new flows do.
+
+    Under maglev most go back where they were; a TCP connection whose
+    packet reaches another backend is reset by it. Active counts are
+    recounted afterwards.
+    """
+    from . import flows as ct
+    with _open_attachment(iface) as maps:
+        _, vip_ids, backend_ids = _flow_filter(maps, vip_spec, backend_spec)
+        gone = ct.delete(maps, [k for k, _ in ct.select(ct.read(maps), vip_ids, backend_ids)])
+        ct.reconcile_active(maps)
+    click.echo(f"fastlb: flushed {gone} flow(s)")
 
 
 from .decap_cli import decap as _decap_group  # noqa: E402

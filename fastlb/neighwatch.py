@@ -1,0 +1,134 @@
+"""Keeping the backends' MAC addresses current: resolve, then follow neighbour changes.
+
+A backend's packets leave with the MAC of its next hop: the backend itself
+on the segment (DSR), or its route's gateway (tunnel, NAT); see
+:func:`fastlb.neigh.next_hop`. :func:`resolve` is
+:func:`fastlb.neigh.resolve_macs` that returns what it found instead of
+failing on the first unresolved next hop, so that one dead backend host
+does not stop a controller (it is then down). :class:`Watcher` listens to
+the kernel's neighbour notifications (rtnetlink RTMGRP_NEIGH) for the
+attach interface: a next hop whose entry gets a new MAC is reported, and
+one whose entry fails or goes away is probed again (a neighbour entry with
+NTF_USE starts ARP/ND), so its MAC comes back by itself when the host
+answers.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from collections.abc import Callable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_NEIGH
+
+from . import neigh
+from .neigh import Interface
+
+RESOLVE_TIMEOUT = 3.0
+KICK_EVERY = 5.0   # seconds between two resolution attempts of one lost neighbour
+
+
+def next_hops(iface: Interface, addresses, on_link=()) -> dict[str, str]:
+    """Backend address -> the address whose MAC its packets leave with (itself, or its gateway).
+
+    A DSR backend (in ``on_link``) that is not on the interface's segment
+    raises NeighbourError: that is a config error, not a dead host.
+    """
+    on_link = {str(a) for a in on_link}
+    with IPRoute() as ipr:
+        return {str(a): neigh.next_hop(ipr, iface, a, str(a) in on_link) for a in addresses}
+
+
+def resolve(iface: Interface, hops: dict[str, str], timeout: float = RESOLVE_TIMEOUT) -> dict[str, str]:
+    """Backend address -> MAC of its next hop, for those that resolve within ``timeout``.
+
+    ``hops`` comes from :func:`next_hops`. Unresolved ones are left out.
+    """
+    wanted = sorted(set(hops.values()))
+    found: dict[str, str] = {}
+    with IPRoute() as ipr:
+        for hop in wanted:
+            mac = neigh._usable_mac(ipr, iface.index, hop)
+            if mac:
+                found[hop] = mac
+            else:
+                _kick(ipr, iface.index, hop)
+        deadline = time.monotonic() + timeout
+        pending = [h for h in wanted if h not in found]
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for hop in list(pending):
+                mac = neigh._usable_mac(ipr, iface.index, hop)
+                if mac:
+                    found[hop] = mac
+                    pending.remove(hop)
+    return {addr: found[hop] for addr, hop in hops.items() if hop in found}
+
+
+def _kick(ipr: IPRoute, ifindex: int, addr: str) -> None:
+    """Ask the kernel to resolve ``addr`` (ARP or neighbour solicitation)."""
+    try:
+        ipr.neigh("replace", dst=addr, ifindex=ifindex, flags=neigh.NTF_USE, state=neigh.NUD_INCOMPLETE)
+    except NetlinkError:
+        pass  # an entry in a state the kernel won't restart; the next notification decides
+
+
+class Watcher:
+    """Reports ``on_change(next hop, mac or None)`` for the watched next hops on one interface."""
+
+    def __init__(self, iface: Interface, on_change: Callable[[str, str | None], None]):
+        self.iface = iface
+        self.on_change = on_change
+        self.watched: set[str] = set()
+        self.kicked: dict[str, float] = {}
+        self.stopped = threading.Event()
+        self.ipr = IPRoute()
+        self.ipr.bind(groups=RTMGRP_NEIGH)
+        self.thread = threading.Thread(target=self._run, name="fastlb-neigh", daemon=True)
+
+    def watch(self, addresses) -> None:
+        self.watched = {str(a) for a in addresses}
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                ready, _, _ = select.select([self.ipr], [], [], 0.5)
+                if not ready:
+                    continue
+                messages = self.ipr.get()
+            except (OSError, ValueError):
+                if self.stopped.is_set():
+                    return
+                time.sleep(0.5)
+                continue
+            for msg in messages:
+                self._message(msg)
+
+    def _message(self, msg) -> None:
+        if msg.get("ifindex") != self.iface.index:
+            return
+        addr = msg.get_attr("NDA_DST")
+        if addr not in self.watched:
+            return
+        state = msg.get("state", 0)
+        mac = msg.get_attr("NDA_LLADDR")
+        if msg["event"] == "RTM_NEWNEIGH" and state & neigh.NUD_USABLE and mac and mac != "00:00:00:00:00:00":
+            self.on_change(addr, mac)
+        elif msg["event"] == "RTM_DELNEIGH" or state & neigh.NUD_FAILED:
+            self.on_change(addr, None)
+            now = time.monotonic()
+            if now - self.kicked.get(addr, -KICK_EVERY) >= KICK_EVERY:
+                self.kicked[addr] = now
+                with IPRoute() as ipr:
+                    _kick(ipr, self.iface.index, addr)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.ipr.close()
