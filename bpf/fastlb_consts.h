@@ -93,6 +93,11 @@ enum fl_reason {
 	FL_TX_TUNNEL,               /* forwarded to a backend in an IP-in-IP header */
 	FL_TX_NAT,                  /* forwarded to a backend with its address and port */
 	FL_TX_NAT_REPLY,            /* a NAT backend's reply, sent on as the VIP's */
+	FL_TX_ICMP_ECHO,            /* echo reply to a ping of a VIP address */
+	FL_TX_ICMP_TO_BACKEND,      /* ICMP too-big about a VIP flow, sent to its backend */
+	FL_TX_ICMP_TOO_BIG,         /* too big once tunnelled: ICMP frag-needed/PTB to the client */
+	FL_TX_ARP_REPLY,            /* ARP reply for an announced VIP */
+	FL_TX_ND_ADVERT,            /* neighbour advertisement for an announced VIP */
 	FL_PASS_NOT_IP,             /* ARP and other non-IP frames */
 	FL_PASS_NOT_VIP,            /* IP packet whose destination is no VIP address */
 	FL_PASS_VIP_PORT,           /* VIP address, but no VIP on this port/protocol */
@@ -104,7 +109,8 @@ enum fl_reason {
 	FL_DROP_IPV6_EXTHDR,        /* IPv6 extension header to a VIP address */
 	FL_DROP_L4_MALFORMED,       /* truncated TCP/UDP header, TCP data offset < 5 */
 	FL_DROP_NO_BACKEND,         /* VIP with no usable backend */
-	FL_DROP_TOO_BIG,            /* too big for the egress MTU once tunnelled */
+	FL_DROP_TOO_BIG,            /* too big once tunnelled, and no ICMP error sent (no
+	                             * icmp_source; IPv4 without DF, or with options) */
 	FL_DROP_ENCAP_FAILED,       /* the frame could not grow for the outer header */
 	FL_REASON_MAX,
 };

@@ -20,6 +20,7 @@
 #include "parsing_helpers.h"
 #include "fastlb_csum.h"
 #include "fastlb_encap.h"
+#include "fastlb_icmp.h"
 #include "fastlb_hash.h"
 #include "fastlb_maps.h"
 #include "fastlb_verdict.h"
@@ -182,6 +183,21 @@ static __always_inline __u32 miss_reason(struct flow_key *flow, __u32 vip_reason
 	return is_vip_addr(flow) ? vip_reason : FL_PASS_NOT_VIP;
 }
 
+/* True when fastlb answers ARP/ND for this address (a VIP with announce = "arp"). */
+static __always_inline int is_announced(const __u32 *addr, __u8 family)
+{
+	struct vip_key key = {};
+	__u32 *v;
+
+	if (family == FL_AF_INET)
+		key.addr[0] = addr[0];
+	else
+		__builtin_memcpy(key.addr, addr, 16);
+	key.family = family;
+	v = vips.lookup(&key);
+	return v && *v == FL_VIP_ID_ANNOUNCE;
+}
+
 /* Conntrack bookkeeping for a packet of a known flow: UDP's idle clock, and
  * TCP's first FIN or RST, which ends its count as an active connection. */
 static __always_inline void ct_touch(struct ct_value *ct, struct flow_key *flow,
@@ -220,6 +236,32 @@ static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const 
 
 /* ---- Tunnel mode ---- */
 
+/* A packet that would not fit the egress MTU once tunnelled: tell the
+ * client (ICMP frag-needed from icmp_source, PTB from icmp_source6) so its
+ * path MTU discovery shrinks the flow, or drop it when no source is set, or
+ * an IPv4 packet lacks DF (routers fragment those; fastlb does not) or has
+ * options. */
+static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, struct fl_settings *cfg,
+				     __u32 mtu)
+{
+	struct iphdr *iph = pkt->l3;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	if (pkt->flow.family == FL_AF_INET) {
+		if ((void *)(iph + 1) > data_end || !cfg->icmp_src4 || iph->ihl != 5 ||
+		    !(iph->frag_off & bpf_htons(FL_IP_DF)))
+			return FL_DROP_TOO_BIG;
+		if (icmp4_frag_needed(ctx, pkt->bytes, pkt->l2_len, cfg->icmp_src4, mtu))
+			return FL_DROP_TOO_BIG;
+		return FL_TX_ICMP_TOO_BIG;
+	}
+	if (!(cfg->icmp_src6[0] | cfg->icmp_src6[1] | cfg->icmp_src6[2] | cfg->icmp_src6[3]))
+		return FL_DROP_TOO_BIG;
+	if (icmp6_too_big(ctx, pkt->bytes, pkt->l2_len, cfg->icmp_src6, mtu))
+		return FL_DROP_TOO_BIG;
+	return FL_TX_ICMP_TOO_BIG;
+}
+
 /* Encapsulate towards the backend (IPv4-in-IPv4, IPv6-in-IPv6 or
  * IPv4-in-IPv6), from a source in the tunnel prefix chosen per flow so the
  * backend's RSS spreads flows, after checking the egress MTU. */
@@ -242,7 +284,7 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 
 	outer_len = be->family == FL_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
 	if (bpf_check_mtu(ctx, 0, &mtu_len, outer_len, 0))
-		return FL_DROP_TOO_BIG;
+		return too_big(ctx, pkt, cfg, mtu_len - outer_len);
 	flowbits = fl_jhash_3words(pkt->flow.src[0] ^ pkt->flow.src[1] ^ pkt->flow.src[2] ^ pkt->flow.src[3],
 				   ((__u32)pkt->flow.dport << 16) | pkt->flow.sport, pkt->flow.proto, 0);
 	inner_proto = pkt->flow.family == FL_AF_INET ? FL_IPPROTO_IPIP : FL_IPPROTO_IPV6;
@@ -530,6 +572,136 @@ send:
 	return reason;
 }
 
+/* ---- ICMP, ARP and ND ---- */
+
+/* An ICMP error about a VIP flow (too big): the quoted header was sent from
+ * the VIP to the client, so the flow is its reverse; send the error to that
+ * flow's backend, which owns the connection (DSR and tunnel; under NAT the
+ * quote holds the VIP, which the backend does not know: passed). */
+static __always_inline __u32 icmp_to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
+					     void *quote, void *data_end)
+{
+	struct iphdr *iph = quote;
+	struct ipv6hdr *ip6h = quote;
+	struct flow_key flow = {};
+	struct vip_meta *vip;
+	struct ct_value *ct;
+	struct backend *be;
+	__u16 *ports;
+	__u8 proto;
+
+	if (pkt->flow.family == FL_AF_INET) {
+		if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl != 5)
+			return FL_PASS_VIP_PORT;
+		ports = (void *)(iph + 1);
+		proto = iph->protocol;
+		flow.src[0] = iph->daddr;
+		flow.dst[0] = iph->saddr;
+	} else {
+		if ((void *)(ip6h + 1) > data_end || ip6h->version != 6)
+			return FL_PASS_VIP_PORT;
+		ports = (void *)(ip6h + 1);
+		proto = ip6h->nexthdr;
+		__builtin_memcpy(flow.src, &ip6h->daddr, 16);
+		__builtin_memcpy(flow.dst, &ip6h->saddr, 16);
+	}
+	if ((void *)(ports + 2) > data_end || (proto != IPPROTO_TCP && proto != IPPROTO_UDP))
+		return FL_PASS_VIP_PORT;
+	flow.sport = ports[1];
+	flow.dport = ports[0];
+	flow.proto = proto;
+	flow.family = pkt->flow.family;
+	ct = conntrack.lookup(&flow);
+	if (!ct)
+		return FL_PASS_VIP_PORT;
+	be = ct_backend(ct, &vip);
+	if (!be || vip->forwarding == FL_FWD_NAT)
+		return FL_PASS_VIP_PORT;
+	if (vip->forwarding == FL_FWD_TUNNEL) {
+		pkt->flow = flow;  /* the outer source follows the flow, like its packets */
+		return tunnel_out(ctx, pkt, be) == FL_TX_TUNNEL ? FL_TX_ICMP_TO_BACKEND : FL_DROP_ENCAP_FAILED;
+	}
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
+	return FL_TX_ICMP_TO_BACKEND;
+}
+
+static __always_inline __u32 process_icmp4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
+					   struct ethhdr *eth, struct fl_pkt *pkt)
+{
+	struct icmphdr *icmp = nh->pos;
+
+	if (!is_vip_addr(&pkt->flow))
+		return FL_PASS_NOT_VIP;
+	if (eth->h_dest[0] & 1)
+		return FL_PASS_L2_NOT_UNICAST;
+	if ((void *)(icmp + 1) > data_end || pkt->l4_len < sizeof(*icmp))
+		return FL_PASS_VIP_PORT;
+	if (icmp->type == FL_ICMP_ECHO_REQUEST && icmp->code == 0) {
+		icmp4_echo_reply(eth, pkt->l3, icmp);
+		return FL_TX_ICMP_ECHO;
+	}
+	if (icmp->type == FL_ICMP_DEST_UNREACH && icmp->code == FL_ICMP_FRAG_NEEDED)
+		return icmp_to_backend(ctx, eth, pkt, icmp + 1, data_end);
+	return FL_PASS_VIP_PORT;
+}
+
+static __always_inline __u32 process_icmp6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
+					   struct ethhdr *eth, struct fl_pkt *pkt)
+{
+	struct icmp6hdr *icmp6 = nh->pos;
+	struct ipv6hdr *ip6h = pkt->l3;
+	struct fl_nd *nd = nh->pos;
+	__u32 zero = 0;
+	struct fl_settings *cfg;
+
+	if ((void *)(icmp6 + 1) > data_end || pkt->l4_len < sizeof(*icmp6))
+		return miss_reason(&pkt->flow, FL_PASS_VIP_PORT);
+	if (icmp6->icmp6_type == FL_ICMP6_NS) {
+		/* To a solicited-node group, about the target: not to the VIP. */
+		if ((void *)&nd->opt_type > data_end || icmp6->icmp6_code != 0 ||
+		    ip6h->hop_limit != FL_ND_HOP_LIMIT || !is_announced(nd->target.s6_addr32, FL_AF_INET6))
+			return FL_PASS_NOT_VIP;
+		cfg = settings.lookup(&zero);
+		if (!cfg || nd_advert(ctx, pkt->bytes, pkt->l2_len, cfg->lb_mac))
+			return FL_PASS_NOT_VIP;
+		return FL_TX_ND_ADVERT;
+	}
+	if (!is_vip_addr(&pkt->flow))
+		return FL_PASS_NOT_VIP;
+	if (eth->h_dest[0] & 1)
+		return FL_PASS_L2_NOT_UNICAST;
+	if (icmp6->icmp6_type == FL_ICMP6_ECHO_REQUEST && icmp6->icmp6_code == 0) {
+		icmp6_echo_reply(eth, ip6h, icmp6);
+		return FL_TX_ICMP_ECHO;
+	}
+	if (icmp6->icmp6_type == FL_ICMP6_PKT_TOO_BIG)
+		return icmp_to_backend(ctx, eth, pkt, icmp6 + 1, data_end);
+	return FL_PASS_VIP_PORT;
+}
+
+/* An ARP request for an announced VIP gets the LB's MAC. */
+static __always_inline __u32 process_arp(struct hdr_cursor *nh, void *data_end, struct ethhdr *eth)
+{
+	struct fl_arp *arp = nh->pos;
+	__u32 zero = 0, tpa;
+	struct fl_settings *cfg;
+
+	if ((void *)(arp + 1) > data_end)
+		return FL_PASS_NOT_IP;
+	if (arp->htype != bpf_htons(ARPHRD_ETHER) || arp->ptype != bpf_htons(ETH_P_IP) ||
+	    arp->hlen != ETH_ALEN || arp->plen != 4 || arp->oper != bpf_htons(ARPOP_REQUEST))
+		return FL_PASS_NOT_IP;
+	__builtin_memcpy(&tpa, arp->tpa, 4);
+	if (!is_announced(&tpa, FL_AF_INET))
+		return FL_PASS_NOT_IP;
+	cfg = settings.lookup(&zero);
+	if (!cfg)
+		return FL_PASS_NOT_IP;
+	arp_reply(eth, arp, cfg->lb_mac);
+	return FL_TX_ARP_REPLY;
+}
+
 /* TCP/UDP header (within the IP payload) -> ports and TCP flags, then forward. */
 static __always_inline __u32 process_l4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
 					struct ethhdr *eth, struct fl_pkt *pkt, int l4proto)
@@ -575,6 +747,8 @@ static __always_inline __u32 process_ipv4(struct xdp_md *ctx, struct hdr_cursor 
 	pkt->tos = iph->tos;
 	if (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return miss_reason(&pkt->flow, FL_DROP_FRAGMENT);
+	if (l4proto == IPPROTO_ICMP)
+		return process_icmp4(ctx, nh, data_end, eth, pkt);
 	return process_l4(ctx, nh, data_end, eth, pkt, l4proto);
 }
 
@@ -595,6 +769,8 @@ static __always_inline __u32 process_ipv6(struct xdp_md *ctx, struct hdr_cursor 
 	pkt->l3_len = pkt->l4_len + sizeof(*ip6h);
 	if (ipv6_is_exthdr(l4proto))
 		return miss_reason(&pkt->flow, FL_DROP_IPV6_EXTHDR);
+	if (l4proto == FL_IPPROTO_ICMPV6)
+		return process_icmp6(ctx, nh, data_end, eth, pkt);
 	return process_l4(ctx, nh, data_end, eth, pkt, l4proto);
 }
 
@@ -619,6 +795,8 @@ int xdp_fastlb(struct xdp_md *ctx)
 		reason = process_ipv4(ctx, &nh, data_end, eth, &pkt);
 	else if (eth_type == bpf_htons(ETH_P_IPV6))
 		reason = process_ipv6(ctx, &nh, data_end, eth, &pkt);
+	else if (eth_type == bpf_htons(ETH_P_ARP))
+		reason = process_arp(&nh, data_end, eth);
 	else
 		reason = FL_PASS_NOT_IP;
 

@@ -9,7 +9,7 @@
  * same (userspace derives it from the names). */
 static __always_inline int reason_verdict(__u32 reason)
 {
-	if (reason <= FL_TX_NAT_REPLY)  /* the FL_TX_ reasons come first */
+	if (reason <= FL_TX_ND_ADVERT)  /* the FL_TX_ reasons come first */
 		return XDP_TX;
 	if (reason == FL_PASS_NOT_IP || reason == FL_PASS_NOT_VIP ||
 	    reason == FL_PASS_VIP_PORT || reason == FL_PASS_VLAN_DEPTH ||

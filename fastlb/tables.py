@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from . import cdefs, core, structs
+from .errors import FastlbError
 from .maps import PinnedMaps
 from .program import Sizes
 
@@ -53,7 +54,11 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
     free_vips = (i for i in range(sizes.max_vips) if i not in set(vip_ids.values()))
     for vip in config.vips:
         if vip.name not in vip_ids:
-            vip_ids[vip.name] = next(free_vips)
+            vip_ids[vip.name] = next(free_vips, None)
+            if vip_ids[vip.name] is None:
+                raise FastlbError(f"{len(config.vips)} VIPs do not fit the {sizes.max_vips} VIP slots the "
+                                  "attached program was built with",
+                                  fix="raise settings.max_vips and attach again (a new build)")
 
     held_backends = {_identity(e): be_id for be_id, e in _held_backends(maps, sizes)}
     backend_ids: dict[tuple[str, int], int] = {}
@@ -68,7 +73,11 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
     for vip in config.vips:
         for pos in range(len(vip.backends)):
             if (vip.name, pos) not in backend_ids:
-                backend_ids[(vip.name, pos)] = next(free_backends)
+                backend_ids[(vip.name, pos)] = next(free_backends, None)
+                if backend_ids[(vip.name, pos)] is None:
+                    raise FastlbError(f"the backends do not fit the {sizes.max_backends} backend slots the "
+                                      "attached program was built with",
+                                      fix="raise settings.max_backends and attach again (a new build)")
     return Placement(vip_ids, backend_ids)
 
 

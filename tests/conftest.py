@@ -37,6 +37,6 @@ def loaded(runid):
         pytest.skip("needs root")
     from fastlb.program import Sizes
     from fastlb.testbed import Testbed
-    sizes = Sizes(max_vips=8, max_backends=64, ring_size=65537, conntrack_size=4096)
+    sizes = Sizes(max_vips=16, max_backends=64, ring_size=65537, conntrack_size=4096)
     with Testbed(sizes, name=f"test-{runid}") as bed:
         yield bed

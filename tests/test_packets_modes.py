@@ -204,12 +204,162 @@ def test_a_reply_with_no_nat_state_passes_untouched(prog):
 
 
 def test_every_reason_has_a_row():
-    covered = {r.reason for r in DSR_ROWS} | {"FL_TX_TUNNEL", "FL_TX_NAT", "FL_TX_NAT_REPLY"} | COVERED_ELSEWHERE
+    covered = {r.reason for r in DSR_ROWS} | {"FL_TX_TUNNEL", "FL_TX_NAT", "FL_TX_NAT_REPLY", "FL_TX_ICMP_ECHO",
+                                              "FL_TX_ICMP_TO_BACKEND", "FL_TX_ARP_REPLY", "FL_TX_ND_ADVERT"} \
+        | COVERED_ELSEWHERE
     reasons = set(cdefs.enum("fl_reason")) - {"FL_REASON_MAX"}
     assert reasons - covered == set()
 
 
-# Reasons BPF_PROG_TEST_RUN cannot provoke: its frames arrive on lo (MTU
-# 65536), and bpf_xdp_adjust_head() has headroom for any outer header.
-# tests/test_e2e_modes.py sends a too-big frame through a real veth.
-COVERED_ELSEWHERE = {"FL_DROP_TOO_BIG", "FL_DROP_ENCAP_FAILED"}
+# Reasons BPF_PROG_TEST_RUN on lo cannot provoke: its frames arrive on lo
+# (MTU 65536), and bpf_xdp_adjust_head() has headroom for any outer header.
+# tests/test_e2e_modes.py sends too-big frames through a real veth.
+COVERED_ELSEWHERE = {"FL_DROP_TOO_BIG", "FL_TX_ICMP_TOO_BIG", "FL_DROP_ENCAP_FAILED"}
+
+
+# ---- ICMP, ARP and ND -------------------------------------------------------------
+
+from scapy.layers.inet import ICMP, IPerror, TCPerror  # noqa: E402
+from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS,  # noqa: E402
+                                ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, ICMPv6PacketTooBig)
+from scapy.layers.l2 import ARP  # noqa: E402
+
+from test_packets import VIP4 as DSR_VIP4, VIP6 as DSR_VIP6  # noqa: E402
+
+ANNOUNCED4, ANNOUNCED6 = "198.19.3.1", "2001:db8:ffff::3:1"
+ANNOUNCE_CONFIG = CONFIG + "".join(
+    f'\n[[vip]]\naddress = "{vip}"\nport = 80\nannounce = "arp"\n[[vip.backend]]\naddress = "{b}"\n'
+    for vip, b in ((ANNOUNCED4, "198.18.3.11"), (ANNOUNCED6, "2001:db8:3::11"))) + \
+    f'\n[[vip]]\naddress = "{DSR_VIP4}"\nport = 80\n[[vip.backend]]\naddress = "198.18.0.11"\n' + \
+    f'\n[[vip]]\naddress = "{DSR_VIP6}"\nport = 80\n[[vip.backend]]\naddress = "2001:db8::11"\n'
+
+
+@pytest.fixture(scope="module")
+def icmp_prog(prog):
+    prog.apply(ANNOUNCE_CONFIG)
+    prog.flush_conntrack()
+    yield prog
+    prog.apply(CONFIG)
+    prog.flush_conntrack()
+
+
+def echo_reply4(pkt):
+    out = pkt.copy()
+    out[Ether].src, out[Ether].dst = pkt[Ether].dst, pkt[Ether].src
+    out[IP].src, out[IP].dst, out[IP].ttl = pkt[IP].dst, pkt[IP].src, 64
+    out[ICMP].type = 0
+    return bytes(recompute_icmp(out))
+
+
+def recompute_icmp(pkt):
+    for layer in (IP, ICMP):
+        if layer in pkt:
+            pkt[layer].fields.pop("chksum", None)
+    for layer in (ICMPv6EchoRequest, ICMPv6ND_NA):
+        if layer in pkt:
+            pkt[layer].fields.pop("cksum", None)
+    return Ether(bytes(pkt))
+
+
+@pytest.mark.parametrize("vip", [DSR_VIP4, TUN4, NAT4, ANNOUNCED4])
+def test_ping_of_a_vip_address_is_answered(icmp_prog, vip):
+    pkt = recompute_icmp(eth() / IP(src=CLIENT4, dst=vip, ttl=17) / ICMP(type=8, id=7, seq=1) / Raw(b"ping" * 8))
+    out = run_row(icmp_prog, pkt, "FL_TX_ICMP_ECHO")
+    assert out == echo_reply4(pkt)
+
+
+def test_ping6_of_a_vip_address_is_answered(icmp_prog):
+    pkt = recompute_icmp(eth() / IPv6(src=CLIENT6, dst=DSR_VIP6, hlim=9) / ICMPv6EchoRequest(id=7, seq=1, data=b"x" * 20))
+    out = run_row(icmp_prog, pkt, "FL_TX_ICMP_ECHO")
+    want = pkt.copy()
+    want[Ether].src, want[Ether].dst = pkt[Ether].dst, pkt[Ether].src
+    want[IPv6].src, want[IPv6].dst, want[IPv6].hlim = DSR_VIP6, CLIENT6, 64
+    want[ICMPv6EchoRequest].type = 129
+    assert out == bytes(recompute_icmp(want))
+    from scapy.layers.inet6 import ICMPv6EchoReply
+    assert ICMPv6EchoReply in Ether(out)
+
+
+@pytest.mark.parametrize("desc,make,reason", [
+    ("ping in a broadcast frame", lambda: Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src=CLIENT4, dst=DSR_VIP4) / ICMP(),
+     "FL_PASS_L2_NOT_UNICAST"),
+    ("timestamp request to a VIP address", lambda: eth() / IP(src=CLIENT4, dst=DSR_VIP4) / ICMP(type=13), "FL_PASS_VIP_PORT"),
+    ("ping of a non-VIP", lambda: eth() / IP(src=CLIENT4, dst="198.18.0.2") / ICMP(), "FL_PASS_NOT_VIP"),
+    ("frag-needed about no known flow", lambda: eth() / IP(src="198.18.9.9", dst=DSR_VIP4) / ICMP(type=3, code=4, nexthopmtu=1400)
+     / IPerror(src=DSR_VIP4, dst=CLIENT4) / TCPerror(sport=80, dport=49999), "FL_PASS_VIP_PORT"),
+    ("ARP for a VIP that is not announced", lambda: Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") /
+     ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT4, pdst=DSR_VIP4), "FL_PASS_NOT_IP"),
+    ("ARP reply for an announced VIP", lambda: Ether(src=CLIENT_MAC, dst=LB_MAC) /
+     ARP(op=2, hwsrc=CLIENT_MAC, psrc=CLIENT4, pdst=ANNOUNCED4), "FL_PASS_NOT_IP"),
+    ("NS for a VIP that is not announced", lambda: Ether(src=CLIENT_MAC, dst="33:33:ff:00:01:00") /
+     IPv6(src=CLIENT6, dst="ff02::1:ff00:100", hlim=255) / ICMPv6ND_NS(tgt=DSR_VIP6) / ICMPv6NDOptSrcLLAddr(lladdr=CLIENT_MAC),
+     "FL_PASS_NOT_VIP"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_icmp_and_arp_that_pass(icmp_prog, desc, make, reason):
+    pkt = Ether(bytes(make()))
+    assert run_row(icmp_prog, pkt, reason) == bytes(pkt)
+
+
+def frag_needed_about(flow_pkt, vip, lb_side_mtu=1400):
+    """A router's frag-needed about the VIP's reply to the flow's client."""
+    quote = IPerror(src=vip, dst=CLIENT4) / TCPerror(sport=flow_pkt[TCP].dport, dport=flow_pkt[TCP].sport)
+    return recompute_icmp(eth() / IP(src="198.18.9.9", dst=vip) / ICMP(type=3, code=4, nexthopmtu=lb_side_mtu) / quote)
+
+
+def test_frag_needed_about_a_dsr_flow_goes_to_its_backend(icmp_prog):
+    flow = eth() / IP(src=CLIENT4, dst=DSR_VIP4) / TCP(sport=46000, dport=80, flags="S")
+    verdict, out = icmp_prog.run(bytes(flow))
+    backend_mac = Ether(out).dst
+    err = frag_needed_about(flow, DSR_VIP4)
+    out = run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND")
+    want = err.copy()
+    want[Ether].src, want[Ether].dst = LB_MAC, backend_mac
+    assert out == bytes(want)
+
+
+def test_frag_needed_about_a_tunnel_flow_is_tunnelled_to_its_backend(icmp_prog):
+    flow = eth() / IP(src=CLIENT4, dst=TUN4) / TCP(sport=46001, dport=80, flags="S")
+    first = Ether(icmp_prog.run(bytes(flow))[1])
+    err = frag_needed_about(flow, TUN4)
+    out = Ether(run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND"))
+    assert out[IP].dst == first[IP].dst and out[IP].src == first[IP].src and out[IP].proto == 4
+    assert bytes(out[IP].payload) == bytes(err[IP])
+
+
+def test_frag_needed_about_a_nat_flow_passes(icmp_prog):
+    flow = eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=46002, dport=80, flags="S")
+    icmp_prog.run(bytes(flow))
+    err = frag_needed_about(flow, NAT4)
+    assert run_row(icmp_prog, err, "FL_PASS_VIP_PORT") == bytes(err)
+
+
+def test_packet_too_big_about_an_ipv6_flow_goes_to_its_backend(icmp_prog):
+    flow = eth() / IPv6(src=CLIENT6, dst=DSR_VIP6) / TCP(sport=46003, dport=80, flags="S")
+    backend_mac = Ether(icmp_prog.run(bytes(flow))[1]).dst
+    quote = IPv6(src=DSR_VIP6, dst=CLIENT6) / TCP(sport=80, dport=46003, flags="SA")
+    err = Ether(bytes(eth() / IPv6(src="2001:db8:9::9", dst=DSR_VIP6) / ICMPv6PacketTooBig(mtu=1400) / quote))
+    out = run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND")
+    want = err.copy()
+    want[Ether].src, want[Ether].dst = LB_MAC, backend_mac
+    assert out == bytes(want)
+
+
+def test_arp_request_for_an_announced_vip_is_answered(icmp_prog):
+    pkt = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT4, pdst=ANNOUNCED4)
+    out = run_row(icmp_prog, pkt, "FL_TX_ARP_REPLY")
+    want = Ether(src=LB_MAC, dst=CLIENT_MAC) / ARP(op=2, hwsrc=LB_MAC, psrc=ANNOUNCED4, hwdst=CLIENT_MAC, pdst=CLIENT4)
+    assert out == bytes(want)[:len(out)]
+    assert len(out) == len(bytes(pkt))
+
+
+@pytest.mark.parametrize("with_option", [True, False], ids=["NS with source link-layer option", "NS without options"])
+def test_neighbour_solicitation_for_an_announced_vip_is_answered(icmp_prog, with_option):
+    ns = Ether(src=CLIENT_MAC, dst="33:33:ff:03:00:01") / IPv6(src=CLIENT6, dst="ff02::1:ff03:1", hlim=255) / \
+        ICMPv6ND_NS(tgt=ANNOUNCED6)
+    if with_option:
+        ns = ns / ICMPv6NDOptSrcLLAddr(lladdr=CLIENT_MAC)
+    ns = Ether(bytes(ns))
+    out = run_row(icmp_prog, ns, "FL_TX_ND_ADVERT")
+    want = Ether(src=LB_MAC, dst=CLIENT_MAC) / IPv6(src=ANNOUNCED6, dst=CLIENT6, hlim=255) / \
+        ICMPv6ND_NA(tgt=ANNOUNCED6, R=0, S=1, O=1) / ICMPv6NDOptDstLLAddr(lladdr=LB_MAC)
+    assert out == bytes(want)
