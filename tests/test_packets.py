@@ -171,7 +171,7 @@ ROWS = [
     Row("IPv4 ICMP echo to a non-VIP", lambda: eth() / v4(dst="198.18.0.2") / ICMP(), "FL_PASS_NOT_VIP", "same"),
     Row("VIP address, TCP port with no VIP", lambda: eth() / v4() / tcp(dport=81), "FL_PASS_VIP_PORT", "same"),
     Row("VIP address, UDP on the TCP-only port", lambda: eth() / v4() / udp(dport=80), "FL_PASS_VIP_PORT", "same"),
-    Row("VIP address, ICMP echo", lambda: eth() / v4() / ICMP(), "FL_PASS_VIP_PORT", "same"),
+    Row("VIP address, ICMP timestamp request", lambda: eth() / v4() / ICMP(type=13), "FL_PASS_VIP_PORT", "same"),
     Row("IPv6 VIP address, TCP port with no VIP", lambda: eth() / v6() / tcp(dport=443), "FL_PASS_VIP_PORT", "same"),
     Row("VIP packet in a broadcast frame",
         lambda: Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / v4() / tcp(), "FL_PASS_L2_NOT_UNICAST", "same"),
