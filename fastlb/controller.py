@@ -431,7 +431,7 @@ class Controller:
                 if kind == "signal":
                     if event[1] in STOP_SIGNALS:
                         return
-                    dirty = self._reload() or dirty
+                    self._reload()  # applied, or logged and ignored
                     sweep_every = self.config.settings.sweep_interval
                 elif kind == "result":
                     dirty = self._on_result_main(event[1]) or dirty
@@ -472,6 +472,8 @@ class Controller:
             _sd_notify("READY=1")
             return False
         self._adopt_config(new)
+        self._first_probes()
+        self._rebuild()
         self.reloads["ok"] += 1
         self.log("config_reloaded", path=self.config_path, vips=len(new.vips),
                  backends=sum(len(v.backends) for v in new.vips))
@@ -531,7 +533,6 @@ class Controller:
             if not self._reload():
                 raise FastlbError(f"{self.config_path} was not reloaded", fix="see the controller's log line "
                                   "config_reload_failed for the error")
-            self._rebuild()
             return {"message": f"reloaded {self.config_path}"}
         if cmd == "save":
             return {"message": self._save()}

@@ -236,9 +236,13 @@ class Prober:
         if not self.thread.is_alive():
             return
 
-        def halt():
-            for _, task in self.tasks.values():
+        async def halt():
+            tasks = [task for _, task in self.tasks.values()]
+            for task in tasks:
                 task.cancel()
-            self.loop.stop()
-        self.loop.call_soon_threadsafe(halt)
-        self.thread.join(timeout=5)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            asyncio.run_coroutine_threadsafe(halt(), self.loop).result(timeout=5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
