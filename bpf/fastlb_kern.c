@@ -652,12 +652,11 @@ static __always_inline __u32 process_icmp6(struct xdp_md *ctx, struct hdr_cursor
 	struct icmp6hdr *icmp6 = nh->pos;
 	struct ipv6hdr *ip6h = pkt->l3;
 	struct fl_nd *nd = nh->pos;
+	int whole = (void *)(icmp6 + 1) <= data_end && pkt->l4_len >= sizeof(*icmp6);
 	__u32 zero = 0;
 	struct fl_settings *cfg;
 
-	if ((void *)(icmp6 + 1) > data_end || pkt->l4_len < sizeof(*icmp6))
-		return miss_reason(&pkt->flow, FL_PASS_VIP_PORT);
-	if (icmp6->icmp6_type == FL_ICMP6_NS) {
+	if (whole && icmp6->icmp6_type == FL_ICMP6_NS) {
 		/* To a solicited-node group, about the target: not to the VIP. */
 		if ((void *)&nd->opt_type > data_end || icmp6->icmp6_code != 0 ||
 		    ip6h->hop_limit != FL_ND_HOP_LIMIT || !is_announced(nd->target.s6_addr32, FL_AF_INET6))
@@ -671,6 +670,8 @@ static __always_inline __u32 process_icmp6(struct xdp_md *ctx, struct hdr_cursor
 		return FL_PASS_NOT_VIP;
 	if (eth->h_dest[0] & 1)
 		return FL_PASS_L2_NOT_UNICAST;
+	if (!whole)
+		return FL_PASS_VIP_PORT;
 	if (icmp6->icmp6_type == FL_ICMP6_ECHO_REQUEST && icmp6->icmp6_code == 0) {
 		icmp6_echo_reply(eth, ip6h, icmp6);
 		return FL_TX_ICMP_ECHO;

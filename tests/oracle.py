@@ -19,8 +19,10 @@ Three parts:
   frame) and reads the per-CPU counters after each frame with one batch
   lookup per map.
 
-The VIPs are modelled with DSR forwarding, the one mode DATAPLANE.md
-documents (tunnel and NAT VIPs rewrite more than the MACs).
+The VIPs are modelled with DSR forwarding and no ``announce`` (tunnel and
+NAT VIPs rewrite more than the MACs; the packet tables check those bytes).
+ICMP to VIP addresses is modelled in full: echo replies, and errors about a
+known flow sent to its backend.
 
 The model's conntrack is exact only while nothing is evicted: with per-CPU
 LRU lists one CPU's list holds ``conntrack_size / ncpus`` entries, so the
@@ -50,7 +52,10 @@ PREFIX_VERDICT = (("FL_PASS_", XDP_PASS), ("FL_DROP_", XDP_DROP), ("FL_TX_", XDP
 ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
 VLAN_TPIDS = (ETH_P_8021Q, ETH_P_8021AD)
 MAX_VLAN_TAGS = 2
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
+ICMP_ECHO = {4: 8, 6: 128}               # echo request types
+ICMP_TOO_BIG = {4: (3, 4), 6: (2, None)}  # (type, code) of frag-needed / packet-too-big; None: any code
+ND_SOLICIT = 135
 IPV6_EXT_HEADERS = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140})
 TCP_FIN, TCP_RST = 0x01, 0x04
 PROTO_NUMBERS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
@@ -182,6 +187,7 @@ class Prediction:
     vip: Vip | None = None              # forwarded: the VIP (a new flow) or the flow's VIP (established)
     established: bytes | None = None    # forwarded: the backend MAC the model's conntrack holds
     flow: tuple | None = None
+    kind: str = "forward"               # "forward" (rule 12), "echo" or "icmp_error" (rule 6)
 
     @property
     def verdict(self) -> int:
@@ -275,9 +281,11 @@ class Oracle:
                 return self._miss(to_vip, "FL_DROP_IPV6_EXTHDR", "5: IPv6 extension header")
         else:
             return Prediction("FL_PASS_NOT_IP", "2: not IPv4 or IPv6")
-        # 6. Not TCP or UDP.
+        # 6. ICMP; 6b. neither TCP, UDP nor ICMP.
+        if (p.family, p.proto) in ((4, IPPROTO_ICMP), (6, IPPROTO_ICMPV6)):
+            return self._icmp(f, p, to_vip)
         if p.proto not in (IPPROTO_TCP, IPPROTO_UDP):
-            return self._miss(to_vip, "FL_PASS_VIP_PORT", "6: neither TCP nor UDP")
+            return self._miss(to_vip, "FL_PASS_VIP_PORT", "6b: neither TCP, UDP nor ICMP")
         # 7. L4 header within the frame and the IP payload.
         in_frame = n - p.l4
         if p.proto == IPPROTO_TCP:
@@ -312,6 +320,46 @@ class Oracle:
             return Prediction("FL_DROP_NO_BACKEND", "11: no backend of weight > 0", p, vip)
         return Prediction("FL_TX_DSR", "11/12: new flow", p, vip, None, flow)
 
+    def _icmp(self, f: bytes, p: Parsed, to_vip: bool) -> Prediction:
+        """Rule 6 (no VIP here announces, so no neighbour solicitation is answered)."""
+        whole = len(f) - p.l4 >= 8 and p.l4_len >= 8
+        if p.family == 6 and whole and f[p.l4] == ND_SOLICIT:
+            return Prediction("FL_PASS_NOT_VIP", "6: neighbour solicitation, not for an announced VIP")
+        if not to_vip:
+            return Prediction("FL_PASS_NOT_VIP", "6: ICMP, not to a VIP address")
+        if f[0] & 1:
+            return Prediction("FL_PASS_L2_NOT_UNICAST", "6: ICMP in a group frame")
+        if not whole:
+            return Prediction("FL_PASS_VIP_PORT", "6: ICMP header cut")
+        icmp_type, code = f[p.l4], f[p.l4 + 1]
+        if icmp_type == ICMP_ECHO[p.family] and code == 0:
+            return Prediction("FL_TX_ICMP_ECHO", "6: echo request", p, kind="echo")
+        want_type, want_code = ICMP_TOO_BIG[p.family]
+        if icmp_type == want_type and (want_code is None or code == want_code):
+            flow = self._quoted_flow(f, p)
+            state = self.flows.get(flow) if flow else None
+            if state is not None:
+                return Prediction("FL_TX_ICMP_TO_BACKEND", "6: too-big about a known flow", p, state.vip,
+                                  state.mac, flow, kind="icmp_error")
+        return Prediction("FL_PASS_VIP_PORT", "6: other ICMP to a VIP address")
+
+    @staticmethod
+    def _quoted_flow(f: bytes, p: Parsed) -> tuple | None:
+        """The flow an ICMP error is about: the reverse of its quoted VIP-to-client header."""
+        q = p.l4 + 8
+        if p.family == 4:
+            if len(f) < q + 20 + 4 or f[q] != 0x45:
+                return None
+            proto, src, dst, ports = f[q + 9], f[q + 12:q + 16], f[q + 16:q + 20], q + 20
+        else:
+            if len(f) < q + 40 + 4 or f[q] >> 4 != 6:
+                return None
+            proto, src, dst, ports = f[q + 6], f[q + 8:q + 24], f[q + 24:q + 40], q + 40
+        if proto not in (IPPROTO_TCP, IPPROTO_UDP):
+            return None
+        sport, dport = struct.unpack_from("!HH", f, ports)
+        return (p.family, dst, src, dport, sport, proto)
+
     @staticmethod
     def _miss(to_vip: bool, vip_reason: str, rule: str, parsed: Parsed | None = None) -> Prediction:
         if to_vip:
@@ -342,9 +390,16 @@ class Oracle:
 
         if pred.verdict == XDP_PASS and out != frame:
             problems.append("a passed frame was modified: " + _diff(frame, out))
-        if pred.verdict != XDP_TX or verdict != XDP_TX:
+        if pred.verdict != XDP_TX or verdict != XDP_TX or pred.kind != "forward":
             if vips or backends:
                 problems.append(f"vip/backend counters moved for a frame not forwarded: {vips} {backends}")
+            if verdict == XDP_TX and pred.kind == "echo":
+                problems += self._judge_echo(frame, pred.parsed, out)
+            elif verdict == XDP_TX and pred.kind == "icmp_error":
+                if len(out) != size or out[6:12] != frame[0:6] or out[12:] != frame[12:] \
+                        or out[0:6] != pred.established:
+                    problems.append("ICMP error not sent to its flow's backend unchanged: " + _diff(frame, out))
+                    misforward = True
             return problems, misforward
 
         # Forwarded: only the two MACs change, to a backend of this VIP.
@@ -372,6 +427,39 @@ class Oracle:
         problems += self._check_slot(self.backend_slot, mac, backends, (1, size, new), "backend_stats", _mac(mac))
         self._record(pred, mac)  # even a wrong one: it is what the kernel's conntrack now holds
         return problems, misforward
+
+    @staticmethod
+    def _judge_echo(frame: bytes, p: Parsed, out: bytes) -> list[str]:
+        """The echo reply: MACs and addresses swapped, TTL/hop limit 64, type 0/129,
+        every checksum exactly as valid as in the request."""
+        if len(out) != len(frame):
+            return [f"echo reply of {len(out)} bytes for a request of {len(frame)}"]
+        want = bytearray(frame)
+        want[0:6], want[6:12] = frame[6:12], frame[0:6]
+        a = p.l3
+        if p.family == 4:
+            want[a + 12:a + 16], want[a + 16:a + 20] = frame[a + 16:a + 20], frame[a + 12:a + 16]
+            want[a + 8] = 64
+            want[a + 10:a + 12] = out[a + 10:a + 12]  # checksums: judged by validity below
+            want[p.l4] = 0
+        else:
+            want[a + 8:a + 24], want[a + 24:a + 40] = frame[a + 24:a + 40], frame[a + 8:a + 24]
+            want[a + 7] = 64
+            want[p.l4] = 129
+        want[p.l4 + 2:p.l4 + 4] = out[p.l4 + 2:p.l4 + 4]
+        problems = []
+        if bytes(want) != out:
+            problems.append("echo reply differs beyond its checksums: " + _diff(bytes(want), out))
+
+        def valid(fr: bytes) -> tuple:
+            msg = fr[p.l4:p.l4 + p.l4_len]
+            if p.family == 4:
+                return (ones_sum(fr[a:a + p.ip_header_len]) == 0xFFFF, ones_sum(msg) == 0xFFFF)
+            src, dst = fr[a + 8:a + 24], fr[a + 24:a + 40]
+            return (None, ones_sum(pseudo_header(6, src, dst, IPPROTO_ICMPV6, len(msg)) + msg) == 0xFFFF)
+        if valid(frame) != valid(out):
+            problems.append(f"echo checksums changed validity: {valid(frame)} -> {valid(out)}")
+        return problems
 
     @staticmethod
     def _check_slot(slots: dict, owner, moved: dict[int, tuple], want: tuple, table: str, name: str) -> list[str]:
