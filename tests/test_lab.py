@@ -92,6 +92,18 @@ def test_config_text_is_accepted_by_the_config_parser():
             [(lab.addr(n, vip.family), 2 if n == "b3" else 1) for n in lab.backend_names]
 
 
+def test_config_text_with_health_checks_is_accepted_by_the_config_parser():
+    from fastlb.config import parse_config
+    from fastlb.lab.topology import HEALTH_HTTP
+
+    lab = Lab(backends=2, runid="unit7")
+    config = parse_config(lab.config_text(health=HEALTH_HTTP))
+    for vip in config.vips:  # the UDP VIPs too: their servers share the process
+        assert (vip.health.kind, vip.health.port, vip.health.path) == ("http", 80, "/health")
+        assert vip.health.interval == HEALTH_HTTP["interval"] and vip.health.fall == HEALTH_HTTP["fall"]
+    assert all(vip.health.kind == "none" for vip in parse_config(lab.config_text()).vips)
+
+
 def test_config_text_ipv4_only_and_choices():
     lab = Lab(backends=3, ipv6=False, runid="unit2")
     cfg = tomllib.loads(lab.config_text(algorithm="wrr", services=(("tcp", 8080),), backends=["b3"]))

@@ -89,6 +89,12 @@ def start(lab: Lab, config: str | os.PathLike, log: str | os.PathLike,
     Raises LabError, with the end of its output, if it exits or is not
     attached within ``timeout`` seconds (it is killed then).
     """
+    from fastlb import pins
+
+    # fastlb's pin root must be a bpffs of the host's mount namespace, or the
+    # attach (in ip netns exec's private one) refuses. /run is empty after a
+    # reboot, so mount it here when it is missing, as the first fastlb command would.
+    pins.ensure_bpffs()
     log = Path(log)
     with open(log, "ab") as out:
         offset = out.tell()
@@ -200,3 +206,50 @@ def backend_counters(lab: Lab, data: list[dict], vip: str, port: int, protocol: 
         if backend is not None:
             out[backend] = Counters(int(be["packets"]), int(be["new_flows"]))
     return out
+
+
+def health(lab: Lab) -> dict[tuple[str, str], str | None]:
+    """The controller's health view: (VIP name, lab backend name) -> up, down, unknown.
+
+    Read with ``fastlb stats --json`` in the LB's namespace (it asks the
+    running controller). None for a backend whose VIP has no health check.
+    """
+    res = lab.run("lb", fastlb_argv("stats", "--json"), timeout=60, check=False, env=python_env())
+    try:
+        data = json.loads(res.stdout)
+    except ValueError:
+        data = None
+    if res.returncode != 0 or not isinstance(data, list):
+        raise LabError(f"fastlb stats in {lab.ns('lb')} failed (exit {res.returncode}): "
+                       f"{(res.stderr or res.stdout).strip()[-500:]}")
+    names = {}
+    for b in lab.backend_names:
+        for family in (4, 6) if lab.ipv6 else (4,):
+            addr = lab.addr(b, family)
+            names[f"[{addr}]" if family == 6 else addr] = b
+    out = {}
+    for att in data:
+        if att.get("interface") != lab.lb_iface:
+            continue
+        for vip in att.get("vips", []):
+            for be in vip.get("backends", []):
+                host = be["backend"].rpartition(":")[0]
+                if host in names:
+                    out[(vip["vip"], names[host])] = be.get("health")
+    return out
+
+
+def wait_health(lab: Lab, backends: list[str], state: str, timeout: float = 15.0) -> float:
+    """Wait until the controller reports every one of ``backends`` as ``state`` on every VIP.
+
+    Returns the seconds it took. Raises LabError, with the last view, after ``timeout``.
+    """
+    start = time.monotonic()
+    seen: dict = {}
+    while time.monotonic() - start < timeout:
+        seen = {key: s for key, s in health(lab).items() if key[1] in backends}
+        if {b for _, b in seen} == set(backends) and all(s == state for s in seen.values()):
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise LabError(f"fastlb's health checks did not report {', '.join(backends)} {state} within {timeout:g} s "
+                   f"(last seen: {seen or 'none of them'})")

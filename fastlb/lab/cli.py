@@ -154,15 +154,19 @@ def _print_up(lab_, bal, algorithm: str, forwarding: str) -> None:
         t.add_row(role, lab_.ns(role), ", ".join(lab_.addr(role, f) for f in families), runs_here)
     t.add_row("switch", lab_.ns("switch"), f"bridge {lab_.bridge}", "")
     console.print(t)
+    from fastlb.lab.topology import HEALTH_HTTP
+
     console.print(f"VIPs: {', '.join(lab_.vips)}, TCP {lab_.http_port} (HTTP) and UDP {lab_.udp_port} "
                   f"(echo), routed by the client via the LB")
+    console.print(f"Health checks: HTTP GET {HEALTH_HTTP['path']} every {HEALTH_HTTP['interval']:g} s; "
+                  f"all backends are up")
     console.print(f"Files: {lab_.run_dir}/ (fastlb.toml, fastlb.log, b1.log, ...)")
     client, lb = lab_.ns("client"), lab_.ns("lb")
     examples = [f"sudo ip netns exec {client} curl http://{lab_.vip4}/"]
     if lab_.ipv6:
         examples.append(f"sudo ip netns exec {client} curl -g 'http://[{lab_.vip6}]/'")
     examples += [
-        f"sudo ip netns exec {lb} fastlb status",
+        f"sudo ip netns exec {lb} fastlb stats",
         f"sudo fastlb lab traffic --lab {lab_.runid}",
         f"sudo fastlb lab traffic --lab {lab_.runid} --line-rate",
         f"sudo fastlb lab down {lab_.runid}",

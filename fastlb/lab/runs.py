@@ -5,7 +5,7 @@ file (``/run/fastlb/lab/<runid>.json``, see :mod:`fastlb.lab.netns`) is marked
 persistent, so no ``cleanup_stale()`` removes it; :func:`down` does. Its
 folder, ``/run/fastlb/lab/<runid>/``, holds::
 
-    fastlb.toml   the config fastlb runs with
+    fastlb.toml   the config fastlb runs with (HTTP health checks on every VIP)
     fastlb.log    the output of fastlb attach
     b1.log ...    the output of the backends' servers
     run.json      what lab up started: fastlb's PID and start time, the options
@@ -24,7 +24,7 @@ from pathlib import Path
 from fastlb.lab import balancer, netns
 from fastlb.lab.balancer import Balancer
 from fastlb.lab.netns import LabError
-from fastlb.lab.topology import Lab
+from fastlb.lab.topology import HEALTH_HTTP, Lab
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "fastlb.toml"
@@ -120,8 +120,11 @@ def up(backends: int = 3, ipv6: bool = True, algorithm: str = "maglev",
     lab = Lab(backends=backends, ipv6=ipv6, run_dir=True)
     lab.up()
     try:
-        config = lab.write_config(lab.run_dir / CONFIG_FILE, algorithm=algorithm, forwarding=forwarding)
+        config = lab.write_config(lab.run_dir / CONFIG_FILE, algorithm=algorithm, forwarding=forwarding,
+                                  health=HEALTH_HTTP)
         bal = balancer.start(lab, config, lab.run_dir / LOG_FILE)
+        # A backend is in no table until its first health check: ready means all up.
+        balancer.wait_health(lab, lab.backend_names, "up")
         info = {"algorithm": algorithm, "forwarding": forwarding, "created": time.time(),
                 "balancer": bal.to_dict()}
         (lab.run_dir / RUN_FILE).write_text(json.dumps(info, indent=1) + "\n")

@@ -51,6 +51,10 @@ UDP_PORT = 9000
 # answer the client directly. Tunnel (decapsulating backends) and NAT (replies
 # back through the LB) need wiring the lab does not have yet.
 LAB_FORWARDING = ("dsr",)
+# A [vip.health] table for Lab.config_text(health=...): HTTP GET /health on the
+# servers' port 80 (for the UDP VIPs too: the same process serves both).
+HEALTH_HTTP = {"kind": "http", "port": HTTP_PORT, "path": "/health", "interval": 0.5, "timeout": 0.3,
+               "rise": 2, "fall": 2}
 MAX_BACKENDS = 100
 XDP_PASS_SRC = Path(__file__).resolve().parents[2] / "bpf" / "xdp_pass.c"
 PKG_ROOT = Path(__file__).resolve().parents[2]
@@ -593,12 +597,14 @@ class Lab:
     def config_text(self, vips: list[str] | None = None, algorithm: str = "maglev",
                     services: tuple[tuple[str, int], ...] = (("tcp", HTTP_PORT), ("udp", UDP_PORT)),
                     backends: list[str] | None = None, weights: dict[str, int] | None = None,
-                    forwarding: str = "dsr") -> str:
+                    forwarding: str = "dsr", health: dict[str, str | int | float] | None = None) -> str:
         """A fastlb TOML config for this lab: one [[vip]] per VIP address and service.
 
         ``vips`` defaults to the lab's VIPs, ``services`` to TCP 80 and UDP 9000,
         ``backends`` to all backends (each with its address of the VIP's family),
-        ``weights`` (backend name -> weight) to 1 each.
+        ``weights`` (backend name -> weight) to 1 each. ``health``: the keys of
+        every VIP's ``[vip.health]`` table (:data:`HEALTH_HTTP` checks the
+        servers' ``GET /health``); None leaves the table out (no checks).
         """
         vips = self.vips if vips is None else vips
         backends = self.backend_names if backends is None else backends
@@ -610,6 +616,9 @@ class Lab:
                 lines += ["[[vip]]", f'address = "{vip}"', f"port = {int(port)}",
                           f'protocol = "{protocol}"', f'algorithm = "{algorithm}"',
                           f'forwarding = "{forwarding}"']
+                if health is not None:
+                    lines.append("[vip.health]")
+                    lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in health.items()]
                 for b in backends:
                     lines += ["[[vip.backend]]", f'address = "{self.addr(b, family)}"',
                               f"weight = {int(weights.get(b, 1))}"]
