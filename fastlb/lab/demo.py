@@ -1,24 +1,25 @@
 """``fastlb lab demo``: fastlb balancing real connections in a namespace lab, start to finish.
 
-What it does (``sudo make demo``; about a minute here, at most 90 s)::
+What it does (``sudo make demo``; under a minute here, at most 90 s)::
 
     1. a lab: a client, the LB and three backends (HTTP on TCP 80, UDP echo on 9000)
     2. for each algorithm this build has (fastlb.config.BUILT_ALGORITHMS): a fresh
-       fastlb attach with weights 1:1:1, then one with 3:2:1; each time 300 TCP
-       connections and 300 UDP exchanges, counted by the client (who answered)
-       and by fastlb (its per-backend counters, fastlb status --json)
+       fastlb attach serving two VIPs, 198.19.0.100 with weights 1:1:1 and
+       198.19.0.101 with 3:2:1; to each, 300 TCP connections and 300 UDP
+       exchanges, counted by the client (who answered) and by fastlb (its
+       per-backend counters, fastlb status --json)
     3. a line-rate UDP burst (BPF_PROG_TEST_RUN live frames, 1 s) through the
        last attach, counted by fastlb and at the backends' eth0
-    4. failover: b3's servers stop and the operator re-attaches with b3's weight
-       at 0; 300 more connections, none of which may reach b3
+    4. failover: b3's servers stop, fastlb's health checks (HTTP GET /health,
+       on from the start) take it out; 300 more connections, none may reach b3
     5. everything removed; a chart of each backend's share per phase, as a PNG
 
 ``--quick`` (at most 30 s) makes one attach serve one VIP per algorithm
-(198.19.0.100, .101, ... with weights 3:2:1) instead of an attach per
-algorithm, 60 connections and exchanges per phase, and a 0.5 s burst.
+(198.19.0.100, .101, ... with weights 3:2:1), 60 connections and exchanges
+per phase, and a 0.5 s burst.
 
 The exit code is 1 if any connection or exchange failed, or if the failover
-sent a new flow to the removed backend.
+sent a new flow to the backend that went down.
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from pathlib import Path
 
 from fastlb.lab import balancer, chart, linerate, spread
 from fastlb.lab.balancer import Balancer
-from fastlb.lab.topology import Lab
+from fastlb.lab.topology import HEALTH_HTTP, Lab
 
 EQUAL = (1, 1, 1)
 WEIGHTED = (3, 2, 1)
-HEALTH_NOTE = "health checks arrive with the controller; here the operator removes it"
 
 
 @dataclass(frozen=True)
@@ -117,14 +117,20 @@ class Demo:
         self.console.print(f"[dim]{time.monotonic() - self._start:5.1f} s[/]  {text}")
 
     def attach(self, text: str) -> None:
-        """Detach what runs, then a fresh fastlb attach with ``text`` as its config."""
+        """Detach what runs, then a fresh fastlb attach with ``text`` as its config.
+
+        Returns once the health checks report every backend up: until its first
+        probe, a backend is in no table.
+        """
         lab = self._lab
         self.detach()
         self._configs += 1
         path = lab.run_dir / f"fastlb-{self._configs}.toml"
         path.write_text(text)
         self._bal = balancer.start(lab, path, lab.run_dir / "fastlb.log")
-        self.say(f"[green]{self._bal.banner.split(';')[0]}[/]")
+        took = balancer.wait_health(lab, lab.backend_names, "up")
+        self.say(f"[green]{self._bal.banner.split(';')[0]}[/]; health checks report all backends up "
+                 f"after {took:.1f} s")
 
     def detach(self) -> None:
         if self._bal is not None:
@@ -133,29 +139,34 @@ class Demo:
 
     def phase(self, name: str, algorithm: str, weights: dict[str, int], vip: str, note: str = "") -> spread.Spread:
         n = self.plan.connections
+        start = time.monotonic()
         result = spread.measure(self._lab, name, algorithm, weights, vip=vip, tcp=n, udp=n,
                                 timeout=1.0, note=note)
         self.outcome.phases.append(result)
+        self.say(f"{name}: {result.tcp.made + result.udp.made} requests and fastlb's counters "
+                 f"in {time.monotonic() - start:.1f} s")
         self.console.print(spread.table(result))
         if result.failed:
             errors = "; ".join(result.tcp.errors + result.udp.errors)
             self.outcome.problems.append(f"{name}: {result.failed} requests failed ({errors})")
         return result
 
-    def config(self, algorithm: str, weights: dict[str, int], vips: list[str] | None = None) -> str:
+    def config(self, algorithm: str, weights: dict[str, int], vips: list[str]) -> str:
         return self._lab.config_text(vips=vips, algorithm=algorithm, weights=weights,
-                                     forwarding=self.forwarding)
+                                     forwarding=self.forwarding, health=HEALTH_HTTP)
 
     def algorithms(self) -> None:
         lab = self._lab
         algorithms = built_algorithms()
         if self.plan.attach_per_algorithm:
+            runs = [(weights_of(lab, values), f"198.19.0.{100 + i}") for i, values in enumerate((EQUAL, WEIGHTED))]
+            for _, vip in runs:
+                lab.add_vip(vip)
             for algorithm in algorithms:
-                for values in (EQUAL, WEIGHTED):
-                    weights = weights_of(lab, values)
-                    self.console.rule(f"{algorithm}, weights {ratio(weights)}")
-                    self.attach(self.config(algorithm, weights))
-                    self.phase(f"{algorithm} {ratio(weights)}", algorithm, weights, lab.vip4)
+                self.console.rule(f"{algorithm}: " + ", ".join(f"{vip} weights {ratio(w)}" for w, vip in runs))
+                self.attach("\n".join(self.config(algorithm, w, [vip]) for w, vip in runs))
+                for weights, vip in runs:
+                    self.phase(f"{algorithm} {ratio(weights)}", algorithm, weights, vip)
             return
         # Quick: one attach, one VIP per algorithm.
         weights = weights_of(lab, WEIGHTED)
@@ -177,22 +188,23 @@ class Demo:
         self.say(linerate.summary(result))
 
     def failover(self) -> None:
+        """One backend's servers stop; fastlb's health checks take it out of the tables."""
         lab = self._lab
         victim = lab.backend_names[-1]
-        algorithm = "maglev" if "maglev" in built_algorithms() else built_algorithms()[0]
-        weights = weights_of(lab, EQUAL)
-        weights[victim] = 0
+        last = self.outcome.phases[-1]
+        check = HEALTH_HTTP
         self.console.rule(f"failover: {victim} goes down")
         lab.stop_server(victim)
-        self.say(f"{victim}'s servers are stopped. Note: {HEALTH_NOTE}: "
-                 f"fastlb is re-attached with {victim}'s weight set to 0.")
-        self.attach(self.config(algorithm, weights))
-        result = self.phase(f"failover {victim}=0", algorithm, weights, lab.vip4,
-                            note=f"{victim} is down; {HEALTH_NOTE}")
+        took = balancer.wait_health(lab, [victim], "down")
+        self.say(f"{victim}'s servers are stopped; fastlb's health checks (HTTP GET {check['path']} every "
+                 f"{check['interval']:g} s, down after {check['fall']} failures) took it out after {took:.1f} s, "
+                 "with no operator action")
+        result = self.phase(f"failover {victim} down", last.algorithm, last.weights, last.vip,
+                            note=f"{victim}'s servers are stopped; the health checks removed it")
         reached = (result.tcp.counts.get(victim, 0) + result.udp.counts.get(victim, 0)
                    + result.fastlb_tcp[victim].new_flows + result.fastlb_udp[victim].new_flows)
         if reached:
-            self.outcome.problems.append(f"failover: {reached} new flows reached {victim} after its weight was 0")
+            self.outcome.problems.append(f"failover: {reached} new flows reached {victim} after it went down")
             self.say(f"[bold red]{reached} new flows still reached {victim}[/]")
         else:
             self.say(f"[green]no new connection reached {victim}[/] (client and fastlb agree: 0)")
