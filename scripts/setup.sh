@@ -25,7 +25,7 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 [ -r /etc/debian_version ] || die "this script knows Debian 12 only (no /etc/debian_version). Install BCC, kernel headers and iproute2 by hand, then run pip install -e ."
 
 # 1. Debian packages ---------------------------------------------------------
-packages=(bpfcc-tools python3-bpfcc libbpfcc libbpf1 iproute2 ethtool python3-venv python3-dev
+packages=(bpfcc-tools python3-bpfcc libbpfcc libbpf1 iproute2 ethtool iputils-ping python3-venv python3-dev
           gcc make procps)
 # Peers and tools for the lab and benchmarks (make bench uses them; the tests use some).
 packages+=(haproxy nginx libnginx-mod-stream wrk nftables)
