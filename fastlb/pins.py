@@ -18,9 +18,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import shutil
 from pathlib import Path
 
+from . import bpfsys
 from .errors import BpfError, PrivilegeError, os_error
 
 DEFAULT_ROOT = "/run/fastlb/bpffs"
@@ -62,9 +64,11 @@ def _mount_bpffs(path: Path) -> None:
 
 
 def ensure_bpffs() -> Path:
-    """The pin root, mounting fastlb's bpffs there first if needed."""
+    """The pin root, mounting fastlb's bpffs there first if needed, and without
+    the pins of namespaces that are gone."""
     base = root()
     if is_bpffs(base):
+        collect_stale(base)
         return base
     if os.geteuid() != 0:
         raise PrivilegeError(f"mounting a bpffs at {base} needs root", fix="run fastlb as root (sudo)")
@@ -109,6 +113,76 @@ def attachments(base: Path | None = None, kind: str = "") -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+_NETNS_DIR = re.compile(r"(?:[a-z]+-)?net(\d+)")
+
+
+def live_netns_inodes() -> set[int]:
+    """Inodes of the network namespaces that exist: those of a process, or bind-mounted
+    (ip netns, container runtimes)."""
+    inodes = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            m = re.search(r" net:\[(\d+)\] ", line)
+            if m:
+                inodes.add(int(m.group(1)))
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                inodes.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+            except OSError:
+                pass  # the process is gone, or not ours to see
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            inodes.add(os.stat(f"/run/netns/{name}").st_ino)
+        except OSError:
+            pass
+    return inodes
+
+
+def collect_stale(base: Path | None = None) -> list[Path]:
+    """Remove the pin folders of network namespaces that no longer exist.
+
+    Their interfaces went with the namespace, so the programs are detached
+    already; the pins would only keep the maps and programs in memory.
+    Returns the folders removed.
+    """
+    base = base or root()
+    live = live_netns_inodes()
+    removed = []
+    for folder in base.iterdir():
+        m = _NETNS_DIR.fullmatch(folder.name)
+        if not m or not folder.is_dir() or folder.is_symlink() or int(m.group(1)) in live:
+            continue
+        attachments = [a for a in folder.iterdir() if not _link_attached(a)]
+        if len(attachments) != len(list(folder.iterdir())):
+            continue  # a link still holds an interface: the namespace lives on somewhere
+        for attachment in attachments:
+            remove_dir(attachment)  # also removes the folder once it is empty
+        if folder.exists():
+            folder.rmdir()
+        removed.append(folder)
+    return removed
+
+
+def _link_attached(attachment: Path) -> bool:
+    """True when the attachment's pinned XDP link still names an interface."""
+    link = attachment / LINK_PIN
+    if not link.exists():
+        return False
+    try:
+        fd = bpfsys.obj_get(str(link))
+    except OSError:
+        return False
+    try:
+        return bpfsys.link_info(fd).ifindex != 0
+    finally:
+        os.close(fd)
 
 
 def remove_dir(path: Path) -> None:
