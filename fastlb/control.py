@@ -137,7 +137,8 @@ class Server:
         except OSError:
             pass
         self.sock.close()
-        self.thread.join(timeout=5)
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
         try:
             self.path.unlink()
         except FileNotFoundError:

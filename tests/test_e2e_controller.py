@@ -77,7 +77,8 @@ def keepalive_main(host: str, port: int, count: int) -> None:
     for _ in range(count):
         s = socket.create_connection((host, port), timeout=3)
         conns.append(s)
-    print(json.dumps({"backends": [_outcome(s) for s in conns]}), flush=True)
+    print(json.dumps({"backends": [_outcome(s) for s in conns], "ports": [s.getsockname()[1] for s in conns]}),
+          flush=True)
     for _ in sys.stdin:
         print(json.dumps({"backends": [_outcome(s) for s in conns]}), flush=True)
     for s in conns:
@@ -378,6 +379,38 @@ class TestLiveChanges:
         assert "permission denied" in lines[0] and "root" in lines[0]
         bad = fastlb(lab, "backend", "drain", f"{lab.vip4}:80/tcp", "198.18.0.99", check=False)
         assert bad.returncode != 0 and "has no backend 198.18.0.99" in bad.stderr and "Fix:" in bad.stderr
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", dir="/tmp", suffix=".toml") as readable:
+            readable.write(ctl.config.read_text())
+            readable.flush()
+            os.chmod(readable.name, 0o644)
+            attach = fastlb(lab, "attach", lab.lb_iface, "-c", readable.name, check=False, user=65534)
+        assert attach.returncode != 0 and attach.stderr.strip().splitlines() == [
+            "fastlb: error: attach needs root (CAP_BPF and CAP_NET_ADMIN). Fix: run it as root: sudo fastlb attach"]
+
+    def test_flows_lists_and_flushes_conntrack(self, lab, ctl):
+        held = Helper(lab, "keepalive", lab.vip4, 80, 6)
+        try:
+            first = held.line()
+            ports = {f"{lab.addr('client')}:{p}" for p, b in zip(first["ports"], first["backends"]) if b == "b1"}
+            res = json.loads(fastlb(lab, "flows", "list", "--json", "--backend", lab.addr("b1")).stdout)
+            mine = [f for f in res["flows"] if f["client"] in ports]
+            assert len(mine) == len(ports) and all(f["backend"] == f"{lab.addr('b1')}:80" for f in mine)
+            assert all(f["vip"] == f"{lab.vip4}:80/tcp" and f["live"] and f["flags"] == ["counted"] for f in mine)
+            gone = fastlb(lab, "flows", "flush", "--backend", lab.addr("b1")).stdout
+            assert f"flushed {res['total']} flow(s)" in gone
+            assert json.loads(fastlb(lab, "flows", "list", "--json", "--backend", lab.addr("b1")).stdout)["total"] == 0
+            assert backend_stats(stats_json(lab), lab)["b1"]["active"] == 0  # recounted after the flush
+        finally:
+            held.close()
+
+    def test_a_second_controller_on_the_interface_is_refused(self, lab, ctl, tmp_path):
+        other = tmp_path / "other.toml"
+        other.write_text(config_text(lab, "rr", HEALTH, settings="conntrack_size = 1000\n"))
+        res = fastlb(lab, "attach", lab.lb_iface, "-c", other, "--metrics", "off", check=False)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode != 0 and len(lines) == 1, res.stderr
+        assert "another fastlb controller is running on eth0" in lines[0]  # the live one is never touched
 
 
 def test_kill_9_is_hitless_and_a_new_attach_adopts_the_state(lab, run):
@@ -390,12 +423,21 @@ def test_kill_9_is_hitless_and_a_new_attach_adopts_the_state(lab, run):
         time.sleep(0.5)
         first_ctl.proc.kill()  # SIGKILL: nothing runs at exit
         first_ctl.proc.wait(10)
-        time.sleep(1.5)  # new connections keep arriving with no controller at all
+        other = first_ctl.config.with_name("other-layout.toml")
+        other.write_text(config_text(lab, "rr", HEALTH, settings="conntrack_size = 1000\n"))
+        res = fastlb(lab, "attach", lab.lb_iface, "-c", other, check=False)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode != 0 and len(lines) == 1, res.stderr
+        assert "conntrack has type/key/value/entries" in lines[0] and "the program declares" in lines[0]
+        time.sleep(1.0)  # new connections keep arriving with no controller at all
         assert held.ping() == first
     finally:
         during = churn.close()
     assert during["failed"] == 0, during
     assert set(during["counts"]) == {"b1", "b2", "b3"} and sum(during["counts"].values()) > 50, during
+    orphan = stats_json(lab)  # no controller: the maps alone, and it says so
+    assert orphan["controller"] is False and "no fastlb controller" in orphan["note"]
+    assert sum(v["new_flows"] for v in orphan["vips"]) >= sum(during["counts"].values())
     ids, entries = map_ids_and_flows(lab)
     second = run(text, name="again.toml")
     assert "adopted the running attachment" in second.text()
