@@ -44,6 +44,9 @@
 #define FL_TCP_FIN 0x01
 #define FL_TCP_SYN 0x02
 #define FL_TCP_RST 0x04
+#define FL_TCP_ACK 0x10
+
+#define FL_NS_PER_SEC 1000000000ULL
 
 /* Address families in keys (the kernel's AF_INET / AF_INET6). */
 #define FL_AF_INET 2
@@ -113,6 +116,14 @@ enum fl_reason {
 	                             * icmp_source; IPv4 without DF, or with options) */
 	FL_DROP_ENCAP_FAILED,       /* the frame could not grow for the outer header */
 	FL_REASON_MAX,
+};
+
+/* ---- Flow events: counted per CPU, beside the verdict reasons ---- */
+enum fl_event {
+	FL_EV_GUARD_UNRECORDED = 0, /* a new flow over new_flow_rate: forwarded by its ring slot, not recorded */
+	FL_EV_CT_FULL,              /* conntrack refused a new flow: forwarded by its ring slot */
+	FL_EV_MIDFLOW_RING,         /* a TCP packet without SYN and without conntrack entry: its ring slot */
+	FL_EVENT_MAX,
 };
 
 /* ---- The backends' decap program (fastlb_decap.c): one counter each ---- */

@@ -56,6 +56,33 @@ static __always_inline void count_backend(__u32 backend_id, __u64 bytes, int new
 	fl_count(backend_stats.lookup(&backend_id), bytes, new_flow);
 }
 
+static __always_inline void count_event(__u32 event, __u64 bytes)
+{
+	fl_count(event_stats.lookup(&event), bytes, 0);
+}
+
+/* The new-flow guard (as Katran's): true when this CPU has seen more than
+ * new_flow_rate new flows in the current second. Such flows are forwarded by
+ * the ring slot of their hash but not recorded, so a flood cannot evict the
+ * established flows from conntrack. */
+static __always_inline int over_new_flow_rate(__u64 now)
+{
+	__u32 zero = 0;
+	struct fl_settings *cfg = settings.lookup(&zero);
+	struct fl_flood *st;
+
+	if (!cfg || !cfg->new_flow_rate)
+		return 0;
+	st = flood.lookup(&zero);
+	if (!st)
+		return 0;
+	if (now - st->window_start_ns >= FL_NS_PER_SEC) {
+		st->window_start_ns = now;
+		st->new_flows = 0;
+	}
+	return ++st->new_flows > cfg->new_flow_rate;
+}
+
 /* The backend id in ring slot `hash % M` of a VIP, or FL_RING_EMPTY. */
 static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 vip_id, __u32 hash)
 {
@@ -539,7 +566,15 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	if (!vip || !(vip->flags & FL_VIP_F_VALID))
 		return FL_DROP_NO_BACKEND;
 	hash = flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED);
-	be_id = select_backend(vip, vip_id, hash);
+	if (flow->proto != IPPROTO_TCP || (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN) {
+		be_id = select_backend(vip, vip_id, hash);
+	} else {
+		/* Mid-flow with no entry (evicted, not recorded, or moved here from
+		 * another box by ECMP): the ring slot is the pick every box and
+		 * every packet agrees on. */
+		be_id = ring_pick(vip, vip_id, hash);
+		count_event(FL_EV_MIDFLOW_RING, pkt->bytes);
+	}
 	if (be_id == FL_RING_EMPTY)
 		return FL_DROP_NO_BACKEND;
 	new_ct.backend_id = be_id;
@@ -550,13 +585,18 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 		new_ct.flags = FL_CT_F_CLOSING;
 	else if (flow->proto == IPPROTO_TCP)
 		new_ct.flags = FL_CT_F_COUNTED;
-	if (conntrack.update(flow, &new_ct) == 0) {
+	/* Not recorded (over the guard's rate, or conntrack refused): every
+	 * packet of the flow must then reach the same backend, which only the
+	 * ring slot of its hash gives. */
+	if (over_new_flow_rate(new_ct.last_seen_ns)) {
+		be_id = ring_pick(vip, vip_id, hash);
+		count_event(FL_EV_GUARD_UNRECORDED, pkt->bytes);
+	} else if (conntrack.update(flow, &new_ct) == 0) {
 		if (new_ct.flags & FL_CT_F_COUNTED)
 			active_add(be_id, 1);
 	} else {
-		/* Not recorded: every packet of the flow must then reach the
-		 * same backend, which only the ring slot of its hash gives. */
 		be_id = ring_pick(vip, vip_id, hash);
+		count_event(FL_EV_CT_FULL, pkt->bytes);
 	}
 	be = backends.lookup(&be_id);
 	if (!be || !(be->flags & FL_BE_F_VALID))

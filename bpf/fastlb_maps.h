@@ -58,6 +58,12 @@ FL_MAP("lru_hash", struct flow_key, struct nat_rev, nat_rev, FASTLB_CT_SIZE * 2,
  * Written by the loader. */
 FL_MAP("array", __u32, struct fl_settings, settings, 1, 0);
 
+/* 0 -> this CPU's new-flow guard window. Written by the program. */
+FL_MAP("percpu_array", __u32, struct fl_flood, flood, 1, 0);
+
+/* enum fl_event -> packets/bytes. Written by the program. */
+FL_MAP("percpu_array", __u32, struct fl_counter, event_stats, FL_EVENT_MAX, 0);
+
 /* enum fl_reason -> packets/bytes. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_counter, reason_stats, FL_REASON_MAX, 0);
 

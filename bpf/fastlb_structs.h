@@ -82,6 +82,14 @@ struct fl_settings {
 	__u32 nat_vips;             /* NAT VIPs configured: replies are looked up only if > 0 */
 	__u8 lb_mac[6];             /* the attach interface's MAC (ARP/ND answers) */
 	__u16 pad;
+	__u32 new_flow_rate;        /* new flows per CPU per second recorded; 0: no limit */
+	__u32 pad2;
+};
+
+/* Per-CPU state of the new-flow guard: flows started in the current second. */
+struct fl_flood {
+	__u64 window_start_ns;
+	__u64 new_flows;
 };
 
 /* A packet and byte counter (per CPU). */

@@ -60,6 +60,9 @@ class Settings:
     # The controller: UDP flows idle this long are expired; conntrack is swept this often.
     udp_timeout: float = 300.0
     sweep_interval: float = 2.0
+    # The new-flow guard: new flows per CPU per second that conntrack records; the
+    # rest are forwarded by their ring slot, unrecorded (0 turns the guard off).
+    new_flow_rate: int = 125000
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,7 @@ _SETTINGS_RANGES = {
     "swrr_size": (1, 65536),
     "udp_timeout": (1.0, 86400.0),
     "sweep_interval": (0.1, 3600.0),
+    "new_flow_rate": (0, 2**32 - 1),
 }
 _SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not only integers
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}

@@ -56,7 +56,12 @@ class Settings(ctypes.Structure):
     _fields_ = [("icmp_src4", ctypes.c_uint32), ("icmp_src6", U32x4),
                 ("tunnel_src4", ctypes.c_uint32), ("tunnel_host4", ctypes.c_uint32),
                 ("tunnel_src6", U32x4), ("tunnel_host6", ctypes.c_uint32),
-                ("nat_vips", ctypes.c_uint32), ("lb_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
+                ("nat_vips", ctypes.c_uint32), ("lb_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16),
+                ("new_flow_rate", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
+
+
+class Flood(ctypes.Structure):
+    _fields_ = [("window_start_ns", ctypes.c_uint64), ("new_flows", ctypes.c_uint64)]
 
 
 class Counter(ctypes.Structure):
@@ -74,6 +79,7 @@ C_STRUCTS = {
     "fl_counter": Counter,
     "nat_rev": NatRev,
     "fl_settings": Settings,
+    "fl_flood": Flood,
 }
 
 

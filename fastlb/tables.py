@@ -121,7 +121,8 @@ def _vip_key(vip) -> structs.VipKey:
 def settings_entry(config, lb_mac: str | None) -> structs.Settings:
     """The settings map's one entry: tunnel source prefixes, ICMP sources, NAT use, the LB's MAC."""
     cfg = config.settings
-    entry = structs.Settings(nat_vips=sum(1 for v in config.vips if v.forwarding == "nat"))
+    entry = structs.Settings(nat_vips=sum(1 for v in config.vips if v.forwarding == "nat"),
+                             new_flow_rate=cfg.new_flow_rate)
     if cfg.tunnel_source is not None:
         entry.tunnel_src4 = structs.pack_addr(cfg.tunnel_source.network_address)[0]
         entry.tunnel_host4 = structs.pack_addr(cfg.tunnel_source.hostmask)[0]

@@ -167,7 +167,7 @@ def test_sequence_algorithms_walk_the_smooth_wrr_sequence(bed, port, expected):
     cpu, old = _on_one_cpu()
     try:
         bed.flush_conntrack()
-        picks = [kernel_pick(bed, frame("198.18.1.1", 20000 + i, port, "tcp", "R")) for i in range(10 * len(expected))]
+        picks = [kernel_pick(bed, frame("198.18.1.1", 20000 + i, port, "tcp", "SF")) for i in range(10 * len(expected))]
     finally:
         os.sched_setaffinity(0, old)
         bed.flush_conntrack()
@@ -214,3 +214,50 @@ def test_source_hash_gives_one_client_one_backend(bed):
         vip = vip_of(bed, 1007)
         assert picks == {explain.explain(bed.config, vip, client, 1).backend}
     bed.flush_conntrack()
+
+
+def events(bed) -> dict[str, int]:
+    from fastlb import cdefs
+    return {name: bed.maps.counter("event_stats", idx).packets
+            for name, idx in cdefs.enum("fl_event").items() if name != "FL_EVENT_MAX"}
+
+
+def ring_backend(bed, vip, src, sport) -> str:
+    """The backend of the flow's ring slot (what maglev would pick)."""
+    from fastlb.tables import ring_positions
+    h = explain.flow_hash(vip, src, sport, bed.sizes.hash_seed)
+    return str(vip.backends[ring_positions(vip, bed.sizes)[h % bed.sizes.ring_size]].address)
+
+
+def test_a_mid_flow_packet_without_an_entry_takes_its_ring_slot(bed):
+    """Evicted, unrecorded, or moved here by ECMP: every box agrees on the ring slot."""
+    vip = vip_of(bed, 1004)  # wrr: a SYN would take the next sequence slot
+    bed.flush_conntrack()
+    before = events(bed)["FL_EV_MIDFLOW_RING"]
+    for sport in range(33000, 33040):
+        assert kernel_pick(bed, frame("198.18.4.4", sport, 1004, "tcp", "A")) == \
+            ring_backend(bed, vip, "198.18.4.4", sport)
+    assert events(bed)["FL_EV_MIDFLOW_RING"] - before == 40
+    bed.flush_conntrack()
+
+
+def test_the_new_flow_guard_forwards_but_does_not_record_a_flood(bed):
+    limited = CONFIG.replace("hash_seed = 12345\n", "hash_seed = 12345\nnew_flow_rate = 20\n")
+    bed.apply(limited)
+    vip = vip_of(bed, 1004)
+    cpu, old = _on_one_cpu()
+    try:
+        bed.flush_conntrack()
+        before = events(bed)["FL_EV_GUARD_UNRECORDED"]
+        # One second's worth of the window may already be used by earlier tests: push well past it.
+        picks = {sport: kernel_pick(bed, frame("198.18.5.5", sport, 1004, "tcp", "S")) for sport in range(34000, 34200)}
+        unrecorded = events(bed)["FL_EV_GUARD_UNRECORDED"] - before
+        recorded = len(list(bed.maps.keys("conntrack")))
+    finally:
+        os.sched_setaffinity(0, old)
+        bed.apply(CONFIG)
+        bed.flush_conntrack()
+    assert recorded <= 20 and unrecorded >= 180 and recorded + unrecorded == 200
+    # Unrecorded flows went to their ring slot, so all their packets agree.
+    ring = [s for s in picks if picks[s] == ring_backend(bed, vip, "198.18.5.5", s)]
+    assert len(ring) >= unrecorded
