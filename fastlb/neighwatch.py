@@ -85,8 +85,6 @@ class Watcher:
         self.watched: set[str] = set()
         self.kicked: dict[str, float] = {}
         self.stopped = threading.Event()
-        self.ipr = IPRoute()
-        self.ipr.bind(groups=RTMGRP_NEIGH)
         self.thread = threading.Thread(target=self._run, name="fastlb-neigh", daemon=True)
 
     def watch(self, addresses) -> None:
@@ -96,19 +94,18 @@ class Watcher:
         self.thread.start()
 
     def _run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                ready, _, _ = select.select([self.ipr], [], [], 0.5)
-                if not ready:
+        # pyroute2 binds a socket to the thread that made it: make it here.
+        with IPRoute() as ipr:
+            ipr.bind(groups=RTMGRP_NEIGH)
+            while not self.stopped.is_set():
+                try:
+                    ready, _, _ = select.select([ipr], [], [], 0.5)
+                    messages = ipr.get() if ready else []
+                except (OSError, ValueError):
+                    time.sleep(0.5)
                     continue
-                messages = self.ipr.get()
-            except (OSError, ValueError):
-                if self.stopped.is_set():
-                    return
-                time.sleep(0.5)
-                continue
-            for msg in messages:
-                self._message(msg)
+                for msg in messages:
+                    self._message(msg)
 
     def _message(self, msg) -> None:
         if msg.get("ifindex") != self.iface.index:
@@ -130,5 +127,5 @@ class Watcher:
 
     def stop(self) -> None:
         self.stopped.set()
-        self.thread.join(timeout=5)
-        self.ipr.close()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)

@@ -577,3 +577,31 @@ def test_stats_and_metrics_report_exactly_what_the_client_and_servers_counted(la
 def udp_by_source_40(lab):
     from fastlb.lab.clients import udp_by_source
     return udp_by_source(lab, port=lab.udp_port, count=40, sources=40, first_port=43000)
+
+
+class TestMoreLiveChanges:
+    """VIPs added and removed at run time, and a neighbour whose MAC changes."""
+
+    def test_a_vip_added_at_run_time_balances_and_a_removed_one_stops(self, lab, ctl):
+        extra = "198.19.0.101"
+        lab.add_vip(extra)
+        fastlb(lab, "vip", "add", f"{extra}:80/tcp", "--backend", lab.addr("b1"), "--backend", lab.addr("b2"),
+               "--algorithm", "rr")
+        assert set(tcp_requests(lab, vip=extra, count=20)) == {"b1", "b2"}
+        fastlb(lab, "vip", "remove", f"{extra}:80/tcp")
+        with pytest.raises(Exception, match="failed"):
+            tcp_requests(lab, vip=extra, count=1, timeout=0.5)
+        assert set(tcp_requests(lab, count=20)) <= {"b1", "b2", "b3"}  # the file's VIP is untouched
+
+    def test_a_neighbour_change_is_written_to_the_backend(self, lab, ctl):
+        b1 = lab.addr("b1")
+        before = ctl.mark("neighbour_changed")
+        lab.run("lb", ["ip", "neigh", "replace", b1, "lladdr", "02:00:00:00:99:99", "dev", "eth0", "nud", "permanent"])
+        try:
+            ctl.wait_event("neighbour_changed", after=before, backend=b1, mac="02:00:00:00:99:99")
+            assert backend_stats(stats_json(lab), lab)["b1"]["mac"] == "02:00:00:00:99:99"
+        finally:
+            lab.run("lb", ["ip", "neigh", "replace", b1, "lladdr", lab.mac("b1"), "dev", "eth0", "nud", "permanent"])
+        ctl.wait_event("neighbour_changed", after=before + 1, backend=b1, mac=lab.mac("b1"))
+        assert backend_stats(stats_json(lab), lab)["b1"]["mac"] == lab.mac("b1")
+        assert "b1" in tcp_requests(lab, count=20)
