@@ -156,6 +156,8 @@ def status() -> list[dict]:
                     c = maps.counter("reason_stats", idx)
                     reasons[name.removeprefix("FL_").lower()] = {
                         "verdict": cdefs.reason_verdict(name), "packets": c.packets, "bytes": c.bytes}
+                events = {name.removeprefix("FL_EV_").lower(): maps.counter("event_stats", idx).packets
+                          for name, idx in cdefs.enum("fl_event").items() if name != "FL_EVENT_MAX"}
                 conntrack = maps.info("conntrack").max_entries
         except FastlbError as exc:
             entry["problem"] = str(exc)
@@ -164,6 +166,6 @@ def status() -> list[dict]:
         verdicts: dict[str, int] = {}
         for r in reasons.values():
             verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + r["packets"]
-        entry.update(vips=vips, reasons=reasons, verdicts=verdicts, conntrack_size=conntrack)
+        entry.update(vips=vips, reasons=reasons, verdicts=verdicts, events=events, conntrack_size=conntrack)
         out.append(entry)
     return out

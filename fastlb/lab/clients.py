@@ -210,11 +210,38 @@ def cmd_udp(host: str, port: int, count: int, timeout: float, sources: int | Non
     return {"counts": counts, "by_source": by_source}
 
 
-def cmd_hold(host: str, port: int, count: int, timeout: float) -> dict:
-    """Open ``count`` TCP connections and hold them, idle, until stdin closes.
+def keepalive_get(s: socket.socket, host: str, path: str = "/") -> str:
+    """One GET on an open keep-alive connection; returns the body (status 200 required)."""
+    hosthdr = f"[{host}]" if ":" in host else host
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {hosthdr}\r\nConnection: keep-alive\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before the answer's headers")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode(errors="replace").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next((int(ln.split(":", 1)[1]) for ln in lines[1:] if ln.lower().startswith("content-length:")), 0)
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed inside the answer's body")
+        body += chunk
+    if status != 200:
+        raise ValueError(f"HTTP status {status}")
+    return body.decode(errors="replace").strip()
 
-    Prints ``{"held": count}`` once all are open (or an error), then blocks;
-    the connections close (FIN) when stdin reaches EOF.
+
+def cmd_hold(host: str, port: int, count: int, timeout: float, requests: bool = False) -> dict:
+    """Open ``count`` TCP connections and hold them until stdin closes.
+
+    Idle by default. With ``requests``, each connection makes one keep-alive
+    GET at once, and again for every ``check`` line read from stdin, which
+    answers ``{"ok": N, "failed": M, "backends": {...}}``. Prints
+    ``{"held": count}`` once all are open (or an error); the connections
+    close (FIN) when stdin reaches EOF.
     """
     conns = []
     try:
@@ -224,11 +251,23 @@ def cmd_hold(host: str, port: int, count: int, timeout: float) -> dict:
             s.settimeout(timeout)
             try:
                 s.connect((host, port))
-            except OSError as exc:
+                if requests:
+                    keepalive_get(s, host)
+            except (OSError, ValueError) as exc:
                 print(json.dumps({"error": f"connection {i + 1}/{count} failed: {exc!r}"}), flush=True)
                 return {}
         print(json.dumps({"held": count}), flush=True)
-        sys.stdin.read()
+        for line in sys.stdin:
+            if line.strip() != "check":
+                continue
+            ok, failed, backends = 0, 0, Counter()
+            for s in conns:
+                try:
+                    backends[keepalive_get(s, host)] += 1
+                    ok += 1
+                except (OSError, ValueError):
+                    failed += 1
+            print(json.dumps({"ok": ok, "failed": failed, "backends": backends}), flush=True)
     finally:
         for s in conns:
             s.close()
@@ -294,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--port", type=int, required=True)
     h.add_argument("--count", type=int, default=10, metavar="N")
     h.add_argument("--timeout", type=float, default=2.0)
+    h.add_argument("--requests", action="store_true",
+                   help="GET on each connection (keep-alive) now and at every 'check' line on stdin")
     w = sub.add_parser("wait")
     w.add_argument("--target", nargs=2, action="append", required=True, metavar=("ADDR", "PORT"))
     w.add_argument("--timeout", type=float, default=15.0)
@@ -313,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "hold":
         if not 1 <= a.count <= MAX_COUNT:
             p.error(f"--count must be 1 to {MAX_COUNT}")
-        out = cmd_hold(a.host, a.port, a.count, a.timeout)
+        out = cmd_hold(a.host, a.port, a.count, a.timeout, a.requests)
     else:
         out = cmd_wait([(h, int(port)) for h, port in a.target], a.timeout)
     json.dump(out, sys.stdout)
