@@ -99,3 +99,32 @@ def test_without_the_guard_the_flood_evicts_held_connections(lab, tmp_path):
     assert sent >= 100_000
     assert ev.get("guard_unrecorded", 0) == 0
     assert after["failed"] > 0, f"the control run shows no harm: {after}"
+
+
+def test_the_lb_itself_stays_reachable_during_a_flood(lab, tmp_path):
+    """The operator's own TCP (SSH, say) to the LB's address passes while a flood is balanced."""
+    from fastlb.lab.clients import tcp_requests, wait_tcp
+    path = tmp_path / "reach.toml"
+    path.write_text(config(lab, new_flow_rate=200))
+    attached = Attached(lab, path)
+    own = lab.exec_python("lb", "fastlb.lab.servers", "--name", "lb-itself", "--http-port", 2222,
+                          "--udp-port", 2223, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_tcp(lab, [(lab.addr("lb"), 2222)], timeout=10)
+        linerate.enable_peer_napi(lab)
+        gen = lab.exec_python("client", "fastlb.lab.linerate", "--ifname", "eth0", "--src-mac", lab.mac("client"),
+                              "--dst-mac", lab.mac("lb"), "--src", FLOOD_SOURCES[1], "--dst", lab.vip4,
+                              "--port", lab.udp_port, "--flows", FLOWS_PER_SOURCE, "--seconds", 4,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            counts = tcp_requests(lab, vip=lab.addr("lb"), port=2222, count=50)
+            still_flooding = gen.poll() is None
+        finally:
+            out, _ = gen.communicate(timeout=60)
+        assert sum(counts.values()) == 50 and set(counts) == {"lb-itself"}
+        assert still_flooding, "the flood ended before the requests did; nothing was shown"
+        assert json.loads(out)["sent"] > 0
+    finally:
+        own.terminate()
+        own.wait(timeout=10)
+        attached.stop()
