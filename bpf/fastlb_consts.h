@@ -21,6 +21,9 @@
 #ifndef FASTLB_CT_SIZE
 #define FASTLB_CT_SIZE 65536        /* conntrack LRU entries */
 #endif
+#ifndef FASTLB_MAX_IFACES
+#define FASTLB_MAX_IFACES 8         /* interfaces of one attachment (two-arm: clients, backends) */
+#endif
 #ifndef FASTLB_SEQ_SIZE
 #define FASTLB_SEQ_SIZE 1024        /* smooth-WRR sequence slots per VIP */
 #endif
@@ -89,7 +92,9 @@ enum fl_ct_flags {
 
 /* ---- Verdict reasons: one per-CPU counter each.
  * The prefix names the XDP verdict (FL_PASS_ -> XDP_PASS, FL_DROP_ ->
- * XDP_DROP, FL_TX_ -> XDP_TX); userspace derives verdict totals from it.
+ * XDP_DROP, FL_TX_ -> XDP_TX, FL_REDIRECT_ -> XDP_REDIRECT); userspace
+ * derives verdict totals from it. The FL_TX_ reasons come first, then the
+ * FL_REDIRECT_ ones (fastlb_verdict.h relies on it).
  */
 enum fl_reason {
 	FL_TX_DSR = 0,              /* forwarded to a backend by MAC rewrite */
@@ -101,6 +106,11 @@ enum fl_reason {
 	FL_TX_ICMP_TOO_BIG,         /* too big once tunnelled: ICMP frag-needed/PTB to the client */
 	FL_TX_ARP_REPLY,            /* ARP reply for an announced VIP */
 	FL_TX_ND_ADVERT,            /* neighbour advertisement for an announced VIP */
+	FL_REDIRECT_DSR,            /* as FL_TX_DSR, out of another interface (two-arm) */
+	FL_REDIRECT_TUNNEL,         /* as FL_TX_TUNNEL, out of another interface */
+	FL_REDIRECT_NAT,            /* as FL_TX_NAT, out of another interface */
+	FL_REDIRECT_NAT_REPLY,      /* as FL_TX_NAT_REPLY, out of the clients' interface */
+	FL_REDIRECT_ICMP_TO_BACKEND, /* as FL_TX_ICMP_TO_BACKEND, out of another interface */
 	FL_PASS_NOT_IP,             /* ARP and other non-IP frames */
 	FL_PASS_NOT_VIP,            /* IP packet whose destination is no VIP address */
 	FL_PASS_VIP_PORT,           /* VIP address, but no VIP on this port/protocol */
@@ -115,6 +125,7 @@ enum fl_reason {
 	FL_DROP_TOO_BIG,            /* too big once tunnelled, and no ICMP error sent (no
 	                             * icmp_source; IPv4 without DF, or with options) */
 	FL_DROP_ENCAP_FAILED,       /* the frame could not grow for the outer header */
+	FL_DROP_NO_EGRESS,          /* the backend's interface is not one of the attachment's */
 	FL_REASON_MAX,
 };
 

@@ -187,6 +187,7 @@ struct fl_pkt {
 	__u32 l2_len;               /* Ethernet and VLAN tags: 14, 18 or 22 */
 	__u32 l3_len;               /* IP header and payload */
 	__u32 l4_len;               /* IP payload */
+	__u32 redirect_slot;        /* FL_REDIRECT_ reasons: the tx_ports slot to send out of */
 	__u8 tcp_flags;
 	__u8 tos;                   /* IPv4 TOS, copied to an outer IPv4 header */
 };
@@ -259,6 +260,27 @@ static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const 
 {
 	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, src, ETH_ALEN);
+}
+
+/* Send a forwarded frame out of `ifindex`: XDP_TX when that is the interface
+ * it came in on (or 0), else XDP_REDIRECT through tx_ports, with that
+ * interface's MAC as the source (two-arm). Returns the reason to count. */
+static __always_inline __u32 egress(struct xdp_md *ctx, struct fl_pkt *pkt, __u32 ifindex, __u32 slot,
+				    __u32 reason)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct fl_iface *ifc;
+
+	if (!ifindex || ifindex == ctx->ingress_ifindex)
+		return reason;
+	ifc = ifaces.lookup(&slot);
+	if (!ifc || ifc->ifindex != ifindex || (void *)(eth + 1) > data_end)
+		return FL_DROP_NO_EGRESS;
+	__builtin_memcpy(eth->h_source, ifc->mac, ETH_ALEN);
+	pkt->redirect_slot = slot;
+	return redirect_reason(reason);
 }
 
 /* ---- Tunnel mode ---- */
@@ -485,10 +507,12 @@ static __always_inline __u32 nat_out(struct ethhdr *eth, void *data_end, struct 
 
 /* A NAT backend's reply: restore the VIP as its source. 0 when the packet
  * is not one. */
-static __always_inline __u32 nat_in(struct ethhdr *eth, void *data_end, struct fl_pkt *pkt)
+static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void *data_end,
+				    struct fl_pkt *pkt)
 {
 	__u32 zero = 0;
 	struct fl_settings *cfg = settings.lookup(&zero);
+	struct fl_iface *clients;
 	struct nat_rev *rev;
 	__u8 lb_mac[ETH_ALEN];
 
@@ -501,7 +525,8 @@ static __always_inline __u32 nat_in(struct ethhdr *eth, void *data_end, struct f
 		return 0;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, rev->client_mac, lb_mac);
-	return FL_TX_NAT_REPLY;
+	clients = ifaces.lookup(&zero);  /* slot 0: the clients' side */
+	return egress(ctx, pkt, clients ? clients->ifindex : 0, 0, FL_TX_NAT_REPLY);
 }
 
 /* ---- Forwarding ---- */
@@ -558,7 +583,7 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	vkey.family = flow->family;
 	vip_id_p = vips.lookup(&vkey);
 	if (!vip_id_p) {
-		reason = nat_in(eth, data_end, pkt);
+		reason = nat_in(ctx, eth, data_end, pkt);
 		return reason ? reason : miss_reason(flow, FL_PASS_VIP_PORT);
 	}
 	vip_id = *vip_id_p;
@@ -605,7 +630,9 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 
 send:
 	reason = to_backend(ctx, eth, pkt, vip, vip_id, be, new_flow);
-	if (reason_verdict(reason) == XDP_TX) {
+	if (reason_verdict(reason) == XDP_TX)
+		reason = egress(ctx, pkt, be->egress_ifindex, be->egress_slot, reason);
+	if (reason_verdict(reason) == XDP_TX || reason_verdict(reason) == XDP_REDIRECT) {
 		count_vip(vip_id, pkt->bytes, new_flow);
 		count_backend(be_id, pkt->bytes, new_flow);
 	}
@@ -659,11 +686,13 @@ static __always_inline __u32 icmp_to_backend(struct xdp_md *ctx, struct ethhdr *
 		return FL_PASS_VIP_PORT;
 	if (vip->forwarding == FL_FWD_TUNNEL) {
 		pkt->flow = flow;  /* the outer source follows the flow, like its packets */
-		return tunnel_out(ctx, pkt, be) == FL_TX_TUNNEL ? FL_TX_ICMP_TO_BACKEND : FL_DROP_ENCAP_FAILED;
+		if (tunnel_out(ctx, pkt, be) != FL_TX_TUNNEL)
+			return FL_DROP_ENCAP_FAILED;
+	} else {
+		__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+		__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
 	}
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
-	return FL_TX_ICMP_TO_BACKEND;
+	return egress(ctx, pkt, be->egress_ifindex, be->egress_slot, FL_TX_ICMP_TO_BACKEND);
 }
 
 static __always_inline __u32 process_icmp4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
@@ -842,5 +871,7 @@ int xdp_fastlb(struct xdp_md *ctx)
 		reason = FL_PASS_NOT_IP;
 
 	count_reason(reason, pkt.bytes);
+	if (reason_verdict(reason) == XDP_REDIRECT)
+		return tx_ports.redirect_map(pkt.redirect_slot, 0);
 	return reason_verdict(reason);
 }

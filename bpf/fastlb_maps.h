@@ -17,6 +17,17 @@
 #define FL_MAP(type, key, value, name, entries, flags) \
 	BPF_TABLE_PINNED7(type, key, value, name, entries, FASTLB_PIN_DIR "/" #name, flags)
 
+/* A pinned devmap with BCC's redirect_map() method (BPF_DEVMAP, pinned). */
+#define FL_DEVMAP(name, entries)                                              \
+	struct name##_table_t {                                               \
+		u32 key;                                                      \
+		int leaf;                                                     \
+		u64 (*redirect_map)(int, int);                                \
+		u32 max_entries;                                              \
+	};                                                                    \
+	__attribute__((section("maps/devmap:" FASTLB_PIN_DIR "/" #name)))     \
+	struct name##_table_t name = { .max_entries = (entries) }
+
 /* VIPs -> vip id; VIP addresses (port 0, proto 0) -> FL_VIP_ID_ADDR_ONLY.
  * Written by the loader. Read for packets with no conntrack entry. */
 FL_MAP("hash", struct vip_key, __u32, vips, FASTLB_MAX_VIPS * 2, 0);
@@ -63,6 +74,14 @@ FL_MAP("percpu_array", __u32, struct fl_flood, flood, 1, 0);
 
 /* enum fl_event -> packets/bytes. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_counter, event_stats, FL_EVENT_MAX, 0);
+
+/* Interface slot -> ifindex, for XDP_REDIRECT out of another interface of
+ * the attachment (two-arm). Written by the loader. */
+FL_DEVMAP(tx_ports, FASTLB_MAX_IFACES);
+
+/* Interface slot -> ifindex and MAC (the source MAC of frames sent out of it).
+ * Written by the loader. */
+FL_MAP("array", __u32, struct fl_iface, ifaces, FASTLB_MAX_IFACES, 0);
 
 /* enum fl_reason -> packets/bytes. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_counter, reason_stats, FL_REASON_MAX, 0);

@@ -41,6 +41,16 @@ struct backend {
 	__u16 weight;
 	__u32 vip_id;               /* the VIP this backend serves */
 	__u32 rtt_us;               /* lrt: response-time score in microseconds */
+	__u32 egress_ifindex;       /* interface towards it; 0: the one the packet came in on */
+	__u32 egress_slot;          /* that interface's slot in tx_ports and ifaces */
+};
+
+/* Value of the ifaces array: an interface of the attachment. Slot 0 is the
+ * clients' side (the first interface given to fastlb attach). */
+struct fl_iface {
+	__u32 ifindex;
+	__u8 mac[6];
+	__u16 pad;
 };
 
 /* Key of the conntrack map: the packet's 5-tuple as it arrived. */

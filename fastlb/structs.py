@@ -32,7 +32,12 @@ class VipMeta(ctypes.Structure):
 class Backend(ctypes.Structure):
     _fields_ = [("addr", U32x4), ("mac", ctypes.c_uint8 * 6), ("family", ctypes.c_uint8),
                 ("flags", ctypes.c_uint8), ("port", ctypes.c_uint16), ("weight", ctypes.c_uint16),
-                ("vip_id", ctypes.c_uint32), ("rtt_us", ctypes.c_uint32)]
+                ("vip_id", ctypes.c_uint32), ("rtt_us", ctypes.c_uint32),
+                ("egress_ifindex", ctypes.c_uint32), ("egress_slot", ctypes.c_uint32)]
+
+
+class Iface(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16)]
 
 
 class FlowKey(ctypes.Structure):
@@ -80,6 +85,7 @@ C_STRUCTS = {
     "nat_rev": NatRev,
     "fl_settings": Settings,
     "fl_flood": Flood,
+    "fl_iface": Iface,
 }
 
 

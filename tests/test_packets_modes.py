@@ -205,7 +205,10 @@ def test_a_reply_with_no_nat_state_passes_untouched(prog):
 
 def test_every_reason_has_a_row():
     covered = {r.reason for r in DSR_ROWS} | {"FL_TX_TUNNEL", "FL_TX_NAT", "FL_TX_NAT_REPLY", "FL_TX_ICMP_ECHO",
-                                              "FL_TX_ICMP_TO_BACKEND", "FL_TX_ARP_REPLY", "FL_TX_ND_ADVERT"} \
+                                              "FL_TX_ICMP_TO_BACKEND", "FL_TX_ARP_REPLY", "FL_TX_ND_ADVERT",
+                                              "FL_REDIRECT_DSR", "FL_REDIRECT_TUNNEL", "FL_REDIRECT_NAT",
+                                              "FL_REDIRECT_NAT_REPLY", "FL_REDIRECT_ICMP_TO_BACKEND",
+                                              "FL_DROP_NO_EGRESS"} \
         | COVERED_ELSEWHERE
     reasons = set(cdefs.enum("fl_reason")) - {"FL_REASON_MAX"}
     assert reasons - covered == set()
@@ -363,3 +366,89 @@ def test_neighbour_solicitation_for_an_announced_vip_is_answered(icmp_prog, with
     want = Ether(src=LB_MAC, dst=CLIENT_MAC) / IPv6(src=ANNOUNCED6, dst=CLIENT6, hlim=255) / \
         ICMPv6ND_NA(tgt=ANNOUNCED6, R=0, S=1, O=1) / ICMPv6NDOptDstLLAddr(lladdr=LB_MAC)
     assert out == bytes(want)
+
+
+# ---- two-arm: out of another interface ---------------------------------------------
+
+BACKEND_SIDE_IFINDEX = 999          # the backends' interface, as the maps name it
+BACKEND_SIDE_MAC = "02:00:00:00:0b:0b"
+
+
+@pytest.fixture
+def two_arm(prog):
+    """Backends of the modes' VIPs behind another interface (slot 1). The devmap
+    slot points at lo, the one device test runs may name: nothing is sent."""
+    import ctypes
+
+    from fastlb import structs
+    maps = prog.maps
+    saved = {}
+    iface = structs.Iface(ifindex=BACKEND_SIDE_IFINDEX)
+    ctypes.memmove(iface.mac, structs.mac_bytes(BACKEND_SIDE_MAC), 6)
+    clients = structs.Iface(ifindex=1)  # slot 0: the clients' side, where test frames arrive (lo)
+    ctypes.memmove(clients.mac, structs.mac_bytes(LB_MAC), 6)
+    maps.update("ifaces", ctypes.c_uint32(0), clients)
+    maps.update("ifaces", ctypes.c_uint32(1), iface)
+    maps.update("tx_ports", ctypes.c_uint32(1), ctypes.c_int32(1))
+    for be_id in range(prog.sizes.max_backends):
+        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
+        if entry is not None and entry.flags:
+            saved[be_id] = structs.Backend.from_buffer_copy(entry)
+            entry.egress_ifindex, entry.egress_slot = BACKEND_SIDE_IFINDEX, 1
+            maps.update("backends", ctypes.c_uint32(be_id), entry)
+    prog.flush_conntrack()
+    yield prog
+    for be_id, entry in saved.items():
+        maps.update("backends", ctypes.c_uint32(be_id), entry)
+    for slot in (0, 1):
+        maps.update("ifaces", ctypes.c_uint32(slot), structs.Iface())
+    maps.delete("tx_ports", ctypes.c_uint32(1))
+    prog.flush_conntrack()
+
+
+@pytest.mark.parametrize("desc,make,reason", [
+    ("DSR", lambda: eth() / IP(src=CLIENT4, dst=DSR_VIP4) / TCP(sport=47000, dport=80, flags="S"), "FL_REDIRECT_DSR"),
+    ("tunnel", lambda: eth() / IP(src=CLIENT4, dst=TUN4) / TCP(sport=47000, dport=80, flags="S"), "FL_REDIRECT_TUNNEL"),
+    ("NAT", lambda: eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=47000, dport=80, flags="S"), "FL_REDIRECT_NAT"),
+], ids=lambda v: v if isinstance(v, str) and " " not in v else None)
+def test_two_arm_sends_to_backends_out_of_their_interface(icmp_prog, two_arm, desc, make, reason):
+    pkt = recompute(make())
+    out = Ether(run_row(two_arm, pkt, reason))
+    assert out.src == BACKEND_SIDE_MAC  # the egress interface's MAC, not the ingress one
+    assert out.dst in {fake_mac(b.address) for v in two_arm.config.vips for b in v.backends}
+
+
+def test_two_arm_nat_replies_leave_by_the_clients_interface(icmp_prog, two_arm):
+    import ctypes
+
+    from fastlb import structs
+    # The reply comes in on the backends' side: make that the clients' slot's "other" interface.
+    pkt = recompute(eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=47001, dport=80, flags="S"))
+    fwd = Ether(two_arm.run(bytes(pkt))[1])
+    clients = structs.Iface(ifindex=BACKEND_SIDE_IFINDEX + 1)  # not lo: the reply must be redirected
+    ctypes.memmove(clients.mac, structs.mac_bytes(LB_MAC), 6)
+    two_arm.maps.update("ifaces", ctypes.c_uint32(0), clients)
+    two_arm.maps.update("tx_ports", ctypes.c_uint32(0), ctypes.c_int32(1))
+    try:
+        reply = recompute(Ether(src=fwd.dst, dst=BACKEND_SIDE_MAC) / IP(src=fwd[IP].dst, dst=CLIENT4) /
+                          TCP(sport=fwd[TCP].dport, dport=47001, flags="SA"))
+        out = Ether(run_row(two_arm, reply, "FL_REDIRECT_NAT_REPLY"))
+        assert (out.src, out.dst, out[IP].src, out[TCP].sport) == (LB_MAC, CLIENT_MAC, NAT4, 80)
+    finally:
+        two_arm.maps.delete("tx_ports", ctypes.c_uint32(0))
+
+
+def test_two_arm_icmp_error_goes_out_of_the_backends_interface(icmp_prog, two_arm):
+    flow = eth() / IP(src=CLIENT4, dst=DSR_VIP4) / TCP(sport=47002, dport=80, flags="S")
+    backend_mac = Ether(two_arm.run(bytes(flow))[1]).dst
+    out = Ether(run_row(two_arm, frag_needed_about(flow, DSR_VIP4), "FL_REDIRECT_ICMP_TO_BACKEND"))
+    assert (out.dst, out.src) == (backend_mac, BACKEND_SIDE_MAC)
+
+
+def test_a_backend_whose_interface_is_not_attached_is_dropped(icmp_prog, two_arm):
+    import ctypes
+
+    from fastlb import structs
+    two_arm.maps.update("ifaces", ctypes.c_uint32(1), structs.Iface())  # slot 1 gone
+    pkt = recompute(eth() / IP(src=CLIENT4, dst=DSR_VIP4) / TCP(sport=47003, dport=80, flags="S"))
+    run_row(two_arm, pkt, "FL_DROP_NO_EGRESS")
