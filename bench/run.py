@@ -30,6 +30,10 @@ sys.path.insert(0, str(HERE))
 SECTIONS = [
     ("packets", "bench_packets", True),
     ("core", "bench_core", False),
+    ("rate", "bench_rate", True),
+    ("tcp", "bench_tcp", True),
+    ("control", "bench_control", True),
+    ("scale", "bench_scale", True),
 ]
 
 
