@@ -72,6 +72,24 @@ static __always_inline void icmp6_echo_reply(struct ethhdr *eth, struct ipv6hdr 
 	swap_macs(eth);
 }
 
+/* Make room for an ICMP error in place: keep the L2 header, the offending
+ * IP header and FL_ICMP_QUOTE bytes of its payload (`keep` bytes in all),
+ * and open `extra` bytes after the L2 header for the new IP and ICMP
+ * headers, setting the L2 header's ethertype to `proto`. */
+static __always_inline int icmp_make_room(struct xdp_md *ctx, __u32 frame_len, __u32 l2_len, __u32 keep,
+					  __u32 extra, __u16 proto)
+{
+	void *data, *data_end;
+
+	if (bpf_xdp_adjust_tail(ctx, (int)keep - (int)frame_len))
+		return -1;
+	if (bpf_xdp_adjust_head(ctx, -(int)extra))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	return l2_move_front(data, data_end, extra, l2_len, proto);
+}
+
 /* Replace a frame with an ICMP "fragmentation needed" for the client:
  * [L2][IPv4 from `src` to the client][ICMP 3/4 with `mtu`][the offending
  * IPv4 header, which has no options][its first 8 payload bytes]. */
@@ -94,15 +112,11 @@ static __always_inline int icmp4_frag_needed(struct xdp_md *ctx, __u32 frame_len
 		return -1;
 	client = orig->saddr;
 	swap_macs(eth);
-	if (bpf_xdp_adjust_tail(ctx, (int)keep - (int)frame_len))
-		return -1;
 	extra = sizeof(*iph) + sizeof(*icmp);
-	if (bpf_xdp_adjust_head(ctx, -(int)extra))
+	if (icmp_make_room(ctx, frame_len, l2_len, keep, extra, bpf_htons(ETH_P_IP)))
 		return -1;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (l2_move_front(data, data_end, extra, l2_len, bpf_htons(ETH_P_IP)))
-		return -1;
 	iph = data + (l2_len == 14 ? 14 : l2_len == 18 ? 18 : 22);
 	icmp = (void *)(iph + 1);
 	if ((void *)icmp + FL_ICMP4_MSG_LEN > data_end)
@@ -154,15 +168,11 @@ static __always_inline int icmp6_too_big(struct xdp_md *ctx, __u32 frame_len, __
 		return -1;
 	client = orig->saddr;
 	swap_macs(eth);
-	if (bpf_xdp_adjust_tail(ctx, (int)keep - (int)frame_len))
-		return -1;
 	extra = sizeof(*ip6h) + sizeof(*icmp6);
-	if (bpf_xdp_adjust_head(ctx, -(int)extra))
+	if (icmp_make_room(ctx, frame_len, l2_len, keep, extra, bpf_htons(ETH_P_IPV6)))
 		return -1;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (l2_move_front(data, data_end, extra, l2_len, bpf_htons(ETH_P_IPV6)))
-		return -1;
 	ip6h = data + (l2_len == 14 ? 14 : l2_len == 18 ? 18 : 22);
 	icmp6 = (void *)(ip6h + 1);
 	len = sizeof(*icmp6) + sizeof(*ip6h) + FL_ICMP_QUOTE;

@@ -361,41 +361,44 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 
 /* ---- NAT mode ---- */
 
-/* Rewrite the destination to the backend's address and port, updating the
- * IPv4 header and TCP/UDP checksums incrementally (pseudo-header included). */
-static __always_inline int nat_rewrite_dst(struct fl_pkt *pkt, void *data_end, const __u32 *addr,
-					   __u16 port)
+/* Rewrite one end of a NAT flow to `addr`:`port`: the destination of a
+ * client's packet (to the backend), or the source of a backend's reply (back
+ * to the VIP). The IPv4 header and TCP/UDP checksums are updated
+ * incrementally, the pseudo-header included; an IPv4 UDP checksum of 0 (none)
+ * stays 0. */
+static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int destination,
+				       const __u32 *addr, __u16 port)
 {
 	struct iphdr *iph = pkt->l3;
 	struct ipv6hdr *ip6h = pkt->l3;
-	__u16 *check = NULL, *portp;
 	struct tcphdr *tcph = pkt->l4;
 	struct udphdr *udph = pkt->l4;
-	__u32 *dst;
+	__u16 *check = NULL, *portp;
+	__u32 *field;
 	int i, nwords;
 
 	if (pkt->flow.proto == IPPROTO_TCP) {
 		if ((void *)(tcph + 1) > data_end)
 			return -1;
 		check = &tcph->check;
-		portp = &tcph->dest;
+		portp = destination ? &tcph->dest : &tcph->source;
 	} else {
 		if ((void *)(udph + 1) > data_end)
 			return -1;
 		if (udph->check || pkt->flow.family == FL_AF_INET6)
 			check = &udph->check;
-		portp = &udph->dest;
+		portp = destination ? &udph->dest : &udph->source;
 	}
 	if (pkt->flow.family == FL_AF_INET) {
 		if ((void *)(iph + 1) > data_end)
 			return -1;
-		dst = &iph->daddr;
-		fl_csum_replace4(&iph->check, *dst, addr[0]);
+		field = destination ? &iph->daddr : &iph->saddr;
+		fl_csum_replace4(&iph->check, *field, addr[0]);
 		nwords = 1;
 	} else {
 		if ((void *)(ip6h + 1) > data_end)
 			return -1;
-		dst = (__u32 *)&ip6h->daddr;
+		field = destination ? (__u32 *)&ip6h->daddr : (__u32 *)&ip6h->saddr;
 		nwords = 4;
 	}
 #pragma unroll
@@ -403,61 +406,8 @@ static __always_inline int nat_rewrite_dst(struct fl_pkt *pkt, void *data_end, c
 		if (i >= nwords)
 			break;
 		if (check)
-			fl_csum_replace4(check, dst[i], addr[i]);
-		dst[i] = addr[i];
-	}
-	if (check) {
-		fl_csum_replace2(check, *portp, port);
-		if (pkt->flow.proto == IPPROTO_UDP && *check == 0)
-			*check = 0xffff;
-	}
-	*portp = port;
-	return 0;
-}
-
-/* Rewrite a reply's source back to the VIP's address and port. */
-static __always_inline int nat_rewrite_src(struct fl_pkt *pkt, void *data_end, const __u32 *addr,
-					   __u16 port)
-{
-	struct iphdr *iph = pkt->l3;
-	struct ipv6hdr *ip6h = pkt->l3;
-	__u16 *check = NULL, *portp;
-	struct tcphdr *tcph = pkt->l4;
-	struct udphdr *udph = pkt->l4;
-	__u32 *src;
-	int i, nwords;
-
-	if (pkt->flow.proto == IPPROTO_TCP) {
-		if ((void *)(tcph + 1) > data_end)
-			return -1;
-		check = &tcph->check;
-		portp = &tcph->source;
-	} else {
-		if ((void *)(udph + 1) > data_end)
-			return -1;
-		if (udph->check || pkt->flow.family == FL_AF_INET6)
-			check = &udph->check;
-		portp = &udph->source;
-	}
-	if (pkt->flow.family == FL_AF_INET) {
-		if ((void *)(iph + 1) > data_end)
-			return -1;
-		src = &iph->saddr;
-		fl_csum_replace4(&iph->check, *src, addr[0]);
-		nwords = 1;
-	} else {
-		if ((void *)(ip6h + 1) > data_end)
-			return -1;
-		src = (__u32 *)&ip6h->saddr;
-		nwords = 4;
-	}
-#pragma unroll
-	for (i = 0; i < 4; i++) {
-		if (i >= nwords)
-			break;
-		if (check)
-			fl_csum_replace4(check, src[i], addr[i]);
-		src[i] = addr[i];
+			fl_csum_replace4(check, field[i], addr[i]);
+		field[i] = addr[i];
 	}
 	if (check) {
 		fl_csum_replace2(check, *portp, port);
@@ -498,7 +448,7 @@ static __always_inline __u32 nat_out(struct ethhdr *eth, void *data_end, struct 
 		rev.vip_id = vip_id;
 		nat_rev.update(&rkey, &rev);
 	}
-	if (nat_rewrite_dst(pkt, data_end, be->addr, be->port))
+	if (nat_rewrite(pkt, data_end, 1, be->addr, be->port))
 		return FL_DROP_L4_MALFORMED;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, be->mac, lb_mac);
@@ -521,7 +471,7 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 	rev = nat_rev.lookup(&pkt->flow);
 	if (!rev)
 		return 0;
-	if (nat_rewrite_src(pkt, data_end, rev->vip, rev->vip_port))
+	if (nat_rewrite(pkt, data_end, 0, rev->vip, rev->vip_port))
 		return 0;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, rev->client_mac, lb_mac);

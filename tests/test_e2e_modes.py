@@ -154,3 +154,41 @@ class TestNat:
 
     def test_replies_went_back_through_the_lb(self, lab):
         assert reason_packets(lab, "tx_nat_reply") >= 4 * COUNT
+
+
+@pytest.fixture(scope="class")
+def pmtu_lab(tmp_path_factory):
+    with Lab(backends=2) as lab:
+        for b in lab.backend_names:
+            run_fastlb(lab, b, "decap", "attach", "eth0", "--vip", lab.vip4, "--vip", lab.vip6, check=True)
+        config = SETTINGS + f'icmp_source = "{lab.addr("lb")}"\nicmp_source6 = "{lab.addr("lb", 6)}"\n'
+        config += vip_block(lab.vip4, lab.udp_port, "udp", "tunnel", [lab.addr(b) for b in lab.backend_names])
+        config += vip_block(lab.vip6, lab.udp_port, "udp", "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
+        path = tmp_path_factory.mktemp("pmtu") / "fastlb.toml"
+        path.write_text(config)
+        attached = Attached(lab, path)
+        try:
+            yield lab
+        finally:
+            attached.stop()
+            for b in lab.backend_names:
+                run_fastlb(lab, b, "decap", "detach", "eth0")
+
+
+class TestTunnelPathMtu:
+    """With icmp_source(6) set, a packet too big once tunnelled gets an ICMP error,
+    and the client's stack learns the smaller path MTU."""
+
+    @pytest.fixture
+    def lab(self, pmtu_lab):
+        return pmtu_lab
+
+    @pytest.mark.parametrize("family,payload,learnt", [(4, 1472, 1480), (6, 1452, 1460)])
+    def test_the_client_learns_the_path_mtu(self, lab, family, payload, learnt):
+        before = reason_packets(lab, "tx_icmp_too_big")
+        with pytest.raises(LabError):  # the datagram itself is lost: only the error comes back
+            udp_by_source(lab, vip=lab.vip(family), port=lab.udp_port, count=1, sources=1, size=payload,
+                          timeout=0.5)
+        assert reason_packets(lab, "tx_icmp_too_big") == before + 1
+        route = lab.run("client", ["ip", f"-{family}", "route", "get", lab.vip(family)]).stdout
+        assert f"mtu {learnt}" in route, route
