@@ -10,6 +10,7 @@ table headers and ``key =`` lines to find them. docs/CONFIG.md lists every key.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -34,7 +35,10 @@ ALL_DOWN = ("drop", "keep")
 # What this build can run. Other values are known but rejected as "not built yet".
 BUILT_ALGORITHMS = frozenset({"maglev", "rr", "wrr", "lc", "lrt"})
 BUILT_FORWARDING = frozenset({"dsr", "tunnel", "nat"})
-ANNOUNCE = ("none", "arp")
+ANNOUNCE = ("none", "arp", "bgp")
+# [bgp]: the BGP speaker fastlb drives (fastlb.bgp). Other values are known but not built yet.
+SPEAKERS = ("exabgp", "bird")
+BUILT_SPEAKERS = frozenset({"bird"})
 
 
 def _hostport(address: IPAddress, port: int) -> str:
@@ -136,10 +140,41 @@ class Vip:
 
 
 @dataclass(frozen=True)
+class BgpPeer:
+    """One ``[[bgp.peer]]``: a router the VIPs are announced to. ``line`` takes no part in ``==``."""
+
+    address: IPAddress
+    asn: int                                 # the key is ``as``
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Bgp:
+    """The ``[bgp]`` table: announce ``announce = "bgp"`` VIPs through a BGP speaker (fastlb.bgp).
+
+    ``router_id`` None leaves the speaker's own; ``bird_include`` None means
+    ``/run/fastlb/bird/<IFACE>.conf``.
+    """
+
+    speaker: str
+    local_as: int
+    peers: tuple[BgpPeer, ...]
+    router_id: ipaddress.IPv4Address | None = None
+    hold_time: int = 9
+    bfd: bool = False
+    bfd_interval: float = 0.1
+    bfd_multiplier: int = 3
+    detach_delay: float = 2.0
+    bird_socket: str = "/run/bird/bird.ctl"
+    bird_include: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     settings: Settings
     vips: tuple[Vip, ...]
     path: str | None = None
+    bgp: Bgp | None = None
 
     def find_vip(self, spec: str) -> Vip | None:
         """The VIP named by ``ADDR:PORT[/PROTO]``, or None. A malformed spec raises ValueError."""
@@ -203,8 +238,9 @@ def parse_config(text: str, path: str | None = None) -> Config:
         raise ConfigError(f"invalid TOML: {message}", path=path, line=line) from exc
     source = _Source(path, _KeyLines(text))
     root = _Table(data, (), source)
-    root.check_keys(("settings", "vip"))
+    root.check_keys(("settings", "vip", "bgp"))
     settings = _settings(root.table("settings"))
+    bgp = _bgp(root.table("bgp")) if "bgp" in root.data else None
     vip_tables = root.tables("vip")
     if not vip_tables:
         raise root.error(("vip",), "no VIPs defined",
@@ -217,13 +253,15 @@ def parse_config(text: str, path: str | None = None) -> Config:
             raise table.error((), f"VIP number {index + 1} is over settings.max_vips = {settings.max_vips}",
                               fix=f"raise settings.max_vips (at most {_SETTINGS_RANGES['max_vips'][1]})")
         vip = _vip(table, settings, backend_count)
+        if vip.announce == "bgp":
+            _check_bgp_vip(table, vip, bgp)
         first = seen.setdefault((vip.address, vip.port, vip.protocol), table)
         if first is not table:
             raise table.error((), f"duplicate VIP {vip.name}: already defined as {first.where()}",
                               fix="remove one of them or change its address, port or protocol")
         backend_count += len(vip.backends)
         vips.append(vip)
-    return Config(settings=settings, vips=tuple(vips), path=path)
+    return Config(settings=settings, vips=tuple(vips), path=path, bgp=bgp)
 
 
 def render_config(config: Config) -> str:
@@ -256,6 +294,13 @@ def render_config(config: Config) -> str:
                 out.append(f"port = {b.port}")
             if b.health is not None:
                 out += ["[vip.backend.health]", *_changed(b.health, vip.health)]
+        out.append("")
+    if config.bgp is not None:
+        bgp = config.bgp
+        out += ["[bgp]", f"speaker = {_toml(bgp.speaker)}", f"local_as = {bgp.local_as}",
+                *_changed(dataclasses.replace(bgp, peers=()), Bgp(bgp.speaker, bgp.local_as, ()))]
+        for peer in bgp.peers:
+            out += ["", "[[bgp.peer]]", f"address = {_toml(peer.address)}", f"as = {peer.asn}"]
         out.append("")
     return "\n".join(out)
 
@@ -300,8 +345,11 @@ _HEALTH_RANGES = {"interval": (0.05, 3600.0), "timeout": (0.01, 60.0), "rise": (
                   "port": (1, 65535), "expect": (100, 599)}
 _KIND_ONLY = {"path": "http", "expect": "http", "payload": "udp"}  # keys that only one kind reads
 MAX_PAYLOAD = 1400
-_TABLE_KEYS = frozenset({"settings", "vip", "backend", "health"})
-_KEY_HOMES = (("[settings]", _SETTINGS_KEYS), ("[[vip]]", _VIP_KEYS),
+_BGP_KEYS = ("speaker", "local_as", "router_id", "hold_time", "bfd", "bfd_interval", "bfd_multiplier",
+             "detach_delay", "bird_socket", "bird_include", "peer")
+_PEER_KEYS = ("address", "as")
+_TABLE_KEYS = frozenset({"settings", "vip", "backend", "health", "bgp", "peer"})
+_KEY_HOMES = (("[settings]", _SETTINGS_KEYS), ("[[vip]]", _VIP_KEYS), ("[bgp]", _BGP_KEYS),
               ("[[vip.backend]]", _BACKEND_KEYS),
               ("[vip.health]", _VIP_HEALTH_KEYS))  # where a misplaced key belongs
 
@@ -323,6 +371,53 @@ def _settings(t: _Table) -> Settings:
         raise t.error(("ring_size",), f"ring_size {ring_size} is not prime, and Maglev needs a prime table size",
                       fix=f"use a nearest prime: {below} or {above}")
     return Settings(**values)
+
+
+def _bgp(t: _Table) -> Bgp:
+    t.check_keys(_BGP_KEYS)
+    speaker = t.choice("speaker", SPEAKERS, _MISSING, built=BUILT_SPEAKERS)
+    local_as = t.integer("local_as", 1, 2**32 - 1)
+    router_id = t.address("router_id", "router id", loopback_ok=True, version=4) if "router_id" in t.data else None
+    defaults = Bgp(speaker, local_as, ())
+    values: dict[str, Any] = {
+        "hold_time": t.integer("hold_time", 3, 65535, default=defaults.hold_time),
+        "bfd": t.get("bfd", bool, defaults.bfd),
+        "bfd_interval": t.number("bfd_interval", 0.01, 10.0, default=defaults.bfd_interval),
+        "bfd_multiplier": t.integer("bfd_multiplier", 1, 255, default=defaults.bfd_multiplier),
+        "detach_delay": t.number("detach_delay", 0.0, 60.0, default=defaults.detach_delay),
+        "bird_socket": t.file_path("bird_socket", defaults.bird_socket),
+        "bird_include": t.file_path("bird_include", None),
+    }
+    for key in ("bfd_interval", "bfd_multiplier"):
+        if key in t.data and not values["bfd"]:
+            raise t.error((key,), f"'{key}' is only read with bfd = true", fix="remove it, or set bfd = true")
+    peer_tables = t.tables("peer")
+    if not peer_tables:
+        raise t.error(("peer",), "[bgp] has no peers",
+                      fix='add a [[bgp.peer]] with the router\'s address and AS: address = "198.18.1.254", as = 65000')
+    peers: list[BgpPeer] = []
+    seen: dict[IPAddress, _Table] = {}
+    for table in peer_tables:
+        table.check_keys(_PEER_KEYS)
+        address = table.address("address", "peer", loopback_ok=False)
+        first = seen.setdefault(address, table)
+        if first is not table:
+            raise table.error(("address",), f"duplicate peer {address}: already defined as {first.where()}",
+                              fix="remove one of them")
+        peers.append(BgpPeer(address=address, asn=table.integer("as", 1, 2**32 - 1), line=table.line))
+    return Bgp(speaker=speaker, local_as=local_as, peers=tuple(peers), router_id=router_id, **values)
+
+
+def _check_bgp_vip(t: _Table, vip: Vip, bgp: Bgp | None) -> None:
+    """An ``announce = "bgp"`` VIP needs a [bgp] table with a peer of its family."""
+    if bgp is None:
+        raise t.error(("announce",), 'announce = "bgp" needs a [bgp] table: the speaker, the local AS and '
+                                     "the peers", fix='add [bgp] with speaker = "bird", local_as and a '
+                                                      "[[bgp.peer]], or announce the VIP another way")
+    if not any(p.address.version == vip.family for p in bgp.peers):
+        raise t.error(("announce",), f"IPv{vip.family} VIP {vip.name} is announced over BGP, but no "
+                                     f"[[bgp.peer]] is IPv{vip.family}: each session carries its own family",
+                      fix=f"add a [[bgp.peer]] with an IPv{vip.family} address")
 
 
 def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
@@ -546,6 +641,16 @@ class _Table:
             raise self.error((key,), f"{key} '{value}' is not built yet in this version; built: {listing}",
                              fix=f"use one of: {listing}")
         return value
+
+    def file_path(self, key: str, default: str | None) -> str | None:
+        """An absolute file path (it may not exist yet) without quotes or control characters."""
+        if key not in self.data:
+            return default
+        text = self.get(key, str)
+        if not text.startswith("/") or any(c in text for c in '"\\') or not text.isprintable():
+            raise self.error((key,), f"{_show(text)} is not an absolute path without quotes, backslashes "
+                                     "or control characters", fix='write it like "/run/fastlb/bird/eth0.conf"')
+        return text
 
     def network(self, key: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         """A prefix of IP version ``version``, with at least one host bit (outer sources vary in them)."""

@@ -314,10 +314,10 @@ address = "198.18.0.11"
 [[vip]]
 address = "198.19.0.100"
 port = 80
-announce = "bgp"
+announce = "ndp"
 [[vip.backend]]
 address = "198.18.0.11"
-""", "vip[0].announce", 4, "unknown announce 'bgp'"),
+""", "vip[0].announce", 4, "unknown announce 'ndp'. Fix: use one of: none, arp, bgp"),
     ("unknown forwarding", """
 [[vip]]
 address = "198.19.0.100"
@@ -485,6 +485,99 @@ backend.address = "198.18.0.11"
 # inline tables have no lines of their own
 vip = [{address = "198.19.0.100", port = 0, backend = [{address = "198.18.0.11"}]}]
 """, "vip[0].port", 2, "port must be 1..65535, got 0"),
+    ("bgp speaker not built", """
+[bgp]
+speaker = "exabgp"
+local_as = 65001
+""", "bgp.speaker", 2, "speaker 'exabgp' is not built yet in this version; built: bird. Fix: use one of: bird"),
+    ("bgp speaker unknown", """
+[bgp]
+speaker = "gobgp"
+""", "bgp.speaker", 2, "unknown speaker 'gobgp'"),
+    ("bgp without a speaker", """
+[bgp]
+local_as = 65001
+""", "bgp.speaker", 1, "missing required key 'speaker'. Fix: add 'speaker = ...' to this [bgp]"),
+    ("bgp local_as zero", """
+[bgp]
+speaker = "bird"
+local_as = 0
+""", "bgp.local_as", 3, "local_as must be 1..4294967295, got 0"),
+    ("bgp router_id IPv6", """
+[bgp]
+speaker = "bird"
+local_as = 65001
+router_id = "2001:db8::1"
+""", "bgp.router_id", 4, "is an IPv6 address; router_id takes IPv4"),
+    ("bgp hold_time below 3", """
+[bgp]
+speaker = "bird"
+local_as = 65001
+hold_time = 1
+""", "bgp.hold_time", 4, "hold_time must be 3..65535, got 1"),
+    ("bgp with no peer", """
+[bgp]
+speaker = "bird"
+local_as = 65001
+""", "bgp.peer", 1, "[bgp] has no peers. Fix: add a [[bgp.peer]]"),
+    ("bgp peer without its AS", """
+[bgp]
+speaker = "bird"
+local_as = 65001
+[[bgp.peer]]
+address = "198.18.1.254"
+""", "bgp.peer[0].as", 4, "missing required key 'as'"),
+    ("bgp peer given twice", """
+[bgp]
+speaker = "bird"
+local_as = 65001
+[[bgp.peer]]
+address = "198.18.1.254"
+as = 65000
+[[bgp.peer]]
+address = "198.18.1.254"
+as = 65002
+""", "bgp.peer[1].address", 8, "duplicate peer 198.18.1.254: already defined as bgp.peer[0] (line 4)"),
+    ("bgp bfd_interval without bfd", """
+[bgp]
+speaker = "bird"
+local_as = 65001
+bfd_interval = 0.05
+""", "bgp.bfd_interval", 4, "'bfd_interval' is only read with bfd = true"),
+    ("bgp include path relative", """
+[bgp]
+speaker = "bird"
+local_as = 65001
+bird_include = "fastlb.conf"
+""", "bgp.bird_include", 4, "is not an absolute path"),
+    ("bgp key in a vip", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+local_as = 65001
+""", "vip[0].local_as", 4, "'local_as' belongs in [bgp]"),
+    ("announce bgp without a bgp table", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+announce = "bgp"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].announce", 4, 'announce = "bgp" needs a [bgp] table'),
+    ("IPv6 VIP announced with only IPv4 peers", """
+[[vip]]
+address = "2001:db8:ffff::100"
+port = 80
+announce = "bgp"
+[[vip.backend]]
+address = "2001:db8::11"
+[bgp]
+speaker = "bird"
+local_as = 65001
+[[bgp.peer]]
+address = "198.18.1.254"
+as = 65000
+""", "vip[0].announce", 4, "no [[bgp.peer]] is IPv6"),
     ("a multi-line string does not fool the line locator", """
 [[vip]]
 address = "198.19.0.100"
@@ -635,6 +728,62 @@ def test_newly_built_algorithm_is_accepted(monkeypatch) -> None:
     assert vip.algorithm == "wrr"
     with pytest.raises(ConfigError, match="algorithm 'lc' is not built yet in this version; built: wrr, maglev"):
         parse_config(MINIMAL.replace("port = 80", 'port = 80\nalgorithm = "lc"'))
+
+
+BGP = toml("""
+[bgp]
+speaker = "bird"
+local_as = 4200000001
+router_id = "198.18.1.2"
+hold_time = 3
+bfd = true
+bfd_interval = 0.05
+bfd_multiplier = 5
+detach_delay = 0.5
+bird_socket = "/run/lab/bird.ctl"
+bird_include = "/run/lab/fastlb.d/eth0.conf"
+
+[[bgp.peer]]
+address = "198.18.1.254"
+as = 65000
+
+[[bgp.peer]]
+address = "2001:db8:1::fe"
+as = 65000
+""")
+
+
+def test_bgp_table_and_announced_vips() -> None:
+    text = (MINIMAL.replace("port = 80", 'port = 80\nannounce = "bgp"') + BGP
+            + '[[vip]]\naddress = "2001:db8:ffff::100"\nport = 80\nannounce = "bgp"\n'
+              '[[vip.backend]]\naddress = "2001:db8::11"\n')
+    cfg = parse_config(text)
+    assert [v.announce for v in cfg.vips] == ["bgp", "bgp"]
+    bgp = cfg.bgp
+    assert (bgp.speaker, bgp.local_as, str(bgp.router_id), bgp.hold_time) == ("bird", 4200000001, "198.18.1.2", 3)
+    assert (bgp.bfd, bgp.bfd_interval, bgp.bfd_multiplier, bgp.detach_delay) == (True, 0.05, 5, 0.5)
+    assert (bgp.bird_socket, bgp.bird_include) == ("/run/lab/bird.ctl", "/run/lab/fastlb.d/eth0.conf")
+    assert [(str(p.address), p.asn, p.line) for p in bgp.peers] == [("198.18.1.254", 65000, 19),
+                                                                    ("2001:db8:1::fe", 65000, 23)]
+    assert dataclasses.replace(parse_config(config.render_config(cfg)), path=None) == cfg
+
+
+def test_bgp_defaults_and_no_bgp() -> None:
+    assert parse_config(MINIMAL).bgp is None
+    cfg = parse_config(MINIMAL + '[bgp]\nspeaker = "bird"\nlocal_as = 65001\n'
+                       '[[bgp.peer]]\naddress = "198.18.1.254"\nas = 65000\n')
+    assert cfg.vips[0].announce == "none"  # a [bgp] table announces only the VIPs that say so
+    assert cfg.bgp == config.Bgp(speaker="bird", local_as=65001, peers=(
+        config.BgpPeer(ipaddress.IPv4Address("198.18.1.254"), 65000),), router_id=None, hold_time=9, bfd=False,
+        bfd_interval=0.1, bfd_multiplier=3, detach_delay=2.0, bird_socket="/run/bird/bird.ctl", bird_include=None)
+    assert "[bgp]" in config.render_config(cfg) and "hold_time" not in config.render_config(cfg)
+
+
+def test_newly_built_speaker_is_accepted(monkeypatch) -> None:
+    monkeypatch.setattr(config, "BUILT_SPEAKERS", frozenset({"bird", "exabgp"}))
+    cfg = parse_config(MINIMAL + '[bgp]\nspeaker = "exabgp"\nlocal_as = 65001\n'
+                       '[[bgp.peer]]\naddress = "198.18.1.254"\nas = 65000\n')
+    assert cfg.bgp.speaker == "exabgp"
 
 
 def test_config_is_frozen_and_lines_do_not_count_for_equality() -> None:
