@@ -163,6 +163,9 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
     placement = place(config, maps, sizes)
     written = {"vips": 0, "backends": 0, "ring_slots": 0, "removed": 0, "ring_slots_by_vip": {}}
     empty = cdefs.FL_RING_EMPTY
+    if lb_mac is None:  # a re-apply (the controller's) keeps the interface's MAC the attach wrote
+        current = maps.lookup("settings", ctypes.c_uint32(0))
+        lb_mac = structs.mac_str(current.lb_mac) if current is not None and any(current.lb_mac) else None
     maps.update("settings", ctypes.c_uint32(0), settings_entry(config, lb_mac))
 
     wanted_keys: dict[bytes, int] = {}

@@ -452,3 +452,14 @@ def test_a_backend_whose_interface_is_not_attached_is_dropped(icmp_prog, two_arm
     two_arm.maps.update("ifaces", ctypes.c_uint32(1), structs.Iface())  # slot 1 gone
     pkt = recompute(eth() / IP(src=CLIENT4, dst=DSR_VIP4) / TCP(sport=47003, dport=80, flags="S"))
     run_row(two_arm, pkt, "FL_DROP_NO_EGRESS")
+
+
+def test_a_reapply_without_the_mac_keeps_the_interface_mac(icmp_prog):
+    """The controller re-applies tables without lb_mac: ARP answers must keep the LB's MAC."""
+    from fastlb import tables
+    tables.apply(icmp_prog.maps, icmp_prog.config, {str(b.address): fake_mac(b.address)
+                                                    for v in icmp_prog.config.vips for b in v.backends},
+                 icmp_prog.sizes)
+    pkt = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT4, pdst=ANNOUNCED4)
+    out = Ether(run_row(icmp_prog, pkt, "FL_TX_ARP_REPLY"))
+    assert out[ARP].hwsrc == LB_MAC and out.src == LB_MAC
