@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,16 +80,29 @@ def attach(ifname: str, config, xdp_mode: str = "auto", *, macs: dict[str, str] 
     return result
 
 
-def detach(ifname: str) -> bool:
-    """Detach fastlb from ``ifname`` and remove its pins. False when it was not attached."""
+def detach(ifname: str, say=None) -> bool:
+    """Detach fastlb from ``ifname`` and remove its pins. False when it was not attached.
+
+    VIPs announced over BGP are withdrawn first, and the program stays
+    attached for ``bgp.detach_delay`` more seconds, so that packets the
+    routers sent before they saw the withdrawal are still balanced
+    (fastlb.bgp). ``say`` gets one line about it, if anything was withdrawn.
+    """
+    from . import bgp
     require_root("detach")
     base = pins.ensure_bpffs()
     pin_dir = pins.attachment_dir(ifname, base)
     if not pin_dir.exists():
         return False
+    delay, note = bgp.withdraw_for_detach(ifname)
+    if note and say is not None:
+        say(note)
+    if delay:
+        time.sleep(delay)
     xdp.detach(pin_dir)
     pins.remove_dir(pin_dir)
     state.remove(ifname)
+    bgp.remove_state(ifname)
     return True
 
 
@@ -167,5 +181,12 @@ def status() -> list[dict]:
         for r in reasons.values():
             verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + r["packets"]
         entry.update(vips=vips, reasons=reasons, verdicts=verdicts, events=events, conntrack_size=conntrack)
+        from . import bgp
+        announced = bgp.status(ifname)
+        if announced is not None:
+            entry["bgp"] = announced
+            for vip in vips:
+                if vip["vip"] in announced["vips"]:
+                    vip["bgp"] = announced["vips"][vip["vip"]]
         out.append(entry)
     return out

@@ -182,7 +182,7 @@ def explain(vip_spec, src, config_path, no_live, as_json):
 def detach(iface):
     """Remove fastlb's program and pins from IFACE."""
     from . import balancer
-    if not balancer.detach(iface):
+    if not balancer.detach(iface, say=lambda line: click.echo(f"fastlb: {line}")):
         raise FastlbError(f"fastlb is not attached to {iface} in this network namespace",
                           fix="see 'fastlb status' for what is attached")
     click.echo(f"fastlb: detached from {iface}")
@@ -205,9 +205,16 @@ def status(as_json):
         click.echo(f"{att['interface']}: {state}")
         if "problem" in att:
             click.echo(f"  problem: {att['problem']}")
+        if att.get("bgp"):
+            _echo_bgp(att["bgp"])
         for vip in att.get("vips", []):
             click.echo(f"  VIP {vip['vip']}  {vip['algorithm']}/{vip['forwarding']}  "
                        f"packets {vip['packets']}  bytes {vip['bytes']}  new flows {vip['new_flows']}")
+            if vip.get("bgp"):
+                a = vip["bgp"]
+                seen = (f"to {a['to_peers']} of {a['peers']} peer(s)" if a.get("in_bird")
+                        else "not in BIRD" if "in_bird" in a else "BIRD not asked")
+                click.echo(f"    bgp: {a['state']} {a['route']} ({a['why']}; {seen})")
             for be in vip["backends"]:
                 click.echo(f"    backend {be['backend']}:{be['port']}  weight {be['weight']}  mac {be['mac']}  "
                            f"packets {be['packets']}  new flows {be['new_flows']}")
@@ -217,6 +224,18 @@ def status(as_json):
             if moved:
                 click.echo("  reasons: " + "  ".join(f"{k} {v}" for k, v in moved.items()))
 
+
+
+def _echo_bgp(data: dict) -> None:
+    """The BGP part of ``fastlb status``: the speaker, what fastlb announces, each session."""
+    routes = ", ".join(data["routes"]) or "nothing"
+    click.echo(f"  bgp: {data['speaker']} at {data['socket']}, include {data['include']}; announcing {routes}")
+    if data.get("problem"):
+        click.echo(f"    problem: {data['problem']}")
+    for peer in data["peers"]:
+        extra = f", {peer['exported']} route(s) exported" if peer.get("exported") is not None else ""
+        error = f", last error: {peer['last_error']}" if peer.get("last_error") else ""
+        click.echo(f"    peer {peer['address']} AS{peer['as']} ({peer['name']}): {peer['state']}{extra}{error}")
 
 
 # ---- the running controller: stats, live changes, flows -------------------------------

@@ -16,7 +16,9 @@ active-connection counts recounted, idle UDP flows expired.
 Each transition is logged as one line of ``key=value`` pairs on stderr:
 ``backend_up``, ``backend_down``, ``table_rebuilt`` (with the slots
 changed), ``flows_moved``, ``vip_no_healthy_backend``, ``config_reloaded``,
-``config_reload_failed``, ``neighbour_changed``, ``active_reconciled``.
+``config_reload_failed``, ``neighbour_changed``, ``active_reconciled``;
+with ``[bgp]`` (fastlb.bgp): ``route_announced``, ``route_withdrawn``,
+``bgp_speaker_error``, ``bgp_speaker_ok``, ``bgp_withdrawn_for_detach``.
 
 A failed backend of a VIP with ``expire_nodest_conn`` (the default) keeps
 its slot but loses the slot's valid flag, and its flows are deleted from
@@ -37,7 +39,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from . import balancer, control, flows, health, neigh, neighwatch, pins, state, stats, tables, xdp
+from . import balancer, bgp, control, flows, health, neigh, neighwatch, pins, state, stats, tables, xdp
 from .config import Backend, Config, ConfigError, Vip, load_config, parse_config, parse_vip_spec, render_config
 from .core import PeakEwma
 from .errors import FastlbError, NeighbourError
@@ -129,6 +131,7 @@ class Controller:
         self.conntrack_entries: int | None = None
         self.reloads = {"ok": 0, "failed": 0}
         self.udp_expired = 0
+        self.announcer: bgp.Announcer | None = None   # [bgp]: the VIPs' routes in BIRD
 
     # ---- logging ------------------------------------------------------------
 
@@ -160,6 +163,7 @@ class Controller:
             self._require_macs_for_unchecked()
             self.prober = health.Prober(self._on_result)
             self._first_probes()
+            self.announcer = bgp.Announcer(self.ifname, self.log)
             result = balancer.attach(self.ifname, self._effective(), self.xdp_mode,
                                      macs=self._table_macs(), down=self._down())
             self.maps = PinnedMaps(result.pin_dir)
@@ -340,7 +344,13 @@ class Controller:
         for key in self.views:
             self._write_rtt(key, force=True)
         self._save_state()
+        self._announce()
         self._publish()
+
+    def _announce(self) -> None:
+        """BGP: announce the VIPs that have a healthy backend, withdraw the others (fastlb.bgp)."""
+        if self.announcer is not None:
+            self.announcer.update(self.config, {v.name for v in self.config.vips if v.name not in self.empty})
 
     def _save_state(self) -> None:
         try:
@@ -445,6 +455,8 @@ class Controller:
                 self._publish()
             if time.monotonic() >= next_sweep:
                 self._sweep()
+                if self.announcer is not None:
+                    self.announcer.retry()   # BIRD was unreachable: try again
                 next_sweep = time.monotonic() + sweep_every
 
     def _sweep(self) -> None:
@@ -727,12 +739,23 @@ class Controller:
             self.maps = None
 
     def stop(self) -> bool:
-        """Stop the threads; detach unless --keep. True when detached."""
+        """Stop the threads; detach unless --keep. True when detached.
+
+        Without --keep, the VIPs' BGP routes are withdrawn before anything
+        else, and the program stays attached until ``bgp.detach_delay`` has
+        passed since then (closing the threads counts towards it).
+        """
         _sd_notify("STOPPING=1")
+        delay, withdrawn = 0.0, time.monotonic()
+        if not self.keep:
+            delay, note = bgp.withdraw_for_detach(self.ifname)
+            if note:
+                self.log("bgp_withdrawn_for_detach", detail=note)
         self._close_threads()
         if self.keep:
             return False
-        balancer.detach(self.ifname)
+        time.sleep(max(0.0, delay - (time.monotonic() - withdrawn)))
+        balancer.detach(self.ifname)   # nothing is announced any more: it detaches at once
         return True
 
 
