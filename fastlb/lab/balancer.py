@@ -83,8 +83,10 @@ def _tail(text: str, lines: int = 5) -> str:
 
 
 def start(lab: Lab, config: str | os.PathLike, log: str | os.PathLike,
-          timeout: float = ATTACH_TIMEOUT) -> Balancer:
+          timeout: float = ATTACH_TIMEOUT, role: str = "lb") -> Balancer:
     """Start ``fastlb attach`` on the LB's eth0 with ``config``; return once it is attached.
+
+    ``role``: the LB namespace (a lab with several LBs, fastlb.lab.ecmp, names them).
 
     Raises LabError, with the end of its output, if it exits or is not
     attached within ``timeout`` seconds (it is killed then).
@@ -99,11 +101,11 @@ def start(lab: Lab, config: str | os.PathLike, log: str | os.PathLike,
     with open(log, "ab") as out:
         offset = out.tell()
         try:
-            proc = lab.exec("lb", fastlb_argv("attach", lab.lb_iface, "-c", str(config)), env=python_env(),
+            proc = lab.exec(role, fastlb_argv("attach", lab.lb_iface, "-c", str(config)), env=python_env(),
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
         except OSError as exc:
-            raise LabError(f"cannot start fastlb attach in {lab.ns('lb')}: {netns.describe(exc)}") from exc
+            raise LabError(f"cannot start fastlb attach in {lab.ns(role)}: {netns.describe(exc)}") from exc
     bal = Balancer(pid=proc.pid, start_time=netns.process_start_time(proc.pid) or 0, config=str(config),
                    log=str(log), log_offset=offset, _proc=proc)
     deadline = time.monotonic() + timeout
@@ -114,17 +116,17 @@ def start(lab: Lab, config: str | os.PathLike, log: str | os.PathLike,
             bal.banner = ready[0].strip()
             return bal
         if proc.poll() is not None:
-            raise LabError(f"fastlb attach in {lab.ns('lb')} exited with {proc.returncode}: {_tail(text)}",
+            raise LabError(f"fastlb attach in {lab.ns(role)} exited with {proc.returncode}: {_tail(text)}",
                            fix=f"see {log}")
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait(5)
-            raise LabError(f"fastlb attach in {lab.ns('lb')} was not attached after {timeout:g} s: "
+            raise LabError(f"fastlb attach in {lab.ns(role)} was not attached after {timeout:g} s: "
                            f"{_tail(text)}", fix=f"see {log}")
         time.sleep(0.05)
 
 
-def stop(lab: Lab, bal: Balancer, timeout: float = STOP_TIMEOUT) -> None:
+def stop(lab: Lab, bal: Balancer, timeout: float = STOP_TIMEOUT, role: str = "lb") -> None:
     """SIGTERM ``fastlb attach`` and wait for it; make sure fastlb is detached from eth0.
 
     When it detached by itself, its output says so. Otherwise (it had died,
@@ -145,24 +147,24 @@ def stop(lab: Lab, bal: Balancer, timeout: float = STOP_TIMEOUT) -> None:
         os.kill(bal.pid, signal.SIGKILL)
     if bal._proc is not None:
         bal._proc.wait(5)
-    if DETACHED in bal.output() or lab.ns("lb") not in netns.list_namespaces():
+    if DETACHED in bal.output() or lab.ns(role) not in netns.list_namespaces():
         return
-    res = lab.run("lb", fastlb_argv("detach", lab.lb_iface), timeout=60, check=False, env=python_env())
+    res = lab.run(role, fastlb_argv("detach", lab.lb_iface), timeout=60, check=False, env=python_env())
     if res.returncode != 0 and "not attached" not in res.stderr:
-        raise LabError(f"fastlb did not detach from {lab.lb_iface} in {lab.ns('lb')}: "
+        raise LabError(f"fastlb did not detach from {lab.lb_iface} in {lab.ns(role)}: "
                        f"{res.stderr.strip() or res.stdout.strip()}",
-                       fix=f"ip netns exec {lab.ns('lb')} fastlb detach {lab.lb_iface}")
+                       fix=f"ip netns exec {lab.ns(role)} fastlb detach {lab.lb_iface}")
 
 
-def status(lab: Lab) -> list[dict]:
-    """``fastlb status --json`` in the LB's namespace, parsed."""
-    res = lab.run("lb", fastlb_argv("status", "--json"), timeout=60, check=False, env=python_env())
+def status(lab: Lab, role: str = "lb") -> list[dict]:
+    """``fastlb status --json`` in the LB's namespace (``role``), parsed."""
+    res = lab.run(role, fastlb_argv("status", "--json"), timeout=60, check=False, env=python_env())
     try:
         data = json.loads(res.stdout)
     except ValueError:
         data = None
     if res.returncode != 0 or not isinstance(data, list):
-        raise LabError(f"fastlb status in {lab.ns('lb')} failed (exit {res.returncode}): "
+        raise LabError(f"fastlb status in {lab.ns(role)} failed (exit {res.returncode}): "
                        f"{(res.stderr or res.stdout).strip()[-500:]}")
     return data
 

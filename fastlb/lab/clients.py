@@ -239,9 +239,11 @@ def cmd_hold(host: str, port: int, count: int, timeout: float, requests: bool = 
 
     Idle by default. With ``requests``, each connection makes one keep-alive
     GET at once, and again for every ``check`` line read from stdin, which
-    answers ``{"ok": N, "failed": M, "backends": {...}}``. Prints
-    ``{"held": count}`` once all are open (or an error); the connections
-    close (FIN) when stdin reaches EOF.
+    answers ``{"ok": N, "failed": M, "backends": {...}}``; a ``detail`` line
+    does the same GETs and answers each connection's own result,
+    ``{"connections": [{"port": P, "backend": "b1" | None, "error": ...}]}``
+    (P: its local port). Prints ``{"held": count}`` once all are open (or
+    an error); the connections close (FIN) when stdin reaches EOF.
     """
     conns = []
     try:
@@ -258,6 +260,17 @@ def cmd_hold(host: str, port: int, count: int, timeout: float, requests: bool = 
                 return {}
         print(json.dumps({"held": count}), flush=True)
         for line in sys.stdin:
+            if line.strip() == "detail":
+                rows = []
+                for s in conns:
+                    row = {"port": s.getsockname()[1], "backend": None, "error": None}
+                    try:
+                        row["backend"] = keepalive_get(s, host)
+                    except (OSError, ValueError) as exc:
+                        row["error"] = repr(exc)
+                    rows.append(row)
+                print(json.dumps({"connections": rows}), flush=True)
+                continue
             if line.strip() != "check":
                 continue
             ok, failed, backends = 0, 0, Counter()

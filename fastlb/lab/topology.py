@@ -94,6 +94,8 @@ class Lab:
     """
 
     lb_iface = "eth0"
+    # The LB roles whose switch port carries XDP_PASS (XDP_TX into a veth needs it on the peer).
+    xdp_pass_roles: tuple[str, ...] = ("lb",)
     vip4 = VIP4
     vip6 = VIP6
     http_port = HTTP_PORT
@@ -190,6 +192,11 @@ class Lab:
     def bridge(self) -> str:
         """The bridge's name in the switch namespace."""
         return self.link_name("br")
+
+    @property
+    def bridged_hosts(self) -> list[str]:
+        """The hosts whose eth0 is a port of the bridge: all of them here (a subclass may wire others)."""
+        return self.hosts
 
     # ---- running programs ----------------------------------------------------------
 
@@ -386,7 +393,7 @@ class Lab:
                     br_forward_delay=0, br_mcast_snooping=0)
             br = sw.link_lookup(ifname=self.bridge)[0]
             sw.link("set", index=br, state="up")
-            for role in self.hosts:
+            for role in self.bridged_hosts:
                 fd = netns.open_fd(self.ns(role))
                 try:
                     sw.link("add", ifname=self.switch_port(role), kind="veth",
@@ -485,28 +492,31 @@ class Lab:
         except Exception as exc:  # BCC raises a bare Exception on compile/load errors
             raise BpfError(f"cannot load {XDP_PASS_SRC.name}: {exc}",
                            fix="check the kernel headers under /lib/modules/$(uname -r)") from exc
-        dev = self.switch_port("lb")
-        with self.ipr("switch") as sw:
-            try:
-                sw.link("set", index=sw.link_lookup(ifname=dev)[0], xdp_fd=fn.fd)
-            except (OSError, NetlinkError) as exc:
-                raise AttachError(f"cannot attach xdp_pass to {dev} in {self.ns('switch')}: "
-                                  f"{netns.describe(exc)}") from exc
-        netns.ethtool(self.ns("switch"), dev, "gro", "on")
+        for role in self.xdp_pass_roles:
+            dev = self.switch_port(role)
+            with self.ipr("switch") as sw:
+                try:
+                    sw.link("set", index=sw.link_lookup(ifname=dev)[0], xdp_fd=fn.fd)
+                except (OSError, NetlinkError) as exc:
+                    raise AttachError(f"cannot attach xdp_pass to {dev} in {self.ns('switch')}: "
+                                      f"{netns.describe(exc)}") from exc
+            netns.ethtool(self.ns("switch"), dev, "gro", "on")
 
     def _detach_xdp_pass(self) -> None:
         if self._bpf is None:
             return
-        dev = self.switch_port("lb")
         try:
-            if self.ns("switch") in netns.list_namespaces():
-                with self.ipr("switch") as sw:
-                    idx = sw.link_lookup(ifname=dev)
-                    if idx:
-                        sw.link("set", index=idx[0], xdp_fd=-1)
-        except (OSError, NetlinkError) as exc:
-            if netns.errno_of(exc) not in netns.GONE:
-                raise LabError(f"cannot detach xdp_pass from {dev}: {netns.describe(exc)}") from exc
+            for role in self.xdp_pass_roles:
+                dev = self.switch_port(role)
+                try:
+                    if self.ns("switch") in netns.list_namespaces():
+                        with self.ipr("switch") as sw:
+                            idx = sw.link_lookup(ifname=dev)
+                            if idx:
+                                sw.link("set", index=idx[0], xdp_fd=-1)
+                except (OSError, NetlinkError) as exc:
+                    if netns.errno_of(exc) not in netns.GONE:
+                        raise LabError(f"cannot detach xdp_pass from {dev}: {netns.describe(exc)}") from exc
         finally:
             self._bpf.cleanup()
             self._bpf = None
