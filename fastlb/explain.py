@@ -72,9 +72,14 @@ class Explanation:
             out.append("backend: the next slot of this sequence, by the cursor of the CPU that receives "
                        "the flow's first packet (each CPU walks its own cursor), so the flow alone does "
                        "not decide it")
-        if self.algorithm != "maglev":
-            out.append(f"if the flow cannot be recorded (conntrack full or flood guard): ring slot -> "
-                       f"{self.ring_backend or 'none'}")
+        if self.algorithm == "maglev":
+            out.append("every fastlb box with this config (backends, weights, ring_size, hash_seed) and the "
+                       "same healthy backends picks the same, for a new flow and for one ECMP moved to it")
+        else:
+            out.append(f"a packet of this flow with no conntrack entry on the box it reaches (ECMP moved the "
+                       f"flow from another box, or the entry was evicted), or a flow that cannot be recorded "
+                       f"(conntrack full or flood guard): ring slot -> {self.ring_backend or 'none'}, on "
+                       f"every box with this config")
         return out
 
 
