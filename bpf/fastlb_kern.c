@@ -556,9 +556,12 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	new_ct.vip_id = vip_id;
 	new_ct.vip_gen = vip->gen;
 	new_ct.last_seen_ns = bpf_ktime_get_coarse_ns();
+	/* Only a connection seen from its SYN counts as active: a mid-flow one
+	 * (re-picked, evicted, or moved here) may be reset by its new backend
+	 * behind our back (DSR replies bypass us), and would never be uncounted. */
 	if (pkt->tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
 		new_ct.flags = FL_CT_F_CLOSING;
-	else if (flow->proto == IPPROTO_TCP)
+	else if (flow->proto == IPPROTO_TCP && (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN)
 		new_ct.flags = FL_CT_F_COUNTED;
 	/* Not recorded (over the guard's rate, or conntrack refused): every
 	 * packet of the flow must then reach the same backend, which only the

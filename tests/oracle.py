@@ -57,7 +57,7 @@ ICMP_ECHO = {4: 8, 6: 128}               # echo request types
 ICMP_TOO_BIG = {4: (3, 4), 6: (2, None)}  # (type, code) of frag-needed / packet-too-big; None: any code
 ND_SOLICIT = 135
 IPV6_EXT_HEADERS = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140})
-TCP_FIN, TCP_RST = 0x01, 0x04
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 PROTO_NUMBERS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
 
 
@@ -485,7 +485,8 @@ class Oracle:
         fin_rst = bool(pred.parsed.tcp_flags & (TCP_FIN | TCP_RST)) if pred.parsed.proto == IPPROTO_TCP else False
         state = self.flows.get(pred.flow)
         if state is None:
-            counted = pred.parsed.proto == IPPROTO_TCP and not fin_rst
+            syn_only = pred.parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            counted = pred.parsed.proto == IPPROTO_TCP and not fin_rst and syn_only
             self.flows[pred.flow] = FlowState(mac, pred.vip, counted, fin_rst)
             if counted:
                 self.active[mac] += 1
