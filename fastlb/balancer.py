@@ -39,7 +39,7 @@ class AttachResult:
 
 
 def attach(ifname: str, config, xdp_mode: str = "auto", *, macs: dict[str, str] | None = None,
-           down: frozenset = frozenset()) -> AttachResult:
+           down: frozenset = frozenset(), extra_ifaces=()) -> AttachResult:
     """Compile, fill the maps and attach to ``ifname`` (or update fastlb's own attachment).
 
     ``macs`` (backend address -> MAC) skips the resolution, and ``down``
@@ -47,16 +47,27 @@ def attach(ifname: str, config, xdp_mode: str = "auto", *, macs: dict[str, str] 
     controller passes both. When fastlb is attached already, its maps are
     adopted (pinned maps, conntrack and all) and its program is replaced
     atomically through its link.
+
+    ``extra_ifaces`` makes a two-arm attachment: clients arrive on
+    ``ifname``; backends are reached through whichever of the interfaces
+    the route to each leads, and frames for them leave by XDP_REDIRECT. The
+    program is attached to every interface, the maps pinned once.
     """
     require_root("attach")
-    iface = neigh.interface(ifname)
+    ifaces = [neigh.interface(n) for n in (ifname, *extra_ifaces)]
+    iface = ifaces[0]
     base = pins.ensure_bpffs()
     pin_dir = pins.attachment_dir(ifname, base)
-    xdp.refuse_foreign(iface, pin_dir)
+    for i, each in enumerate(ifaces):
+        xdp.refuse_foreign(each, pin_dir, primary=i == 0)
+    addresses = {b.address for v in config.vips for b in v.backends}
     if macs is None:
-        macs = neigh.resolve_macs(iface, {b.address for v in config.vips for b in v.backends},
+        macs = neigh.resolve_macs(ifaces, addresses,
                                   on_link={b.address for v in config.vips if v.forwarding == "dsr"
                                            for b in v.backends})
+    two_arm = len(ifaces) > 1
+    slots = [(i.index, i.mac) for i in ifaces] if two_arm else None
+    egress = neigh.egress(ifaces, addresses) if two_arm else None
     sizes = Sizes.from_settings(config.settings)
 
     created = not pin_dir.exists()
@@ -64,19 +75,21 @@ def attach(ifname: str, config, xdp_mode: str = "auto", *, macs: dict[str, str] 
     try:
         prog.load()
         with PinnedMaps(pin_dir) as maps:
-            written = apply(maps, config, macs, sizes, lb_mac=iface.mac, down=down)
+            written = apply(maps, config, macs, sizes, lb_mac=iface.mac, down=down, ifaces=slots, egress=egress)
         prog.pin()
-        mode = xdp.attach(prog.fd, iface, pin_dir, xdp_mode)
+        modes = [xdp.attach(prog.fd, each, pin_dir, xdp_mode, primary=i == 0) for i, each in enumerate(ifaces)]
         prog_id = neigh.interface(ifname).xdp_prog_id
     except BaseException:
         prog.close()
         if created:
+            xdp.detach(pin_dir)
             pins.remove_dir(pin_dir)
         raise
     prog.close()
-    result = AttachResult(ifname=ifname, mode=mode, pin_dir=pin_dir, prog_id=prog_id, written=written)
-    if xdp_mode == "auto" and mode == "generic":
-        result.notes.append(f"{ifname}'s driver has no native XDP; attached in generic mode (slower)")
+    result = AttachResult(ifname=ifname, mode=modes[0], pin_dir=pin_dir, prog_id=prog_id, written=written)
+    for each, mode in zip(ifaces, modes):
+        if xdp_mode == "auto" and mode == "generic":
+            result.notes.append(f"{each.name}'s driver has no native XDP; attached in generic mode (slower)")
     return result
 
 
@@ -159,6 +172,8 @@ def status() -> list[dict]:
             entry["problem"] = "interface is gone; run fastlb detach to remove the pins"
         if iface is not None and xdp.is_ours(iface, pin_dir):
             entry.update(attached=True, mode=xdp.MODE_NAMES.get(iface.xdp_mode, "?"), prog_id=iface.xdp_prog_id)
+        entry["interfaces"] = [ifname] + [p.name.removeprefix(pins.LINK_PIN + "-")
+                                          for p in xdp.links(pin_dir) if p.name != pins.LINK_PIN]
         try:
             with PinnedMaps(pin_dir) as maps:
                 vips = _read_vips(maps)

@@ -62,8 +62,15 @@ def check(config_path):
     click.echo(f"{config_path}: ok ({len(config.vips)} VIPs, {backends} backends)")
 
 
+def _distinct_ifaces(ctx, param, value):
+    if len(set(value)) != len(value):
+        raise click.BadParameter(f"{' '.join(value)} names an interface twice; give each once")
+    return value
+
+
 @main.command()
 @click.argument("iface", metavar="IFACE")
+@click.argument("more_ifaces", metavar="[IFACE]...", nargs=-1, callback=_distinct_ifaces)
 @click.option("-c", "--config", "config_path", required=True, metavar="FILE", envvar="FASTLB_CONFIG",
               type=click.Path(dir_okay=False), help="TOML config with the VIPs and backends.")
 @click.option("--xdp-mode", type=click.Choice(XDP_MODES), default="auto", show_default=True,
@@ -73,8 +80,12 @@ def check(config_path):
 @click.option("--metrics", "metrics_listen", default="127.0.0.1:9469", show_default=True, metavar="ADDR:PORT|off",
               envvar="FASTLB_METRICS", callback=lambda ctx, param, value: _parse_listen(value),
               help="Where to serve Prometheus metrics, or off.")
-def attach(iface, config_path, xdp_mode, keep, metrics_listen):
+def attach(iface, more_ifaces, config_path, xdp_mode, keep, metrics_listen):
     """Attach the balancer to IFACE and run its controller in the foreground.
+
+    Two-arm: with more interfaces (fastlb attach eth0 eth1), clients arrive on
+    the first and backends are reached through the others, as their routes
+    say; frames cross by XDP_REDIRECT. fastlb detach takes the first name.
 
     The controller runs the health checks and keeps the maps current; it
     takes live changes on its control socket (fastlb backend/vip) and
@@ -86,18 +97,21 @@ def attach(iface, config_path, xdp_mode, keep, metrics_listen):
     Examples:
       sudo fastlb attach eth0 -c /etc/fastlb/fastlb.toml
       sudo fastlb attach eth0 -c fastlb.toml --keep --metrics off
+      sudo fastlb attach eth0 eth1 -c fastlb.toml      # two-arm
     """
     from .controller import Controller
     config = _load_config(config_path)
     # Block the signals before attaching: one that arrives while attaching (or
     # just after the banner) is then taken by the controller's signal thread.
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROLLER_SIGNALS)
-    ctl = Controller(iface, config_path, config, xdp_mode=xdp_mode, keep=keep, metrics=metrics_listen)
+    ctl = Controller(iface, config_path, config, xdp_mode=xdp_mode, keep=keep, metrics=metrics_listen,
+                     extra_ifaces=more_ifaces)
     result = ctl.start()
     for note in result.notes:
         click.echo(f"fastlb: note: {note}", err=True)
     vips = ", ".join(v.name for v in config.vips)
-    click.echo(f"fastlb: attached to {iface} ({result.mode} mode, prog id {result.prog_id}); "
+    click.echo(f"fastlb: attached to {' '.join((iface, *more_ifaces))} ({result.mode} mode, "
+               f"prog id {result.prog_id}); "
                f"VIPs: {vips}; pins: {result.pin_dir}", nl=True)
     sys.stdout.flush()
     try:

@@ -106,8 +106,9 @@ class Controller:
     """Attach, then keep the maps right until told to stop."""
 
     def __init__(self, ifname: str, config_path: str, config: Config, *, xdp_mode: str = "auto",
-                 keep: bool = False, metrics: tuple[str, int] | None = None, out=None):
+                 keep: bool = False, metrics: tuple[str, int] | None = None, out=None, extra_ifaces=()):
         self.ifname = ifname
+        self.extra_ifaces = tuple(extra_ifaces)   # two-arm: the backends' side(s)
         self.config_path = config_path
         self.config = config
         self.sizes = Sizes.from_settings(config.settings)
@@ -147,7 +148,9 @@ class Controller:
         balancer.require_root("attach")
         iface = neigh.interface(self.ifname)
         pin_dir = pins.attachment_dir(self.ifname, pins.ensure_bpffs())
-        xdp.refuse_foreign(iface, pin_dir)
+        self.ifaces = [iface] + [neigh.interface(n) for n in self.extra_ifaces]
+        for i, each in enumerate(self.ifaces):
+            xdp.refuse_foreign(each, pin_dir, primary=i == 0)
         self.iface = iface
         # The socket first: it refuses a second controller for this interface before anything changes.
         self.server = control.Server(self.ifname, self._submit)
@@ -157,7 +160,7 @@ class Controller:
             adopting = xdp.is_ours(iface, pin_dir)
             self._sync_views(state.load(self.ifname) if adopting else {})
             self.hops = self._next_hops(self.config)
-            self.macs = neighwatch.resolve(iface, self.hops)
+            self.macs = neighwatch.resolve(self.ifaces, self.hops)
             if adopting:
                 self._macs_from_maps(pin_dir)
             self._require_macs_for_unchecked()
@@ -165,7 +168,7 @@ class Controller:
             self._first_probes()
             self.announcer = bgp.Announcer(self.ifname, self.log)
             result = balancer.attach(self.ifname, self._effective(), self.xdp_mode,
-                                     macs=self._table_macs(), down=self._down())
+                                     macs=self._table_macs(), down=self._down(), extra_ifaces=self.extra_ifaces)
             self.maps = PinnedMaps(result.pin_dir)
             self._after_build(result.written, before=set(), first=True)
             if adopting:
@@ -176,7 +179,7 @@ class Controller:
             raise
         self.prober.start()
         self.prober.set_targets(self._targets())
-        self.watcher = neighwatch.Watcher(iface, lambda addr, mac: self.events.put(("neigh", addr, mac)))
+        self.watcher = neighwatch.Watcher(self.ifaces, lambda addr, mac: self.events.put(("neigh", addr, mac)))
         self.watcher.watch(set(self.hops.values()))
         self.watcher.start()
         self.server.start()
@@ -206,7 +209,15 @@ class Controller:
     def _next_hops(self, config: Config, only=None) -> dict[str, str]:
         on_link = {str(b.address) for v in config.vips if v.forwarding == "dsr" for b in v.backends}
         addresses = {str(b.address) for v in config.vips for b in v.backends}
-        return neighwatch.next_hops(self.iface, addresses if only is None else only, on_link)
+        return neighwatch.next_hops(self.ifaces, addresses if only is None else only, on_link)
+
+    def _two_arm(self, config: Config) -> dict:
+        """tables.apply's interface arguments: none one-arm; the slots and each
+        backend's egress interface two-arm (a backend added live gets its own)."""
+        if not self.extra_ifaces:
+            return {}
+        addresses = {str(b.address) for v in config.vips for b in v.backends}
+        return {"ifaces": [(i.index, i.mac) for i in self.ifaces], "egress": neigh.egress(self.ifaces, addresses)}
 
     def _macs_from_maps(self, pin_dir) -> None:
         """Adopting: a backend that does not resolve now keeps the MAC the maps hold."""
@@ -320,7 +331,8 @@ class Controller:
         before = self._valid_slots()
         started = flows.now_ns()
         effective, down = self._plan()
-        written = tables.apply(self.maps, effective, self._table_macs(), self.sizes, down=down)
+        written = tables.apply(self.maps, effective, self._table_macs(), self.sizes, down=down,
+                               **self._two_arm(effective))
         self._after_build(written, before, started_ns=started)
 
     def _after_build(self, written: dict, before: set[int], first: bool = False, started_ns: int = 0) -> None:
@@ -505,7 +517,7 @@ class Controller:
         added = {a: h for a, h in self.hops.items() if a not in self.macs}
         self.config = new
         if added and resolve_now:
-            self.macs.update(neighwatch.resolve(self.iface, added))
+            self.macs.update(neighwatch.resolve(self.ifaces, added))
         self._sync_views({})
         targets = self._targets()
         fresh = frozenset(k for k in targets if self.views[k].verdict.state == health.UNKNOWN)
@@ -558,7 +570,7 @@ class Controller:
         new = self._validated(new)
         added = {a: h for a, h in self._next_hops(new).items() if a not in self.macs}
         if added:
-            found = neighwatch.resolve(self.iface, added)
+            found = neighwatch.resolve(self.ifaces, added)
             if set(found) != added:
                 raise NeighbourError(f"no MAC address for {', '.join(sorted(added - set(found)))} on "
                                      f"{self.ifname} after {neighwatch.RESOLVE_TIMEOUT:g} s",

@@ -60,6 +60,11 @@ def interface(name: str) -> Interface:
                      mtu=link.get_attr("IFLA_MTU") or 0, xdp_prog_id=prog_id, xdp_mode=mode)
 
 
+def as_list(ifaces) -> list[Interface]:
+    """One interface or several (a two-arm attachment), as a list."""
+    return [ifaces] if isinstance(ifaces, Interface) else list(ifaces)
+
+
 def _usable_mac(ipr: IPRoute, ifindex: int, dst: str) -> str | None:
     family = 2 if ipaddress.ip_address(dst).version == 4 else 10
     for msg in ipr.get_neighbours(family=family, ifindex=ifindex):
@@ -70,66 +75,105 @@ def _usable_mac(ipr: IPRoute, ifindex: int, dst: str) -> str | None:
     return None
 
 
-def next_hop(ipr: IPRoute, iface: Interface, address, on_link: bool) -> str:
-    """The address whose MAC a packet to ``address`` leaves with: the address
-    itself when it is on ``iface``'s segment, else the route's gateway.
-
-    ``on_link`` (DSR) refuses a backend behind a gateway. A route out of
-    another interface is refused either way: the program sends frames back
-    out of the interface they came in on.
-    """
+def _route(ipr: IPRoute, address, ifaces: list[Interface]) -> tuple[int, str | None]:
+    """(outgoing ifindex, gateway or None) of the route to ``address``."""
     try:
-        routes = ipr.route("get", dst=str(address))
+        route = ipr.route("get", dst=str(address))[0]
     except NetlinkError as exc:
         raise NeighbourError(f"backend {address}: no route from this host ({exc})",
-                             fix=f"add a route to it via {iface.name}") from exc
-    route = routes[0]
-    oif = route.get_attr("RTA_OIF")
-    gateway = route.get_attr("RTA_GATEWAY")
-    if oif != iface.index:
-        raise NeighbourError(f"backend {address} is routed out of ifindex {oif}, not {iface.name}",
-                             fix=f"route the backends via {iface.name}, the interface fastlb is attached to")
+                             fix=f"add a route to it via {ifaces[-1].name}") from exc
+    return route.get_attr("RTA_OIF"), route.get_attr("RTA_GATEWAY")
+
+
+def next_hop(ipr: IPRoute, ifaces, address, on_link: bool) -> str:
+    """The address whose MAC a packet to ``address`` leaves with: the address
+    itself when it is on the segment of an attached interface, else the
+    route's gateway.
+
+    ``on_link`` (DSR) refuses a backend behind a gateway. A route out of an
+    interface fastlb is not attached to is refused either way: frames leave
+    by one of the attachment's interfaces.
+    """
+    ifaces = as_list(ifaces)
+    oif, gateway = _route(ipr, address, ifaces)
+    names = " or ".join(i.name for i in ifaces)
+    if oif not in {i.index for i in ifaces}:
+        raise NeighbourError(f"backend {address} is routed out of ifindex {oif}, not {names}",
+                             fix=f"route the backends via {names}, the interface(s) fastlb is attached to")
     if gateway and on_link:
         raise NeighbourError(
-            f"backend {address} is not on the L2 segment of {iface.name} (route via {gateway})",
-            fix=f"DSR needs backends reachable directly on {iface.name}; give {iface.name} an address in "
+            f"backend {address} is not on the L2 segment of {names} (route via {gateway})",
+            fix=f"DSR needs backends reachable directly on {names}; give the interface an address in "
                 "the backends' subnet, or use forwarding = \"tunnel\" or \"nat\" for routed backends")
     return str(gateway or address)
 
 
-def resolve_macs(iface: Interface, addresses, timeout: float = 3.0, on_link=()) -> dict[str, str]:
-    """The next-hop MAC for every address on ``iface``, probing the ones not in the table.
-
-    Addresses in ``on_link`` must be on the segment (DSR backends). Raises
-    NeighbourError naming the next hops that stay unresolved.
-    """
-    on_link = {str(a) for a in on_link}
-    found: dict[str, str] = {}
+def egress(ifaces, addresses) -> dict[str, int]:
+    """Backend address -> ifindex of the attached interface its route leaves by."""
+    ifaces = as_list(ifaces)
     with IPRoute() as ipr:
-        hops = {str(a): next_hop(ipr, iface, a, str(a) in on_link) for a in addresses}
-        wanted = sorted(set(hops.values()))
-        for hop in wanted:
+        return {str(a): _route(ipr, a, ifaces)[0] for a in addresses}
+
+
+def kick(ipr: IPRoute, ifindex: int, addr: str) -> None:
+    """Ask the kernel to resolve ``addr`` on ``ifindex`` (ARP or neighbour solicitation)."""
+    try:
+        ipr.neigh("replace", dst=addr, ifindex=ifindex, flags=NTF_USE, state=NUD_INCOMPLETE)
+    except NetlinkError:
+        pass  # an entry in a state the kernel won't restart; polling (or a notification) decides
+
+
+def find_macs(ifaces, hops: dict[str, str], timeout: float) -> dict[str, str]:
+    """Backend address -> its next hop's MAC, for the hops that resolve within
+    ``timeout`` on one of ``ifaces`` (probing the missing ones). Unresolved
+    ones are left out."""
+    ifaces = as_list(ifaces)
+    wanted = sorted(set(hops.values()))
+    found: dict[str, str] = {}
+
+    def lookup(ipr, hop):
+        for iface in ifaces:
             mac = _usable_mac(ipr, iface.index, hop)
             if mac:
+                return mac
+        return None
+
+    with IPRoute() as ipr:
+        for hop in wanted:
+            mac = lookup(ipr, hop)
+            if mac:
                 found[hop] = mac
-                continue
-            try:
-                ipr.neigh("replace", dst=hop, ifindex=iface.index, flags=NTF_USE, state=NUD_INCOMPLETE)
-            except NetlinkError:
-                pass  # an entry in a state the kernel won't restart; polling decides
+            else:
+                kick(ipr, _route(ipr, hop, ifaces)[0], hop)
         deadline = time.monotonic() + timeout
         pending = [h for h in wanted if h not in found]
         while pending and time.monotonic() < deadline:
             time.sleep(0.05)
             for hop in list(pending):
-                mac = _usable_mac(ipr, iface.index, hop)
+                mac = lookup(ipr, hop)
                 if mac:
                     found[hop] = mac
                     pending.remove(hop)
+    return {addr: found[hop] for addr, hop in hops.items() if hop in found}
+
+
+def resolve_macs(ifaces, addresses, timeout: float = 3.0, on_link=()) -> dict[str, str]:
+    """The next-hop MAC for every address, probing the ones not in the table.
+
+    Addresses in ``on_link`` must be on an attached segment (DSR backends).
+    Raises NeighbourError naming the next hops that stay unresolved.
+    """
+    ifaces = as_list(ifaces)
+    on_link = {str(a) for a in on_link}
+    with IPRoute() as ipr:
+        hops = {str(a): next_hop(ipr, ifaces, a, str(a) in on_link) for a in addresses}
+    found = find_macs(ifaces, hops, timeout)
+    pending = sorted({h for a, h in hops.items() if a not in found})
     if pending:
         via = {h: [a for a, n in hops.items() if n == h and a != h] for h in pending}
         names = ", ".join(f"{h} (next hop of {', '.join(v)})" if v else h for h, v in via.items())
-        raise NeighbourError(f"no MAC address for {names} on {iface.name} after {timeout:g} s",
+        raise NeighbourError(f"no MAC address for {names} on {' or '.join(i.name for i in ifaces)} after "
+                             f"{timeout:g} s",
                              fix="check that the backends (or their gateway) are up and answer ARP/ND "
                                  "on this segment")
-    return {addr: found[hop] for addr, hop in hops.items()}
+    return found

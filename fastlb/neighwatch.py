@@ -21,66 +21,39 @@ import time
 from collections.abc import Callable
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
 from . import neigh
-from .neigh import Interface
 
 RESOLVE_TIMEOUT = 3.0
 KICK_EVERY = 5.0   # seconds between two resolution attempts of one lost neighbour
 
 
-def next_hops(iface: Interface, addresses, on_link=()) -> dict[str, str]:
+def next_hops(ifaces, addresses, on_link=()) -> dict[str, str]:
     """Backend address -> the address whose MAC its packets leave with (itself, or its gateway).
 
-    A DSR backend (in ``on_link``) that is not on the interface's segment
-    raises NeighbourError: that is a config error, not a dead host.
+    ``ifaces``: the attached interface, or several (two-arm). A DSR backend
+    (in ``on_link``) that is not on an attached segment raises
+    NeighbourError: that is a config error, not a dead host.
     """
     on_link = {str(a) for a in on_link}
     with IPRoute() as ipr:
-        return {str(a): neigh.next_hop(ipr, iface, a, str(a) in on_link) for a in addresses}
+        return {str(a): neigh.next_hop(ipr, ifaces, a, str(a) in on_link) for a in addresses}
 
 
-def resolve(iface: Interface, hops: dict[str, str], timeout: float = RESOLVE_TIMEOUT) -> dict[str, str]:
+def resolve(ifaces, hops: dict[str, str], timeout: float = RESOLVE_TIMEOUT) -> dict[str, str]:
     """Backend address -> MAC of its next hop, for those that resolve within ``timeout``.
 
     ``hops`` comes from :func:`next_hops`. Unresolved ones are left out.
     """
-    wanted = sorted(set(hops.values()))
-    found: dict[str, str] = {}
-    with IPRoute() as ipr:
-        for hop in wanted:
-            mac = neigh._usable_mac(ipr, iface.index, hop)
-            if mac:
-                found[hop] = mac
-            else:
-                _kick(ipr, iface.index, hop)
-        deadline = time.monotonic() + timeout
-        pending = [h for h in wanted if h not in found]
-        while pending and time.monotonic() < deadline:
-            time.sleep(0.05)
-            for hop in list(pending):
-                mac = neigh._usable_mac(ipr, iface.index, hop)
-                if mac:
-                    found[hop] = mac
-                    pending.remove(hop)
-    return {addr: found[hop] for addr, hop in hops.items() if hop in found}
-
-
-def _kick(ipr: IPRoute, ifindex: int, addr: str) -> None:
-    """Ask the kernel to resolve ``addr`` (ARP or neighbour solicitation)."""
-    try:
-        ipr.neigh("replace", dst=addr, ifindex=ifindex, flags=neigh.NTF_USE, state=neigh.NUD_INCOMPLETE)
-    except NetlinkError:
-        pass  # an entry in a state the kernel won't restart; the next notification decides
+    return neigh.find_macs(ifaces, hops, timeout)
 
 
 class Watcher:
-    """Reports ``on_change(next hop, mac or None)`` for the watched next hops on one interface."""
+    """Reports ``on_change(next hop, mac or None)`` for the watched next hops on the attached interfaces."""
 
-    def __init__(self, iface: Interface, on_change: Callable[[str, str | None], None]):
-        self.iface = iface
+    def __init__(self, ifaces, on_change: Callable[[str, str | None], None]):
+        self.ifindexes = {i.index for i in neigh.as_list(ifaces)}
         self.on_change = on_change
         self.watched: set[str] = set()
         self.kicked: dict[str, float] = {}
@@ -108,7 +81,7 @@ class Watcher:
                     self._message(msg)
 
     def _message(self, msg) -> None:
-        if msg.get("ifindex") != self.iface.index:
+        if msg.get("ifindex") not in self.ifindexes:
             return
         addr = msg.get_attr("NDA_DST")
         if addr not in self.watched:
@@ -123,7 +96,7 @@ class Watcher:
             if now - self.kicked.get(addr, -KICK_EVERY) >= KICK_EVERY:
                 self.kicked[addr] = now
                 with IPRoute() as ipr:
-                    _kick(ipr, self.iface.index, addr)
+                    neigh.kick(ipr, msg.get("ifindex"), addr)
 
     def stop(self) -> None:
         self.stopped.set()

@@ -147,8 +147,15 @@ def without_down(vip, down) -> object:
 
 
 def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
-          lb_mac: str | None = None, down: frozenset = frozenset()) -> dict[str, int]:
+          lb_mac: str | None = None, down: frozenset = frozenset(),
+          ifaces=None, egress=None) -> dict[str, int]:
     """Make the maps hold ``config``. Returns counts of what was written.
+
+    Two-arm attachments pass ``ifaces``, the interfaces as (ifindex, MAC) by
+    slot (slot 0: the clients' side), and ``egress``, backend address ->
+    ifindex of the interface towards it; a backend reached through another
+    interface than the one its packets come in on leaves by XDP_REDIRECT.
+    Without them (a re-apply) each backend keeps the egress its slot has.
 
     ``down`` holds (vip name, backend key) pairs of backends that keep their
     slot but not its valid flag (see the module's docstring). Entries equal
@@ -167,6 +174,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         current = maps.lookup("settings", ctypes.c_uint32(0))
         lb_mac = structs.mac_str(current.lb_mac) if current is not None and any(current.lb_mac) else None
     maps.update("settings", ctypes.c_uint32(0), settings_entry(config, lb_mac))
+    slots = write_ifaces(maps, ifaces) if ifaces is not None else None
 
     wanted_keys: dict[bytes, int] = {}
     for vip in config.vips:
@@ -197,6 +205,11 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
             if (vip.name, backend.key) in down:
                 entry.flags &= ~cdefs.FL_BE_F_VALID
             old = held.get(be_id)
+            if slots is not None and egress and egress.get(str(backend.address)) in slots:
+                entry.egress_ifindex = egress[str(backend.address)]
+                entry.egress_slot = slots[entry.egress_ifindex]
+            elif slots is None and old is not None and _identity(old) == _identity(entry):
+                entry.egress_ifindex, entry.egress_slot = old.egress_ifindex, old.egress_slot
             if old is None or _identity(old) != _identity(entry):
                 # A slot new to this backend starts with no connections and no counts.
                 maps.update("backend_active", ctypes.c_uint32(be_id), ctypes.c_uint32(0))
@@ -250,6 +263,26 @@ def _write_delta(maps: PinnedMaps, name: str, start: int, ids: list[int], live: 
     slots = [i for i in range(len(ids)) if ids[i] != current[i]]
     maps.write_u32_slots(name, [start + i for i in slots], [ids[i] for i in slots])
     return len(slots)
+
+
+def write_ifaces(maps: PinnedMaps, ifaces) -> dict[int, int]:
+    """The attachment's interfaces by slot, in ifaces and the tx_ports devmap.
+    Returns ifindex -> slot. One interface (one-arm) needs no devmap entry:
+    every frame leaves by XDP_TX."""
+    slots = {}
+    for slot in range(cdefs.FASTLB_MAX_IFACES):
+        if slot < len(ifaces):
+            ifindex, mac = ifaces[slot]
+            entry = structs.Iface(ifindex=ifindex)
+            ctypes.memmove(entry.mac, structs.mac_bytes(mac), 6)
+            maps.update("ifaces", ctypes.c_uint32(slot), entry)
+            if len(ifaces) > 1:
+                maps.update("tx_ports", ctypes.c_uint32(slot), ctypes.c_int32(ifindex))
+            slots[ifindex] = slot
+        else:
+            maps.update("ifaces", ctypes.c_uint32(slot), structs.Iface())
+            maps.delete("tx_ports", ctypes.c_uint32(slot))
+    return slots
 
 
 def _identity(entry: structs.Backend) -> tuple:
