@@ -118,8 +118,14 @@ def watch(maps: PinnedMaps, be_id: int, folder: Path, backend: str, want_up: boo
     return seen
 
 
-def rebuilt_at(bal: balancer.Balancer, after_wall: float) -> float:
-    """Wall-clock time of the first table_rebuilt the controller logs after ``after_wall`` (waits for it).
+def _log_time(line: str) -> float:
+    ts = line.split("ts=", 1)[1].split()[0]
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def rebuilt_at(bal: balancer.Balancer, address: str, after_wall: float) -> float:
+    """Wall-clock time of the table_rebuilt that follows the controller's backend_down for
+    ``address`` logged after ``after_wall`` (waits for it).
 
     The log's timestamps have millisecond resolution, so ``after_wall`` is
     rounded down to the millisecond before the comparison.
@@ -127,15 +133,15 @@ def rebuilt_at(bal: balancer.Balancer, after_wall: float) -> float:
     floor = int(after_wall * 1000) / 1000
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
+        down = False
         for line in bal.output().splitlines():
-            if "event=table_rebuilt" not in line:
-                continue
-            ts = line.split("ts=", 1)[1].split()[0]
-            at = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-            if at >= floor:
-                return at
+            if not down:
+                down = ("event=backend_down " in line and f"backend={address}:" in line
+                        and _log_time(line) >= floor)
+            elif "event=table_rebuilt" in line:
+                return _log_time(line)
         time.sleep(0.01)
-    raise LabError(f"fastlb logged no table_rebuilt within {WAIT:g} s of the failure")
+    raise LabError(f"fastlb logged no table_rebuilt after {address} went down within {WAIT:g} s")
 
 
 def failures(lab: Lab, bal: balancer.Balancer, folder: Path, trials: int) -> list[dict[str, float]]:
@@ -148,7 +154,7 @@ def failures(lab: Lab, bal: balancer.Balancer, folder: Path, trials: int) -> lis
             lab.stop_server(backend)
             failed, failed_wall = time.monotonic(), time.time()
             seen = watch(maps, be_id, folder, backend, want_up=False)
-            rebuilt = rebuilt_at(bal, failed_wall)
+            rebuilt = rebuilt_at(bal, lab.addr(backend), failed_wall)
             lab.start_server(backend)
             back = time.monotonic()
             seen_up = watch(maps, be_id, folder, backend, want_up=True)
