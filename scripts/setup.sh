@@ -29,6 +29,8 @@ packages=(bpfcc-tools python3-bpfcc libbpfcc libbpf1 iproute2 ethtool iputils-pi
           gcc make procps)
 # Peers and tools for the lab and benchmarks (make bench uses them; the tests use some).
 packages+=(haproxy nginx libnginx-mod-stream wrk nftables)
+# The BGP speaker fastlb drives ([bgp] speaker = "bird"); the ECMP tests run their own copies in namespaces.
+packages+=(bird2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -58,6 +60,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     pkill -x "$svc" 2>/dev/null || true
   done
+  # Installing bird2 enables and (under systemd) starts the host's BIRD on Debian's sample config.
+  # Stop what this run's install started: a box that is to announce VIPs sets BIRD up itself
+  # (docs/SCALEOUT.md), and the tests start their own BIRDs in namespaces.
+  if [[ " ${missing[*]} " == *" bird2 "* ]]; then
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      systemctl disable --now bird >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/bird ]; then
+      /etc/init.d/bird stop >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 
 # 2. Kernel headers for BCC --------------------------------------------------
