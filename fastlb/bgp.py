@@ -350,9 +350,10 @@ class Announcer:
 
     ``update`` is called after every table build; it writes the include
     and runs ``birdc configure`` only when the announcements changed (and
-    once at the start, so that BIRD has surely read the file). A BIRD that
-    cannot be reached is retried by ``retry`` (the controller's sweep
-    timer); meanwhile BIRD keeps announcing what it last read.
+    once at the start, so that BIRD has surely read the file). A file that
+    cannot be written or a BIRD that cannot be reached is retried by
+    ``retry`` (the controller's sweep timer); meanwhile BIRD keeps
+    announcing what it last read.
     """
 
     def __init__(self, ifname: str, log: Callable[..., None], attached: Callable[[], bool] | None = None):
@@ -360,55 +361,51 @@ class Announcer:
         self.log = log
         # Announce only while the data plane is attached (a `fastlb detach` from another shell withdraws).
         self.attached = attached or (lambda: pins.attachment_dir(ifname, pins.root()).exists())
-        self.routes: list[str] | None = None     # what the include announces, as last written
-        self.pending = False                      # the file changed, BIRD has not taken it yet
+        self.routes: list[str] | None = None     # what the include announces, as last decided
+        self.writes: list[tuple[str, str]] = []  # files still to write: (path, text)
+        self.socket: str | None = None            # the BIRD to tell
+        self.pending = False                      # BIRD has not taken the last change yet
         self.error: str | None = None
         self.checked = False                      # BIRD was seen to hold fastlb's protocols
         self.bgp: Bgp | None = None
-        self.config: Config | None = None
-        previous = load_state(ifname)
+        self.include: str | None = None
+        previous = load_state(ifname)             # a controller before this one (even one killed)
         if previous is not None:
-            self.bgp = previous["bgp"]
-            self.include = previous["include"]
+            self.bgp, self.include = previous["bgp"], previous["include"]
             self.routes = list(previous["routes"])
-        else:
-            self.include = None
+            self.socket = self.bgp.bird_socket
 
     def update(self, config: Config, healthy: set[str]) -> None:
         """Announce what ``config`` and the healthy VIPs say (``healthy``: VIP names)."""
-        self.config = config
         bgp = config.bgp
         if bgp is None:
             if self.bgp is not None:   # [bgp] was removed: close fastlb's sessions
-                self._write(self.include, render_empty(self.ifname, "no [bgp] in the config"))
                 self._log_routes([], {}, "[bgp] removed from the config")
-                self._configure()
-                remove_state(self.ifname)
+                self.writes = [(self.include, render_empty(self.ifname, "no [bgp] in the config"))]
                 self.bgp, self.routes = None, None
+                remove_state(self.ifname)
+                self._sync(force=True)
             return
         routes, vips = plan(config, healthy, attached=self.attached())
         include = include_path(bgp, self.ifname)
-        if self.include is not None and self.include != include:
-            self._write(self.include, render_empty(self.ifname, f"moved to {include}"))
-        changed = self._write(include, render(bgp, self.ifname, routes))
         first = self.bgp is None or self.include != include or not self.checked
+        writes = []
+        if self.include is not None and self.include != include:
+            writes.append((self.include, render_empty(self.ifname, f"moved to {include}")))
+        writes.append((include, render(bgp, self.ifname, routes)))
         self._log_routes(routes, vips, "")
-        self.bgp, self.include, self.routes = bgp, include, routes
-        save_state(self.ifname, bgp, include, routes, vips)
-        if changed or first or self.pending:
-            self.pending = True
-            self._configure()
+        self.bgp, self.include, self.routes, self.socket = bgp, include, routes, bgp.bird_socket
+        self.writes = writes
+        try:
+            save_state(self.ifname, bgp, include, routes, vips)
+        except OSError as exc:
+            self.log("bgp_state_not_saved", error=f"{exc.strerror or exc}", path=state_path(self.ifname),
+                     effect="fastlb status and fastlb detach cannot see the announcements")
+        self._sync(force=first)
 
     def retry(self) -> None:
         if self.pending:
-            self._configure()
-
-    def _write(self, path: str, text: str) -> bool:
-        try:
-            return write_include(path, text)
-        except SpeakerError as exc:
-            self._failed(exc)
-            return False
+            self._sync(force=True)
 
     def _log_routes(self, routes: list[str], vips: dict[str, VipAnnouncement], why: str) -> None:
         before = set(self.routes or [])
@@ -421,36 +418,39 @@ class Announcer:
             reason = why or next((a.why for a in vips.values() if a.route == route), "no VIP uses it")
             self.log("route_withdrawn", route=route, vips=",".join(names), why=reason)
 
-    def _configure(self) -> None:
-        bgp = self.bgp or (self.config.bgp if self.config else None)
-        if bgp is None:
-            return
-        birdc = Birdc(bgp.bird_socket)
+    def _sync(self, force: bool) -> None:
+        """Write the files still to write; if any changed (or ``force``), have BIRD read them."""
         try:
+            changed = False
+            while self.writes:
+                path, text = self.writes[0]
+                changed = write_include(path, text) or changed
+                self.writes.pop(0)
+            if not (changed or force or self.pending):
+                return
+            self.pending = True
+            birdc = Birdc(self.socket)
             birdc.configure()
-            if not self.checked and self.routes is not None:
-                if birdc.protocol(f"{prefix(self.ifname)}_vips{_families(bgp)[0]}") is None:
+            if self.bgp is not None and not self.checked:
+                if birdc.protocol(f"{prefix(self.ifname)}_vips{_families(self.bgp)[0]}") is None:
                     raise SpeakerError(
-                        f"BIRD at {bgp.bird_socket} took 'configure' but has no {prefix(self.ifname)}_* "
+                        f"BIRD at {self.socket} took 'configure' but has no {prefix(self.ifname)}_* "
                         f"protocols: its bird.conf does not include {self.include}",
                         fix=f'add include "{os.path.dirname(self.include)}/*.conf"; to bird.conf, then '
                             "birdc configure")
                 self.checked = True
         except SpeakerError as exc:
-            self._failed(exc)
+            self.pending = True
+            text = str(exc)
+            if text != self.error:  # once per distinct error, not at every retry
+                self.log("bgp_speaker_error", error=text,
+                         effect="BIRD keeps announcing what it last read; retried at every sweep")
+                self.error = text
             return
         self.pending = False
         if self.error is not None:
-            self.log("bgp_speaker_ok", socket=bgp.bird_socket, include=self.include)
+            self.log("bgp_speaker_ok", socket=self.socket, include=self.include)
             self.error = None
-
-    def _failed(self, exc: SpeakerError) -> None:
-        self.pending = True
-        text = str(exc)
-        if text != self.error:  # once per distinct error, not at every retry
-            self.log("bgp_speaker_error", error=text,
-                     effect="BIRD keeps announcing what it last read; retried at every sweep")
-            self.error = text
 
 
 # ---- detach and status (no controller needed) -------------------------------------------------------

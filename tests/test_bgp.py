@@ -252,3 +252,20 @@ def test_removing_bgp_from_the_config_removes_fastlbs_protocols(bird):
     ann.update(parse_config(VIPS.replace('announce = "bgp"', 'announce = "none"')), ALL)
     assert bgp.Birdc(str(bird.socket)).protocol("fastlb_eth0_peer0") is None
     assert len(log.events("route_withdrawn")) == 3 and bgp.status("eth0") is None
+
+
+@pytest.mark.root
+def test_an_include_that_cannot_be_written_is_retried(bird):
+    log = Log()
+    include = bird.run_dir / "fastlb.d" / "eth0.conf"
+    include.mkdir()                              # in the way: not a file
+    ann = bgp.Announcer("eth0", log, attached=lambda: True)
+    ann.update(config_for(bird), ALL)
+    (err,) = log.events("bgp_speaker_error")
+    assert str(include) in err["error"] and ann.pending and routes_in(bird) == set()
+    ann.retry()
+    assert len(log.events("bgp_speaker_error")) == 1
+    include.rmdir()
+    ann.retry()
+    assert not ann.pending and log.events("bgp_speaker_ok")
+    assert routes_in(bird) == {"198.19.0.100/32", "198.19.0.101/32", "2001:db8:ffff::100/128"}
