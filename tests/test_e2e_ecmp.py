@@ -15,7 +15,8 @@ What is shown, each figure measured by the test itself:
   their ring slot names their backend (the documented limit);
 - new connections all succeed; A re-attaches: announced again, its share
   comes back, and the held connections survive that move too;
-- a controller killed with SIGKILL and started again withdraws nothing;
+- a controller killed with SIGKILL and started again withdraws nothing, and
+  ``fastlb detach`` with no controller running withdraws before detaching;
 - a VIP whose last healthy backend fails is withdrawn within 1 s;
 - a box that goes dark (link down, no goodbye) is withdrawn by BFD.
 """
@@ -455,3 +456,29 @@ def test_a_box_that_goes_dark_is_withdrawn_by_bfd(lab, boxes):
         held.close()
         lab.run("lba", ["ip", "link", "set", "eth0", "up"])
     wait_nexthops(lab, MAGLEV_VIP, both, timeout=30)
+
+
+def test_fastlb_detach_after_a_dead_controller_withdraws_first(lab, boxes):
+    """No controller runs (it was killed); ``fastlb detach`` withdraws the routes, waits, then detaches."""
+    both = {lab.addr(b) for b in BOXES}
+    wait_nexthops(lab, MAGLEV_VIP, both, timeout=30)
+    bal = boxes.running.pop("lba")
+    bal._proc.kill()
+    bal._proc.wait(10)
+    assert lab.router_nexthops(MAGLEV_VIP) == both        # a dead controller withdraws nothing
+    detach = lab.exec("lba", balancer.fastlb_argv("detach", "eth0"), env=python_env(), stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    sent = time.monotonic()
+    wait_nexthops(lab, MAGLEV_VIP, {lab.addr("lbb")}, timeout=10)
+    withdrawn = time.monotonic() - sent
+    out, err = detach.communicate(timeout=30)
+    took = time.monotonic() - sent
+    print(f"\nfastlb detach with no controller: route gone {withdrawn * 1000:.0f} ms after the command started; "
+          f"detached after {took:.1f} s (detach_delay 1 s)")
+    assert detach.returncode == 0, err
+    assert "withdrew 198.19.0.100/32, 198.19.0.101/32" in out and "detached from eth0" in out, out
+    assert withdrawn <= WITHDRAW_BUDGET        # starting the command (Python, imports) included
+    assert took >= 1.0                          # detach_delay: the program stayed attached meanwhile
+    assert boxes.status("lba") == {}
+    boxes.attach("lba")
+    wait_nexthops(lab, MAGLEV_VIP, both)
