@@ -516,6 +516,11 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 		return miss_reason(flow, FL_PASS_L2_NOT_UNICAST);
 
 	ct = conntrack.lookup(flow);
+	/* A SYN on a closed flow's entry (a client reusing its port) opens a new
+	 * connection: it picks and counts afresh. */
+	if (ct && (ct->flags & FL_CT_F_CLOSING) && flow->proto == IPPROTO_TCP &&
+	    (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN)
+		ct = NULL;
 	if (ct) {
 		be = ct_backend(ct, &vip);
 		if (be) {

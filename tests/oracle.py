@@ -309,7 +309,9 @@ class Oracle:
         flow = (p.family, p.src, p.dst, p.sport, p.dport, p.proto)
         # 9. Conntrack hit (the model's; the config never changes under the fuzzer).
         state = self.flows.get(flow)
-        if state is not None:
+        reopened = (state is not None and state.closing and p.proto == IPPROTO_TCP
+                    and p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        if state is not None and not reopened:
             return Prediction("FL_TX_DSR", "9: conntrack hit", p, state.vip, state.mac, flow)
         # 10. VIP lookup.
         vip = self.by_key.get((p.family, p.dst, p.dport, p.proto))
@@ -484,6 +486,8 @@ class Oracle:
         """The conntrack rules (9, 11, Counters: backend_active) after a forward."""
         fin_rst = bool(pred.parsed.tcp_flags & (TCP_FIN | TCP_RST)) if pred.parsed.proto == IPPROTO_TCP else False
         state = self.flows.get(pred.flow)
+        if state is not None and pred.established is None:  # a SYN reopened a closed flow's entry
+            state = None
         if state is None:
             syn_only = pred.parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
             counted = pred.parsed.proto == IPPROTO_TCP and not fin_rst and syn_only

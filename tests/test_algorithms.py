@@ -261,3 +261,25 @@ def test_the_new_flow_guard_forwards_but_does_not_record_a_flood(bed):
     # Unrecorded flows went to their ring slot, so all their packets agree.
     ring = [s for s in picks if picks[s] == ring_backend(bed, vip, "198.18.5.5", s)]
     assert len(ring) >= unrecorded
+
+
+def test_a_syn_on_a_closed_flows_entry_is_a_new_connection(bed):
+    """A client reusing its port after FIN: the SYN picks and counts afresh."""
+    port = 1006  # lc, TCP
+    ids = backend_ids(bed, port)
+    set_figures(bed, port, [0, 0, 0])
+    bed.flush_conntrack()
+
+    def counts():
+        return sum(bed.maps.lookup("backend_active", ctypes.c_uint32(i)).value for i in ids)
+
+    from fastlb import structs
+    vip_id = bed.maps.lookup("vips", structs.vip_key(vip_of(bed, port).address, port, 6)).value
+    new_before = bed.maps.counter("vip_stats", vip_id).new_flows
+    kernel_pick(bed, frame("198.18.6.6", 35000, port, "tcp", "S"))
+    kernel_pick(bed, frame("198.18.6.6", 35000, port, "tcp", "FA"))
+    assert counts() == 0
+    kernel_pick(bed, frame("198.18.6.6", 35000, port, "tcp", "S"))
+    assert counts() == 1
+    assert bed.maps.counter("vip_stats", vip_id).new_flows - new_before == 2
+    bed.flush_conntrack()
