@@ -71,10 +71,17 @@ def load_plain(source: str, function: str):
 
 
 def measure(fd: int, data: bytes, calls: int, runs: int, vary_offset: int = -1) -> tuple[float, int]:
-    """Median kernel ns per call over ``runs`` runs, and the last verdict."""
+    """Median kernel ns per call over ``runs`` runs, and the last verdict.
+
+    With ``vary_offset``, each run starts its counter where the previous one
+    stopped, so no run meets the flows an earlier run recorded.
+    """
     results, verdict = [], None
-    for _ in range(runs):
-        ns, _wall, verdict = _testrun.time_calls(fd, data, calls, vary_offset)
+    frame = bytearray(data)
+    for run in range(runs):
+        if vary_offset >= 0:
+            frame[vary_offset:vary_offset + 4] = (run * calls).to_bytes(4, "big")
+        ns, _wall, verdict = _testrun.time_calls(fd, bytes(frame), calls, vary_offset)
         results.append(ns)
     return statistics.median(results), verdict
 

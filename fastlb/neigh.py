@@ -131,28 +131,31 @@ def find_macs(ifaces, hops: dict[str, str], timeout: float) -> dict[str, str]:
     wanted = sorted(set(hops.values()))
     found: dict[str, str] = {}
 
-    def lookup(ipr, hop):
+    def table(ipr) -> dict[str, str]:
+        """Usable neighbour entries of the interfaces: one dump per interface, not one per hop."""
+        macs: dict[str, str] = {}
         for iface in ifaces:
-            mac = _usable_mac(ipr, iface.index, hop)
-            if mac:
-                return mac
-        return None
+            for msg in ipr.get_neighbours(ifindex=iface.index):
+                mac, dst = msg.get_attr("NDA_LLADDR"), msg.get_attr("NDA_DST")
+                if dst and msg["state"] & NUD_USABLE and mac and mac != "00:00:00:00:00:00":
+                    macs.setdefault(dst, mac)
+        return macs
 
     with IPRoute() as ipr:
+        known = table(ipr)
         for hop in wanted:
-            mac = lookup(ipr, hop)
-            if mac:
-                found[hop] = mac
+            if hop in known:
+                found[hop] = known[hop]
             else:
                 kick(ipr, _route(ipr, hop, ifaces)[0], hop)
         deadline = time.monotonic() + timeout
         pending = [h for h in wanted if h not in found]
         while pending and time.monotonic() < deadline:
             time.sleep(0.05)
+            known = table(ipr)
             for hop in list(pending):
-                mac = lookup(ipr, hop)
-                if mac:
-                    found[hop] = mac
+                if hop in known:
+                    found[hop] = known[hop]
                     pending.remove(hop)
     return {addr: found[hop] for addr, hop in hops.items() if hop in found}
 
