@@ -33,11 +33,7 @@ static __always_inline int addr_has(const __u32 *addr, __u8 family, __u32 flag)
 	struct vip_key key = {};
 	__u32 *v;
 
-	if (family == FL_AF_INET)
-		key.addr[0] = addr[0];
-	else
-		__builtin_memcpy(key.addr, addr, 16);
-	key.family = family;
+	fl_addr_key(&key, addr, family);
 	v = addrs.lookup(&key);
 	return v && (*v & flag);
 }

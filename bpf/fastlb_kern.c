@@ -197,10 +197,7 @@ static __always_inline int is_vip_addr(struct flow_key *flow)
 {
 	struct vip_key key = {};
 
-	__builtin_memcpy(key.addr, flow->dst, sizeof(key.addr));
-	key.family = flow->family;
-	key.port = FL_VIP_ADDR_PORT;
-	key.proto = FL_VIP_ADDR_PROTO;
+	fl_addr_key(&key, flow->dst, flow->family);
 	return vips.lookup(&key) != NULL;
 }
 
@@ -217,11 +214,7 @@ static __always_inline int is_announced(const __u32 *addr, __u8 family)
 	struct vip_key key = {};
 	__u32 *v;
 
-	if (family == FL_AF_INET)
-		key.addr[0] = addr[0];
-	else
-		__builtin_memcpy(key.addr, addr, 16);
-	key.family = family;
+	fl_addr_key(&key, addr, family);
 	v = vips.lookup(&key);
 	return v && *v == FL_VIP_ID_ANNOUNCE;
 }

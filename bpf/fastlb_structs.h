@@ -19,6 +19,19 @@ struct vip_key {
 	__u8 family;                /* FL_AF_INET / FL_AF_INET6 */
 };
 
+/* The address-only key of `addr` (port 0, protocol 0): VIP addresses in the
+ * balancer's vips map, local and VIP addresses in the decap program's. */
+static __always_inline void fl_addr_key(struct vip_key *key, const __u32 *addr, __u8 family)
+{
+	if (family == FL_AF_INET)
+		key->addr[0] = addr[0];
+	else
+		__builtin_memcpy(key->addr, addr, 16);
+	key->port = FL_VIP_ADDR_PORT;
+	key->proto = FL_VIP_ADDR_PROTO;
+	key->family = family;
+}
+
 /* Value of the vip_table array, indexed by vip id (the vips map's value). */
 struct vip_meta {
 	__u32 gen;                  /* bumped when the slot takes a new VIP, so that
