@@ -90,6 +90,7 @@ def test_detach_does_not_follow_a_symlinked_pin_folder(tmp_path):
     victim.mkdir()
     (victim / "precious").write_text("keep me")
     link = pins.attachment_dir("lnk0", base)
+    made_parent = not link.parent.exists()
     link.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.symlink(victim, link)
@@ -103,6 +104,8 @@ def test_detach_does_not_follow_a_symlinked_pin_folder(tmp_path):
         assert (victim / "precious").read_text() == "keep me"
     finally:
         os.unlink(link)
+        if made_parent:
+            link.parent.rmdir()
 
 
 def test_detach_of_an_interface_fastlb_never_attached_touches_nothing():
