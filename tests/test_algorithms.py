@@ -79,7 +79,6 @@ def backend_ids(bed, port) -> list[int]:
 
 
 def set_figures(bed, port, active, rtt=None):
-    from fastlb import structs
     for i, be_id in enumerate(backend_ids(bed, port)):
         bed.maps.update("backend_active", ctypes.c_uint32(be_id), ctypes.c_uint32(active[i]))
         if rtt is not None:

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from fastlb.lab.clients import tcp_requests, udp_by_source
-from fastlb.lab.topology import Lab, python_argv, python_env
+from fastlb.lab.topology import Lab
 
 from test_e2e import Attached, run_fastlb
 

@@ -10,7 +10,7 @@ import ctypes
 
 import pytest
 
-from fastlb import bpfsys, structs
+from fastlb import structs
 from fastlb.program import MAP_SPECS
 
 pytestmark = pytest.mark.root
