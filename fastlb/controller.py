@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import ctypes
+import math
 import os
 import queue
 import signal
@@ -49,11 +50,21 @@ from .program import Sizes
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 NO_MAC = "00:00:00:00:00:00"
-RTT_CHANGE = 0.10           # lrt: rewrite a backend's score when it moves by more than this share ...
-RTT_MIN_CHANGE_US = 50      # ... and by at least this many microseconds
 COMMAND_TIMEOUT = 60.0
 
 Key = tuple[str, bytes]     # (VIP name, backend key)
+LRT_FLOOR_US = 2000         # lrt: scores below this are equal (probe noise on a LAN) ...
+LRT_STEP = 1.5              # ... and above it, scores in the same step of this ratio are equal
+
+
+def lrt_score(us: int) -> int:
+    """The response-time score written for the kernel: rounded to a geometric
+    step, so that backends of about the same latency tie and the ring spreads
+    flows among them, while a clearly slower one still loses every pair."""
+    if us <= LRT_FLOOR_US:
+        return LRT_FLOOR_US
+    steps = round(math.log(us / LRT_FLOOR_US, LRT_STEP))
+    return min(int(LRT_FLOOR_US * LRT_STEP ** steps), 2**32 - 1)
 
 
 class View:
@@ -377,9 +388,9 @@ class Controller:
         view = self.views.get(key)
         if vip is None or vip.algorithm != "lrt" or be_id is None or view is None or not view.ewma.has_sample:
             return
-        score = view.ewma.score_us(time.monotonic())
+        score = lrt_score(view.ewma.score_us(time.monotonic()))
         old = view.rtt_written
-        if not force and abs(score - old) <= max(RTT_CHANGE * old, RTT_MIN_CHANGE_US):
+        if not force and score == old:
             return
         entry = self.maps.lookup("backends", ctypes.c_uint32(be_id))
         if entry is None or not entry.family or entry.rtt_us == score:

@@ -389,3 +389,11 @@ def test_every_backend_down_drops_or_keeps_the_last_table_and_says_so(policy, in
     _set(ctl, vip, **{"11": "up", "12": "down"})
     assert ctl._plan()[1] == {(vip.name, b"198.18.0.12:80")}
     assert "event=vip_has_healthy_backend" in ctl.out.getvalue()
+
+
+def test_lrt_scores_round_so_that_equal_latencies_tie_and_slow_ones_lose():
+    from fastlb.controller import LRT_FLOOR_US, lrt_score
+    assert lrt_score(300) == lrt_score(900) == lrt_score(LRT_FLOOR_US) == LRT_FLOOR_US
+    assert lrt_score(3900) == lrt_score(4100)          # within one step: a tie
+    assert lrt_score(55_000) > 5 * lrt_score(3900)     # 50 ms slower still loses every pair
+    assert lrt_score(10**12) == 2**32 - 1              # the kernel's u32
