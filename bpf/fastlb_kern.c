@@ -5,12 +5,15 @@
  * conntrack entry's backend if it has one, else the VIP's table's pick,
  * which is then recorded. Conntrack is looked up first, so an established
  * flow costs one hash lookup; the vips map is read only on a miss. The
- * frame then leaves by XDP_TX in the VIP's forwarding mode: DSR (the
- * backend's MAC as destination), tunnel (an outer IP header to the backend)
- * or NAT (the backend's address and port, and the reverse for its replies).
- * Everything else passes untouched, and malformed packets for a VIP address
- * are dropped. Every packet moves exactly one reason counter (enum
- * fl_reason); docs/DATAPLANE.md states the rules.
+ * frame then leaves in the VIP's forwarding mode: DSR (the backend's MAC as
+ * destination), tunnel (an outer IP header to the backend) or NAT (the
+ * backend's address and port, and the reverse for its replies), by XDP_TX,
+ * or by XDP_REDIRECT when the backend sits behind another interface of a
+ * two-arm attachment. Pings of VIPs, ICMP errors about VIP flows and ARP/ND
+ * for announced VIPs are answered or forwarded too. Everything else passes
+ * untouched, and malformed packets for a VIP address are dropped. Every
+ * packet moves exactly one reason counter (enum fl_reason);
+ * docs/DATAPLANE.md states the rules.
  *
  * Code that touches maps lives in this file: BCC rewrites map calls
  * (vips.lookup()) in the main source only, so headers hold pure helpers.
