@@ -8,6 +8,7 @@ Everything is removed at the end, also when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -50,6 +51,20 @@ class Attached:
             self.proc.send_signal(signal.SIGTERM)
         out, err = self.proc.communicate(timeout=30)
         return self.proc.returncode, out, err
+
+
+@contextlib.contextmanager
+def attached(lab: Lab, folder, text: str, *extra, name: str = "fastlb.toml"):
+    """`fastlb attach` with config ``text`` (written to ``folder/name``) for the
+    length of the block; it must detach cleanly at the end."""
+    path = folder / name
+    path.write_text(text)
+    att = Attached(lab, path, *extra)
+    try:
+        yield path
+    finally:
+        code, _, err = att.stop()
+        assert code == 0, err
 
 
 def lb_xdp_prog_id(lab: Lab, ifname: str = "eth0", role: str = "lb") -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 from collections import Counter
@@ -12,7 +11,7 @@ import pytest
 from fastlb.lab.clients import tcp_requests, udp_by_source
 from fastlb.lab.topology import Lab
 
-from test_e2e import Attached, run_fastlb
+from test_e2e import attached, run_fastlb
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -21,18 +20,6 @@ pytestmark = [pytest.mark.root, pytest.mark.netns]
 def lab():
     with Lab(backends=3) as lab:
         yield lab
-
-
-@contextlib.contextmanager
-def attached(lab, tmp_path, text, *extra, name="fastlb.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    att = Attached(lab, path, *extra)
-    try:
-        yield path
-    finally:
-        code, _, err = att.stop()
-        assert code == 0, err
 
 
 def shares(counts: Counter) -> dict[str, float]:

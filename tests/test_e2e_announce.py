@@ -12,7 +12,7 @@ import pytest
 from fastlb.lab.clients import tcp_requests
 from fastlb.lab.topology import Lab
 
-from test_e2e import Attached
+from test_e2e import attached
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -31,13 +31,8 @@ def lab(tmp_path_factory):
         for vip, fam in ((VIP4, 4), (VIP6, 6)):
             config += f'[[vip]]\naddress = "{vip}"\nport = 80\nannounce = "arp"\n'
             config += "".join(f'[[vip.backend]]\naddress = "{lab.addr(b, fam)}"\n' for b in lab.backend_names)
-        path = tmp_path_factory.mktemp("announce") / "fastlb.toml"
-        path.write_text(config)
-        attached = Attached(lab, path)
-        try:
+        with attached(lab, tmp_path_factory.mktemp("announce"), config):
             yield lab
-        finally:
-            attached.stop()
 
 
 def neighbour_mac(lab, address) -> str:

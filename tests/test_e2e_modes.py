@@ -8,6 +8,7 @@ to the client (its gateway, as in any NAT deployment).
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from fastlb.lab.clients import tcp_requests, udp_by_source, udp_requests
 from fastlb.lab.netns import LabError
 from fastlb.lab.topology import Lab
 
-from test_e2e import Attached, run_fastlb
+from test_e2e import attached, run_fastlb
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -39,6 +40,19 @@ def reason_packets(lab, name) -> int:
     return json.loads(res.stdout)[0]["reasons"][name]["packets"]
 
 
+@contextlib.contextmanager
+def decap_on(lab, *vips):
+    """`fastlb decap` on every backend for the block, for ``vips``."""
+    args = [a for v in vips for a in ("--vip", v)]
+    for b in lab.backend_names:
+        run_fastlb(lab, b, "decap", "attach", "eth0", *args, check=True)
+    try:
+        yield
+    finally:
+        for b in lab.backend_names:
+            run_fastlb(lab, b, "decap", "detach", "eth0")
+
+
 def spread_ok(lab, counts, total):
     assert sum(counts.values()) == total
     assert set(counts) == set(lab.backend_names), counts
@@ -46,22 +60,13 @@ def spread_ok(lab, counts, total):
 
 @pytest.fixture(scope="class")
 def tunnel_lab(tmp_path_factory):
-    with Lab(backends=3) as lab:
-        for b in lab.backend_names:
-            run_fastlb(lab, b, "decap", "attach", "eth0", "--vip", lab.vip4, "--vip", lab.vip6, check=True)
-        config = SETTINGS
+    config = SETTINGS
+    with Lab(backends=3) as lab, decap_on(lab, lab.vip4, lab.vip6):
         for proto, port in (("tcp", 80), ("udp", lab.udp_port)):
             config += vip_block(lab.vip4, port, proto, "tunnel", [lab.addr(b) for b in lab.backend_names])
             config += vip_block(lab.vip6, port, proto, "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
-        path = tmp_path_factory.mktemp("tun") / "fastlb.toml"
-        path.write_text(config)
-        attached = Attached(lab, path)
-        try:
+        with attached(lab, tmp_path_factory.mktemp("tun"), config):
             yield lab
-        finally:
-            attached.stop()
-            for b in lab.backend_names:
-                run_fastlb(lab, b, "decap", "detach", "eth0")
 
 
 class TestTunnel:
@@ -94,17 +99,10 @@ class TestTunnel:
 
 @pytest.fixture(scope="class")
 def tun46_lab(tmp_path_factory):
-    with Lab(backends=3) as lab:
-        for b in lab.backend_names:
-            run_fastlb(lab, b, "decap", "attach", "eth0", "--vip", lab.vip4, check=True)
+    with Lab(backends=3) as lab, decap_on(lab, lab.vip4):
         config = SETTINGS + vip_block(lab.vip4, 80, "tcp", "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
-        path = tmp_path_factory.mktemp("tun46") / "fastlb.toml"
-        path.write_text(config)
-        attached = Attached(lab, path)
-        try:
+        with attached(lab, tmp_path_factory.mktemp("tun46"), config):
             yield lab
-        finally:
-            attached.stop()
 
 
 class TestTunnelIPv4InIPv6:
@@ -130,13 +128,8 @@ def nat_lab(tmp_path_factory):
             backends = [lab.addr(b, fam) for b in lab.backend_names]
             config += vip_block(vip, 80, "tcp", "nat", backends, bport=8080)
             config += vip_block(vip, lab.udp_port, "udp", "nat", backends)
-        path = tmp_path_factory.mktemp("nat") / "fastlb.toml"
-        path.write_text(config)
-        attached = Attached(lab, path)
-        try:
+        with attached(lab, tmp_path_factory.mktemp("nat"), config):
             yield lab
-        finally:
-            attached.stop()
 
 
 class TestNat:
@@ -158,21 +151,12 @@ class TestNat:
 
 @pytest.fixture(scope="class")
 def pmtu_lab(tmp_path_factory):
-    with Lab(backends=2) as lab:
-        for b in lab.backend_names:
-            run_fastlb(lab, b, "decap", "attach", "eth0", "--vip", lab.vip4, "--vip", lab.vip6, check=True)
+    with Lab(backends=2) as lab, decap_on(lab, lab.vip4, lab.vip6):
         config = SETTINGS + f'icmp_source = "{lab.addr("lb")}"\nicmp_source6 = "{lab.addr("lb", 6)}"\n'
         config += vip_block(lab.vip4, lab.udp_port, "udp", "tunnel", [lab.addr(b) for b in lab.backend_names])
         config += vip_block(lab.vip6, lab.udp_port, "udp", "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
-        path = tmp_path_factory.mktemp("pmtu") / "fastlb.toml"
-        path.write_text(config)
-        attached = Attached(lab, path)
-        try:
+        with attached(lab, tmp_path_factory.mktemp("pmtu"), config):
             yield lab
-        finally:
-            attached.stop()
-            for b in lab.backend_names:
-                run_fastlb(lab, b, "decap", "detach", "eth0")
 
 
 class TestTunnelPathMtu:
