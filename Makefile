@@ -17,7 +17,7 @@ setup:
 
 test: setup
 	$(PYTEST) -q
-	FASTLB_PURE_PYTHON=1 $(PYTEST) -q tests/test_core.py
+	FASTLB_PURE_PYTHON=1 $(PYTEST) -q tests/unit/test_core.py
 
 demo: setup
 	$(VENV)/bin/fastlb lab demo
@@ -29,4 +29,4 @@ fuzz: setup
 	$(PY) fuzz/run.py --packets 1000000
 
 clean:
-	rm -rf build *.egg-info fastlb/*.so fastlb/_core.c fastlb/_testrun.c .pytest_cache
+	rm -rf build *.egg-info fastlb/*/*.so fastlb/core/_core.c fastlb/testing/_testrun.c .pytest_cache

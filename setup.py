@@ -1,9 +1,9 @@
 """Builds fastlb's compiled extensions with Cython.
 
-* ``fastlb._core``: the selection core (Maglev, smooth WRR, least-connections
-  and least-response-time scores, the kernel's flow hash). ``fastlb/_pure.py``
+* ``fastlb.core._core``: the selection core (Maglev, smooth WRR, least-connections
+  and least-response-time scores, the kernel's flow hash). ``fastlb/core/_pure.py``
   is its pure-Python twin.
-* ``fastlb._testrun``: a compiled BPF_PROG_TEST_RUN loop for the packet tests,
+* ``fastlb.testing._testrun``: a compiled BPF_PROG_TEST_RUN loop for the packet tests,
   the fuzzer and the per-packet benchmark.
 
 ``FASTLB_DEBUG_BUILD=1`` turns bounds checking and wraparound back on.
@@ -35,8 +35,8 @@ directives = {
 }
 
 extensions = [
-    Extension("fastlb._core", ["fastlb/_core.pyx"], extra_compile_args=["-O2"]),
-    Extension("fastlb._testrun", ["fastlb/_testrun.pyx"], extra_compile_args=["-O2"]),
+    Extension("fastlb.core._core", ["fastlb/core/_core.pyx"], extra_compile_args=["-O2"]),
+    Extension("fastlb.testing._testrun", ["fastlb/testing/_testrun.pyx"], extra_compile_args=["-O2"]),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

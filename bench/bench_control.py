@@ -13,8 +13,8 @@ Three measurements, each next to a peer or a floor from the same run:
    and HAProxy's stats socket every millisecond. The floor is the check
    settings' own bound (fall × interval).
 3. *Slots written per single-backend change* (a failure, a removal, a weight
-   change), from ``fastlb.tables.apply``'s counts on a loaded program
-   (fastlb.testbed), next to M/N (one backend's share of the ring), the
+   change), from ``fastlb.dataplane.tables.apply``'s counts on a loaded program
+   (fastlb.testing.testbed), next to M/N (one backend's share of the ring), the
    selection core's minimal delta and M (a full rewrite).
 
 Maglev build times, Cython against the pure-Python twin, are in the
@@ -45,13 +45,15 @@ if __package__ in (None, "") and __name__ == "__main__":
 import cputime  # noqa: E402
 import peers  # noqa: E402
 
-from fastlb import cdefs, core, structs, tables  # noqa: E402
-from fastlb.lab import balancer  # noqa: E402
+from fastlb import core  # noqa: E402
+from fastlb.dataplane import tables  # noqa: E402
+from fastlb.kernel import cdefs, structs  # noqa: E402
+from fastlb.kernel.layout import Sizes  # noqa: E402
+from fastlb.kernel.maps import PinnedMaps  # noqa: E402
+from fastlb.lab import lb_process  # noqa: E402
 from fastlb.lab.netns import LabError  # noqa: E402
 from fastlb.lab.topology import Lab  # noqa: E402
-from fastlb.maps import PinnedMaps  # noqa: E402
-from fastlb.program import Sizes  # noqa: E402
-from fastlb.testbed import LB_MAC, Testbed, fake_mac  # noqa: E402
+from fastlb.testing.testbed import LB_MAC, Testbed, fake_mac  # noqa: E402
 
 INTERVAL, FALL, RISE = 0.2, 2, 2
 HEALTH = {"kind": "http", "port": 80, "path": "/health", "interval": INTERVAL, "timeout": INTERVAL,
@@ -123,7 +125,7 @@ def _log_time(line: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-def rebuilt_at(bal: balancer.Balancer, address: str, after_wall: float) -> float:
+def rebuilt_at(bal: lb_process.Balancer, address: str, after_wall: float) -> float:
     """Wall-clock time of the table_rebuilt that follows the controller's backend_down for
     ``address`` logged after ``after_wall`` (waits for it).
 
@@ -144,7 +146,7 @@ def rebuilt_at(bal: balancer.Balancer, address: str, after_wall: float) -> float
     raise LabError(f"fastlb logged no table_rebuilt after {address} went down within {WAIT:g} s")
 
 
-def failures(lab: Lab, bal: balancer.Balancer, folder: Path, trials: int) -> list[dict[str, float]]:
+def failures(lab: Lab, bal: lb_process.Balancer, folder: Path, trials: int) -> list[dict[str, float]]:
     backend = "b1"
     out = []
     with PinnedMaps(cputime.attachment_dir(lab.ns("lb"))) as maps:
@@ -181,16 +183,16 @@ def lab_part(quick: bool) -> tuple[dict[str, list[float]], list[dict[str, float]
         try:
             for _ in range(trials_start):
                 if bal is not None:
-                    balancer.stop(lab, bal)
+                    lb_process.stop(lab, bal)
                     bal = None
                 took, bal = first_request(lab, lab.vip4, 80,
-                                          lambda: balancer.start(lab, config, folder / "attach.log"))
+                                          lambda: lb_process.start(lab, config, folder / "attach.log"))
                 starts["fastlb"].append(took)
             with peers.haproxy(lab, folder, check=HAPROXY_CHECK):
                 fails = failures(lab, bal, folder, trials_fail)
         finally:
             if bal is not None:
-                balancer.stop(lab, bal)
+                lb_process.stop(lab, bal)
         configs = {"fastlb": config.read_text(), "haproxy": peers.haproxy_config(lab, folder, HAPROXY_CHECK)}
     return starts, fails, configs
 
@@ -282,7 +284,7 @@ def render(starts, fails, slots, configs, quick: bool) -> str:
                f"{m['haproxy'] / budget:.2f} | | | |")
     out += ["", "\"Back in\" starts when the restarted server answers; both need rise successes in a row.", "",
             "### Ring slots written per single-backend change", "",
-            f"One VIP, N backends of weight 1, M = {RING:,} ring slots. `fastlb.tables.apply` writes only the "
+            f"One VIP, N backends of weight 1, M = {RING:,} ring slots. `fastlb.dataplane.tables.apply` writes only the "
             "slots that differ from what the map holds; *minimal* is the selection core's `table_delta` "
             "between the two Maglev tables, and M/N is one backend's share. A full rewrite would be M. "
             "The apply time includes reading the ring back to compare.", "",

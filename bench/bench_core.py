@@ -8,7 +8,7 @@
 Build times compare the compiled core with its pure-Python twin in the same
 process: the median of several Cython builds, fewer twin builds (it is slow).
 Balance and disruption come from the compiled core (the twin builds the same
-tables; tests/test_core.py checks that).
+tables; tests/unit/test_core.py checks that).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, "") and __name__ == "__main__":  # python bench/bench_core.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastlb import _core, _pure  # noqa: E402
+from fastlb.core import _core, _pure  # noqa: E402
 
 SEED = 0x5EED
 
@@ -146,8 +146,8 @@ def run(quick: bool = False) -> str:
         "## Selection core: weighted Maglev",
         "",
         f"{_cpu()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-        f"{', quick run' if quick else ''}. Tables are built by `fastlb._core` (Cython) and by its "
-        "pure-Python twin `fastlb._pure` in the same process; they are identical (tests/test_core.py). "
+        f"{', quick run' if quick else ''}. Tables are built by `fastlb.core._core` (Cython) and by its "
+        "pure-Python twin `fastlb.core._pure` in the same process; they are identical (tests/unit/test_core.py). "
         "docs/HASH.md describes the algorithm.",
         "",
         "### Build time",

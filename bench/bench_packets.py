@@ -1,7 +1,7 @@
 """Per-packet cost of the XDP program, by BPF_PROG_TEST_RUN.
 
 Method (see shared LAB-NOTES): many calls of repeat=1 each, made from a
-compiled loop (fastlb._testrun.time_calls, C with the GIL released), because
+compiled loop (fastlb.testing._testrun.time_calls, C with the GIL released), because
 a repeat > 1 call times a rewritten packet on its own output. The kernel's
 per-call duration is summed; each figure is the median of several runs. The
 empty XDP_PASS program (the fixed cost of a call) and a bare MAC-swap
@@ -25,9 +25,10 @@ from scapy.layers.inet6 import IPv6  # noqa: E402
 from scapy.layers.l2 import Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
-from fastlb import _testrun, cdefs  # noqa: E402
-from fastlb.program import Sizes  # noqa: E402
-from fastlb.testbed import XDP_VERDICTS, Testbed  # noqa: E402
+from fastlb.kernel import cdefs  # noqa: E402
+from fastlb.kernel.layout import Sizes  # noqa: E402
+from fastlb.testing import _testrun  # noqa: E402
+from fastlb.testing.testbed import XDP_VERDICTS, Testbed  # noqa: E402
 
 VIP4, VIP6 = "198.19.0.100", "2001:db8:ffff::100"
 # One VIP address per forwarding mode and family; every VIP has three backends.
@@ -124,7 +125,7 @@ def run(quick: bool = False) -> str:
 
 def render(rows, empty: float, swap: float, calls: int, runs: int) -> str:
     out = ["## Per-packet cost (BPF_PROG_TEST_RUN)", "",
-           f"{calls:,} calls of repeat=1 per run from a compiled loop (`fastlb._testrun.time_calls`), "
+           f"{calls:,} calls of repeat=1 per run from a compiled loop (`fastlb.testing._testrun.time_calls`), "
            f"median of {runs} runs; kernel-reported ns per call. 64-byte frames (60 bytes before the FCS). "
            "*Net* subtracts the empty program (the fixed cost of a call). "
            "New-flow rows change the source address on every call, so every packet misses conntrack, "

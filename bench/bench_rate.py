@@ -31,7 +31,7 @@ if __package__ in (None, "") and __name__ == "__main__":
 
 import pktrate  # noqa: E402
 
-from fastlb.lab import balancer, netns  # noqa: E402
+from fastlb.lab import lb_process, netns  # noqa: E402
 from fastlb.lab.topology import Lab  # noqa: E402
 
 FLOWS = (1000, 64512)
@@ -84,13 +84,13 @@ def run(quick: bool = False) -> str:
                             client.measure(gen, sinks, seconds, bursts, warmup))
                 finally:
                     lab.run("lb", ["nft", "delete", "table", "ip", NFT_TABLE])
-                bal = balancer.start(lab, config, Path(tmp) / "attach.log")
+                bal = lb_process.start(lab, config, Path(tmp) / "attach.log")
                 try:
                     for flows, gen in to_vip.items():
                         samples.setdefault(("fastlb", flows), []).extend(
                             client.measure(gen, sinks, seconds, bursts, warmup))
                 finally:
-                    balancer.stop(lab, bal)
+                    lb_process.stop(lab, bal)
         return render(lab, samples, seconds, bursts, rounds, quick)
 
 

@@ -15,7 +15,7 @@ only the swept quantity changes from point to point:
 The VIP and backend points are reached by rewriting the config and SIGHUP
 (the controller's reload). At each point:
 
-- per-packet cost, with fastlb._testrun.time_calls on the attached
+- per-packet cost, with fastlb.testing._testrun.time_calls on the attached
   program as bench_packets does (calls of repeat=1 from a compiled loop,
   kernel ns per call, gross): an established flow, and a new flow on every
   call. For the conntrack points, "established" cycles through every entry
@@ -53,12 +53,14 @@ from scapy.layers.inet import IP, UDP  # noqa: E402
 from scapy.layers.l2 import Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
-from fastlb import _testrun, bpfsys, flows  # noqa: E402
-from fastlb.lab import balancer  # noqa: E402
+from fastlb.dataplane import flows  # noqa: E402
+from fastlb.kernel import bpfsys  # noqa: E402
+from fastlb.kernel.maps import PinnedMaps  # noqa: E402
+from fastlb.lab import lb_process  # noqa: E402
 from fastlb.lab.netns import LabError  # noqa: E402
 from fastlb.lab.topology import NUD_PERMANENT, Lab  # noqa: E402
-from fastlb.maps import PinnedMaps  # noqa: E402
-from fastlb.testbed import XDP_VERDICTS  # noqa: E402
+from fastlb.testing import _testrun  # noqa: E402
+from fastlb.testing.testbed import XDP_VERDICTS  # noqa: E402
 
 SETTINGS = {"max_vips": 1024, "max_backends": 4096, "ring_size": 4099,
             "sweep_interval": 3600}     # the controller does not walk (or expire) conntrack meanwhile
@@ -123,7 +125,7 @@ class Attached:
         self.lab, self.sizes, self.calls, self.runs = lab, sizes, calls, runs
         self.config = folder / "fastlb.toml"
         self.config.write_text(config_text(lab, sizes))
-        self.bal = balancer.start(lab, self.config, folder / "attach.log")
+        self.bal = lb_process.start(lab, self.config, folder / "attach.log")
         self.fd = bpfsys.obj_get(str(cputime.attachment_prog(lab.ns("lb"))))
         self.maps = PinnedMaps(cputime.attachment_dir(lab.ns("lb")))
         self.block = 11              # first octet of the next fresh source range for new flows
@@ -131,7 +133,7 @@ class Attached:
     def close(self) -> None:
         self.maps.close()
         os.close(self.fd)
-        balancer.stop(self.lab, self.bal)
+        lb_process.stop(self.lab, self.bal)
 
     def reload(self, text: str) -> float:
         """Write the config, SIGHUP the controller and wait until it says it reloaded; the seconds taken."""

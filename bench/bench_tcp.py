@@ -40,7 +40,7 @@ import cputime  # noqa: E402
 import peers  # noqa: E402
 import wrkrun  # noqa: E402
 
-from fastlb.lab import balancer  # noqa: E402
+from fastlb.lab import lb_process  # noqa: E402
 from fastlb.lab.netns import LabError  # noqa: E402
 from fastlb.lab.topology import Lab, python_env  # noqa: E402
 
@@ -92,7 +92,7 @@ def measure(lab: Lab, url: str, mode: str, seconds: float, lb_cpu: Callable[[], 
 
 def on_backends(lab: Lab, *args: str) -> None:
     """``fastlb ARGS`` on every backend at once (each decap attach compiles its program)."""
-    procs = {b: lab.exec(b, balancer.fastlb_argv(*args), env=python_env(), stdout=subprocess.PIPE,
+    procs = {b: lab.exec(b, lb_process.fastlb_argv(*args), env=python_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True) for b in lab.backend_names}
     failed = []
     for b, proc in procs.items():
@@ -120,7 +120,7 @@ def one_round(lab: Lab, folder: Path, config: Path, seconds: float, rows: dict) 
         record("haproxy", f"http://{lab.addr('lb')}:{peers.HAPROXY_PORT}/", lb_processes)
     with peers.nginx_stream(lab, folder):
         record("nginx", f"http://{lab.addr('lb')}:{peers.NGINX_PORT}/", lb_processes)
-    bal = balancer.start(lab, config, folder / "fastlb-attach.log")
+    bal = lb_process.start(lab, config, folder / "fastlb-attach.log")
     try:
         with cputime.XdpRunTime(cputime.attachment_prog(lab.ns("lb"))) as xdp:
             def xdp_ns() -> int:
@@ -134,7 +134,7 @@ def one_round(lab: Lab, folder: Path, config: Path, seconds: float, rows: dict) 
             finally:
                 on_backends(lab, "decap", "detach", "eth0")
     finally:
-        balancer.stop(lab, bal)
+        lb_process.stop(lab, bal)
 
 
 def run(quick: bool = False) -> str:

@@ -18,7 +18,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from fastlb import bpfsys, pins
+from fastlb.kernel import bpfsys, pins
 from fastlb.lab import netns
 
 BPF_ENABLE_STATS = 32            # enum bpf_cmd

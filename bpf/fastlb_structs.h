@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* fastlb_structs.h: map keys and values, shared with userspace.
  *
- * fastlb/structs.py holds the ctypes twins; tests/test_structs.py checks
+ * fastlb/structs.py holds the ctypes twins; tests/bpf/test_structs.py checks
  * them field by field against the layouts BCC generates from this file.
  * Addresses are in network byte order, IPv4 in addr[0] with the rest zero.
  */

@@ -1,9 +1,9 @@
 """The long data-plane fuzz run: ``make fuzz`` (needs root).
 
-Loads the XDP program unattached (fastlb.testbed), writes the fuzzer's config
-(tests/fuzz_gen.py) to its maps, and feeds it every truncation of well-formed
+Loads the XDP program unattached (fastlb.testing.testbed), writes the fuzzer's config
+(tests/helpers/fuzz_gen.py) to its maps, and feeds it every truncation of well-formed
 frames, then N seeded random and mutated frames, judging each one against the
-model of docs/DATAPLANE.md (tests/oracle.py). Prints packets fuzzed,
+model of docs/DATAPLANE.md (tests/helpers/oracle.py). Prints packets fuzzed,
 disagreements with the oracle, mis-forwards, the per-reason counts and the
 rate; the first disagreements come with the seed, the frame's hex and a scapy
 dissection. Exits 1 on any disagreement.
@@ -24,8 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import fuzz_gen  # noqa: E402  (lives beside the tests that share it)
-import oracle  # noqa: E402
+from helpers import fuzz_gen, oracle  # noqa: E402  (the tests' shared helpers)
 
 CHUNK = 100_000
 
@@ -50,8 +49,8 @@ def main(argv=None) -> int:
         return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 32)
 
-    from fastlb.program import Sizes
-    from fastlb.testbed import Testbed, fake_mac
+    from fastlb.kernel.layout import Sizes
+    from fastlb.testing.testbed import Testbed, fake_mac
 
     s = fuzz_gen.CONFIG_SETTINGS
     sizes = Sizes(max_vips=s["max_vips"], max_backends=s["max_backends"], ring_size=s["ring_size"],

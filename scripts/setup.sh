@@ -93,18 +93,18 @@ fi
   || die "BCC's Python module is not visible in $venv. Fix: apt-get install python3-bpfcc, then rm -rf $venv and re-run"
 
 # Rebuild only when the inputs changed: pyproject, setup.py, the .pyx sources.
-inputs=$(cat "$top/pyproject.toml" "$top/setup.py" $(ls "$top"/fastlb/*.pyx "$top"/fastlb/*.pxd 2>/dev/null) | sha256sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || ! "$venv/bin/python" -c "import fastlb._core" 2>/dev/null; then
-  say "installing fastlb into $venv (pip install -e .[test], builds the Cython core)"
+inputs=$(cat "$top/pyproject.toml" "$top/setup.py" $(ls "$top"/fastlb/*/*.pyx "$top"/fastlb/*/*.pxd 2>/dev/null) | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || ! "$venv/bin/python" -c "import fastlb.core._core, fastlb.testing._testrun" 2>/dev/null; then
+  say "installing fastlb into $venv (pip install -e .[test,lab], builds the Cython core)"
   log="$venv/pip-install.log"
   { "$venv/bin/python" -m pip install --disable-pip-version-check --upgrade pip \
-    && "$venv/bin/python" -m pip install --disable-pip-version-check -e "$top[test]"; } >"$log" 2>&1 \
+    && "$venv/bin/python" -m pip install --disable-pip-version-check -e "$top[test,lab]"; } >"$log" 2>&1 \
     || { tail -n 30 "$log" >&2; die "pip install -e . failed (full log: $log). Fix: check access to PyPI and that gcc and python3-dev are installed"; }
   echo "$inputs" > "$stamp"
 fi
 
 # 5. fastlb's bpffs, in the host mount namespace, so that pins are shared by every
-#    later command, including those started with ip netns exec (see fastlb/pins.py).
+#    later command, including those started with ip netns exec (see fastlb/kernel/pins.py).
 bpffs=/run/fastlb/bpffs
 if ! awk -v p="$bpffs" '$5 == p { for (i = 6; i <= NF; i++) if ($i == "-") { if ($(i+1) == "bpf") found = 1; break } } END { exit !found }' /proc/self/mountinfo; then
   mkdir -p "$bpffs" && chmod 700 /run/fastlb "$bpffs"

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 The XDP program is compiled once per test session (BCC compiles at every
-load, a second or more) into a scratch pin folder (fastlb.testbed); tests
+load, a second or more) into a scratch pin folder (fastlb.testing.testbed); tests
 configure it through the maps. Root-only tests carry the ``root`` or
 ``netns`` marker and are skipped, with the reason, when not run as root.
 """
@@ -35,8 +35,8 @@ def loaded(runid):
     """The real XDP program, loaded (not attached) for BPF_PROG_TEST_RUN."""
     if not IS_ROOT:
         pytest.skip("needs root")
-    from fastlb.program import Sizes
-    from fastlb.testbed import Testbed
+    from fastlb.kernel.layout import Sizes
+    from fastlb.testing.testbed import Testbed
     sizes = Sizes(max_vips=16, max_backends=64, ring_size=65537, conntrack_size=4096)
     with Testbed(sizes, name=f"test-{runid}") as bed:
         yield bed

@@ -13,7 +13,7 @@
 
 Modules: :mod:`~fastlb.lab.topology` (the :class:`Lab`), :mod:`~fastlb.lab.netns`
 (namespaces, state files, :func:`cleanup_stale`), :mod:`~fastlb.lab.servers` and
-:mod:`~fastlb.lab.clients` (the traffic at both ends), :mod:`~fastlb.lab.balancer`
+:mod:`~fastlb.lab.clients` (the traffic at both ends), :mod:`~fastlb.lab.lb_process`
 (``fastlb attach`` in the LB namespace, and its counters), :mod:`~fastlb.lab.spread`
 (requests counted by the client and by fastlb), :mod:`~fastlb.lab.linerate` (a
 line-rate UDP burst from BPF_PROG_TEST_RUN live frames), :mod:`~fastlb.lab.runs`

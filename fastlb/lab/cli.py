@@ -1,6 +1,6 @@
 """``fastlb lab``: the namespace lab from the command line.
 
-A click group, added to fastlb's command line by ``fastlb/cli.py``. Every
+A click group, added to fastlb's command line by ``fastlb/cli/__init__.py``. Every
 command needs root. Nothing heavy is imported until a command runs: BCC,
 pyroute2, rich and matplotlib load inside the commands that use them.
 """

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastlb.lab import balancer, chart, linerate, spread
-from fastlb.lab.balancer import Balancer
+from fastlb.lab import chart, lb_process, linerate, spread
+from fastlb.lab.lb_process import Balancer
 from fastlb.lab.topology import HEALTH_HTTP, Lab
 
 EQUAL = (1, 1, 1)
@@ -127,15 +127,15 @@ class Demo:
         self._configs += 1
         path = lab.run_dir / f"fastlb-{self._configs}.toml"
         path.write_text(text)
-        self._bal = balancer.start(lab, path, lab.run_dir / "fastlb.log")
-        took = balancer.wait_health(lab, lab.backend_names, "up")
+        self._bal = lb_process.start(lab, path, lab.run_dir / "fastlb.log")
+        took = lb_process.wait_health(lab, lab.backend_names, "up")
         self.say(f"[green]{self._bal.banner.split(';')[0]}[/]; health checks report all backends up "
                  f"after {took:.1f} s")
 
     def detach(self) -> None:
         if self._bal is not None:
             bal, self._bal = self._bal, None
-            balancer.stop(self._lab, bal)
+            lb_process.stop(self._lab, bal)
 
     def phase(self, name: str, algorithm: str, weights: dict[str, int], vip: str, note: str = "") -> spread.Spread:
         n = self.plan.connections
@@ -195,7 +195,7 @@ class Demo:
         check = HEALTH_HTTP
         self.console.rule(f"failover: {victim} goes down")
         lab.stop_server(victim)
-        took = balancer.wait_health(lab, [victim], "down")
+        took = lb_process.wait_health(lab, [victim], "down")
         self.say(f"{victim}'s servers are stopped; fastlb's health checks (HTTP GET {check['path']} every "
                  f"{check['interval']:g} s, down after {check['fall']} failures) took it out after {took:.1f} s, "
                  "with no operator action")

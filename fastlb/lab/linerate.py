@@ -41,13 +41,14 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fastlb.kernel.cdefs import bpf_dir
 
 if TYPE_CHECKING:
     from fastlb.lab.topology import Lab
 
-TRAFFICGEN_SRC = Path(__file__).resolve().parents[2] / "bpf" / "lab_trafficgen.c"
+TRAFFICGEN_SRC = bpf_dir() / "lab_trafficgen.c"
 BPF_F_TEST_XDP_LIVE_FRAMES = 2
 BATCH_SIZE = 64
 MIN_FRAME = 64                 # bytes without FCS, like the LAB-NOTES figures
@@ -153,7 +154,7 @@ def line_rate(lab: Lab, family: int = 4, flows: int = 1000, seconds: float = 2.0
     ``fastlb status --json``). Stops after ``seconds`` or ``packets``,
     whichever comes first.
     """
-    from fastlb.lab import balancer
+    from fastlb.lab import lb_process
     from fastlb.lab.netns import LabError
 
     check_bounds(flows, seconds, packets)
@@ -166,7 +167,7 @@ def line_rate(lab: Lab, family: int = 4, flows: int = 1000, seconds: float = 2.0
         "--flows", flows, "--seconds", seconds]
     if packets is not None:
         args += ["--packets", packets]
-    fwd_before = balancer.backend_counters(lab, balancer.status(lab), vip, lab.udp_port, "udp")
+    fwd_before = lb_process.backend_counters(lab, lb_process.status(lab), vip, lab.udp_port, "udp")
     rx_before = _rx_packets(lab)
     tx_before = link_stats(lab, "client")
     res = lab.run_python("client", "fastlb.lab.linerate", *args, timeout=seconds + 60, check=False)
@@ -179,7 +180,7 @@ def line_rate(lab: Lab, family: int = 4, flows: int = 1000, seconds: float = 2.0
         raise LabError(f"the line-rate generator failed: {out['error']}")
     rx_after = _settle(lab)
     tx_after = link_stats(lab, "client")
-    fwd_after = balancer.backend_counters(lab, balancer.status(lab), vip, lab.udp_port, "udp")
+    fwd_after = lb_process.backend_counters(lab, lb_process.status(lab), vip, lab.udp_port, "udp")
     return LineRate(
         family=family, flows=flows, frame_len=out["frame_len"], sent=out["sent"], requested=out["requested"],
         seconds=out["seconds"], calls=out["calls"],
@@ -309,15 +310,15 @@ class Generator:
 
     def once(self, data: bytes | None = None) -> tuple[int, bytes]:
         """Run the program on ``data`` (default: the template) without sending: (verdict, frame)."""
-        from fastlb import _testrun
+        from fastlb.testing import _testrun
 
         retval, out, _ = _testrun.run(self.fn.fd, self.frame if data is None else data)
         return retval, out
 
     def burst(self, seconds: float, packets: int | None = None) -> dict:
         """Send live frames until ``seconds`` or ``packets``; return what was done."""
-        from fastlb import _testrun
         from fastlb.errors import BpfError
+        from fastlb.testing import _testrun
 
         limit = packets if packets is not None else MAX_PACKETS
         before = self.stats()

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastlb.lab import balancer, netns
-from fastlb.lab.balancer import Balancer
+from fastlb.lab import lb_process, netns
+from fastlb.lab.lb_process import Balancer
 from fastlb.lab.netns import LabError
 from fastlb.lab.topology import HEALTH_HTTP, Lab
 
@@ -122,9 +122,9 @@ def up(backends: int = 3, ipv6: bool = True, algorithm: str = "maglev",
     try:
         config = lab.write_config(lab.run_dir / CONFIG_FILE, algorithm=algorithm, forwarding=forwarding,
                                   health=HEALTH_HTTP)
-        bal = balancer.start(lab, config, lab.run_dir / LOG_FILE)
+        bal = lb_process.start(lab, config, lab.run_dir / LOG_FILE)
         # A backend is in no table until its first health check: ready means all up.
-        balancer.wait_health(lab, lab.backend_names, "up")
+        lb_process.wait_health(lab, lab.backend_names, "up")
         info = {"algorithm": algorithm, "forwarding": forwarding, "created": time.time(),
                 "balancer": bal.to_dict()}
         (lab.run_dir / RUN_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -149,5 +149,5 @@ def down(run: Run) -> list[str]:
                        fix="let that process end (it removes its lab), or stop it")
     bal = run.balancer
     if bal is not None:
-        balancer.stop(run.lab(), bal)
+        lb_process.stop(run.lab(), bal)
     return netns.remove_lab(run.state)

@@ -8,7 +8,7 @@ failure is counted, not fatal, so a table can show it and the caller can
 exit non-zero.
 
 The client side runs as ``python -m fastlb.lab.spread ...`` in the client
-namespace and prints one JSON object, like :mod:`fastlb.lab.clients` (whose
+namespace and prints one JSON object, like :mod:`fastlb.lab.client_worker` (whose
 single requests it repeats).
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fastlb.lab.balancer import Counters
+    from fastlb.lab.lb_process import Counters
     from fastlb.lab.topology import Lab
 
 MAX_COUNT = 100_000
@@ -75,11 +75,11 @@ def measure(lab: Lab, name: str, algorithm: str, weights: dict[str, int], vip: s
 
     fastlb must be attached and serve the VIP on the lab's HTTP and UDP ports.
     """
-    from fastlb.lab import balancer
+    from fastlb.lab import lb_process
     from fastlb.lab.netns import LabError
 
     vip = vip or lab.vip4
-    before = balancer.status(lab)
+    before = lb_process.status(lab)
     res = lab.run_python("client", "fastlb.lab.spread", "--host", vip, "--tcp-port", lab.http_port,
                          "--tcp", tcp, "--udp-port", lab.udp_port, "--udp", udp, "--timeout", timeout,
                          timeout=30 + (tcp + udp) * timeout, check=False)
@@ -90,11 +90,11 @@ def measure(lab: Lab, name: str, algorithm: str, weights: dict[str, int], vip: s
     except (ValueError, KeyError, TypeError):
         raise LabError(f"the client helper failed (exit {res.returncode}): "
                        f"{res.stderr.strip()[-500:]}") from None
-    after = balancer.status(lab)
+    after = lb_process.status(lab)
 
     def delta(port: int, protocol: str) -> dict[str, Counters]:
-        old = balancer.backend_counters(lab, before, vip, port, protocol)
-        new = balancer.backend_counters(lab, after, vip, port, protocol)
+        old = lb_process.backend_counters(lab, before, vip, port, protocol)
+        new = lb_process.backend_counters(lab, after, vip, port, protocol)
         return {b: new[b] - old[b] for b in lab.backend_names}
 
     return Spread(name=name, vip=vip, algorithm=algorithm, weights=dict(weights),
@@ -139,16 +139,16 @@ def table(spread: Spread):
 
 def run_requests(kind: str, host: str, port: int, count: int, timeout: float) -> dict:
     """``count`` single requests of ``kind`` (tcp or udp), each on its own connection or socket."""
-    from fastlb.lab import clients
+    from fastlb.lab import client_worker
 
     counts: Counter = Counter()
     errors: list[str] = []
     failed = 0
     for i in range(count):
         if kind == "tcp":
-            out = clients.cmd_tcp(host, port, 1, timeout, "/")
+            out = client_worker.cmd_tcp(host, port, 1, timeout, "/")
         else:
-            out = clients.cmd_udp(host, port, 1, timeout, None)
+            out = client_worker.cmd_udp(host, port, 1, timeout, None)
         if out.get("error"):
             failed += 1
             if len(errors) < MAX_ERRORS:

@@ -38,6 +38,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastlb.errors import AttachError, BpfError, FastlbError, PrivilegeError, ToolchainError, os_error
+from fastlb.kernel.cdefs import bpf_dir
 from fastlb.lab import netns
 from fastlb.lab.netns import LabError
 
@@ -56,7 +57,7 @@ LAB_FORWARDING = ("dsr",)
 HEALTH_HTTP = {"kind": "http", "port": HTTP_PORT, "path": "/health", "interval": 0.5, "timeout": 0.3,
                "rise": 2, "fall": 2}
 MAX_BACKENDS = 100
-XDP_PASS_SRC = Path(__file__).resolve().parents[2] / "bpf" / "xdp_pass.c"
+XDP_PASS_SRC = bpf_dir() / "xdp_pass.c"
 PKG_ROOT = Path(__file__).resolve().parents[2]
 
 IFA_F_NODAD = 0x02

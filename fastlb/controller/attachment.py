@@ -1,0 +1,209 @@
+"""Attach, detach and inspect fastlb on an interface.
+
+The order of ``attach`` keeps the host safe and leaves nothing half-applied:
+everything that can be checked is checked before the first change (root,
+the interface, a foreign XDP program, the backends' MACs); the program is
+compiled and the maps filled before the program is attached; and a failure
+after the first change removes what this attach created.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastlb.controller import state
+from fastlb.dataplane.tables import apply
+from fastlb.errors import FastlbError, PrivilegeError
+from fastlb.kernel import cdefs, neighbours, pins, structs, xdp
+from fastlb.kernel.layout import Sizes
+from fastlb.kernel.loader import Program
+from fastlb.kernel.maps import PinnedMaps
+
+
+def require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"{action} needs root (CAP_BPF and CAP_NET_ADMIN)",
+                             fix=f"run it as root: sudo fastlb {action}")
+
+
+@dataclass
+class AttachResult:
+    ifname: str
+    mode: str
+    pin_dir: Path
+    prog_id: int
+    written: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def attach(ifname: str, config, xdp_mode: str = "auto", *, macs: dict[str, str] | None = None,
+           down: frozenset = frozenset(), extra_ifaces=()) -> AttachResult:
+    """Compile, fill the maps and attach to ``ifname`` (or update fastlb's own attachment).
+
+    ``macs`` (backend address -> MAC) skips the resolution, and ``down``
+    names backends that fail their checks (fastlb.dataplane.tables.apply); the
+    controller passes both. When fastlb is attached already, its maps are
+    adopted (pinned maps, conntrack and all) and its program is replaced
+    atomically through its link.
+
+    ``extra_ifaces`` makes a two-arm attachment: clients arrive on
+    ``ifname``; backends are reached through whichever of the interfaces
+    the route to each leads, and frames for them leave by XDP_REDIRECT. The
+    program is attached to every interface, the maps pinned once.
+    """
+    require_root("attach")
+    ifaces = [neighbours.interface(n) for n in (ifname, *extra_ifaces)]
+    iface = ifaces[0]
+    base = pins.ensure_bpffs()
+    pin_dir = pins.attachment_dir(ifname, base)
+    for i, each in enumerate(ifaces):
+        xdp.refuse_foreign(each, pin_dir, primary=i == 0)
+    addresses = {b.address for v in config.vips for b in v.backends}
+    if macs is None:
+        macs = neighbours.resolve_macs(ifaces, addresses,
+                                  on_link={b.address for v in config.vips if v.forwarding == "dsr"
+                                           for b in v.backends})
+    two_arm = len(ifaces) > 1
+    slots = [(i.index, i.mac) for i in ifaces] if two_arm else None
+    egress = neighbours.egress(ifaces, addresses) if two_arm else None
+    sizes = Sizes.from_settings(config.settings)
+
+    created = not pin_dir.exists()
+    prog = Program(pin_dir, sizes)
+    try:
+        prog.load()
+        with PinnedMaps(pin_dir) as maps:
+            written = apply(maps, config, macs, sizes, lb_mac=iface.mac, down=down, ifaces=slots, egress=egress)
+        prog.pin()
+        modes = [xdp.attach(prog.fd, each, pin_dir, xdp_mode, primary=i == 0) for i, each in enumerate(ifaces)]
+        prog_id = neighbours.interface(ifname).xdp_prog_id
+    except BaseException:
+        prog.close()
+        if created:
+            xdp.detach(pin_dir)
+            pins.remove_dir(pin_dir)
+        raise
+    prog.close()
+    result = AttachResult(ifname=ifname, mode=modes[0], pin_dir=pin_dir, prog_id=prog_id, written=written)
+    for each, mode in zip(ifaces, modes):
+        if xdp_mode == "auto" and mode == "generic":
+            result.notes.append(f"{each.name}'s driver has no native XDP; attached in generic mode (slower)")
+    return result
+
+
+def detach(ifname: str, say=None) -> bool:
+    """Detach fastlb from ``ifname`` and remove its pins. False when it was not attached.
+
+    VIPs announced over BGP are withdrawn first, and the program stays
+    attached for ``bgp.detach_delay`` more seconds, so that packets the
+    routers sent before they saw the withdrawal are still balanced
+    (fastlb.controller.bgp). ``say`` gets one line about it, if anything was withdrawn.
+    """
+    from fastlb.controller import bgp
+    require_root("detach")
+    base = pins.ensure_bpffs()
+    pin_dir = pins.attachment_dir(ifname, base)
+    if not pin_dir.exists():
+        return False
+    delay, note = bgp.withdraw_for_detach(ifname)
+    if note and say is not None:
+        say(note)
+    if delay:
+        time.sleep(delay)
+    xdp.detach(pin_dir)
+    pins.remove_dir(pin_dir)
+    state.remove(ifname)
+    bgp.remove_state(ifname)
+    return True
+
+
+def _read_vips(maps: PinnedMaps) -> list[dict]:
+    vips = []
+    names = {v: k.removeprefix("FL_ALG_").lower() for k, v in cdefs.enum("fl_algorithm").items()}
+    fwd = {v: k.removeprefix("FL_FWD_").lower() for k, v in cdefs.enum("fl_forwarding").items()}
+    for key, vip_id in maps.items("vips"):
+        vip_id = vip_id.value
+        if vip_id in (cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE):
+            continue
+        meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
+        addr = structs.unpack_addr(key.addr, key.family)
+        proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
+        port = structs.port_host(key.port)
+        name = f"[{addr}]:{port}/{proto}" if addr.version == 6 else f"{addr}:{port}/{proto}"
+        c = maps.counter("vip_stats", vip_id)
+        vips.append({"vip": name, "vip_id": vip_id, "algorithm": names.get(meta.algorithm, "?"),
+                     "forwarding": fwd.get(meta.forwarding, "?"), "ring_size": meta.ring_size,
+                     "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "backends": []})
+    return sorted(vips, key=lambda v: v["vip_id"])
+
+
+def _read_backends(maps: PinnedMaps, vips: list[dict]) -> None:
+    by_id = {v["vip_id"]: v for v in vips}
+    max_backends = maps.info("backends").max_entries
+    for be_id in range(max_backends):
+        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
+        if entry is None or not entry.flags & cdefs.FL_BE_F_VALID:
+            continue
+        c = maps.counter("backend_stats", be_id)
+        vip = by_id.get(entry.vip_id)
+        if vip is None:
+            continue
+        vip["backends"].append({
+            "backend": str(structs.unpack_addr(entry.addr, entry.family)), "backend_id": be_id,
+            "port": structs.port_host(entry.port), "weight": entry.weight, "mac": structs.mac_str(entry.mac),
+            "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows})
+
+
+def status() -> list[dict]:
+    """Every fastlb attachment in this netns, with its VIPs, backends and counters."""
+    require_root("status")
+    base = pins.ensure_bpffs()
+    out = []
+    for ifname in pins.attachments(base):
+        pin_dir = pins.attachment_dir(ifname, base)
+        entry: dict = {"interface": ifname, "pin_dir": str(pin_dir), "attached": False, "mode": None,
+                       "prog_id": None}
+        try:
+            iface = neighbours.interface(ifname)
+        except FastlbError:
+            iface = None
+            entry["problem"] = "interface is gone; run fastlb detach to remove the pins"
+        if iface is not None and xdp.is_ours(iface, pin_dir):
+            entry.update(attached=True, mode=xdp.MODE_NAMES.get(iface.xdp_mode, "?"), prog_id=iface.xdp_prog_id)
+        entry["interfaces"] = [ifname] + [p.name.removeprefix(pins.LINK_PIN + "-")
+                                          for p in xdp.links(pin_dir) if p.name != pins.LINK_PIN]
+        try:
+            with PinnedMaps(pin_dir) as maps:
+                vips = _read_vips(maps)
+                _read_backends(maps, vips)
+                reasons = {}
+                for name, idx in cdefs.enum("fl_reason").items():
+                    if name == "FL_REASON_MAX":
+                        continue
+                    c = maps.counter("reason_stats", idx)
+                    reasons[name.removeprefix("FL_").lower()] = {
+                        "verdict": cdefs.reason_verdict(name), "packets": c.packets, "bytes": c.bytes}
+                events = {name.removeprefix("FL_EV_").lower(): maps.counter("event_stats", idx).packets
+                          for name, idx in cdefs.enum("fl_event").items() if name != "FL_EVENT_MAX"}
+                conntrack = maps.info("conntrack").max_entries
+        except FastlbError as exc:
+            entry["problem"] = str(exc)
+            out.append(entry)
+            continue
+        verdicts: dict[str, int] = {}
+        for r in reasons.values():
+            verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + r["packets"]
+        entry.update(vips=vips, reasons=reasons, verdicts=verdicts, events=events, conntrack_size=conntrack)
+        from fastlb.controller import bgp
+        announced = bgp.status(ifname)
+        if announced is not None:
+            entry["bgp"] = announced
+            for vip in vips:
+                if vip["vip"] in announced["vips"]:
+                    vip["bgp"] = announced["vips"][vip["vip"]]
+        out.append(entry)
+    return out

@@ -1,0 +1,798 @@
+"""The controller behind ``fastlb attach``: health checks drive the maps, live changes, sweeps.
+
+One thread (the caller's) owns the maps and runs :meth:`Controller.run`, a
+loop over one event queue. Other threads only put events on it:
+
+- the signal thread: SIGHUP reloads the config, SIGINT/SIGTERM stop;
+- the prober (fastlb.controller.health): one result per probe;
+- the neighbour watcher (fastlb.controller.neighbour_watch): a backend's MAC changed;
+- the control socket (fastlb.controller.control_socket): a command, answered once applied.
+
+Events are taken in batches; when a batch changed anything, the tables are
+built again with the selection core and only their differences are written
+(fastlb.dataplane.tables.apply). A timer runs the conntrack sweep (fastlb.dataplane.flows):
+active-connection counts recounted, idle UDP flows expired.
+
+Each transition is logged as one line of ``key=value`` pairs on stderr:
+``backend_up``, ``backend_down``, ``table_rebuilt`` (with the slots
+changed), ``flows_moved``, ``vip_no_healthy_backend``, ``config_reloaded``,
+``config_reload_failed``, ``neighbour_changed``, ``active_reconciled``;
+with ``[bgp]`` (fastlb.controller.bgp): ``route_announced``, ``route_withdrawn``,
+``bgp_speaker_error``, ``bgp_speaker_ok``, ``bgp_withdrawn_for_detach``.
+
+A failed backend of a VIP with ``expire_nodest_conn`` (the default) keeps
+its slot but loses the slot's valid flag, and its flows are deleted from
+conntrack: their next packets go to a live backend. Without it, it only
+leaves the tables (weight 0), and its flows stay on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+from fastlb.config import Backend, Config, ConfigError, Vip, load_config, parse_config, parse_vip_spec, render_config
+from fastlb.controller import attachment, bgp, control_socket, health, neighbour_watch, state
+from fastlb.core import PeakEwma
+from fastlb.dataplane import flows, stats, tables
+from fastlb.errors import FastlbError, NeighbourError
+from fastlb.kernel import neighbours, pins, xdp
+from fastlb.kernel.layout import Sizes
+from fastlb.kernel.maps import PinnedMaps
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
+NO_MAC = "00:00:00:00:00:00"
+COMMAND_TIMEOUT = 60.0
+
+Key = tuple[str, bytes]     # (VIP name, backend key)
+LRT_FLOOR_US = 2000         # lrt: scores below this are equal (probe noise on a LAN) ...
+LRT_STEP = 1.5              # ... and above it, scores in the same step of this ratio are equal
+
+
+def lrt_score(us: int) -> int:
+    """The response-time score written for the kernel: rounded to a geometric
+    step, so that backends of about the same latency tie and the ring spreads
+    flows among them, while a clearly slower one still loses every pair."""
+    if us <= LRT_FLOOR_US:
+        return LRT_FLOOR_US
+    steps = round(math.log(us / LRT_FLOOR_US, LRT_STEP))
+    return min(int(LRT_FLOOR_US * LRT_STEP ** steps), 2**32 - 1)
+
+
+class View:
+    """What the controller knows of one backend of one VIP."""
+
+    __slots__ = ("verdict", "ewma", "passed", "failed", "rtt_written")
+
+    def __init__(self, st: str):
+        self.verdict = health.Verdict(st)
+        self.ewma = PeakEwma()
+        self.passed = 0
+        self.failed = 0
+        self.rtt_written = 0
+
+
+class _Call:
+    """A control-socket command waiting for the main loop."""
+
+    def __init__(self, request: dict):
+        self.request = request
+        self.done = threading.Event()
+        self.reply: dict | None = None
+        self.error: FastlbError | None = None
+
+
+def _fmt(value) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def parse_backend_spec(text: str) -> tuple[object, int | None]:
+    """``198.18.0.11``, ``198.18.0.11:80`` or ``[2001:db8::11]:80`` -> (address, port or None)."""
+    import ipaddress
+    text = text.strip()
+    try:
+        return ipaddress.ip_address(text), None
+    except ValueError:
+        pass
+    try:
+        address, port, _ = parse_vip_spec(text)
+    except ValueError as exc:
+        raise FastlbError(f"bad backend {text!r}",
+                          fix="write ADDR or ADDR:PORT, e.g. 198.18.0.11 or [2001:db8::11]:80") from exc
+    return address, port
+
+
+class Controller:
+    """Attach, then keep the maps right until told to stop."""
+
+    def __init__(self, ifname: str, config_path: str, config: Config, *, xdp_mode: str = "auto",
+                 keep: bool = False, metrics: tuple[str, int] | None = None, out=None, extra_ifaces=()):
+        self.ifname = ifname
+        self.extra_ifaces = tuple(extra_ifaces)   # two-arm: the backends' side(s)
+        self.config_path = config_path
+        self.config = config
+        self.sizes = Sizes.from_settings(config.settings)
+        self.xdp_mode = xdp_mode
+        self.keep = keep
+        self.metrics_listen = metrics
+        self.out = out or sys.stderr
+        self.events: queue.Queue = queue.Queue()
+        self.views: dict[Key, View] = {}
+        self.macs: dict[str, str] = {}                 # backend address -> its next hop's MAC
+        self.hops: dict[str, str] = {}                 # backend address -> next hop
+        self.kept: dict[str, frozenset[bytes]] = {}     # all_down = "keep": the last set in the table
+        self.empty: set[str] = set()                     # VIPs with no healthy backend now
+        self.slots: dict[Key, int] = {}
+        self.maps: PinnedMaps | None = None
+        self.prober: health.Prober | None = None
+        self.server: control_socket.Server | None = None
+        self.metrics = None
+        self.watcher: neighbour_watch.Watcher | None = None
+        self.public: dict = {}
+        self.conntrack_entries: int | None = None
+        self.reloads = {"ok": 0, "failed": 0}
+        self.udp_expired = 0
+        self.announcer: bgp.Announcer | None = None   # [bgp]: the VIPs' routes in BIRD
+
+    # ---- logging ------------------------------------------------------------
+
+    def log(self, event: str, **fields) -> None:
+        ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        parts = [f"ts={ts}", f"event={event}"] + [f"{k}={_fmt(v)}" for k, v in fields.items()]
+        print("fastlb: " + " ".join(parts), file=self.out, flush=True)
+
+    # ---- start --------------------------------------------------------------
+
+    def start(self) -> attachment.AttachResult:
+        """Attach (or adopt the attachment), then start the threads. Returns the attach result."""
+        attachment.require_root("attach")
+        iface = neighbours.interface(self.ifname)
+        pin_dir = pins.attachment_dir(self.ifname, pins.ensure_bpffs())
+        self.ifaces = [iface] + [neighbours.interface(n) for n in self.extra_ifaces]
+        for i, each in enumerate(self.ifaces):
+            xdp.refuse_foreign(each, pin_dir, primary=i == 0)
+        self.iface = iface
+        # The socket first: it refuses a second controller for this interface before anything changes.
+        self.server = control_socket.Server(self.ifname, self._submit)
+        try:
+            if self.metrics_listen is not None:
+                self.metrics = self._serve_metrics()
+            adopting = xdp.is_ours(iface, pin_dir)
+            self._sync_views(state.load(self.ifname) if adopting else {})
+            self.hops = self._next_hops(self.config)
+            self.macs = neighbour_watch.resolve(self.ifaces, self.hops)
+            if adopting:
+                self._macs_from_maps(pin_dir)
+            self._require_macs_for_unchecked()
+            self.prober = health.Prober(self._on_result)
+            self._first_probes()
+            self.announcer = bgp.Announcer(self.ifname, self.log)
+            result = attachment.attach(self.ifname, self._effective(), self.xdp_mode,
+                                     macs=self._table_macs(), down=self._down(), extra_ifaces=self.extra_ifaces)
+            self.maps = PinnedMaps(result.pin_dir)
+            self._after_build(result.written, before=set(), first=True)
+            if adopting:
+                result.notes.append(f"adopted the running attachment of {self.ifname}: its maps, conntrack "
+                                    "and last known health")
+        except BaseException:
+            self._close_threads()
+            raise
+        self.prober.start()
+        self.prober.set_targets(self._targets())
+        self.watcher = neighbour_watch.Watcher(self.ifaces, lambda addr, mac: self.events.put(("neigh", addr, mac)))
+        self.watcher.watch(set(self.hops.values()))
+        self.watcher.start()
+        self.server.start()
+        threading.Thread(target=self._signals, name="fastlb-signals", daemon=True).start()
+        _sd_notify("READY=1")
+        return result
+
+    def _serve_metrics(self):
+        from fastlb.controller.metrics import MetricsServer
+        addr, port = self.metrics_listen
+        try:
+            return MetricsServer(addr, port, self._metrics_source)
+        except OSError as exc:
+            raise FastlbError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}",
+                              fix="pick another with --metrics ADDR:PORT, or --metrics off") from exc
+
+    def _signals(self) -> None:
+        while True:
+            sig = signal.sigwait(SIGNALS)
+            self.events.put(("signal", sig))
+            if sig in STOP_SIGNALS:
+                return
+
+    def _addresses(self) -> set[str]:
+        return {str(b.address) for v in self.config.vips for b in v.backends}
+
+    def _next_hops(self, config: Config, only=None) -> dict[str, str]:
+        on_link = {str(b.address) for v in config.vips if v.forwarding == "dsr" for b in v.backends}
+        addresses = {str(b.address) for v in config.vips for b in v.backends}
+        return neighbour_watch.next_hops(self.ifaces, addresses if only is None else only, on_link)
+
+    def _two_arm(self, config: Config) -> dict:
+        """tables.apply's interface arguments: none one-arm; the slots and each
+        backend's egress interface two-arm (a backend added live gets its own)."""
+        if not self.extra_ifaces:
+            return {}
+        addresses = {str(b.address) for v in config.vips for b in v.backends}
+        return {"ifaces": [(i.index, i.mac) for i in self.ifaces], "egress": neighbours.egress(self.ifaces, addresses)}
+
+    def _macs_from_maps(self, pin_dir) -> None:
+        """Adopting: a backend that does not resolve now keeps the MAC the maps hold."""
+        with PinnedMaps(pin_dir) as maps:
+            for be_id in range(maps.info("backends").max_entries):
+                entry = maps.lookup("backends", ctypes.c_uint32(be_id))
+                if entry is None or not entry.family:
+                    continue
+                from fastlb.kernel import structs
+                addr = str(structs.unpack_addr(entry.addr, entry.family))
+                mac = structs.mac_str(entry.mac)
+                if addr in self._addresses() and addr not in self.macs and mac != NO_MAC:
+                    self.macs[addr] = mac
+
+    def _require_macs_for_unchecked(self) -> None:
+        """A backend without a health check must resolve: nothing else would take it out."""
+        missing = sorted({str(b.address) for v in self.config.vips for b in v.backends
+                          if v.check_of(b).kind == "none" and str(b.address) not in self.macs})
+        if missing:
+            raise NeighbourError(
+                f"no MAC address for backend(s) {', '.join(missing)} on {self.ifname} after "
+                f"{neighbour_watch.RESOLVE_TIMEOUT:g} s",
+                fix="check that the backends are up and on this segment (they must answer ARP/ND for "
+                    "their own address), or give them a [vip.health] check so that they can start down")
+
+    def _first_probes(self) -> None:
+        """Backends with no known state get one probe before the first table (their first result decides)."""
+        targets = [t for k, t in self._targets().items() if self.views[k].verdict.state == health.UNKNOWN]
+        if not targets:
+            return
+        for result in self.prober.probe_all(targets).values():
+            self._on_result_main(result)
+
+    # ---- views, targets and the effective config ------------------------------
+
+    def _backends(self):
+        for vip in self.config.vips:
+            for b in vip.backends:
+                yield vip, b, (vip.name, b.key)
+
+    def _sync_views(self, known: dict[Key, str]) -> None:
+        """One view per configured backend: kept ones keep theirs, new ones start from ``known``."""
+        wanted = {}
+        for vip, b, key in self._backends():
+            view = self.views.get(key)
+            if view is None:
+                st = health.UP if vip.check_of(b).kind == "none" else known.get(key, health.UNKNOWN)
+                view = View(st)
+            elif vip.check_of(b).kind == "none":
+                view.verdict.state = health.UP
+            wanted[key] = view
+        self.views = wanted
+
+    def _targets(self) -> dict[Key, health.Target]:
+        out = {}
+        for vip, b, key in self._backends():
+            check = vip.check_of(b)
+            if check.kind != "none":
+                out[key] = health.Target(key, str(b.address), check.port or b.port, check)
+        return out
+
+    def _in_table(self, vip: Vip) -> set[bytes]:
+        """Keys of the VIP's backends that belong in its table (health, MAC, all_down policy)."""
+        up = {b.key for b in vip.backends
+              if self.views[(vip.name, b.key)].verdict.state == health.UP and str(b.address) in self.macs}
+        if up:
+            self.kept[vip.name] = frozenset(up)
+            if vip.name in self.empty:
+                self.empty.discard(vip.name)
+                self.log("vip_has_healthy_backend", vip=vip.name, backends_up=len(up))
+            return up
+        if vip.name not in self.empty:
+            self.empty.add(vip.name)
+            self.log("vip_no_healthy_backend", vip=vip.name, policy=vip.all_down,
+                     effect="new flows dropped (reason no_backend)" if vip.all_down == "drop"
+                     else "the last table stays")
+        if vip.all_down == "keep":
+            return {k for k in self.kept.get(vip.name, frozenset()) if any(b.key == k for b in vip.backends)}
+        return set()
+
+    def _plan(self) -> tuple[Config, frozenset]:
+        vips, down = [], set()
+        for vip in self.config.vips:
+            live = self._in_table(vip)
+            backends = []
+            for b in vip.backends:
+                if b.key not in live:
+                    if vip.expire_nodest_conn:
+                        down.add((vip.name, b.key))
+                    else:
+                        b = dataclasses.replace(b, weight=0)
+                backends.append(b)
+            vips.append(dataclasses.replace(vip, backends=tuple(backends)))
+        return dataclasses.replace(self.config, vips=tuple(vips)), frozenset(down)
+
+    def _effective(self) -> Config:
+        return self._plan()[0]
+
+    def _down(self) -> frozenset:
+        return self._plan()[1]
+
+    def _table_macs(self) -> dict[str, str]:
+        return {a: self.macs.get(a, NO_MAC) for a in self._addresses()}
+
+    # ---- building the tables --------------------------------------------------
+
+    def _valid_slots(self) -> set[int]:
+        return {be_id for be_id, _ in tables._valid_backends(self.maps, self.sizes)}
+
+    def _rebuild(self) -> None:
+        before = self._valid_slots()
+        started = flows.now_ns()
+        effective, down = self._plan()
+        written = tables.apply(self.maps, effective, self._table_macs(), self.sizes, down=down,
+                               **self._two_arm(effective))
+        self._after_build(written, before, started_ns=started)
+
+    def _after_build(self, written: dict, before: set[int], first: bool = False, started_ns: int = 0) -> None:
+        effective, down = self._plan()
+        placement = tables.place(effective, self.maps, self.sizes)
+        self.slots = {(vip.name, b.key): placement.backend_ids[(vip.name, pos)]
+                      for vip in effective.vips for pos, b in enumerate(vip.backends)}
+        for vip in effective.vips:
+            changed = written.get("ring_slots_by_vip", {}).get(vip.name, 0)
+            if changed or first:
+                in_table = sum(1 for b in vip.backends if (vip.name, b.key) not in down and b.weight > 0)
+                self.log("table_rebuilt", vip=vip.name, slots_changed=changed, backends_in_table=in_table,
+                         backends=len(vip.backends))
+        left = before - self._valid_slots()
+        if left and not first:
+            moved = flows.purge_backends(self.maps, left, started_ns)
+            self.log("flows_moved", backend_slots=",".join(map(str, sorted(left))), flows=moved,
+                     why="their backend failed or was removed (expire_nodest_conn)")
+        if written.get("removed"):
+            flows.reconcile_active(self.maps)
+        for key in self.views:
+            self._write_rtt(key, force=True)
+        self._save_state()
+        self._announce()
+        self._publish()
+
+    def _announce(self) -> None:
+        """BGP: announce the VIPs that have a healthy backend, withdraw the others (fastlb.controller.bgp)."""
+        if self.announcer is not None:
+            self.announcer.update(self.config, {v.name for v in self.config.vips if v.name not in self.empty})
+
+    def _save_state(self) -> None:
+        try:
+            state.save(self.ifname, {k: v.verdict.state for k, v in self.views.items()})
+        except OSError as exc:
+            self.log("state_not_saved", error=f"{exc.strerror or exc}", path=state.path(self.ifname))
+
+    def _write_rtt(self, key: Key, force: bool = False) -> None:
+        """lrt VIPs: write the backend's peak-EWMA score when it moved enough."""
+        vip = self.config.find_vip(key[0])
+        be_id = self.slots.get(key)
+        view = self.views.get(key)
+        if vip is None or vip.algorithm != "lrt" or be_id is None or view is None or not view.ewma.has_sample:
+            return
+        score = lrt_score(view.ewma.score_us(time.monotonic()))
+        old = view.rtt_written
+        if not force and score == old:
+            return
+        entry = self.maps.lookup("backends", ctypes.c_uint32(be_id))
+        if entry is None or not entry.family or entry.rtt_us == score:
+            view.rtt_written = score
+            return
+        entry.rtt_us = score
+        self.maps.update("backends", ctypes.c_uint32(be_id), entry)
+        view.rtt_written = score
+
+    # ---- events ------------------------------------------------------------------
+
+    def _on_result(self, result: health.Result) -> None:
+        self.events.put(("result", result))
+
+    def _on_result_main(self, result: health.Result) -> bool:
+        """Count a probe result; True when the backend's state changed."""
+        view = self.views.get(result.key)
+        if view is None:
+            return False  # a result for a backend that has since gone
+        vip = self.config.find_vip(result.key[0])
+        backend = next((b for b in vip.backends if b.key == result.key[1]), None) if vip else None
+        if backend is None:
+            return False
+        if result.ok:
+            view.passed += 1
+            if result.latency_s is not None:
+                view.ewma.observe(result.latency_s * 1e6, result.at)
+        else:
+            view.failed += 1
+        check = vip.check_of(backend)
+        was = view.verdict.state
+        new = view.verdict.feed(result, check.rise, check.fall)
+        if new is None:
+            if self.maps is not None:
+                self._write_rtt(result.key)
+            return False
+        in_a_row = view.verdict.successes if new == health.UP else view.verdict.failures
+        self.log(f"backend_{new}", vip=vip.name, backend=backend.key.decode(), was=was,
+                 checks_in_a_row=in_a_row, check=check.kind, detail=result.detail)
+        return True
+
+    def _on_neigh(self, hop: str, mac: str | None) -> bool:
+        if mac is None:
+            return False  # the watcher probes it again; the health checks decide meanwhile
+        changed = False
+        for addr in sorted(a for a, h in self.hops.items() if h == hop):
+            old = self.macs.get(addr)
+            if old != mac:
+                self.macs[addr] = mac
+                self.log("neighbour_changed", backend=addr, next_hop=hop, mac=mac, was=old or "unresolved")
+                changed = True
+        return changed
+
+    def run(self) -> None:
+        """Handle events until SIGINT or SIGTERM."""
+        sweep_every = self.config.settings.sweep_interval
+        next_sweep = time.monotonic() + sweep_every
+        while True:
+            try:
+                batch = [self.events.get(timeout=max(0.0, next_sweep - time.monotonic()))]
+            except queue.Empty:
+                batch = []
+            while True:
+                try:
+                    batch.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            dirty = False
+            for event in batch:
+                kind = event[0]
+                if kind == "signal":
+                    if event[1] in STOP_SIGNALS:
+                        return
+                    self._reload()  # applied, or logged and ignored
+                    sweep_every = self.config.settings.sweep_interval
+                elif kind == "result":
+                    dirty = self._on_result_main(event[1]) or dirty
+                elif kind == "neigh":
+                    dirty = self._on_neigh(event[1], event[2]) or dirty
+                elif kind == "call":
+                    self._run_call(event[1])
+            if dirty:
+                self._rebuild()
+            elif batch:
+                self._publish()
+            if time.monotonic() >= next_sweep:
+                self._sweep()
+                if self.announcer is not None:
+                    self.announcer.retry()   # BIRD was unreachable: try again
+                next_sweep = time.monotonic() + sweep_every
+
+    def _sweep(self) -> None:
+        entries = flows.read(self.maps)
+        fixed = flows.reconcile_active(self.maps, entries)
+        if fixed:
+            names = {slot: key[1].decode() for key, slot in self.slots.items()}
+            self.log("active_reconciled", backends=" ".join(
+                f"{names.get(be, be)}:{old}->{new}" for be, (old, new) in sorted(fixed.items())))
+        expired = flows.expire_udp(self.maps, self.config.settings.udp_timeout, entries)
+        self.udp_expired += expired
+        self.conntrack_entries = len(entries) - expired
+
+    # ---- config changes --------------------------------------------------------------
+
+    def _reload(self) -> bool:
+        _sd_notify("RELOADING=1")
+        try:
+            new = load_config(self.config_path)
+            self._check_same_sizes(new)
+        except FastlbError as exc:
+            self.reloads["failed"] += 1
+            self.log("config_reload_failed", path=self.config_path, error=str(exc),
+                     effect="the running config stays")
+            _sd_notify("READY=1")
+            return False
+        self._adopt_config(new)
+        self._first_probes()
+        self._rebuild()
+        self.reloads["ok"] += 1
+        self.log("config_reloaded", path=self.config_path, vips=len(new.vips),
+                 backends=sum(len(v.backends) for v in new.vips))
+        _sd_notify("READY=1")
+        return True
+
+    def _check_same_sizes(self, new: Config) -> None:
+        if Sizes.from_settings(new.settings) != self.sizes:
+            raise FastlbError("the [settings] that size the maps or seed the hash changed (ring_size, "
+                              "conntrack_size, max_vips, max_backends, hash_seed, swrr_size)",
+                              fix=f"these need a new attach: fastlb detach {self.ifname}, then attach "
+                                  "(this drops conntrack)")
+
+    def _adopt_config(self, new: Config, resolve_now: bool = True) -> None:
+        """Make ``new`` the running config (the caller rebuilds the tables)."""
+        self.hops = self._next_hops(new)
+        added = {a: h for a, h in self.hops.items() if a not in self.macs}
+        self.config = new
+        if added and resolve_now:
+            self.macs.update(neighbour_watch.resolve(self.ifaces, added))
+        self._sync_views({})
+        targets = self._targets()
+        fresh = frozenset(k for k in targets if self.views[k].verdict.state == health.UNKNOWN)
+        self.prober.set_targets(targets, now=fresh)
+        self.watcher.watch(set(self.hops.values()))
+
+    # ---- control socket ------------------------------------------------------------
+
+    def _submit(self, request: dict) -> dict:
+        """Runs on the socket's thread: queue the command, wait until the main loop applied it."""
+        call = _Call(request)
+        self.events.put(("call", call))
+        if not call.done.wait(COMMAND_TIMEOUT):
+            raise control_socket.ControlError(f"the controller did not apply {request['cmd']} within "
+                                       f"{COMMAND_TIMEOUT:g} s", fix="see its log")
+        if call.error is not None:
+            raise call.error
+        return call.reply or {}
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            call.reply = self._command(call.request)
+        except FastlbError as exc:
+            call.error = exc
+        except Exception as exc:  # a bug must not kill the controller: say it to the caller and the log
+            self.log("command_failed", cmd=call.request.get("cmd"), error=repr(exc))
+            call.error = FastlbError(f"{call.request.get('cmd')} failed inside the controller: {exc!r}",
+                                     fix="see the controller's log")
+        finally:
+            call.done.set()
+
+    def _command(self, req: dict) -> dict:
+        cmd = req["cmd"]
+        if cmd == "stats":
+            return {"stats": self.stats()}
+        if cmd == "reload":
+            if not self._reload():
+                raise FastlbError(f"{self.config_path} was not reloaded", fix="see the controller's log line "
+                                  "config_reload_failed for the error")
+            return {"message": f"reloaded {self.config_path}"}
+        if cmd == "save":
+            return {"message": self._save()}
+        changes = {"backend.add": self._backend_add, "backend.remove": self._backend_remove,
+                   "backend.weight": self._backend_weight, "backend.drain": self._backend_drain,
+                   "vip.add": self._vip_add, "vip.remove": self._vip_remove}
+        if cmd not in changes:
+            raise FastlbError(f"unknown command {cmd!r}", fix=f"use one of: stats, reload, save, "
+                              f"{', '.join(changes)}")
+        new, message = changes[cmd](req)
+        new = self._validated(new)
+        added = {a: h for a, h in self._next_hops(new).items() if a not in self.macs}
+        if added:
+            found = neighbour_watch.resolve(self.ifaces, added)
+            if set(found) != added:
+                raise NeighbourError(f"no MAC address for {', '.join(sorted(added - set(found)))} on "
+                                     f"{self.ifname} after {neighbour_watch.RESOLVE_TIMEOUT:g} s",
+                                     fix="check that the backend is up and on this segment (it must answer "
+                                         "ARP/ND for its own address)")
+            self.macs.update(found)
+        self._adopt_config(new, resolve_now=False)
+        self._first_probes()
+        self._rebuild()
+        self.log("config_changed", cmd=cmd, change=message, saved=bool(req.get("save")))
+        if req.get("save"):
+            message += "; " + self._save()
+        else:
+            message += f" (not saved: lost at restart; --save writes it to {self.config_path})"
+        return {"message": message}
+
+    def _validated(self, new: Config) -> Config:
+        self._check_same_sizes(new)
+        try:
+            return dataclasses.replace(parse_config(render_config(new), self.config_path), path=self.config_path)
+        except ConfigError as exc:
+            raise FastlbError(f"refused: the change would make an invalid config: {exc.message}",
+                              fix=exc.fix) from exc
+
+    def _save(self) -> str:
+        text = render_config(self.config)
+        path = self.config_path
+        tmp = f"{path}.fastlb-save.tmp"
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = 0o644
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise FastlbError(f"cannot write {path}: {exc.strerror or exc}",
+                              fix="check the file's folder and permissions") from exc
+        self.log("config_saved", path=path)
+        return f"saved to {path}"
+
+    def _find_vip(self, spec) -> Vip:
+        try:
+            vip = self.config.find_vip(str(spec))
+        except ValueError as exc:
+            raise FastlbError(str(exc), fix="write the VIP as ADDR:PORT/PROTO, e.g. 198.19.0.100:80/tcp") from exc
+        if vip is None:
+            raise FastlbError(f"no VIP {spec} runs on {self.ifname}",
+                              fix="use one of: " + ", ".join(v.name for v in self.config.vips))
+        return vip
+
+    def _find_backend(self, vip: Vip, spec) -> Backend:
+        address, port = parse_backend_spec(str(spec))
+        found = [b for b in vip.backends if b.address == address and (port is None or b.port == port)]
+        if not found:
+            raise FastlbError(f"VIP {vip.name} has no backend {spec}",
+                              fix="use one of: " + ", ".join(b.key.decode() for b in vip.backends))
+        if len(found) > 1:
+            raise FastlbError(f"VIP {vip.name} has several backends at {address}",
+                              fix="add the port: " + ", ".join(b.key.decode() for b in found))
+        return found[0]
+
+    def _replace_vip(self, vip: Vip, new_vip: Vip | None) -> Config:
+        vips = [new_vip if v is vip else v for v in self.config.vips]
+        return dataclasses.replace(self.config, vips=tuple(v for v in vips if v is not None))
+
+    @staticmethod
+    def _weight(req: dict) -> int:
+        weight = req.get("weight")
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 65535:
+            raise FastlbError(f"weight must be an integer from 0 to 65535, got {weight!r}",
+                              fix="give a weight such as 1")
+        return weight
+
+    def _backend_add(self, req):
+        vip = self._find_vip(req.get("vip"))
+        address, port = parse_backend_spec(str(req.get("backend")))
+        port = vip.port if port is None else port
+        weight = self._weight({"weight": req.get("weight", 1)})
+        if any(b.address == address and b.port == port for b in vip.backends):
+            raise FastlbError(f"VIP {vip.name} has backend {parse_backend_spec(str(req.get('backend')))[0]} "
+                              "already", fix="change its weight with: fastlb backend weight")
+        backend = Backend(address=address, weight=weight, port=port)
+        return (self._replace_vip(vip, dataclasses.replace(vip, backends=vip.backends + (backend,))),
+                f"added backend {backend.key.decode()} (weight {weight}) to {vip.name}")
+
+    def _backend_remove(self, req):
+        vip = self._find_vip(req.get("vip"))
+        backend = self._find_backend(vip, req.get("backend"))
+        rest = tuple(b for b in vip.backends if b is not backend)
+        if not rest:
+            raise FastlbError(f"{backend.key.decode()} is the last backend of {vip.name}",
+                              fix=f"remove the VIP instead: fastlb vip remove {vip.name}")
+        return (self._replace_vip(vip, dataclasses.replace(vip, backends=rest)),
+                f"removed backend {backend.key.decode()} from {vip.name}; its flows move to live backends")
+
+    def _set_weight(self, req, weight: int, verb: str):
+        vip = self._find_vip(req.get("vip"))
+        backend = self._find_backend(vip, req.get("backend"))
+        backends = tuple(dataclasses.replace(b, weight=weight) if b is backend else b for b in vip.backends)
+        return (self._replace_vip(vip, dataclasses.replace(vip, backends=backends)),
+                f"{verb} backend {backend.key.decode()} of {vip.name}")
+
+    def _backend_weight(self, req):
+        weight = self._weight(req)
+        return self._set_weight(req, weight, f"weight {weight} for")
+
+    def _backend_drain(self, req):
+        return self._set_weight(req, 0, "drained (weight 0: no new flows, established ones go on)")
+
+    def _vip_add(self, req):
+        try:
+            address, port, protocol = parse_vip_spec(str(req.get("vip")))
+        except ValueError as exc:
+            raise FastlbError(str(exc), fix="write the VIP as ADDR:PORT/PROTO, e.g. 198.19.0.100:80/tcp") from exc
+        if self.config.find_vip(str(req.get("vip"))) is not None:
+            raise FastlbError(f"VIP {req.get('vip')} runs already", fix="change its backends with: fastlb backend")
+        specs = req.get("backends") or []
+        if not specs:
+            raise FastlbError("a VIP needs at least one backend", fix="add --backend ADDR (repeatable)")
+        backends = []
+        for spec in specs:
+            b_addr, b_port = parse_backend_spec(str(spec))
+            backends.append(Backend(address=b_addr, weight=1, port=port if b_port is None else b_port))
+        vip = Vip(address=address, port=port, protocol=protocol, algorithm=req.get("algorithm") or "maglev",
+                  forwarding="dsr", hash="5tuple", backends=tuple(backends))
+        return (dataclasses.replace(self.config, vips=self.config.vips + (vip,)),
+                f"added VIP {vip.name} with {len(backends)} backend(s)")
+
+    def _vip_remove(self, req):
+        vip = self._find_vip(req.get("vip"))
+        if len(self.config.vips) == 1:
+            raise FastlbError(f"{vip.name} is the last VIP", fix=f"detach instead: fastlb detach {self.ifname}")
+        return self._replace_vip(vip, None), f"removed VIP {vip.name}"
+
+    # ---- what others read -----------------------------------------------------------
+
+    def _publish(self) -> None:
+        """A snapshot of the health views for the socket and metrics threads."""
+        now = time.monotonic()
+        out = {}
+        for vip, b, key in self._backends():
+            view = self.views[key]
+            last = view.verdict.last
+            out[key] = {"health": view.verdict.state, "check": vip.check_of(b).kind,
+                        "configured_weight": b.weight, "drained": b.weight == 0,
+                        "latency_ms": round(last.latency_s * 1000, 3) if last and last.ok and
+                        last.latency_s is not None else None,
+                        "last_check_s_ago": round(now - last.at, 3) if last else None,
+                        "last_detail": last.detail if last else None,
+                        "checks_passed": view.passed, "checks_failed": view.failed}
+        self.public = out
+
+    def stats(self, count_flows: bool = True) -> dict:
+        data = stats.collect(self.maps, self.public, count_flows=count_flows)
+        if not count_flows and self.conntrack_entries is not None:
+            data["conntrack"]["entries"] = self.conntrack_entries
+        data.update(interface=self.ifname, controller=True, pid=os.getpid(), config=self.config_path,
+                    reloads=dict(self.reloads), udp_expired=self.udp_expired)
+        return data
+
+    def _metrics_source(self) -> dict:
+        return self.stats(count_flows=False)
+
+    # ---- stop --------------------------------------------------------------------------
+
+    def _close_threads(self) -> None:
+        for closer in (lambda: self.prober and self.prober.stop(), lambda: self.watcher and self.watcher.stop(),
+                       lambda: self.server and self.server.close(), lambda: self.metrics and self.metrics.close()):
+            try:
+                closer()
+            except OSError:
+                pass
+        if self.maps is not None:
+            self.maps.close()
+            self.maps = None
+
+    def stop(self) -> bool:
+        """Stop the threads; detach unless --keep. True when detached.
+
+        Without --keep, the VIPs' BGP routes are withdrawn before anything
+        else, and the program stays attached until ``bgp.detach_delay`` has
+        passed since then (closing the threads counts towards it).
+        """
+        _sd_notify("STOPPING=1")
+        delay, withdrawn = 0.0, time.monotonic()
+        if not self.keep:
+            delay, note = bgp.withdraw_for_detach(self.ifname)
+            if note:
+                self.log("bgp_withdrawn_for_detach", detail=note)
+        self._close_threads()
+        if self.keep:
+            return False
+        time.sleep(max(0.0, delay - (time.monotonic() - withdrawn)))
+        attachment.detach(self.ifname)   # nothing is announced any more: it detaches at once
+        return True
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about readiness and reloads; nothing outside systemd."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), target)
+    except OSError:
+        pass

@@ -1,0 +1,106 @@
+"""Per-VIP and per-backend figures from an attachment's maps, with the controller's health view.
+
+:func:`collect` reads the counters the kernel keeps (packets, bytes, new
+flows per VIP and backend, active TCP connections per backend, one counter
+per verdict reason) and merges in what only the controller knows (health
+state, last probe latency). ``fastlb stats`` asks the running controller,
+which calls :func:`collect` itself; with no controller running, it reads
+the maps alone and says so. :func:`render` is the text form.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from fastlb.dataplane import flows
+from fastlb.kernel import cdefs, structs
+from fastlb.kernel.maps import PinnedMaps
+
+
+def _names(enum: str, prefix: str) -> dict[int, str]:
+    return {v: k.removeprefix(prefix).lower() for k, v in cdefs.enum(enum).items()}
+
+
+def reasons(maps: PinnedMaps) -> tuple[dict, dict]:
+    """({reason: {verdict, packets, bytes}}, {verdict: packets}) over every reason counter."""
+    out = {}
+    for name, idx in cdefs.enum("fl_reason").items():
+        if name == "FL_REASON_MAX":
+            continue
+        c = maps.counter("reason_stats", idx)
+        out[name.removeprefix("FL_").lower()] = {"verdict": cdefs.reason_verdict(name), "packets": c.packets,
+                                                 "bytes": c.bytes}
+    verdicts: dict[str, int] = {}
+    for r in out.values():
+        verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + r["packets"]
+    return out, verdicts
+
+
+def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = True) -> dict:
+    """Everything ``fastlb stats`` shows for one attachment.
+
+    ``health`` maps (VIP name, backend key) to the controller's view of a
+    backend (state, weight, latency, ...); None when no controller answers.
+    ``count_flows`` walks conntrack to count its entries.
+    """
+    algorithms = _names("fl_algorithm", "FL_ALG_")
+    vips: dict[int, dict] = {}
+    for key, vip_id in maps.items("vips"):
+        vip_id = vip_id.value
+        if vip_id == cdefs.FL_VIP_ID_ADDR_ONLY:
+            continue
+        meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
+        c = maps.counter("vip_stats", vip_id)
+        vips[vip_id] = {"vip": flows.vip_name(key), "algorithm": algorithms.get(meta.algorithm, "?"),
+                        "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "active": 0,
+                        "healthy_backends": 0, "backends": []}
+    size = maps.info("backends").max_entries
+    active = maps.read_u32_slice("backend_active", 0, size)
+    for be_id in range(size):
+        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
+        if entry is None or not entry.family or entry.vip_id not in vips:
+            continue
+        vip = vips[entry.vip_id]
+        name = flows.hostport(structs.unpack_addr(entry.addr, entry.family), structs.port_host(entry.port))
+        c = maps.counter("backend_stats", be_id)
+        valid = bool(entry.flags & cdefs.FL_BE_F_VALID)
+        be = {"backend": name, "backend_id": be_id, "weight": entry.weight, "valid": valid,
+              "in_table": valid and entry.weight > 0, "mac": structs.mac_str(entry.mac), "rtt_us": entry.rtt_us,
+              "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows,
+              "active": active[be_id] if valid else 0}
+        view = (health or {}).get((vip["vip"], name.encode()))
+        be.update(view if view is not None else {"health": None, "latency_ms": None})
+        vip["active"] += be["active"]
+        vip["healthy_backends"] += be["health"] == "up"
+        vip["backends"].append(be)
+    reason_table, verdicts = reasons(maps)
+    out = {"vips": sorted(vips.values(), key=lambda v: v["vip"]), "reasons": reason_table, "verdicts": verdicts,
+           "conntrack": {"size": maps.info("conntrack").max_entries}}
+    if count_flows:
+        out["conntrack"]["entries"] = len(flows.read(maps))
+    return out
+
+
+def render(att: dict) -> list[str]:
+    """Text lines for one attachment's stats (as ``fastlb stats`` prints them)."""
+    head = f"{att['interface']}: controller {'running' if att.get('controller') else 'NOT running'}"
+    ct = att.get("conntrack", {})
+    if "entries" in ct:
+        head += f"; conntrack {ct['entries']}/{ct['size']}"
+    lines = [head]
+    for vip in att.get("vips", []):
+        lines.append(f"  VIP {vip['vip']}  {vip['algorithm']}  packets {vip['packets']}  bytes {vip['bytes']}  "
+                     f"new flows {vip['new_flows']}  active {vip['active']}")
+        for be in vip["backends"]:
+            health = be["health"] or "?"
+            latency = f"{be['latency_ms']:.2f} ms" if be.get("latency_ms") is not None else "-"
+            lines.append(f"    {be['backend']:<24} {health:<8} weight {be['weight']:<5} packets {be['packets']}  "
+                         f"bytes {be['bytes']}  new flows {be['new_flows']}  active {be['active']}  "
+                         f"latency {latency}")
+    verdicts = att.get("verdicts", {})
+    if verdicts:
+        lines.append("  verdicts: " + "  ".join(f"{k} {v}" for k, v in sorted(verdicts.items())))
+        moved = {k: r["packets"] for k, r in att["reasons"].items() if r["packets"]}
+        if moved:
+            lines.append("  reasons: " + "  ".join(f"{k} {v}" for k, v in moved.items()))
+    return lines

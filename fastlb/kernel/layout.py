@@ -1,0 +1,120 @@
+"""The map layouts the BPF programs declare: compile-time sizes and one spec per map.
+
+``Sizes`` holds the -D limits a compile takes from the config's [settings];
+``MAP_SPECS`` and ``DECAP_MAP_SPECS`` list every map's type, key, value and
+entries, so that typed map access (:mod:`fastlb.kernel.maps`) and the check of
+pinned maps need no loader.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastlb.errors import BpfError
+from fastlb.kernel import bpfsys, cdefs, structs
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The compile-time limits (-D macros), taken from the config's [settings]."""
+    max_vips: int = 16
+    max_backends: int = 1024
+    ring_size: int = 65537
+    conntrack_size: int = 65536
+    seq_size: int = 1024
+    hash_seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings) -> "Sizes":
+        return cls(max_vips=settings.max_vips, max_backends=settings.max_backends,
+                   ring_size=settings.ring_size, conntrack_size=settings.conntrack_size,
+                   seq_size=settings.swrr_size, hash_seed=settings.hash_seed)
+
+    def cflags(self) -> list[str]:
+        return [f"-DFASTLB_MAX_VIPS={self.max_vips}", f"-DFASTLB_MAX_BACKENDS={self.max_backends}",
+                f"-DFASTLB_RING_SIZE={self.ring_size}", f"-DFASTLB_CT_SIZE={self.conntrack_size}",
+                f"-DFASTLB_SEQ_SIZE={self.seq_size}", f"-DFASTLB_HASH_SEED={self.hash_seed}u"]
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    type: str
+    key: type
+    value: type
+    percpu: bool = False
+
+    def entries(self, sizes: Sizes) -> int:
+        return {
+            "vips": sizes.max_vips * 2,
+            "vip_table": sizes.max_vips,
+            "backends": sizes.max_backends,
+            "ring": sizes.max_vips * sizes.ring_size,
+            "seq": sizes.max_vips * sizes.seq_size,
+            "seq_cursor": sizes.max_vips,
+            "backend_active": sizes.max_backends,
+            "conntrack": sizes.conntrack_size,
+            "nat_rev": sizes.conntrack_size * 2,
+            "settings": 1,
+            "flood": 1,
+            "tx_ports": cdefs.FASTLB_MAX_IFACES,
+            "ifaces": cdefs.FASTLB_MAX_IFACES,
+            "event_stats": cdefs.FL_EVENT_MAX,
+            "addrs": cdefs.FASTLB_DECAP_MAX_ADDRS,
+            "decap_stats": cdefs.FL_DECAP_REASON_MAX,
+            "reason_stats": cdefs.FL_REASON_MAX,
+            "vip_stats": sizes.max_vips,
+            "backend_stats": sizes.max_backends,
+        }[self.name]
+
+
+# The maps of bpf/fastlb_maps.h; tests/bpf/test_structs.py checks this against the loaded program.
+MAP_SPECS = (
+    MapSpec("vips", "hash", structs.VipKey, ctypes.c_uint32),
+    MapSpec("vip_table", "array", ctypes.c_uint32, structs.VipMeta),
+    MapSpec("backends", "array", ctypes.c_uint32, structs.Backend),
+    MapSpec("ring", "array", ctypes.c_uint32, ctypes.c_uint32),
+    MapSpec("seq", "array", ctypes.c_uint32, ctypes.c_uint32),
+    MapSpec("seq_cursor", "percpu_array", ctypes.c_uint32, ctypes.c_uint32, percpu=True),
+    MapSpec("backend_active", "array", ctypes.c_uint32, ctypes.c_uint32),
+    MapSpec("conntrack", "lru_hash", structs.FlowKey, structs.CtValue),
+    MapSpec("nat_rev", "lru_hash", structs.FlowKey, structs.NatRev),
+    MapSpec("settings", "array", ctypes.c_uint32, structs.Settings),
+    MapSpec("flood", "percpu_array", ctypes.c_uint32, structs.Flood, percpu=True),
+    MapSpec("tx_ports", "devmap", ctypes.c_uint32, ctypes.c_int32),
+    MapSpec("ifaces", "array", ctypes.c_uint32, structs.Iface),
+    MapSpec("event_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
+    MapSpec("reason_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
+    MapSpec("vip_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
+    MapSpec("backend_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
+)
+
+
+# The maps of bpf/fastlb_decap.c, the backends' decapsulation program.
+DECAP_MAP_SPECS = (
+    MapSpec("addrs", "hash", structs.VipKey, ctypes.c_uint32),
+    MapSpec("decap_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
+)
+
+
+def check_pinned_layouts(pin_dir: Path, sizes: Sizes, specs=MAP_SPECS) -> None:
+    """Refuse pinned maps whose layout differs from what the program declares."""
+    for spec in specs:
+        path = pin_dir / spec.name
+        if not path.exists():
+            continue
+        fd = bpfsys.obj_get(str(path))
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            os.close(fd)
+        want = (spec.type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.entries(sizes))
+        have = (info.type_name, info.key_size, info.value_size, info.max_entries)
+        if want != have:
+            raise BpfError(
+                f"pinned map {path} has type/key/value/entries {have}, the program declares {want}",
+                fix=f"the config's [settings] or fastlb's version changed; run 'fastlb detach {pin_dir.name}' "
+                    "to drop the old maps (this drops conntrack state), then attach again")

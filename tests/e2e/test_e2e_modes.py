@@ -1,0 +1,177 @@
+"""Tunnel and NAT forwarding with real TCP and UDP in a namespace lab.
+
+Tunnel: the backends run `fastlb decap` (no ipip module on these machines)
+and keep the VIPs on lo; they answer the client directly. NAT: the backends
+serve on other ports with no VIP and no change beyond the LB as their route
+to the client (its gateway, as in any NAT deployment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+
+from fastlb.lab.clients import tcp_requests, udp_by_source, udp_requests
+from fastlb.lab.netns import LabError
+from fastlb.lab.topology import Lab
+from helpers.e2e import attached, run_fastlb
+
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
+COUNT = 300
+SETTINGS = """[settings]
+tunnel_source = "198.18.200.0/24"
+tunnel_source6 = "2001:db8:200::/64"
+"""
+
+
+def vip_block(vip, port, proto, mode, backends, bport=None):
+    text = f'[[vip]]\naddress = "{vip}"\nport = {port}\nprotocol = "{proto}"\nforwarding = "{mode}"\n'
+    for b in backends:
+        text += f'[[vip.backend]]\naddress = "{b}"\n' + (f"port = {bport}\n" if bport else "")
+    return text + "\n"
+
+
+def reason_packets(lab, name) -> int:
+    res = run_fastlb(lab, "lb", "status", "--json", check=True)
+    return json.loads(res.stdout)[0]["reasons"][name]["packets"]
+
+
+@contextlib.contextmanager
+def decap_on(lab, *vips):
+    """`fastlb decap` on every backend for the block, for ``vips``."""
+    args = [a for v in vips for a in ("--vip", v)]
+    for b in lab.backend_names:
+        run_fastlb(lab, b, "decap", "attach", "eth0", *args, check=True)
+    try:
+        yield
+    finally:
+        for b in lab.backend_names:
+            run_fastlb(lab, b, "decap", "detach", "eth0")
+
+
+def spread_ok(lab, counts, total):
+    assert sum(counts.values()) == total
+    assert set(counts) == set(lab.backend_names), counts
+
+
+@pytest.fixture(scope="class")
+def tunnel_lab(tmp_path_factory):
+    config = SETTINGS
+    with Lab(backends=3) as lab, decap_on(lab, lab.vip4, lab.vip6):
+        for proto, port in (("tcp", 80), ("udp", lab.udp_port)):
+            config += vip_block(lab.vip4, port, proto, "tunnel", [lab.addr(b) for b in lab.backend_names])
+            config += vip_block(lab.vip6, port, proto, "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
+        with attached(lab, tmp_path_factory.mktemp("tun"), config):
+            yield lab
+
+
+class TestTunnel:
+    @pytest.fixture
+    def lab(self, tunnel_lab):
+        return tunnel_lab
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_tcp(self, lab, family):
+        spread_ok(lab, tcp_requests(lab, family=family, count=COUNT), COUNT)
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_udp(self, lab, family):
+        spread_ok(lab, udp_requests(lab, port=lab.udp_port, family=family, count=COUNT), COUNT)
+
+    def test_backends_decapsulated_the_traffic(self, lab):
+        for b in lab.backend_names:
+            data = json.loads(run_fastlb(lab, b, "decap", "status", "--json", check=True).stdout)
+            assert data[0]["attached"] and data[0]["counters"]["ok"] > 0
+
+    def test_a_frame_too_big_once_tunnelled_is_dropped_and_counted(self, lab):
+        before = reason_packets(lab, "drop_too_big")
+        # 1472 bytes of UDP payload fill a 1500-byte IPv4 packet; 20 more do not fit.
+        with pytest.raises(LabError):
+            udp_by_source(lab, port=lab.udp_port, count=1, sources=1, size=1472, timeout=0.5)
+        assert reason_packets(lab, "drop_too_big") == before + 1
+        # A datagram that still fits once tunnelled goes through.
+        udp_by_source(lab, port=lab.udp_port, count=1, sources=1, size=1472 - 20, timeout=2)
+
+
+@pytest.fixture(scope="class")
+def tun46_lab(tmp_path_factory):
+    with Lab(backends=3) as lab, decap_on(lab, lab.vip4):
+        config = SETTINGS + vip_block(lab.vip4, 80, "tcp", "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
+        with attached(lab, tmp_path_factory.mktemp("tun46"), config):
+            yield lab
+
+
+class TestTunnelIPv4InIPv6:
+    @pytest.fixture
+    def lab(self, tun46_lab):
+        return tun46_lab
+
+    def test_tcp(self, lab):
+        spread_ok(lab, tcp_requests(lab, family=4, count=COUNT), COUNT)
+
+
+@pytest.fixture(scope="class")
+def nat_lab(tmp_path_factory):
+    lab = Lab(backends=3)
+    lab.http_port = 8080  # plain servers on another port than the VIP's
+    with lab:
+        for b in lab.backend_names:
+            with lab.ipr(b) as ipr:  # the LB is the backends' way to the client
+                ipr.route("add", dst=f"{lab.addr('client')}/32", gateway=lab.addr("lb"))
+                ipr.route("add", dst=f"{lab.addr('client', 6)}/128", gateway=lab.addr("lb", 6))
+        config = ""
+        for vip, fam in ((lab.vip4, 4), (lab.vip6, 6)):
+            backends = [lab.addr(b, fam) for b in lab.backend_names]
+            config += vip_block(vip, 80, "tcp", "nat", backends, bport=8080)
+            config += vip_block(vip, lab.udp_port, "udp", "nat", backends)
+        with attached(lab, tmp_path_factory.mktemp("nat"), config):
+            yield lab
+
+
+class TestNat:
+    @pytest.fixture
+    def lab(self, nat_lab):
+        return nat_lab
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_tcp_to_port_80_reaches_servers_on_8080(self, lab, family):
+        spread_ok(lab, tcp_requests(lab, family=family, port=80, count=COUNT), COUNT)
+
+    @pytest.mark.parametrize("family", [4, 6])
+    def test_udp(self, lab, family):
+        spread_ok(lab, udp_requests(lab, port=lab.udp_port, family=family, count=COUNT), COUNT)
+
+    def test_replies_went_back_through_the_lb(self, lab):
+        assert reason_packets(lab, "tx_nat_reply") >= 4 * COUNT
+
+
+@pytest.fixture(scope="class")
+def pmtu_lab(tmp_path_factory):
+    with Lab(backends=2) as lab, decap_on(lab, lab.vip4, lab.vip6):
+        config = SETTINGS + f'icmp_source = "{lab.addr("lb")}"\nicmp_source6 = "{lab.addr("lb", 6)}"\n'
+        config += vip_block(lab.vip4, lab.udp_port, "udp", "tunnel", [lab.addr(b) for b in lab.backend_names])
+        config += vip_block(lab.vip6, lab.udp_port, "udp", "tunnel", [lab.addr(b, 6) for b in lab.backend_names])
+        with attached(lab, tmp_path_factory.mktemp("pmtu"), config):
+            yield lab
+
+
+class TestTunnelPathMtu:
+    """With icmp_source(6) set, a packet too big once tunnelled gets an ICMP error,
+    and the client's stack learns the smaller path MTU."""
+
+    @pytest.fixture
+    def lab(self, pmtu_lab):
+        return pmtu_lab
+
+    @pytest.mark.parametrize("family,payload,learnt", [(4, 1472, 1480), (6, 1452, 1460)])
+    def test_the_client_learns_the_path_mtu(self, lab, family, payload, learnt):
+        before = reason_packets(lab, "tx_icmp_too_big")
+        with pytest.raises(LabError):  # the datagram itself is lost: only the error comes back
+            udp_by_source(lab, vip=lab.vip(family), port=lab.udp_port, count=1, sources=1, size=payload,
+                          timeout=0.5)
+        assert reason_packets(lab, "tx_icmp_too_big") == before + 1
+        route = lab.run("client", ["ip", f"-{family}", "route", "get", lab.vip(family)]).stdout
+        assert f"mtu {learnt}" in route, route

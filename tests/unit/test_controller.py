@@ -1,0 +1,402 @@
+"""The controller's parts without a lab: health config, --save rendering, metrics, the control socket, conntrack."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client import CollectorRegistry, generate_latest
+
+from fastlb.cli import main
+from fastlb.config import HealthCheck, parse_config, render_config
+from fastlb.controller import control_socket
+from fastlb.controller.loop import parse_backend_spec
+from fastlb.controller.metrics import StatsCollector, parse_listen
+from fastlb.errors import ConfigError, FastlbError
+
+VIP = """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+"""
+BACKENDS = """
+[[vip.backend]]
+address = "198.18.0.11"
+[[vip.backend]]
+address = "198.18.0.12"
+"""
+
+
+# ---- config: [vip.health] ----
+
+def test_no_health_table_means_no_check():
+    (vip,) = parse_config(VIP + BACKENDS).vips
+    assert vip.health == HealthCheck() and vip.health.kind == "none"
+    assert (vip.all_down, vip.expire_nodest_conn) == ("drop", True)
+    assert all(vip.check_of(b) is vip.health for b in vip.backends)
+
+
+def test_vip_health_is_every_backends_default_and_a_backend_may_override_it():
+    text = VIP + """
+[vip.health]
+kind = "http"
+interval = 0.2
+timeout = 0.1
+rise = 3
+fall = 1
+path = "/health"
+all_down = "keep"
+expire_nodest_conn = false
+[[vip.backend]]
+address = "198.18.0.11"
+[[vip.backend]]
+address = "198.18.0.12"
+[vip.backend.health]
+kind = "tcp"
+port = 8080
+"""
+    (vip,) = parse_config(text).vips
+    assert vip.health == HealthCheck(kind="http", interval=0.2, timeout=0.1, rise=3, fall=1, path="/health")
+    assert (vip.all_down, vip.expire_nodest_conn) == ("keep", False)
+    first, second = vip.backends
+    assert vip.check_of(first) == vip.health
+    assert vip.check_of(second) == HealthCheck(kind="tcp", interval=0.2, timeout=0.1, rise=3, fall=1, port=8080,
+                                               path="/health")
+
+
+@pytest.mark.parametrize("health, field, message", [
+    ('kind = "icmp"', "vip[0].health.kind", "unknown kind 'icmp'"),
+    ("interval = 0.2\ntimeout = 0.5", "vip[0].health.timeout", "timeout 0.5 s is longer than interval 0.2 s"),
+    ('kind = "tcp"\npath = "/x"', "vip[0].health.path", "'path' is only read by http checks"),
+    ('kind = "http"\npayload = "x"', "vip[0].health.payload", "'payload' is only read by udp checks"),
+    ('kind = "http"\npath = "health"', "vip[0].health.path", "is not an absolute URL path"),
+    ("rise = 0", "vip[0].health.rise", "rise must be 1..100, got 0"),
+    ('interval = "1"', "vip[0].health.interval", "expected a float, got a string"),
+    ('all_down = "panic"', "vip[0].health.all_down", "unknown all_down 'panic'"),
+    ("expire_nodest_conn = 1", "vip[0].health.expire_nodest_conn", "expected a boolean"),
+    ("intervall = 1", "vip[0].health.intervall", "did you mean 'interval'?"),
+])
+def test_bad_health_keys_name_the_field(health, field, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(VIP + "[vip.health]\n" + health + "\n" + BACKENDS)
+    assert info.value.field == field and message in str(info.value)
+
+
+def test_vip_level_keys_are_refused_on_a_backend():
+    with pytest.raises(ConfigError, match="unknown key 'all_down'") as info:
+        parse_config(VIP + BACKENDS + '[vip.backend.health]\nall_down = "keep"\n')
+    assert info.value.field == "vip[0].backend[1].health.all_down"
+
+
+def test_controller_settings_take_seconds():
+    cfg = parse_config("[settings]\nudp_timeout = 30\nsweep_interval = 0.5\n" + VIP + BACKENDS)
+    assert (cfg.settings.udp_timeout, cfg.settings.sweep_interval) == (30.0, 0.5)
+    with pytest.raises(ConfigError, match="udp_timeout must be 1..86400, got 0"):
+        parse_config("[settings]\nudp_timeout = 0\n" + VIP + BACKENDS)
+
+
+def test_render_config_reads_back_equal():
+    text = """
+[settings]
+ring_size = 251
+hash_seed = 7
+udp_timeout = 12.5
+tunnel_source = "198.18.200.0/24"
+
+[[vip]]
+address = "198.19.0.100"
+port = 80
+algorithm = "lrt"
+forwarding = "tunnel"
+announce = "arp"
+[vip.health]
+kind = "http"
+interval = 0.25
+timeout = 0.25
+path = "/ready?x=\\"1\\""
+all_down = "keep"
+[[vip.backend]]
+address = "198.18.0.11"
+weight = 3
+[vip.backend.health]
+kind = "udp"
+payload = "hi\\n"
+[[vip.backend]]
+address = "198.18.0.12"
+weight = 0
+
+[[vip]]
+address = "2001:db8::1"
+port = 53
+protocol = "udp"
+hash = "src"
+[vip.health]
+expire_nodest_conn = false
+[[vip.backend]]
+address = "2001:db8::11"
+"""
+    cfg = parse_config(text)
+    again = parse_config(render_config(cfg))
+    assert again == cfg
+    assert render_config(again) == render_config(cfg)
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("198.18.0.11", (ipaddress.ip_address("198.18.0.11"), None)),
+    ("198.18.0.11:8080", (ipaddress.ip_address("198.18.0.11"), 8080)),
+    ("[2001:db8::11]:80", (ipaddress.ip_address("2001:db8::11"), 80)),
+    ("2001:db8::11", (ipaddress.ip_address("2001:db8::11"), None)),
+])
+def test_backend_specs(spec, want):
+    assert parse_backend_spec(spec) == want
+
+
+def test_a_bad_backend_spec_says_what_to_write():
+    with pytest.raises(FastlbError, match="bad backend 'nope'.*Fix: write ADDR or ADDR:PORT"):
+        parse_backend_spec("nope")
+
+
+# ---- metrics ----
+
+@pytest.mark.parametrize("text, want", [("127.0.0.1:9469", ("127.0.0.1", 9469)), ("[::1]:9000", ("::1", 9000)),
+                                        ("off", None), ("OFF", None)])
+def test_metrics_listen(text, want):
+    assert parse_listen(text) == want
+
+
+@pytest.mark.parametrize("text", ["9469", "localhost:9469", "127.0.0.1:0", "127.0.0.1:x"])
+def test_metrics_listen_refuses(text):
+    with pytest.raises(ValueError, match="127.0.0.1:9469"):
+        parse_listen(text)
+
+
+def test_metric_names_follow_the_conventions():
+    data = {"interface": "eth0", "conntrack": {"size": 100, "entries": 7}, "reloads": {"ok": 2, "failed": 1},
+            "reasons": {"tx_dsr": {"verdict": "tx", "packets": 5, "bytes": 500}},
+            "vips": [{"vip": "198.19.0.100:80/tcp", "packets": 5, "bytes": 500, "new_flows": 2, "active": 1,
+                      "healthy_backends": 1,
+                      "backends": [{"backend": "198.18.0.11:80", "packets": 5, "bytes": 500, "new_flows": 2,
+                                    "active": 1, "health": "up", "weight": 2, "in_table": True,
+                                    "latency_ms": 1.5, "checks_passed": 9, "checks_failed": 1}]}]}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(lambda: data))
+    text = generate_latest(registry).decode()
+    for line in ('fastlb_backend_packets_total{backend="198.18.0.11:80",interface="eth0",vip="198.19.0.100:80/tcp"} 5.0',
+                 'fastlb_backend_probe_latency_seconds{backend="198.18.0.11:80",interface="eth0",'
+                 'vip="198.19.0.100:80/tcp"} 0.0015',
+                 'fastlb_backend_health_checks_total{backend="198.18.0.11:80",interface="eth0",result="failed",'
+                 'vip="198.19.0.100:80/tcp"} 1.0',
+                 'fastlb_backend_up{backend="198.18.0.11:80",interface="eth0",vip="198.19.0.100:80/tcp"} 1.0',
+                 'fastlb_packets_total{interface="eth0",reason="tx_dsr",verdict="tx"} 5.0',
+                 'fastlb_vip_bytes_total{interface="eth0",vip="198.19.0.100:80/tcp"} 500.0',
+                 'fastlb_conntrack_entries{interface="eth0"} 7.0',
+                 'fastlb_config_reloads_total{interface="eth0",result="failed"} 1.0'):
+        assert line in text, text
+
+
+# ---- the control socket ----
+
+@pytest.fixture
+def ctl_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLB_CTL_ROOT", str(tmp_path / "ctl"))
+    return tmp_path / "ctl"
+
+
+def test_no_controller_is_one_clear_line(ctl_root):
+    res = CliRunner().invoke(main, ["backend", "drain", "198.19.0.100:80/tcp", "198.18.0.11"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        "fastlb: error: no fastlb controller is running in this network namespace. Fix: start one: "
+        "fastlb attach IFACE -c CONFIG (the changes are made through it)"]
+
+
+@pytest.mark.root
+def test_the_socket_answers_refuses_and_is_root_only(ctl_root):
+    def handle(request):
+        if request["cmd"] == "boom":
+            raise FastlbError("VIP 1.2.3.4:80/tcp is not here", fix="use one of: x")
+        return {"echo": request["cmd"]}
+
+    server = control_socket.Server("eth9", handle)
+    server.start()
+    try:
+        path = control_socket.socket_path("eth9")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == 0
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert control_socket.call({"cmd": "hello"})["echo"] == "hello"
+        with pytest.raises(control_socket.ControlError) as info:
+            control_socket.call({"cmd": "boom"}, "eth9")
+        assert str(info.value) == "VIP 1.2.3.4:80/tcp is not here. Fix: use one of: x"
+        with pytest.raises(control_socket.ControlError, match="another fastlb controller is running on eth9"):
+            control_socket.Server("eth9", handle)
+        nobody = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+             "import os, socket; s = socket.socket(socket.AF_UNIX); s.connect(os.environ['P'])"],
+            env=dict(os.environ, P=str(path)), capture_output=True, text=True)
+        assert nobody.returncode != 0 and "PermissionError" in nobody.stderr
+    finally:
+        server.close()
+    assert not control_socket.socket_path("eth9").exists()
+    with pytest.raises(control_socket.NoController):
+        control_socket.call({"cmd": "hello"}, "eth9")
+
+
+@pytest.mark.root
+def test_a_stale_socket_of_a_killed_controller_is_replaced(ctl_root):
+    import socket
+    path = control_socket.socket_path("eth9")
+    path.parent.mkdir(parents=True)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens: what kill -9 leaves
+    with pytest.raises(control_socket.NoController, match="no fastlb controller answers on eth9"):
+        control_socket.call({"cmd": "x"})
+    server = control_socket.Server("eth9", lambda r: {})
+    server.start()
+    try:
+        assert control_socket.call({"cmd": "x"}) == {"ok": True}
+    finally:
+        server.close()
+
+
+# ---- conntrack: sweeps and batch walks, on the loaded program ----
+
+@pytest.fixture
+def bed(loaded):
+    loaded.apply(VIP + BACKENDS + '\n[[vip]]\naddress = "198.19.0.100"\nport = 53\nprotocol = "udp"\n'
+                 '[[vip.backend]]\naddress = "198.18.0.13"\n')
+    loaded.flush_conntrack()
+    yield loaded
+    loaded.flush_conntrack()
+
+
+def _slots(maps):
+    from fastlb.dataplane import flows
+    return flows.Slots.read(maps)
+
+
+def _flow(n: int, proto: int = 6):
+    from fastlb.kernel import structs
+    return structs.FlowKey(src=structs.pack_addr(ipaddress.ip_address(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")),
+                           dst=structs.pack_addr(ipaddress.ip_address("198.19.0.100")), sport=n & 0xFFFF,
+                           dport=structs.port_be(80 if proto == 6 else 53), proto=proto, family=2)
+
+
+@pytest.mark.root
+def test_reconcile_counts_live_counted_flows_only(bed):
+    from fastlb.dataplane import flows
+    from fastlb.kernel import cdefs, structs
+    maps = bed.maps
+    slots = _slots(maps)
+    (vip_id, gen), = [(v, g) for v, g in slots.vip_gens.items()
+                      if any(be.vip_id == v and be.family for be in slots.backends.values())][:1]
+    be_ids = sorted(b for b, e in slots.backends.items() if e.vip_id == vip_id)
+    a, b = be_ids[:2]
+    flags = [cdefs.FL_CT_F_COUNTED, cdefs.FL_CT_F_COUNTED, cdefs.FL_CT_F_COUNTED | cdefs.FL_CT_F_CLOSING, 0]
+    for n, (be, f) in enumerate(zip([a, a, a, b], flags)):
+        maps.update("conntrack", _flow(n), structs.CtValue(backend_id=be, vip_id=vip_id, vip_gen=gen, flags=f))
+    maps.update("conntrack", _flow(9), structs.CtValue(backend_id=b, vip_id=vip_id, vip_gen=gen + 1,
+                                                       flags=cdefs.FL_CT_F_COUNTED))  # an old VIP generation
+    for be in (a, b):
+        maps.update("backend_active", ctypes.c_uint32(be), ctypes.c_uint32(50))
+    fixed = flows.reconcile_active(maps)
+    assert fixed[a] == (50, 2) and fixed[b] == (50, 0)
+    assert flows.reconcile_active(maps) == {}
+
+
+@pytest.mark.root
+def test_udp_flows_idle_past_the_timeout_go_and_tcp_ones_stay(bed):
+    from fastlb.dataplane import flows
+    from fastlb.kernel import structs
+    maps = bed.maps
+    now = flows.now_ns()
+    for n, (proto, idle_s) in enumerate([(17, 10), (17, 1), (6, 10)]):
+        maps.update("conntrack", _flow(n, proto), structs.CtValue(last_seen_ns=now - int(idle_s * 1e9)))
+    assert flows.expire_udp(maps, timeout_s=5) == 1
+    left = {(k.proto, k.sport) for k, _ in flows.read(maps)}
+    assert left == {(17, 1), (6, 2)}
+
+
+@pytest.mark.root
+def test_batch_walk_and_delete_cover_every_entry(bed):
+    from fastlb.dataplane import flows
+    from fastlb.kernel import bpfsys, structs
+    maps = bed.maps
+    keys = [_flow(n) for n in range(1500)]
+    for k in keys:
+        maps.update("conntrack", k, structs.CtValue(backend_id=k.sport % 7))
+    got = bpfsys.map_lookup_batch(maps.fds["conntrack"], structs.FlowKey, structs.CtValue, chunk=64)
+    assert sorted(k.sport for k, _ in got) == list(range(1500))
+    assert all(v.backend_id == k.sport % 7 for k, v in got)
+    assert flows.delete(maps, keys[:10] + keys[:10]) == 10  # absent keys are skipped, not fatal
+    assert flows.purge_backends(maps, {3}, before_ns=1 << 62) == sum(1 for n in range(10, 1500) if n % 7 == 3)
+    assert len(flows.read(maps)) == 1490 - sum(1 for n in range(10, 1500) if n % 7 == 3)
+
+
+
+# ---- what goes in the tables: health, MACs and the all-down policy ----
+
+def _controller(health_keys: str):
+    import io
+
+    from fastlb.controller.loop import Controller
+    cfg = parse_config(VIP + '[vip.health]\nkind = "tcp"\n' + health_keys + BACKENDS)
+    ctl = Controller("eth0", "unused.toml", cfg, out=io.StringIO())
+    ctl.macs = {"198.18.0.11": "02:00:00:00:00:0b", "198.18.0.12": "02:00:00:00:00:0c"}
+    ctl._sync_views({})
+    return ctl, cfg.vips[0]
+
+
+def _set(ctl, vip, **states):
+    for b in vip.backends:
+        ctl.views[(vip.name, b.key)].verdict.state = states[str(b.address).rsplit(".", 1)[1]]
+
+
+def test_a_failed_backend_is_down_and_an_unknown_one_waits():
+    ctl, vip = _controller("")
+    _set(ctl, vip, **{"11": "up", "12": "down"})
+    cfg, down = ctl._plan()
+    assert down == {(vip.name, b"198.18.0.12:80")}
+    _set(ctl, vip, **{"11": "up", "12": "unknown"})
+    assert ctl._plan()[1] == {(vip.name, b"198.18.0.12:80")}
+    del ctl.macs["198.18.0.11"]  # no next-hop MAC: it cannot be in the tables either
+    _set(ctl, vip, **{"11": "up", "12": "up"})
+    assert ctl._plan()[1] == {(vip.name, b"198.18.0.11:80")}
+
+
+def test_without_expire_nodest_conn_a_failed_backend_only_gets_weight_0():
+    ctl, vip = _controller("expire_nodest_conn = false\n")
+    _set(ctl, vip, **{"11": "up", "12": "down"})
+    cfg, down = ctl._plan()
+    assert down == frozenset() and [b.weight for b in cfg.vips[0].backends] == [1, 0]
+
+
+@pytest.mark.parametrize("policy, in_table", [("drop", set()), ("keep", {"198.18.0.12:80"})])
+def test_every_backend_down_drops_or_keeps_the_last_table_and_says_so(policy, in_table):
+    ctl, vip = _controller(f'all_down = "{policy}"\n')
+    _set(ctl, vip, **{"11": "down", "12": "up"})
+    ctl._plan()
+    _set(ctl, vip, **{"11": "down", "12": "down"})
+    _, down = ctl._plan()
+    assert {b.key.decode() for b in vip.backends if (vip.name, b.key) not in down} == in_table
+    log = ctl.out.getvalue()
+    assert log.count("event=vip_no_healthy_backend") == 1 and f"policy={policy}" in log
+    ctl._plan()
+    assert ctl.out.getvalue().count("event=vip_no_healthy_backend") == 1  # logged once, at the transition
+    _set(ctl, vip, **{"11": "up", "12": "down"})
+    assert ctl._plan()[1] == {(vip.name, b"198.18.0.12:80")}
+    assert "event=vip_has_healthy_backend" in ctl.out.getvalue()
+
+
+def test_lrt_scores_round_so_that_equal_latencies_tie_and_slow_ones_lose():
+    from fastlb.controller.loop import LRT_FLOOR_US, lrt_score
+    assert lrt_score(300) == lrt_score(900) == lrt_score(LRT_FLOOR_US) == LRT_FLOOR_US
+    assert lrt_score(3900) == lrt_score(4100)          # within one step: a tie
+    assert lrt_score(55_000) > 5 * lrt_score(3900)     # 50 ms slower still loses every pair
+    assert lrt_score(10**12) == 2**32 - 1              # the kernel's u32
