@@ -70,11 +70,6 @@ class _InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
 
 
-class _IdAttr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
-
-
 class _LinkCreateAttr(ctypes.Structure):
     _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
                 ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
@@ -99,16 +94,6 @@ class MapInfo(ctypes.Structure):
     @property
     def type_name(self) -> str:
         return MAP_TYPES.get(self.type, f"type {self.type}")
-
-
-class ProgInfo(ctypes.Structure):
-    """The head of ``struct bpf_prog_info``, up to its name."""
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
-                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
-                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
-                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
-                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
-                ("name", ctypes.c_char * 16)]
 
 
 class LinkInfo(ctypes.Structure):
@@ -159,16 +144,8 @@ def map_info(fd: int) -> MapInfo:
     return _info(fd, MapInfo())
 
 
-def prog_info(fd: int) -> ProgInfo:
-    return _info(fd, ProgInfo())
-
-
 def link_info(fd: int) -> LinkInfo:
     return _info(fd, LinkInfo())
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    return _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
 
 
 # ---- maps --------------------------------------------------------------------

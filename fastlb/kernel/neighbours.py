@@ -10,7 +10,6 @@ or neighbour-solicitation probe).
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from dataclasses import dataclass
 
@@ -63,16 +62,6 @@ def interface(name: str) -> Interface:
 def as_list(ifaces) -> list[Interface]:
     """One interface or several (a two-arm attachment), as a list."""
     return [ifaces] if isinstance(ifaces, Interface) else list(ifaces)
-
-
-def _usable_mac(ipr: IPRoute, ifindex: int, dst: str) -> str | None:
-    family = 2 if ipaddress.ip_address(dst).version == 4 else 10
-    for msg in ipr.get_neighbours(family=family, ifindex=ifindex):
-        if msg.get_attr("NDA_DST") == dst and msg["state"] & NUD_USABLE:
-            mac = msg.get_attr("NDA_LLADDR")
-            if mac and mac != "00:00:00:00:00:00":
-                return mac
-    return None
 
 
 def _route(ipr: IPRoute, address, ifaces: list[Interface]) -> tuple[int, str | None]:

@@ -231,7 +231,3 @@ include "{self.include_dir(box)}/*.conf";
                 hops.add(route["gateway"])
             hops.update(nh["gateway"] for nh in route.get("nexthops", []) if nh.get("gateway"))
         return hops
-
-    def box_of(self, nexthop: str) -> str:
-        return next(b for b in BOXES if self.addr(b) == nexthop)
-
