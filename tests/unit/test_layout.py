@@ -107,6 +107,22 @@ def test_no_import_cycle():
             visit(name)
 
 
+# Each package may import only the ones before it (fastlb/__init__ holds only __version__).
+LAYERS = ["fastlb", "fastlb.errors", "fastlb.config", "fastlb.kernel", "fastlb.core", "fastlb.dataplane",
+          "fastlb.testing", "fastlb.controller", "fastlb.lab", "fastlb.cli"]
+
+
+def layer(module: str) -> int:
+    return LAYERS.index(".".join(module.split(".")[:2]))
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    assert sorted(LAYERS[1:]) == sorted({".".join(m.split(".")[:2]) for m in MODULES if m != "fastlb"})
+    for name, deps in GRAPH.items():
+        for dep in deps:
+            assert layer(dep) <= layer(name), f"{name} ({LAYERS[layer(name)]}) imports {dep} from a layer above"
+
+
 def test_only_a_module_that_loads_a_program_imports_the_loader():
     loader = "fastlb.kernel.loader"
     for name, deps in GRAPH.items():
