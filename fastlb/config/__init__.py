@@ -25,10 +25,13 @@ from fastlb.errors import ConfigError, os_error
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 KeyPath = tuple[str | int, ...]
 
-PROTOCOLS = {"tcp": 6, "udp": 17}
+PROTOCOLS = {"tcp": 6, "udp": 17, "http": 6, "https": 6}
+L7_PROTOCOLS = ("http", "https")   # served by the HAProxy tier (fastlb.l7), not forwarded by XDP
 ALGORITHMS = ("rr", "wrr", "lc", "lrt", "maglev")
 FORWARDING = ("dsr", "tunnel", "nat")
 HASHES = ("5tuple", "src")
+L7_HASHES = ("src", "uri")         # http maglev's key, besides "header:NAME"
+CLIENT_IP = ("xff", "proxy", "none")
 HEALTH_KINDS = ("none", "tcp", "http", "udp")
 ALL_DOWN = ("drop", "keep")
 
@@ -105,6 +108,20 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class Route:
+    """One ``[[vip.route]]`` of an http VIP: requests matching host and path_prefix go to its pool.
+
+    ``host`` is exact or ``*.domain``; None matches any host (likewise ``path_prefix``).
+    """
+
+    algorithm: str
+    backends: tuple[Backend, ...]
+    host: str | None = None
+    path_prefix: str | None = None
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
 class Vip:
     """One ``[[vip]]`` with its backends in file order. ``line`` takes no part in ``==``."""
 
@@ -120,6 +137,15 @@ class Vip:
     health: HealthCheck = HealthCheck()
     all_down: str = "drop"              # every backend down: drop new flows, or keep the last table
     expire_nodest_conn: bool = True     # a failed backend's flows move to a live one
+    # http/https VIPs only (fastlb.l7): TLS certificate, how backends learn the client, routes in order.
+    certificate: str | None = None
+    client_ip: str = "xff"
+    routes: tuple[Route, ...] = ()
+
+    @property
+    def is_l7(self) -> bool:
+        """Served by the HAProxy tier: XDP passes its packets to the local stack."""
+        return self.protocol in L7_PROTOCOLS
 
     def check_of(self, backend: Backend) -> HealthCheck:
         """The health check that applies to ``backend``: its own, else the VIP's."""
@@ -190,11 +216,11 @@ def parse_vip_spec(spec: str) -> tuple[IPAddress, int, str]:
 
     The protocol defaults to tcp. Raises ValueError with a message that says what to type.
     """
-    usage = "expected ADDR:PORT[/tcp|udp], e.g. 198.19.0.100:80/tcp or [2001:db8::1]:80/udp"
+    usage = "expected ADDR:PORT[/tcp|udp|http|https], e.g. 198.19.0.100:80/tcp or [2001:db8::1]:80/udp"
     rest, slash, protocol = spec.strip().partition("/")
     protocol = protocol.lower() if slash else "tcp"
     if protocol not in PROTOCOLS:
-        raise ValueError(f"bad VIP {spec!r}: protocol must be tcp or udp, got {protocol!r}")
+        raise ValueError(f"bad VIP {spec!r}: protocol must be tcp, udp, http or https, got {protocol!r}")
     host, colon, port_text = rest.rpartition(":")
     if not colon or not host:
         raise ValueError(f"bad VIP {spec!r}: {usage}")
@@ -246,7 +272,7 @@ def parse_config(text: str, path: str | None = None) -> Config:
         raise root.error(("vip",), "no VIPs defined",
                          fix="add a [[vip]] with an address, a port and at least one [[vip.backend]]")
     vips: list[Vip] = []
-    seen: dict[tuple[IPAddress, int, str], _Table] = {}
+    seen: dict[tuple[IPAddress, int, int], _Table] = {}
     backend_count = 0
     for index, table in enumerate(vip_tables):
         if index >= settings.max_vips:
@@ -255,7 +281,7 @@ def parse_config(text: str, path: str | None = None) -> Config:
         vip = _vip(table, settings, backend_count)
         if vip.announce == "bgp":
             _check_bgp_vip(table, vip, bgp)
-        first = seen.setdefault((vip.address, vip.port, vip.protocol), table)
+        first = seen.setdefault((vip.address, vip.port, vip.proto_number), table)
         if first is not table:
             raise table.error((), f"duplicate VIP {vip.name}: already defined as {first.where()}",
                               fix="remove one of them or change its address, port or protocol")
@@ -277,8 +303,14 @@ def render_config(config: Config) -> str:
         out += ["[settings]", *settings, ""]
     for vip in config.vips:
         out += ["[[vip]]", f"address = {_toml(vip.address)}", f"port = {vip.port}",
-                f"protocol = {_toml(vip.protocol)}", f"algorithm = {_toml(vip.algorithm)}",
-                f"forwarding = {_toml(vip.forwarding)}", f"hash = {_toml(vip.hash)}"]
+                f"protocol = {_toml(vip.protocol)}", f"algorithm = {_toml(vip.algorithm)}"]
+        if vip.is_l7:
+            out += [f"hash = {_toml(vip.hash)}"] if vip.algorithm == "maglev" else []
+            out.append(f"client_ip = {_toml(vip.client_ip)}")
+            if vip.certificate is not None:
+                out.append(f"certificate = {_toml(vip.certificate)}")
+        else:
+            out += [f"forwarding = {_toml(vip.forwarding)}", f"hash = {_toml(vip.hash)}"]
         if vip.announce != "none":
             out.append(f"announce = {_toml(vip.announce)}")
         health = _changed(vip.health, HealthCheck())
@@ -294,6 +326,14 @@ def render_config(config: Config) -> str:
                 out.append(f"port = {b.port}")
             if b.health is not None:
                 out += ["[vip.backend.health]", *_changed(b.health, vip.health)]
+        for route in vip.routes:
+            out += ["", "[[vip.route]]", f"algorithm = {_toml(route.algorithm)}"]
+            out += [f"{k} = {_toml(getattr(route, k))}" for k in ("host", "path_prefix")
+                    if getattr(route, k) is not None]
+            for b in route.backends:
+                out += ["[[vip.route.backend]]", f"address = {_toml(b.address)}", f"weight = {b.weight}"]
+                if b.port != vip.port:
+                    out.append(f"port = {b.port}")
         out.append("")
     if config.bgp is not None:
         bgp = config.bgp
@@ -337,7 +377,10 @@ _SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}
 _SETTINGS_ADDRESSES = {"icmp_source": 4, "icmp_source6": 6}
 _SETTINGS_KEYS = (*_SETTINGS_RANGES, *_SETTINGS_NETWORKS, *_SETTINGS_ADDRESSES)
-_VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "announce", "health", "backend")
+_VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "announce", "health", "backend",
+             "certificate", "client_ip", "route")
+_L7_ONLY = ("certificate", "client_ip", "route")  # keys only http/https VIPs read
+_ROUTE_KEYS = ("host", "path_prefix", "algorithm", "backend")
 _BACKEND_KEYS = ("address", "weight", "port", "health")
 _HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "port", "path", "expect", "payload")
 _VIP_HEALTH_KEYS = _HEALTH_KEYS + ("all_down", "expire_nodest_conn")
@@ -348,9 +391,9 @@ MAX_PAYLOAD = 1400
 _BGP_KEYS = ("speaker", "local_as", "router_id", "hold_time", "bfd", "bfd_interval", "bfd_multiplier",
              "detach_delay", "bird_socket", "bird_include", "peer")
 _PEER_KEYS = ("address", "as")
-_TABLE_KEYS = frozenset({"settings", "vip", "backend", "health", "bgp", "peer"})
+_TABLE_KEYS = frozenset({"settings", "vip", "backend", "health", "bgp", "peer", "route"})
 _KEY_HOMES = (("[settings]", _SETTINGS_KEYS), ("[[vip]]", _VIP_KEYS), ("[bgp]", _BGP_KEYS),
-              ("[[vip.backend]]", _BACKEND_KEYS),
+              ("[[vip.backend]]", _BACKEND_KEYS), ("[[vip.route]]", _ROUTE_KEYS),
               ("[vip.health]", _VIP_HEALTH_KEYS))  # where a misplaced key belongs
 
 
@@ -425,6 +468,12 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
     address = t.address("address", "VIP", loopback_ok=True)
     port = t.integer("port", 1, 65535)
     protocol = t.choice("protocol", tuple(PROTOCOLS), "tcp")
+    if protocol in L7_PROTOCOLS:
+        return _l7_vip(t, address, port, protocol)
+    for key in _L7_ONLY:
+        if key in t.data:
+            raise t.error((key,), f"'{key}' is only read on http and https VIPs, and this VIP is {protocol}",
+                          fix='remove it, or set protocol = "http"')
     algorithm = t.choice("algorithm", ALGORITHMS, "maglev", built=BUILT_ALGORITHMS)
     forwarding = t.choice("forwarding", FORWARDING, "dsr", built=BUILT_FORWARDING)
     hash_ = t.choice("hash", HASHES, "5tuple")
@@ -506,18 +555,123 @@ def _backend(t: _Table, vip_address: IPAddress, vip_port: int, forwarding: str,
              vip_health: HealthCheck = HealthCheck()) -> Backend:
     t.check_keys(_BACKEND_KEYS)
     address = t.address("address", "backend", loopback_ok=False)
-    if address.version != vip_address.version and forwarding != "tunnel":
+    if address.version != vip_address.version and forwarding not in ("tunnel", "proxy"):
         raise t.error(("address",), f"IPv{address.version} backend on an IPv{vip_address.version} VIP: "
                                     f"{forwarding} forwarding cannot change the address family",
                       fix=f"use an IPv{vip_address.version} backend address (only tunnel forwarding may mix families)")
     weight = t.integer("weight", 0, 65535, default=1)
     port = t.integer("port", 1, 65535, default=vip_port)
-    if port != vip_port and forwarding != "nat":
+    if port != vip_port and forwarding not in ("nat", "proxy"):
         raise t.error(("port",), f"port {port} differs from the VIP's port {vip_port}, "
                                  f"but only nat forwarding remaps ports (this VIP uses {forwarding})",
                       fix=f"remove the port key or set port = {vip_port}")
     health = _health(t.table("health"), vip_health, _HEALTH_KEYS) if "health" in t.data else None
     return Backend(address=address, weight=weight, port=port, line=t.line, health=health)
+
+
+# http/https VIPs: served by the HAProxy tier (fastlb.l7). Their forwarding is "proxy".
+
+_HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_PATTERN = re.compile(rf"(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*")
+
+
+def _l7_vip(t: _Table, address: IPAddress, port: int, protocol: str) -> Vip:
+    if "forwarding" in t.data:
+        raise t.error(("forwarding",), f"'forwarding' has no meaning on an {protocol} VIP: HAProxy proxies "
+                                       "its requests to the backends", fix="remove it")
+    algorithm = t.choice("algorithm", ALGORITHMS, "rr", built=BUILT_ALGORITHMS)
+    hash_ = _l7_hash(t, algorithm)
+    client_ip = t.choice("client_ip", CLIENT_IP, "xff")
+    certificate = None
+    if protocol == "https":
+        certificate = t.file_path("certificate", None)
+        if certificate is None:
+            raise t.error(("certificate",), "an https VIP needs a certificate to terminate TLS",
+                          fix='add certificate = "/etc/fastlb/site.pem" (the certificate and its key in one PEM file)')
+        try:
+            with open(certificate, "rb") as f:
+                pem = f.read(1 << 20)
+        except OSError as exc:
+            raise t.error(("certificate",), f"cannot read the certificate: {os_error(exc)}",
+                          fix="check the path and its permissions") from exc
+        if b"-----BEGIN CERTIFICATE-----" not in pem or b"PRIVATE KEY-----" not in pem:
+            raise t.error(("certificate",), f"{certificate} is not a PEM file with a certificate and its key",
+                          fix="concatenate the certificate and its private key: cat site.crt site.key > site.pem")
+    elif "certificate" in t.data:
+        raise t.error(("certificate",), "'certificate' is only read on https VIPs",
+                      fix='remove it, or set protocol = "https"')
+    announce = t.choice("announce", ANNOUNCE, "none")
+    health_table = t.table("health")
+    health = _health(health_table, HealthCheck(), _VIP_HEALTH_KEYS)
+    if health.kind == "udp":
+        raise health_table.error(("kind",), "an http VIP's backends are checked by HAProxy over TCP or HTTP",
+                                 fix='use kind = "http" or "tcp"')
+    for key in ("all_down", "expire_nodest_conn"):
+        if key in health_table.data:
+            raise health_table.error((key,), f"'{key}' is for L4 VIPs; HAProxy answers 503 when a pool is empty",
+                                     fix="remove it")
+    backends = _l7_pool(t, address, port, health, "the VIP has no backends (its default pool)",
+                        "add at least one [[vip.backend]] with an address under this [[vip]]")
+    routes = []
+    for table in t.tables("route"):
+        table.check_keys(_ROUTE_KEYS)
+        host = table.get("host", str, None)
+        if host is not None and not _HOST_PATTERN.fullmatch(host):
+            raise table.error(("host",), f"host {_show(host)} is not a host name or *.domain pattern",
+                              fix='write an exact name such as "api.example.com" or a wildcard "*.example.com"')
+        prefix = table.get("path_prefix", str, None)
+        if prefix is not None and (not prefix.startswith("/") or not prefix.isprintable()
+                                   or any(c.isspace() or c in "\"'#" for c in prefix)):
+            raise table.error(("path_prefix",), f"path_prefix {_show(prefix)} is not a URL path starting with /",
+                              fix='write it like path_prefix = "/v1/"')
+        if host is None and prefix is None:
+            raise table.error((), "a route needs host or path_prefix (or both): this one matches every request",
+                              fix='add host = "api.example.com" or path_prefix = "/v1/", or move its backends '
+                                  "to the VIP's default pool")
+        route_alg = table.choice("algorithm", ALGORITHMS, algorithm, built=BUILT_ALGORITHMS)
+        pool = _l7_pool(table, address, port, health, "the route has no backends",
+                        "add at least one [[vip.route.backend]] under this [[vip.route]]")
+        routes.append(Route(algorithm=route_alg, backends=pool, host=host.lower() if host else None,
+                            path_prefix=prefix, line=table.line))
+    return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding="proxy",
+               hash=hash_, backends=backends, line=t.line, announce=announce, health=health,
+               certificate=certificate, client_ip=client_ip, routes=tuple(routes))
+
+
+def _l7_hash(t: _Table, algorithm: str) -> str:
+    """http maglev's key: "src", "uri" or "header:NAME"."""
+    value = t.get("hash", str, "src")
+    if value.startswith("header:"):
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value[len("header:"):]):
+            raise t.error(("hash",), f"hash {_show(value)} does not name an HTTP header",
+                          fix='write hash = "header:X-User" (a header name: letters, digits and -)')
+    elif value not in L7_HASHES:
+        raise t.error(("hash",), f"unknown hash {_show(value)} for an http VIP",
+                      fix='use "src", "uri" or "header:NAME"')
+    if "hash" in t.data and algorithm != "maglev":
+        raise t.error(("hash",), f"'hash' is only read by the maglev algorithm, and this VIP uses {algorithm}",
+                      fix='remove it, or set algorithm = "maglev"')
+    return value
+
+
+def _l7_pool(t: _Table, address: IPAddress, port: int, health: HealthCheck, empty: str,
+             fix: str) -> tuple[Backend, ...]:
+    tables = t.tables("backend")
+    if not tables:
+        raise t.error(("backend",), empty, fix=fix)
+    backends: list[Backend] = []
+    seen: dict[tuple[IPAddress, int], _Table] = {}
+    for table in tables:
+        backend = _backend(table, address, port, "proxy", health)
+        if backend.weight > 256:
+            raise table.error(("weight",), f"weight {backend.weight} is over 256, HAProxy's largest",
+                              fix="use a weight from 0 to 256")
+        first = seen.setdefault((backend.address, backend.port), table)
+        if first is not table:
+            raise table.error((), f"duplicate backend {backend.key.decode()}: already defined as {first.where()}",
+                              fix="remove one of them")
+        backends.append(backend)
+    return tuple(backends)
 
 
 # Typed access to one table's keys, with errors that point at them.

@@ -878,10 +878,10 @@ def test_parse_vip_spec(spec: str, expected: tuple) -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("198.19.0.100", "expected ADDR:PORT[/tcp|udp]"),
-    (":80", "expected ADDR:PORT[/tcp|udp]"),
-    ("198.19.0.100:80/sctp", "protocol must be tcp or udp, got 'sctp'"),
-    ("198.19.0.100:80/", "protocol must be tcp or udp, got ''"),
+    ("198.19.0.100", "expected ADDR:PORT[/tcp|udp|http|https]"),
+    (":80", "expected ADDR:PORT[/tcp|udp|http|https]"),
+    ("198.19.0.100:80/sctp", "protocol must be tcp, udp, http or https, got 'sctp'"),
+    ("198.19.0.100:80/", "protocol must be tcp, udp, http or https, got ''"),
     ("2001:db8::1:80", "put an IPv6 address in brackets"),
     ("198.19.0.300:80", "'198.19.0.300' is not an IPv4 or IPv6 address"),
     ("198.19.0.100:0", "port must be a number from 1 to 65535, got '0'"),
@@ -895,7 +895,7 @@ def test_parse_vip_spec_rejects(spec: str, message: str) -> None:
         parse_vip_spec(spec)
 
 
-@given(address=st.ip_addresses(), port=st.integers(1, 65535), protocol=st.sampled_from(["tcp", "udp"]))
+@given(address=st.ip_addresses(), port=st.integers(1, 65535), protocol=st.sampled_from(["tcp", "udp", "http", "https"]))
 def test_vip_name_round_trips_through_parse_vip_spec(address, port, protocol) -> None:
     vip = Vip(address, port, protocol, "maglev", "dsr", "5tuple", backends=())
     assert parse_vip_spec(vip.name) == (address, port, protocol)
