@@ -77,6 +77,7 @@ enum fl_hash_mode {
 
 enum fl_vip_flags {
 	FL_VIP_F_VALID = 1,         /* slot in use */
+	FL_VIP_F_L7 = 2,            /* http/https: passed to the local stack, where HAProxy listens */
 };
 
 enum fl_backend_flags {
@@ -116,6 +117,7 @@ enum fl_reason {
 	FL_PASS_VIP_PORT,           /* VIP address, but no VIP on this port/protocol */
 	FL_PASS_VLAN_DEPTH,         /* more VLAN tags than FL_MAX_VLAN_DEPTH */
 	FL_PASS_L2_NOT_UNICAST,     /* to a VIP address, in a broadcast/multicast frame */
+	FL_PASS_L7,                 /* to an http/https VIP: HAProxy on this host serves it */
 	FL_DROP_L2_TRUNCATED,       /* frame ends inside the Ethernet or VLAN header */
 	FL_DROP_L3_MALFORMED,       /* truncated IP header, IHL < 5, bad lengths */
 	FL_DROP_FRAGMENT,           /* IPv4 fragment to a VIP address */

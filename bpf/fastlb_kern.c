@@ -541,6 +541,11 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	vip = vip_table.lookup(&vip_id);
 	if (!vip || !(vip->flags & FL_VIP_F_VALID))
 		return FL_DROP_NO_BACKEND;
+	if (vip->flags & FL_VIP_F_L7) {
+		/* HAProxy terminates it here: no conntrack entry, no backend. */
+		count_vip(vip_id, pkt->bytes, (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN);
+		return FL_PASS_L7;
+	}
 	hash = flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED);
 	if (flow->proto != IPPROTO_TCP || (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN) {
 		be_id = select_backend(vip, vip_id, hash);

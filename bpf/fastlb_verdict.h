@@ -15,7 +15,7 @@ static __always_inline int reason_verdict(__u32 reason)
 		return XDP_REDIRECT;
 	if (reason == FL_PASS_NOT_IP || reason == FL_PASS_NOT_VIP ||
 	    reason == FL_PASS_VIP_PORT || reason == FL_PASS_VLAN_DEPTH ||
-	    reason == FL_PASS_L2_NOT_UNICAST)
+	    reason == FL_PASS_L2_NOT_UNICAST || reason == FL_PASS_L7)
 		return XDP_PASS;
 	return XDP_DROP;
 }

@@ -146,6 +146,7 @@ class Controller:
         self.reloads = {"ok": 0, "failed": 0}
         self.udp_expired = 0
         self.announcer: bgp.Announcer | None = None   # [bgp]: the VIPs' routes in BIRD
+        self.l7 = None                                 # http/https VIPs: fastlb.l7.tier.Tier
 
     # ---- logging ------------------------------------------------------------
 
@@ -180,6 +181,7 @@ class Controller:
             self.prober = health.Prober(self._on_result)
             self._first_probes()
             self.announcer = bgp.Announcer(self.ifname, self.log)
+            self._l7_apply(self.config, reload=True)   # HAProxy listens before XDP passes it packets
             result = attachment.attach(self.ifname, self._effective(), self.xdp_mode,
                                      macs=self._table_macs(), down=self._down(), extra_ifaces=self.extra_ifaces)
             self.maps = PinnedMaps(result.pin_dir)
@@ -189,6 +191,8 @@ class Controller:
                                     "and last known health")
         except BaseException:
             self._close_threads()
+            if self.l7 is not None:
+                self.l7.stop(keep=False)
             raise
         self.prober.start()
         self.prober.set_targets(self._targets())
@@ -217,9 +221,10 @@ class Controller:
                 return
 
     def _addresses(self) -> set[str]:
-        return {str(b.address) for v in self.config.vips for b in v.backends}
+        return {str(b.address) for v in tables.l4_view(self.config).vips for b in v.backends}
 
     def _next_hops(self, config: Config, only=None) -> dict[str, str]:
+        config = tables.l4_view(config)   # http VIPs' backends are HAProxy's, reached through the stack
         on_link = {str(b.address) for v in config.vips if v.forwarding == "dsr" for b in v.backends}
         addresses = {str(b.address) for v in config.vips for b in v.backends}
         return neighbour_watch.next_hops(self.ifaces, addresses if only is None else only, on_link)
@@ -247,7 +252,7 @@ class Controller:
 
     def _require_macs_for_unchecked(self) -> None:
         """A backend without a health check must resolve: nothing else would take it out."""
-        missing = sorted({str(b.address) for v in self.config.vips for b in v.backends
+        missing = sorted({str(b.address) for v in tables.l4_view(self.config).vips for b in v.backends
                           if v.check_of(b).kind == "none" and str(b.address) not in self.macs})
         if missing:
             raise NeighbourError(
@@ -267,7 +272,7 @@ class Controller:
     # ---- views, targets and the effective config ------------------------------
 
     def _backends(self):
-        for vip in self.config.vips:
+        for vip in tables.l4_view(self.config).vips:
             for b in vip.backends:
                 yield vip, b, (vip.name, b.key)
 
@@ -313,7 +318,10 @@ class Controller:
 
     def _plan(self) -> tuple[Config, frozenset]:
         vips, down = [], set()
-        for vip in self.config.vips:
+        for vip in tables.l4_view(self.config).vips:
+            if vip.is_l7:        # its packets go to HAProxy (fastlb.l7), which checks its backends
+                vips.append(vip)
+                continue
             live = self._in_table(vip)
             backends = []
             for b in vip.backends:
@@ -502,6 +510,7 @@ class Controller:
         try:
             new = load_config(self.config_path)
             self._check_same_sizes(new)
+            self._l7_check(new)
         except FastlbError as exc:
             self.reloads["failed"] += 1
             self.log("config_reload_failed", path=self.config_path, error=str(exc),
@@ -511,6 +520,7 @@ class Controller:
         self._adopt_config(new)
         self._first_probes()
         self._rebuild()
+        self._l7_apply(new, reload=True)
         self.reloads["ok"] += 1
         self.log("config_reloaded", path=self.config_path, vips=len(new.vips),
                  backends=sum(len(v.backends) for v in new.vips))
@@ -536,6 +546,28 @@ class Controller:
         fresh = frozenset(k for k in targets if self.views[k].verdict.state == health.UNKNOWN)
         self.prober.set_targets(targets, now=fresh)
         self.watcher.watch(set(self.hops.values()))
+
+    # ---- the L7 tier (fastlb.l7): http/https VIPs -------------------------------------
+
+    def _l7_check(self, new: Config) -> None:
+        """Render and ``haproxy -c`` the http VIPs of ``new`` before anything changes."""
+        if any(v.is_l7 for v in new.vips):
+            from .l7 import tier
+            (self.l7 or tier.Tier(self.ifname, self.log)).check(new)
+
+    def _l7_apply(self, new: Config, reload: bool) -> str | None:
+        """Have HAProxy serve ``new``'s http VIPs: started, changed live, reloaded, or stopped."""
+        if not any(v.is_l7 for v in new.vips):
+            if self.l7 is not None:
+                self.l7.stop(keep=False)
+                self.l7 = None
+            return None
+        if self.l7 is None:
+            from .l7 import tier
+            self.l7 = tier.Tier(self.ifname, self.log)
+            self.l7.start(new)
+            return "started"
+        return self.l7.apply(new, reload=reload)
 
     # ---- control socket ------------------------------------------------------------
 
@@ -581,6 +613,7 @@ class Controller:
                               f"{', '.join(changes)}")
         new, message = changes[cmd](req)
         new = self._validated(new)
+        self._l7_check(new)
         added = {a: h for a, h in self._next_hops(new).items() if a not in self.macs}
         if added:
             found = neighbour_watch.resolve(self.ifaces, added)
@@ -593,6 +626,8 @@ class Controller:
         self._adopt_config(new, resolve_now=False)
         self._first_probes()
         self._rebuild()
+        if self._l7_apply(new, reload=False) == "runtime":
+            message += " (through HAProxy's runtime API, no reload)"
         self.log("config_changed", cmd=cmd, change=message, saved=bool(req.get("save")))
         if req.get("save"):
             message += "; " + self._save()
@@ -745,6 +780,8 @@ class Controller:
             data["conntrack"]["entries"] = self.conntrack_entries
         data.update(interface=self.ifname, controller=True, pid=os.getpid(), config=self.config_path,
                     reloads=dict(self.reloads), udp_expired=self.udp_expired)
+        if self.l7 is not None:
+            data["l7"] = self.l7.stats()
         return data
 
     def _metrics_source(self) -> dict:
@@ -777,6 +814,8 @@ class Controller:
             if note:
                 self.log("bgp_withdrawn_for_detach", detail=note)
         self._close_threads()
+        if self.l7 is not None:
+            self.l7.stop(keep=self.keep)   # --keep: HAProxy goes on serving; the next attach adopts it
         if self.keep:
             return False
         time.sleep(max(0.0, delay - (time.monotonic() - withdrawn)))

@@ -38,6 +38,15 @@ class Placement:
     backend_ids: dict[tuple[str, int], int]  # (vip.name, backend position) -> backend id
 
 
+def l4_view(config):
+    """``config`` as the XDP tier sees it: http/https VIPs (fastlb.l7) keep a VIP slot, flagged
+    FL_VIP_F_L7 so their packets go to the local HAProxy, and have no backends here."""
+    if not any(v.is_l7 for v in config.vips):
+        return config
+    return dataclasses.replace(config, vips=tuple(
+        dataclasses.replace(v, backends=(), routes=()) if v.is_l7 else v for v in config.vips))
+
+
 def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
     """Give each VIP and backend a slot, keeping the slots they already hold.
 
@@ -45,6 +54,7 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
     config must keep its slot: otherwise removing one backend would shift
     its neighbours and move their established flows.
     """
+    config = l4_view(config)
     held_vips = {bytes(key): vid.value for key, vid in maps.items("vips")
                  if vid.value not in (cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE)}
     vip_ids: dict[str, int] = {}
@@ -100,6 +110,9 @@ def seq_positions(vip, sizes: Sizes):
 
 
 def vip_meta(vip, gen: int, seq_len: int, sizes: Sizes) -> structs.VipMeta:
+    if vip.is_l7:   # the kernel only passes its packets on: algorithm and hash are HAProxy's
+        return structs.VipMeta(gen=gen, algorithm=cdefs.defs()[ALGORITHMS[vip.algorithm]],
+                               flags=cdefs.FL_VIP_F_VALID | cdefs.FL_VIP_F_L7, ring_size=sizes.ring_size)
     return structs.VipMeta(
         gen=gen, algorithm=cdefs.defs()[ALGORITHMS[vip.algorithm]],
         forwarding=cdefs.defs()[FORWARDING[vip.forwarding]],
@@ -168,6 +181,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
     written before the vips entry that makes the VIP reachable; backends
     that go away are cleared last.
     """
+    config = l4_view(config)
     placement = place(config, maps, sizes)
     written = {"vips": 0, "backends": 0, "ring_slots": 0, "removed": 0, "ring_slots_by_vip": {}}
     empty = cdefs.FL_RING_EMPTY

@@ -9,7 +9,12 @@ on every IPv4 and IPv6 address:
 
 - ``GET /``            answers ``b1\\n`` after the current latency;
 - ``GET /health``      answers ``ok\\n`` at once;
-- ``GET /latency?ms=N`` sets the latency of ``GET /`` to N ms and answers ``N\\n``.
+- ``GET /latency?ms=N`` sets the latency of ``GET /`` to N ms and answers ``N\\n``;
+- ``GET /whoami...``   (any path under it) answers ``b1 CLIENT\\n`` after the latency,
+  CLIENT being the X-Forwarded-For header, else the peer's address.
+
+A connection may start with a PROXY protocol v2 header (HAProxy's
+``send-proxy-v2``): its source address then counts as the peer's.
 
 UDP: every datagram gets ``b1\\n`` back. Under DSR the datagram is addressed to
 the VIP, and the reply must come *from* the VIP or the client drops it. The
@@ -57,9 +62,18 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 30  # an idle keep-alive connection is closed after this many seconds
     settings: Settings  # set on the subclass made by serve()
 
+    def setup(self) -> None:
+        self.proxied_client = read_proxy_v2(self.request)   # before the request's bytes are buffered
+        super().setup()
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)
-        if url.path == "/":
+        if url.path.startswith("/whoami"):
+            if self.settings.latency_ms > 0:
+                time.sleep(self.settings.latency_ms / 1000)
+            client = self.headers.get("X-Forwarded-For") or self.proxied_client or self.client_address[0]
+            self._reply(200, f"{self.settings.name} {client}\n")
+        elif url.path == "/":
             if self.settings.latency_ms > 0:
                 time.sleep(self.settings.latency_ms / 1000)
             self._reply(200, f"{self.settings.name}\n")
@@ -92,6 +106,36 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002
         pass  # one line per request would flood the log under load
+
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def read_proxy_v2(sock: socket.socket) -> str | None:
+    """Consume a PROXY v2 header at the start of ``sock``, if there is one; its source address."""
+    sock.settimeout(30)
+    head = b""
+    while len(head) < 16:
+        head = sock.recv(16, socket.MSG_PEEK)
+        if not head or not PROXY_V2_SIGNATURE.startswith(head[:12]):
+            return None
+        if len(head) < 16:
+            time.sleep(0.001)
+    if not head.startswith(PROXY_V2_SIGNATURE):
+        return None
+    length = struct.unpack("!H", head[14:16])[0]
+    data = b""
+    while len(data) < 16 + length:
+        chunk = sock.recv(16 + length - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    family = data[13] >> 4
+    if family == 1 and length >= 12:
+        return socket.inet_ntop(socket.AF_INET, data[16:20])
+    if family == 2 and length >= 36:
+        return socket.inet_ntop(socket.AF_INET6, data[16:32])
+    return None
 
 
 class LabHTTPServer(ThreadingHTTPServer):

@@ -78,6 +78,14 @@ protocol = "tcp"
 [[vip.backend]]
 address = "198.18.0.21"
 weight = 0
+
+[[vip]]
+address = "{VIP4}"
+port = 8080
+protocol = "http"
+[[vip.backend]]
+address = "198.18.0.31"
+port = 9000
 """
 
 
@@ -193,4 +201,7 @@ ROWS = [
     Row("IPv6 hop-by-hop header to a non-VIP", lambda: eth() / v6(dst="2001:db8::2") / IPv6ExtHdrHopByHop() / tcp(),
         "FL_PASS_NOT_VIP", "same"),
     Row("VIP whose only backend has weight 0", lambda: eth() / v4(dst=EMPTY_VIP4) / tcp(), "FL_DROP_NO_BACKEND", None),
+    Row("SYN to an http VIP goes to the local HAProxy", lambda: eth() / v4() / tcp(dport=8080), "FL_PASS_L7", "same"),
+    Row("mid-flow packet of an http VIP", lambda: eth() / v4() / tcp(dport=8080, flags="A"), "FL_PASS_L7", "same"),
+    Row("http VIP address, other port", lambda: eth() / v4() / tcp(dport=8081), "FL_PASS_VIP_PORT", "same"),
 ]

@@ -204,3 +204,11 @@ def test_conflicting_redefinition_is_an_error():
     with pytest.raises(FastlbError, match="SYN_X is defined twice"):
         cdefs.parse("#define SYN_X 1\n#define SYN_X 2\n")
     assert cdefs.parse("#define SYN_X 1\n#define SYN_X 1\n")["SYN_X"] == 1
+
+
+def test_the_c_verdict_function_lists_every_pass_reason():
+    """fastlb_verdict.h names the XDP_PASS reasons one by one; they must be exactly the FL_PASS_ ones."""
+    import re
+    text = (cdefs.bpf_dir() / "fastlb_verdict.h").read_text()
+    listed = set(re.findall(r"reason == (FL_PASS_\w+)", text))
+    assert listed == {n for n, v in cdefs.reason_verdicts().items() if v == "pass"}
