@@ -150,3 +150,208 @@ def test_maglev_uri_hash_keeps_a_uri_on_one_backend(l7):
     for path in ("/whoami/a", "/whoami/b", "/whoami/c"):
         c = Counter(curl(lab, f"http://{lab.vip4}{path}").split()[0] for _ in range(5))
         assert len(c) == 1, (path, c)
+
+
+def test_lc_avoids_a_backend_busy_with_slow_requests(l7):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="lc"))
+    lab.set_latency("b1", 3000)
+    try:
+        held = lab.exec("client", ["curl", "-s", "--max-time", "10", "--parallel", "--parallel-max", "6",
+                                   f"http://{lab.vip4}/whoami?[1-6]"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)   # b2 and b3 answered theirs; b1 holds its share
+        busy = {s["backend"]: s["active"] for p in l7_stats(lab)["vips"][0]["pools"] for s in p["backends"]}
+        assert busy[f"{lab.addr('b1')}:80"] >= 1, busy
+        assert "b1" not in counts(lab, 30)
+        out, _ = held.communicate(timeout=15)
+        assert Counter(line.split()[0] for line in out.splitlines())["b1"] >= 1
+    finally:
+        lab.set_latency("b1", 0)
+
+
+def test_lrt_steers_away_from_a_backend_50ms_slower_and_back(l7, figures=None):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="lrt"))
+    lab.set_latency("b3", 50)
+    try:
+        counts(lab, 300, parallel=16)                       # warm-up: the steering measures
+        slow = shares(counts(lab, 800, parallel=16))
+        print(f"lrt, b3 50 ms slower, concurrency 16, 800 requests: shares {slow}")
+        assert slow.get("b3", 0.0) < 10.0, slow
+        data = l7_stats(lab)["vips"][0]["pools"][0]["backends"]
+        b3 = next(s for s in data if s["backend"].startswith(lab.addr("b3")))
+        assert b3["latency_estimate_ms"] >= 40 and b3["effective_weight"] < 64, data
+    finally:
+        lab.set_latency("b3", 0)
+    deadline = time.monotonic() + 20
+    while True:
+        fast = shares(counts(lab, 400, parallel=16))
+        if fast.get("b3", 0.0) >= 20.0:
+            break
+        assert time.monotonic() < deadline, fast
+    print(f"lrt, b3 fast again: shares {fast}")
+
+
+# ---- live changes and reloads ------------------------------------------------------------------
+
+def vip_spec(lab) -> str:
+    return f"{lab.vip4}:80/http"
+
+
+def pids(lab) -> tuple[int, int]:
+    proc = l7_stats(lab)["haproxy"]
+    return proc["master_pid"], proc["worker_pid"]
+
+
+class Load:
+    """curl in a loop through the VIP (4 at a time) until stopped; every request must succeed."""
+
+    def __init__(self, lab):
+        self.lab, self.failures, self.answers = lab, [], Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            res = self.lab.run("client", ["curl", "-sS", "--fail", "--max-time", "10", "--parallel",
+                                          "--parallel-max", "4", f"http://{self.lab.vip4}/whoami?[1-40]"],
+                               timeout=60, check=False)
+            if res.returncode != 0:
+                self.failures.append(res.stderr.strip())
+            self.answers.update(line.split()[0] for line in res.stdout.splitlines() if line.strip())
+
+    def stop(self) -> Counter:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        return self.answers
+
+
+def test_live_add_weight_drain_remove_without_reload_or_failed_request(l7):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="wrr", backends=("b1", "b2")))
+    before = pids(lab)
+    load = Load(lab)
+    try:
+        for args in (("add", vip_spec(lab), f"{lab.addr('b3')}:80", "--weight", "2"),
+                     ("weight", vip_spec(lab), f"{lab.addr('b1')}:80", "3"),
+                     ("drain", vip_spec(lab), f"{lab.addr('b2')}:80")):
+            res = run_fastlb(lab, "lb", "backend", *args, "--save", check=False)
+            assert res.returncode == 0 and "runtime API, no reload" in res.stdout, res.stdout + res.stderr
+            time.sleep(0.5)
+        wait_up(lab)
+        assert counts(lab, 60)["b3"] > 0
+        assert "b2" not in counts(lab, 30)
+        # held requests on a backend being removed finish
+        lab.set_latency("b1", 1500)
+        held = lab.exec("client", ["curl", "-sS", "--fail", "--max-time", "10", "--parallel",
+                                   f"http://{lab.vip4}/whoami?[1-4]"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.4)
+        res = run_fastlb(lab, "lb", "backend", "remove", vip_spec(lab), f"{lab.addr('b1')}:80", "--save",
+                         check=False)
+        assert res.returncode == 0, res.stderr
+        out, _ = held.communicate(timeout=15)
+        assert held.returncode == 0 and "b1" in out, out
+    finally:
+        lab.set_latency("b1", 0)
+        answers = load.stop()
+    assert load.failures == [], load.failures[:3]
+    assert answers["b3"] > 0
+    assert pids(lab) == before                 # no reload, no restart
+    assert "b1" not in counts(lab, 20)
+    # saved: a reload keeps b2 drained and b1 removed
+    res = run_fastlb(lab, "lb", "reload", check=False)
+    assert res.returncode == 0
+    assert set(counts(lab, 30)) == {"b3"}
+
+
+def wrk(lab, seconds: int, connections: int = 16) -> dict:
+    res = lab.run("client", ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://{lab.vip4}/"],
+                  timeout=seconds + 30)
+    text = res.stdout
+    out = {"requests": int(re.search(r"(\d+) requests in", text)[1]), "non2xx": 0, "socket_errors": 0,
+           "text": text}
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", text):
+        out["non2xx"] = int(m[1])
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text):
+        out["socket_errors"] = sum(int(x) for x in m.groups())
+    return out
+
+
+def test_reload_every_second_under_wrk_loses_nothing(l7):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="rr"))
+    master = pids(lab)[0]
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(wrk(lab, 6)))
+    runner.start()
+    reloads = 0
+    started = time.monotonic()
+    while runner.is_alive() and time.monotonic() - started < 5.5:
+        tick = time.monotonic()
+        res = run_fastlb(lab, "lb", "reload", check=False)
+        assert res.returncode == 0, res.stderr
+        reloads += 1
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+    runner.join(timeout=60)
+    print(f"reload under load: {reloads} reloads during wrk -t1 -c16 -d6s: {result['requests']} requests, "
+          f"{result['non2xx']} non-2xx, {result['socket_errors']} socket errors")
+    assert reloads >= 4
+    assert (result["non2xx"], result["socket_errors"]) == (0, 0), result["text"]
+    assert pids(lab)[0] == master
+
+
+def test_a_killed_backend_is_out_within_fall_times_interval_plus_1s(l7):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="rr"))
+    lab.stop_server("b3")
+    stopped = time.monotonic()
+    try:
+        deadline = stopped + 2 * 0.2 + 1.0
+        while True:
+            data = l7_stats(lab)["vips"][0]["pools"][0]["backends"]
+            if next(s for s in data if s["backend"].startswith(lab.addr("b3")))["status"].startswith("DOWN"):
+                break
+            assert time.monotonic() < deadline, data
+            time.sleep(0.05)
+        print(f"health: b3 out {time.monotonic() - stopped:.2f} s after its server stopped")
+        c = counts(lab, 60)
+        assert "b3" not in c and sum(c.values()) == 60
+        # the health state survives a reload (server-state-file): b3 does not start UP again
+        res = run_fastlb(lab, "lb", "reload", check=False)
+        assert res.returncode == 0
+        data = l7_stats(lab)["vips"][0]["pools"][0]["backends"]
+        assert next(s for s in data if s["backend"].startswith(lab.addr("b3")))["status"].startswith("DOWN"), data
+        c = counts(lab, 30)
+        assert "b3" not in c and sum(c.values()) == 30
+    finally:
+        lab.start_server("b3")
+    wait_up(lab)
+
+
+# ---- client address, TLS ------------------------------------------------------------------------
+
+def test_backends_see_the_client_via_xff_and_via_proxy_v2(l7):
+    lab = l7["lab"]
+    client = lab.addr("client")
+    use(l7, http_config(lab, head='client_ip = "xff"\n'))
+    assert curl(lab, f"http://{lab.vip4}/whoami").split()[1] == client
+    use(l7, http_config(lab, head='client_ip = "proxy"\n', health=""))
+    assert curl(lab, f"http://{lab.vip4}/whoami").split()[1] == client
+    use(l7, http_config(lab, head='client_ip = "none"\n'))
+    assert curl(lab, f"http://{lab.vip4}/whoami").split()[1].removeprefix("::ffff:") == lab.addr("lb")
+
+
+def test_https_terminates_tls_and_negotiates_h2(l7, tmp_path):
+    lab = l7["lab"]
+    key, crt, pem = tmp_path / "site.key", tmp_path / "site.crt", tmp_path / "site.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(crt), "-days", "1", "-subj", "/CN=www.example.com"],
+                   check=True, capture_output=True)
+    pem.write_text(crt.read_text() + key.read_text())
+    text = http_config(lab).replace('port = 80\nprotocol = "http"', f'port = 443\nprotocol = "https"\n'
+                                                                   f'certificate = "{pem}"', 1)
+    use(l7, text)
+    out = curl(lab, "--http2", "-k", "-w", "\\n%{http_version}", f"https://{lab.vip4}/whoami")
+    body, version = out.rsplit("\n", 1)
+    assert version == "2" and body.split()[0] in ("b1", "b2", "b3"), out

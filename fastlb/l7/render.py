@@ -130,6 +130,9 @@ def render(config: Config, paths: Paths) -> Rendered:
     out.add("    log global")
     out.add(f'    log-format "{LOG_FORMAT}"')
     out.add("    option dontlognull")
+    # a reload closes an idle keep-alive connection only after answering its next request, with
+    # "Connection: close": clients that do not retry (wrk, many libraries) see no error
+    out.add("    option idle-close-on-response")
     out.add("    load-server-state-from-file global")
     out.add("    timeout connect 2s")
     out.add("    timeout client 30s")
