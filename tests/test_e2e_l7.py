@@ -355,3 +355,102 @@ def test_https_terminates_tls_and_negotiates_h2(l7, tmp_path):
     out = curl(lab, "--http2", "-k", "-w", "\\n%{http_version}", f"https://{lab.vip4}/whoami")
     body, version = out.rsplit("\n", 1)
     assert version == "2" and body.split()[0] in ("b1", "b2", "b3"), out
+
+
+# ---- supervision and ownership ------------------------------------------------------------------
+
+def test_a_killed_haproxy_is_restarted_logged_and_counted(l7):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="rr"))
+    master, _ = pids(lab)
+    restarts = l7_stats(lab)["haproxy"]["restarts"]
+    lab.run("lb", ["kill", "-9", str(master)])
+    deadline = time.monotonic() + 10
+    while True:
+        proc = l7_stats(lab)["haproxy"]
+        if proc["restarts"] == restarts + 1 and proc["worker_pid"]:
+            break
+        assert time.monotonic() < deadline, proc
+        time.sleep(0.1)
+    assert proc["master_pid"] != master
+    wait_up(lab)
+    assert sum(counts(lab, 20).values()) == 20
+
+
+def our_haproxy_pids(lab) -> set[int]:
+    """haproxy processes in the LB's namespace running fastlb's config."""
+    out = lab.run("lb", ["pgrep", "-f", "haproxy.*/run/fastlb/l7/"], check=False).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_keep_leaves_haproxy_serving_and_the_next_attach_adopts_it(l7):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="rr"))
+    code, out, err = l7["att"].stop()
+    assert code == 0 and "detached from eth0" in out, err
+    assert our_haproxy_pids(lab) == set()
+    l7["att"] = Attached(lab, l7["path"], "--keep")
+    master, _ = pids(lab)
+    code, out, err = l7["att"].stop()
+    assert code == 0 and "leaving eth0 attached (--keep)" in out, err
+    assert master in our_haproxy_pids(lab)
+    assert curl(lab, f"http://{lab.vip4}/whoami").split()[0] in ("b1", "b2", "b3")   # still serving
+    l7["att"] = Attached(lab, l7["path"])
+    assert pids(lab)[0] == master                  # adopted, not restarted
+    assert sum(counts(lab, 20).values()) == 20
+
+
+def test_bad_configs_start_nothing(l7, tmp_path):
+    lab = l7["lab"]
+    code, out, err = l7["att"].stop()
+    assert code == 0, err
+    pem = tmp_path / "bad.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
+                   "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    bad = {
+        "vip[0].forwarding": http_config(lab, head='forwarding = "dsr"\n'),
+        "vip[0].route[0].backend": http_config(lab, '[[vip.route]]\nhost = "a.example.com"\n'),
+        "vip[0].certificate": http_config(lab).replace('protocol = "http"', 'protocol = "https"'),
+        "vip[0].route[0].host": http_config(lab, '[[vip.route]]\nhost = "a..b"\n[[vip.route.backend]]\n'
+                                                 f'address = "{lab.addr("b1")}"\n'),
+    }
+    bad["vip[0].certificate (HAProxy's refusal)"] = http_config(lab).replace(
+        'protocol = "http"', f'protocol = "https"\ncertificate = "{pem}"')
+    try:
+        for field, text in bad.items():
+            path = tmp_path / "bad.toml"
+            path.write_text(text)
+            res = run_fastlb(lab, "lb", "attach", "eth0", "-c", str(path), check=False)
+            lines = [line for line in res.stderr.splitlines() if line.strip()]
+            assert res.returncode != 0 and len(lines) == 1, res.stderr
+            assert f"{field.split()[0]}: " in lines[0], lines
+            assert our_haproxy_pids(lab) == set()
+            assert lab.vip4 not in lb(lab, "ip", "-o", "addr", "show", "dev", "lo")
+            assert "xdp" not in lb(lab, "ip", "-o", "link", "show", "dev", "eth0")
+            assert lb(lab, "sh", "-c", "ls /run/fastlb/l7/*/ 2>/dev/null | grep -x eth0 || true").strip() == ""
+    finally:
+        l7["att"] = Attached(lab, l7["path"])
+
+
+def test_detach_removes_haproxy_the_vip_on_lo_and_its_files_but_not_a_foreign_haproxy(l7, tmp_path):
+    lab = l7["lab"]
+    foreign_cfg = tmp_path / "foreign.cfg"
+    foreign_cfg.write_text("global\n    maxconn 10\ndefaults\n    mode http\n    timeout connect 1s\n"
+                           "    timeout client 1s\n    timeout server 1s\nfrontend f\n    bind 127.0.0.1:8099\n"
+                           "    http-request return status 200\n")
+    foreign = lab.exec("lb", ["haproxy", "-W", "-f", str(foreign_cfg)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        run_dir = lb(lab, "sh", "-c", "ls -d /run/fastlb/l7/*/eth0").split()
+        assert len(run_dir) == 1 and our_haproxy_pids(lab)
+        code, out, err = l7["att"].stop()
+        assert code == 0 and "detached from eth0" in out, err
+        assert our_haproxy_pids(lab) == set()
+        assert lab.vip4 not in lb(lab, "ip", "-o", "addr", "show", "dev", "lo")
+        assert lab.run("lb", ["test", "-e", run_dir[0]], check=False).returncode != 0
+        assert foreign.poll() is None                            # someone else's haproxy runs on
+    finally:
+        foreign.terminate()
+        foreign.wait(timeout=10)
+        l7["att"] = Attached(lab, l7["path"])
