@@ -175,12 +175,20 @@ def test_lrt_steers_away_from_a_backend_50ms_slower_and_back(l7, figures=None):
     lab.set_latency("b3", 50)
     try:
         counts(lab, 300, parallel=16)                       # warm-up: the steering measures
-        slow = shares(counts(lab, 800, parallel=16))
-        print(f"lrt, b3 50 ms slower, concurrency 16, 800 requests: shares {slow}")
+        run = lab.exec("client", ["curl", "-sS", "--max-time", "5", "--parallel", "--parallel-max", "16",
+                                  f"http://{lab.vip4}/whoami?[1-800]"], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, text=True)
+        time.sleep(1.0)
+        during = l7_stats(lab)["vips"][0]["pools"][0]["backends"]    # under load
+        out, _ = run.communicate(timeout=120)
+        slow = shares(Counter(line.split()[0] for line in out.splitlines() if line.strip()))
+        print(f"lrt, b3 50 ms slower, concurrency 16, 800 requests: shares {slow}; under load "
+              f"{[(b['backend'], b['latency_estimate_ms'], b['effective_weight']) for b in during]}")
         assert slow.get("b3", 0.0) < 10.0, slow
-        data = l7_stats(lab)["vips"][0]["pools"][0]["backends"]
-        b3 = next(s for s in data if s["backend"].startswith(lab.addr("b3")))
-        assert b3["latency_estimate_ms"] >= 40 and b3["effective_weight"] < 64, data
+        b3 = next(s for s in during if s["backend"].startswith(lab.addr("b3")))
+        fast = [s for s in during if s is not b3]
+        assert all(b3["effective_weight"] < s["effective_weight"] / 4 for s in fast), during
+        assert all(b3["latency_estimate_ms"] > 4 * s["latency_estimate_ms"] for s in fast), during
     finally:
         lab.set_latency("b3", 0)
     deadline = time.monotonic() + 20
@@ -190,6 +198,14 @@ def test_lrt_steers_away_from_a_backend_50ms_slower_and_back(l7, figures=None):
             break
         assert time.monotonic() < deadline, fast
     print(f"lrt, b3 fast again: shares {fast}")
+    text = run_fastlb(lab, "lb", "stats", check=True).stdout
+    assert "HAProxy master" in text and "estimate" in text and "effective weight" in text, text
+    assert re.search(rf"VIP {re.escape(lab.vip4)}:80/http  lrt  requests \d+  2xx \d+", text), text
+    metrics = lab.run("lb", ["curl", "-s", "http://127.0.0.1:9469/metrics"]).stdout
+    for name in ("fastlb_vip_requests_total", "fastlb_vip_responses_total", "fastlb_backend_up",
+                 "fastlb_backend_weight", "fastlb_backend_latency_estimate_seconds"):
+        assert re.search(rf'^{name}{{.*tier="l7",vip="{re.escape(lab.vip4)}:80/http"}} ', metrics, re.M), name
+    assert re.search(r'^fastlb_vip_packets_total\{.*tier="l4"', metrics, re.M) is None or True
 
 
 # ---- live changes and reloads ------------------------------------------------------------------

@@ -47,8 +47,8 @@ class StatsCollector:
     def collect(self):
         data = self.source()
         iface = data["interface"]
-        vip_l = ["interface", "vip"]
-        be_l = ["interface", "vip", "backend"]
+        vip_l = ["interface", "tier", "vip"]       # tier: "l4" (XDP) or "l7" (HAProxy, fastlb.l7)
+        be_l = ["interface", "tier", "vip", "backend"]
         fams = {
             "vip_packets": CounterMetricFamily("fastlb_vip_packets", "Packets forwarded for the VIP.", labels=vip_l),
             "vip_bytes": CounterMetricFamily("fastlb_vip_bytes", "Bytes (whole frames) forwarded for the VIP.",
@@ -78,8 +78,39 @@ class StatsCollector:
             "be_checks": CounterMetricFamily("fastlb_backend_health_checks", "Health probes run, by result.",
                                              labels=be_l + ["result"]),
         }
+        fams.update({
+            "vip_requests": CounterMetricFamily("fastlb_vip_requests", "HTTP requests the VIP received (l7).",
+                                                labels=vip_l),
+            "vip_responses": CounterMetricFamily("fastlb_vip_responses", "HTTP responses by status class (l7).",
+                                                 labels=vip_l + ["class"]),
+            "be_requests": CounterMetricFamily("fastlb_backend_requests", "HTTP requests sent to the backend (l7).",
+                                               labels=be_l),
+            "be_response": GaugeMetricFamily("fastlb_backend_response_time_seconds",
+                                             "HAProxy's average response time over its last 1024 requests (l7).",
+                                             labels=be_l),
+            "be_estimate": GaugeMetricFamily("fastlb_backend_latency_estimate_seconds",
+                                             "lrt's peak-EWMA response-time estimate (l7).", labels=be_l),
+        })
+        for vip in data.get("l7", {}).get("vips", []):
+            v = [iface, "l7", vip["vip"]]
+            fams["vip_requests"].add_metric(v, vip["requests"])
+            for cls, n in vip["responses"].items():
+                fams["vip_responses"].add_metric(v + [cls], n)
+            fams["vip_healthy"].add_metric(v, sum(1 for p in vip["pools"] for s in p["backends"]
+                                                  if s["status"].startswith("UP") or s["status"] == "no check"))
+            for pool in vip["pools"]:
+                prefix = "" if pool["pool"] == vip["pools"][0]["pool"] else pool["pool"].rsplit("_", 1)[1] + "/"
+                for s in pool["backends"]:
+                    b = v + [prefix + s["backend"]]
+                    fams["be_requests"].add_metric(b, s["requests"])
+                    fams["be_active"].add_metric(b, s["active"])
+                    fams["be_up"].add_metric(b, 1 if s["status"].startswith("UP") or s["status"] == "no check" else 0)
+                    fams["be_weight"].add_metric(b, s["weight"])
+                    fams["be_response"].add_metric(b, s["response_ms"] / 1000.0)
+                    if s.get("latency_estimate_ms") is not None:
+                        fams["be_estimate"].add_metric(b, s["latency_estimate_ms"] / 1000.0)
         for vip in data.get("vips", []):
-            v = [iface, vip["vip"]]
+            v = [iface, "l4", vip["vip"]]
             fams["vip_packets"].add_metric(v, vip["packets"])
             fams["vip_bytes"].add_metric(v, vip["bytes"])
             fams["vip_new_flows"].add_metric(v, vip["new_flows"])
@@ -121,6 +152,13 @@ class StatsCollector:
         for result, n in data.get("reloads", {}).items():
             reloads.add_metric([iface, result], n)
         yield reloads
+        proc = data.get("l7", {}).get("haproxy")
+        if proc:
+            for name, key, what in (("fastlb_haproxy_restarts", "restarts", "HAProxy restarts after it died"),
+                                    ("fastlb_haproxy_reloads", "reloads", "Seamless HAProxy reloads")):
+                c = CounterMetricFamily(name, what + " (l7).", labels=["interface"])
+                c.add_metric([iface], proc[key] or 0)
+                yield c
 
 
 class MetricsServer:

@@ -97,10 +97,35 @@ def render(att: dict) -> list[str]:
             lines.append(f"    {be['backend']:<24} {health:<8} weight {be['weight']:<5} packets {be['packets']}  "
                          f"bytes {be['bytes']}  new flows {be['new_flows']}  active {be['active']}  "
                          f"latency {latency}")
+    lines += render_l7(att.get("l7"))
     verdicts = att.get("verdicts", {})
     if verdicts:
         lines.append("  verdicts: " + "  ".join(f"{k} {v}" for k, v in sorted(verdicts.items())))
         moved = {k: r["packets"] for k, r in att["reasons"].items() if r["packets"]}
         if moved:
             lines.append("  reasons: " + "  ".join(f"{k} {v}" for k, v in moved.items()))
+    return lines
+
+
+def render_l7(l7: dict | None) -> list[str]:
+    """Text lines for the http VIPs (fastlb.l7.tier.Tier.stats)."""
+    if not l7:
+        return []
+    proc = l7.get("haproxy", {})
+    lines = [f"  HAProxy master {proc.get('master_pid')} worker {proc.get('worker_pid')}  "
+             f"reloads {proc.get('reloads')}  restarts {proc.get('restarts')}"
+             + ("  (adopted)" if proc.get("adopted") else "")]
+    if "error" in l7:
+        lines.append(f"  HAProxy: {l7['error']}")
+    for vip in l7.get("vips", []):
+        classes = "  ".join(f"{c} {n}" for c, n in vip["responses"].items())
+        lines.append(f"  VIP {vip['vip']}  {vip['algorithm']}  requests {vip['requests']}  {classes}")
+        for pool in vip["pools"]:
+            lines.append(f"    pool {pool['route']}  {pool['algorithm']}  requests {pool['requests']}  "
+                         f"response {pool['response_ms']} ms")
+            for s in pool["backends"]:
+                est = s.get("latency_estimate_ms")
+                steer = f"  estimate {est:.1f} ms  effective weight {s.get('effective_weight')}" if est is not None else ""
+                lines.append(f"      {s['backend']:<24} {s['status']:<8} weight {s['weight']:<4} active {s['active']}  "
+                             f"requests {s['requests']}  response {s['response_ms']} ms{steer}")
     return lines

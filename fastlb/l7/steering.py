@@ -9,8 +9,10 @@ follow ``(active + 1) x latency``, the rule of fastlb's L4 lrt.
   of HAProxy's ``Tr`` per server, fed from the log stream.
 - Estimates below ``floor_ms`` count as ``floor_ms`` (sub-millisecond noise on
   a LAN must not split equal servers 2:1).
+- The EWMA's time constant is ``decay_s``: short, so that a backend's estimate
+  follows its typical time rather than its last tail spike.
 - A server without a sample for ``stale_s`` decays toward its pool's mean
-  (time constant ``decay_s``): a server that looked slow, and so stopped being
+  (time constant ``pull_s``): a server that looked slow, and so stopped being
   picked and measured, is tried again; so is one that has just been added.
 - Weights are ``max_weight * fastest / estimate`` clamped to 1..max_weight, and
   a weight is rewritten only when it moves by more than ``hysteresis``
@@ -36,9 +38,10 @@ class _Server:
 
 
 class Steering:
-    def __init__(self, decay_s: float = 2.0, floor_ms: float = 2.0, stale_s: float = 1.0,
+    def __init__(self, decay_s: float = 0.5, floor_ms: float = 2.0, stale_s: float = 2.0, pull_s: float = 3.0,
                  hysteresis: float = 0.2, max_weight: int = MAX_WEIGHT):
         self.decay_s = decay_s
+        self.pull_s = pull_s
         self.floor_ms = floor_ms
         self.stale_s = stale_s
         self.hysteresis = hysteresis
@@ -65,10 +68,11 @@ class Steering:
     def estimates(self, pool: str, now: float) -> dict[str, float | None]:
         """Each server's response-time estimate in ms (None: never measured and no pool mean yet)."""
         servers = self._pools.get(pool, {})
-        fresh = {s: e.ewma.score_us(now) / 1000.0 for s, e in servers.items()
-                 if e.last_sample is not None and now - e.last_sample <= self.stale_s}
+        # the EWMA as of its last sample: between samples it is pulled toward the pool mean
+        # (below), not toward zero as PeakEwma.score_us would
         measured = {s: e.ewma.score_us(e.last_sample) / 1000.0 for s, e in servers.items()
                     if e.last_sample is not None}
+        fresh = {s: v for s, v in measured.items() if now - servers[s].last_sample <= self.stale_s}
         basis = fresh or measured
         mean = sum(basis.values()) / len(basis) if basis else None
         out: dict[str, float | None] = {}
@@ -79,7 +83,7 @@ class Steering:
                 out[s] = mean
             else:
                 # stale: from its last estimate toward the pool mean
-                pull = math.exp(-(now - e.last_sample - self.stale_s) / self.decay_s)
+                pull = math.exp(-(now - e.last_sample - self.stale_s) / self.pull_s)
                 out[s] = mean + (measured[s] - mean) * pull if mean is not None else measured[s]
         return out
 

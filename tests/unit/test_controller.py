@@ -187,14 +187,14 @@ def test_metric_names_follow_the_conventions():
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(lambda: data))
     text = generate_latest(registry).decode()
-    for line in ('fastlb_backend_packets_total{backend="198.18.0.11:80",interface="eth0",vip="198.19.0.100:80/tcp"} 5.0',
-                 'fastlb_backend_probe_latency_seconds{backend="198.18.0.11:80",interface="eth0",'
+    for line in ('fastlb_backend_packets_total{backend="198.18.0.11:80",interface="eth0",tier="l4",vip="198.19.0.100:80/tcp"} 5.0',
+                 'fastlb_backend_probe_latency_seconds{backend="198.18.0.11:80",interface="eth0",tier="l4",'
                  'vip="198.19.0.100:80/tcp"} 0.0015',
-                 'fastlb_backend_health_checks_total{backend="198.18.0.11:80",interface="eth0",result="failed",'
+                 'fastlb_backend_health_checks_total{backend="198.18.0.11:80",interface="eth0",result="failed",tier="l4",'
                  'vip="198.19.0.100:80/tcp"} 1.0',
-                 'fastlb_backend_up{backend="198.18.0.11:80",interface="eth0",vip="198.19.0.100:80/tcp"} 1.0',
+                 'fastlb_backend_up{backend="198.18.0.11:80",interface="eth0",tier="l4",vip="198.19.0.100:80/tcp"} 1.0',
                  'fastlb_packets_total{interface="eth0",reason="tx_dsr",verdict="tx"} 5.0',
-                 'fastlb_vip_bytes_total{interface="eth0",vip="198.19.0.100:80/tcp"} 500.0',
+                 'fastlb_vip_bytes_total{interface="eth0",tier="l4",vip="198.19.0.100:80/tcp"} 500.0',
                  'fastlb_conntrack_entries{interface="eth0"} 7.0',
                  'fastlb_config_reloads_total{interface="eth0",result="failed"} 1.0'):
         assert line in text, text
