@@ -145,13 +145,16 @@ def _parse_src(ctx, param, value):
 @main.command()
 @click.option("--vip", "vip_spec", required=True, metavar="ADDR:PORT/PROTO",
               help="The VIP, e.g. 198.19.0.100:80/tcp or [2001:db8::100]:53/udp.")
-@click.option("--src", required=True, metavar="ADDR:PORT", callback=_parse_src,
-              help="The client's address and source port.")
+@click.option("--src", metavar="ADDR:PORT", callback=lambda ctx, param, value: value and _parse_src(ctx, param, value),
+              help="The client's address and source port (tcp/udp VIPs).")
+@click.option("--host", metavar="HOST", help="http/https VIPs: the request's Host header.")
+@click.option("--path", "req_path", default="/", show_default=True, metavar="PATH",
+              help="http/https VIPs: the request's path.")
 @click.option("-c", "--config", "config_path", required=True, metavar="FILE", envvar="FASTLB_CONFIG",
               type=click.Path(dir_okay=False), help="The config the balancer runs.")
 @click.option("--no-live", is_flag=True, help="lc/lrt: use zero counts instead of the attached maps'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the same as JSON.")
-def explain(vip_spec, src, config_path, no_live, as_json):
+def explain(vip_spec, src, host, req_path, config_path, no_live, as_json):
     """Say which backend a new flow would get, and why.
 
     Computed from the config and the selection core (the same hash and tables
@@ -161,10 +164,12 @@ def explain(vip_spec, src, config_path, no_live, as_json):
     \b
     Example:
       fastlb explain -c fastlb.toml --vip 198.19.0.100:80/tcp --src 198.18.0.1:40000
+      fastlb explain -c fastlb.toml --vip 198.19.0.100:80/http --host api.example.com --path /v1/users
     """
     import dataclasses
 
     from fastlb.dataplane import explain as model
+    from fastlb.l7.render import server_name as render_name
     config = _load_config(config_path)
     try:
         vip = config.find_vip(vip_spec)
@@ -173,6 +178,18 @@ def explain(vip_spec, src, config_path, no_live, as_json):
     if vip is None:
         known = ", ".join(v.name for v in config.vips)
         raise FastlbError(f"{config_path} has no VIP {vip_spec}", fix=f"use one of: {known}")
+    if vip.is_l7:
+        from .l7 import route
+        found = route.match(vip, host, req_path)
+        if as_json:
+            click.echo(json.dumps({"vip": vip.name, "route": found.route, "pool": found.pool.name,
+                                   "algorithm": found.pool.algorithm, "why": found.why,
+                                   "backends": [render_name(b) for b in found.pool.backends]}, indent=2))
+        else:
+            click.echo("\n".join(found.lines(vip)))
+        return
+    if src is None:
+        raise click.BadParameter("a tcp/udp VIP needs the client's ADDR:PORT", param_hint="--src")
     active = rtt = None
     source = "no attachment serves this VIP here: counts taken as 0"
     if vip.algorithm in ("lc", "lrt") and not no_live:
