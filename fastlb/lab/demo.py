@@ -12,7 +12,10 @@ What it does (``sudo make demo``; under a minute here, at most 90 s)::
        last attach, counted by fastlb and at the backends' eth0
     4. failover: b3's servers stop, fastlb's health checks (HTTP GET /health,
        on from the start) take it out; 300 more connections, none may reach b3
-    5. everything removed; a chart of each backend's share per phase, as a PNG
+    5. the L7 tier (full run only): an http VIP on 198.19.0.100:8080 served by
+       fastlb's HAProxy, requests routed by Host (api.example.com -> b2), and
+       lrt steering away from b3 made 50 ms slower, then back when it is fast
+    6. everything removed; a chart of each backend's share per phase, as a PNG
 
 ``--quick`` (at most 30 s) makes one attach serve one VIP per algorithm
 (198.19.0.100, .101, ... with weights 3:2:1), 60 connections and exchanges
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +213,53 @@ class Demo:
         else:
             self.say(f"[green]no new connection reached {victim}[/] (client and fastlb agree: 0)")
 
+    def l7(self) -> None:
+        """An http VIP through fastlb's HAProxy: routing by Host, and lrt away from a slow backend."""
+        lab = self._lab
+        vip = f"{lab.vip4}:8080"
+        pool = "".join(f'[[vip.backend]]\naddress = "{lab.addr(b)}"\nport = {lab.http_port}\n'
+                       for b in lab.backend_names)
+        text = (f'[[vip]]\naddress = "{lab.vip4}"\nport = 8080\nprotocol = "http"\nalgorithm = "lrt"\n'
+                f'[vip.health]\nkind = "http"\npath = "/health"\ninterval = 0.2\ntimeout = 0.2\n{pool}'
+                f'[[vip.route]]\nhost = "api.example.com"\n[[vip.route.backend]]\n'
+                f'address = "{lab.addr("b2")}"\nport = {lab.http_port}\n')
+        self.console.rule(f"L7: http VIP {vip} through fastlb's HAProxy (routes, lrt)")
+        self.detach()
+        self._configs += 1
+        path = lab.run_dir / f"fastlb-{self._configs}.toml"
+        path.write_text(text)
+        self._bal = balancer.start(lab, path, lab.run_dir / "fastlb.log")
+        self.say(f"[green]{self._bal.banner.split(';')[0]}[/]; fastlb runs HAProxy for {vip}/http")
+        time.sleep(1.0)   # HAProxy's first checks
+
+        def get(count: int, host: str, parallel: int = 1) -> Counter:
+            argv = ["curl", "-s", "--max-time", "5", "-H", f"Host: {host}"]
+            if parallel > 1:
+                argv += ["--parallel", "--parallel-max", str(parallel)]
+            res = lab.run("client", argv + [f"http://{vip}/whoami?[1-{count}]"], timeout=120, check=False)
+            got = Counter(line.split()[0] for line in res.stdout.splitlines() if line.strip())
+            if sum(got.values()) != count:
+                self.outcome.problems.append(f"L7: {count - sum(got.values())} of {count} requests failed")
+            return got
+
+        def show(label: str, got: Counter) -> None:
+            total = sum(got.values()) or 1
+            self.say(f"{label}: " + ", ".join(f"{b} {100 * n / total:.0f} %" for b, n in sorted(got.items())))
+
+        show("Host: api.example.com (route to b2), 20 requests", get(20, "api.example.com"))
+        show("Host: www.example.com (default pool, lrt), 60 requests", get(60, "www.example.com", 4))
+        lab.set_latency(lab.backend_names[-1], 50)
+        try:
+            get(300, "www.example.com", 16)
+            slow = get(600, "www.example.com", 16)
+            show(f"{lab.backend_names[-1]} 50 ms slower, 600 requests 16 at a time", slow)
+        finally:
+            lab.set_latency(lab.backend_names[-1], 0)
+        time.sleep(6.0)   # its estimate is pulled back toward the pool's mean; then it is measured fast
+        get(300, "www.example.com", 16)
+        show(f"{lab.backend_names[-1]} fast again, 600 requests 16 at a time", get(600, "www.example.com", 16))
+        self.detach()
+
     def draw(self) -> None:
         bars = [chart.Bar(p.name, dict(p.tcp.counts)) for p in self.outcome.phases]
         if self.outcome.burst is not None:
@@ -235,6 +286,9 @@ class Demo:
             self.algorithms()
             self.burst()
             self.failover()
+            if not self.quick:
+                lab.start_server(lab.backend_names[-1])
+                self.l7()
         finally:
             try:
                 self.detach()

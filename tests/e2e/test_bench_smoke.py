@@ -32,6 +32,10 @@ def test_bench_quick_writes_every_section(tmp_path):
                  "fastlb tunnel"):
         for mode in ("keepalive", "close"):
             assert f"| {path} | {mode} |" in text
+    assert "## The L7 tier against the same HAProxy configured by hand" in text
+    for path in ("hand HAProxy (mode http)", "fastlb http VIP, rr", "fastlb http VIP, lrt"):
+        for mode in ("keepalive", "close"):
+            assert f"| {path} | {mode} |" in text
     assert "## Control plane" in text
     assert "### Health failure to the maps" in text
     assert "| fastlb attach |" in text
