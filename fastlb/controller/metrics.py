@@ -6,7 +6,7 @@ controller's ``source()`` (the same figures as ``fastlb stats --json``), so
 counters are the kernel's own, never cached. Names follow the Prometheus
 conventions: ``_total`` for counters, base units (seconds, bytes)::
 
-    fastlb_backend_packets_total{interface="eth0",vip="198.19.0.100:80/tcp",backend="198.18.0.11:80"} 1200
+    fastlb_backend_packets_total{interface="eth0",tier="l4",vip="198.19.0.100:80/tcp",backend="198.18.0.11:80"} 1200
 """
 
 from __future__ import annotations

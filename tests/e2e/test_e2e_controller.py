@@ -565,7 +565,7 @@ def test_stats_and_metrics_report_exactly_what_the_client_and_servers_counted(la
         packets, nbytes = sent[name]
         assert (vip["packets"], vip["bytes"], vip["new_flows"]) == (packets, nbytes + 14 * packets,
                                                                     sum(flows_sent.values())), (proto, vip, sent)
-        label = {"interface": "eth0", "vip": vip["vip"]}
+        label = {"interface": "eth0", "tier": "l4", "vip": vip["vip"]}
         assert metric(metrics, "fastlb_vip_packets_total", **label) == packets
         assert metric(metrics, "fastlb_vip_bytes_total", **label) == nbytes + 14 * packets
         for b, be in backend_stats(data, lab, proto).items():
