@@ -782,6 +782,10 @@ class Controller:
                     reloads=dict(self.reloads), udp_expired=self.udp_expired)
         if self.l7 is not None:
             data["l7"] = self.l7.stats()
+            # the maps know an http VIP by its TCP key: give it its config name
+            names = {v.name.rsplit("/", 1)[0] + "/tcp": v.name for v in self.config.vips if v.is_l7}
+            for vip in data.get("vips", []):
+                vip["vip"] = names.get(vip["vip"], vip["vip"])
         return data
 
     def _metrics_source(self) -> dict:
