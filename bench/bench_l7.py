@@ -35,7 +35,7 @@ import cputime  # noqa: E402
 import peers  # noqa: E402
 import wrkrun  # noqa: E402
 
-from fastlb.lab import balancer  # noqa: E402
+from fastlb.lab import lb_process  # noqa: E402
 from fastlb.lab.topology import Lab  # noqa: E402
 
 PATHS = ("hand", "fastlb-rr", "fastlb-lrt")
@@ -98,11 +98,11 @@ def one_round(lab: Lab, folder: Path, seconds: float, rows: dict) -> None:
     for algorithm in ("rr", "lrt"):
         config = folder / f"fastlb-{algorithm}.toml"
         config.write_text(fastlb_config(lab, algorithm))
-        bal = balancer.start(lab, config, folder / "fastlb-attach.log")
+        bal = lb_process.start(lab, config, folder / "fastlb-attach.log")
         try:
             record(f"fastlb-{algorithm}", f"http://{lab.vip4}/", bal.pid)
         finally:
-            balancer.stop(lab, bal)
+            lb_process.stop(lab, bal)
 
 
 def run(quick: bool = False) -> str:

@@ -169,7 +169,7 @@ def explain(vip_spec, src, host, req_path, config_path, no_live, as_json):
     import dataclasses
 
     from fastlb.dataplane import explain as model
-    from fastlb.l7.render import server_name as render_name
+    from fastlb.controller.l7.render import server_name as render_name
     config = _load_config(config_path)
     try:
         vip = config.find_vip(vip_spec)
@@ -179,7 +179,7 @@ def explain(vip_spec, src, host, req_path, config_path, no_live, as_json):
         known = ", ".join(v.name for v in config.vips)
         raise FastlbError(f"{config_path} has no VIP {vip_spec}", fix=f"use one of: {known}")
     if vip.is_l7:
-        from .l7 import route
+        from fastlb.controller.l7 import route
         found = route.match(vip, host, req_path)
         if as_json:
             click.echo(json.dumps({"vip": vip.name, "route": found.route, "pool": found.pool.name,

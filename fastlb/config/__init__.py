@@ -26,7 +26,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 KeyPath = tuple[str | int, ...]
 
 PROTOCOLS = {"tcp": 6, "udp": 17, "http": 6, "https": 6}
-L7_PROTOCOLS = ("http", "https")   # served by the HAProxy tier (fastlb.l7), not forwarded by XDP
+L7_PROTOCOLS = ("http", "https")   # served by the HAProxy tier (fastlb.controller.l7), not forwarded by XDP
 ALGORITHMS = ("rr", "wrr", "lc", "lrt", "maglev")
 FORWARDING = ("dsr", "tunnel", "nat")
 HASHES = ("5tuple", "src")
@@ -137,7 +137,7 @@ class Vip:
     health: HealthCheck = HealthCheck()
     all_down: str = "drop"              # every backend down: drop new flows, or keep the last table
     expire_nodest_conn: bool = True     # a failed backend's flows move to a live one
-    # http/https VIPs only (fastlb.l7): TLS certificate, how backends learn the client, routes in order.
+    # http/https VIPs only (fastlb.controller.l7): TLS certificate, how backends learn the client, routes in order.
     certificate: str | None = None
     client_ip: str = "xff"
     routes: tuple[Route, ...] = ()
@@ -569,7 +569,7 @@ def _backend(t: _Table, vip_address: IPAddress, vip_port: int, forwarding: str,
     return Backend(address=address, weight=weight, port=port, line=t.line, health=health)
 
 
-# http/https VIPs: served by the HAProxy tier (fastlb.l7). Their forwarding is "proxy".
+# http/https VIPs: served by the HAProxy tier (fastlb.controller.l7). Their forwarding is "proxy".
 
 _HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _HOST_PATTERN = re.compile(rf"(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*")

@@ -104,7 +104,7 @@ def detach(ifname: str, say=None) -> bool:
     (fastlb.controller.bgp). ``say`` gets one line about it, if anything was withdrawn.
     """
     from fastlb.controller import bgp
-    from fastlb.l7 import tier
+    from fastlb.controller.l7 import tier
     require_root("detach")
     tier.remove(ifname)   # http VIPs: HAProxy stopped, VIPs off lo, /run/fastlb/l7 files gone
     base = pins.ensure_bpffs()

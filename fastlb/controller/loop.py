@@ -146,7 +146,7 @@ class Controller:
         self.reloads = {"ok": 0, "failed": 0}
         self.udp_expired = 0
         self.announcer: bgp.Announcer | None = None   # [bgp]: the VIPs' routes in BIRD
-        self.l7 = None                                 # http/https VIPs: fastlb.l7.tier.Tier
+        self.l7 = None                                 # http/https VIPs: fastlb.controller.l7.tier.Tier
 
     # ---- logging ------------------------------------------------------------
 
@@ -319,7 +319,7 @@ class Controller:
     def _plan(self) -> tuple[Config, frozenset]:
         vips, down = [], set()
         for vip in tables.l4_view(self.config).vips:
-            if vip.is_l7:        # its packets go to HAProxy (fastlb.l7), which checks its backends
+            if vip.is_l7:        # its packets go to HAProxy (fastlb.controller.l7), which checks its backends
                 vips.append(vip)
                 continue
             live = self._in_table(vip)
@@ -547,7 +547,7 @@ class Controller:
         self.prober.set_targets(targets, now=fresh)
         self.watcher.watch(set(self.hops.values()))
 
-    # ---- the L7 tier (fastlb.l7): http/https VIPs -------------------------------------
+    # ---- the L7 tier (fastlb.controller.l7): http/https VIPs -------------------------------------
 
     def _l7_check(self, new: Config) -> None:
         """Render and ``haproxy -c`` the http VIPs of ``new`` before anything changes."""

@@ -47,7 +47,7 @@ class StatsCollector:
     def collect(self):
         data = self.source()
         iface = data["interface"]
-        vip_l = ["interface", "tier", "vip"]       # tier: "l4" (XDP) or "l7" (HAProxy, fastlb.l7)
+        vip_l = ["interface", "tier", "vip"]       # tier: "l4" (XDP) or "l7" (HAProxy, fastlb.controller.l7)
         be_l = ["interface", "tier", "vip", "backend"]
         fams = {
             "vip_packets": CounterMetricFamily("fastlb_vip_packets", "Packets forwarded for the VIP.", labels=vip_l),

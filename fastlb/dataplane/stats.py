@@ -108,7 +108,7 @@ def render(att: dict) -> list[str]:
 
 
 def render_l7(l7: dict | None) -> list[str]:
-    """Text lines for the http VIPs (fastlb.l7.tier.Tier.stats)."""
+    """Text lines for the http VIPs (fastlb.controller.l7.tier.Tier.stats)."""
     if not l7:
         return []
     proc = l7.get("haproxy", {})

@@ -39,7 +39,7 @@ class Placement:
 
 
 def l4_view(config):
-    """``config`` as the XDP tier sees it: http/https VIPs (fastlb.l7) keep a VIP slot, flagged
+    """``config`` as the XDP tier sees it: http/https VIPs (fastlb.controller.l7) keep a VIP slot, flagged
     FL_VIP_F_L7 so their packets go to the local HAProxy, and have no backends here."""
     if not any(v.is_l7 for v in config.vips):
         return config

@@ -228,7 +228,7 @@ class Demo:
         self._configs += 1
         path = lab.run_dir / f"fastlb-{self._configs}.toml"
         path.write_text(text)
-        self._bal = balancer.start(lab, path, lab.run_dir / "fastlb.log")
+        self._bal = lb_process.start(lab, path, lab.run_dir / "fastlb.log")
         self.say(f"[green]{self._bal.banner.split(';')[0]}[/]; fastlb runs HAProxy for {vip}/http")
         time.sleep(1.0)   # HAProxy's first checks
 

@@ -23,9 +23,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastlb.config import Config, Vip
-from fastlb.l7 import haproxy, logstream, render
-from fastlb.l7.haproxy import HaproxyError
-from fastlb.l7.steering import Steering
+from fastlb.controller.l7 import haproxy, logstream, render
+from fastlb.controller.l7.haproxy import HaproxyError
+from fastlb.controller.l7.steering import Steering
 
 STEER_INTERVAL = 0.25
 DRAIN_WAIT = 10.0          # a removed server's requests get this long to finish

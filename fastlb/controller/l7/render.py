@@ -2,7 +2,7 @@
 
 ``render(config, paths)`` returns a :class:`Rendered`: the text of
 haproxy.cfg and, for each of its lines, the fastlb key it came from, so that a
-line HAProxy refuses is reported as that key (``fastlb.l7.haproxy.check``).
+line HAProxy refuses is reported as that key (``fastlb.controller.l7.haproxy.check``).
 Only the http/https VIPs are rendered; each gets a ``frontend`` and one
 ``backend`` per pool (the default pool, then each route's), named after the
 VIP so that the runtime API and the server-state file find them again after
@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 
 from fastlb.config import Backend, Config, HealthCheck, Route, Vip
 
-LOG_FORMAT = "fastlb %b %s %Tr %Ta %ST"   # parsed by fastlb.l7.logstream
+LOG_FORMAT = "fastlb %b %s %Tr %Ta %ST"   # parsed by fastlb.controller.l7.logstream
 BALANCE = {"rr": "roundrobin", "wrr": "roundrobin", "lc": "leastconn", "lrt": "leastconn"}
-LRT_START_WEIGHT = 128     # lrt's weights before fastlb has measured anything (fastlb.l7.steering)
+LRT_START_WEIGHT = 128     # lrt's weights before fastlb has measured anything (fastlb.controller.l7.steering)
 HARD_STOP_AFTER = "30s"    # old workers left after a reload finish their requests within this
 MAXCONN = 8000             # the machine's hard fd limit is 20000 (two fds per proxied connection)
 
 
 @dataclass(frozen=True)
 class Paths:
-    """Files of one attachment's HAProxy, all under one folder (``fastlb.l7.haproxy.run_dir``)."""
+    """Files of one attachment's HAProxy, all under one folder (``fastlb.controller.l7.haproxy.run_dir``)."""
 
     root: str
 

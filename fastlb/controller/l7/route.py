@@ -1,4 +1,4 @@
-"""Which route and pool an HTTP request gets: the model of the frontend fastlb.l7.render writes.
+"""Which route and pool an HTTP request gets: the model of the frontend fastlb.controller.l7.render writes.
 
 HAProxy tries the routes in order; a route matches when each key it has
 matches: ``host`` against the Host header without its port, lower-cased
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastlb.config import Vip
-from fastlb.l7 import render
+from fastlb.controller.l7 import render
 
 
 @dataclass(frozen=True)

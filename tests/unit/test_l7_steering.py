@@ -1,11 +1,11 @@
-"""fastlb.l7.steering (lrt's weights from response times) and fastlb.l7.logstream's parser: pure."""
+"""fastlb.controller.l7.steering (lrt's weights from response times) and fastlb.controller.l7.logstream's parser: pure."""
 
 from __future__ import annotations
 
 import pytest
 
-from fastlb.l7.logstream import Request, parse
-from fastlb.l7.steering import MAX_WEIGHT, Steering
+from fastlb.controller.l7.logstream import Request, parse
+from fastlb.controller.l7.steering import MAX_WEIGHT, Steering
 
 
 def fed(samples: dict[str, float], seconds: float = 1.0, **kw) -> Steering:

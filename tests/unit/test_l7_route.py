@@ -1,4 +1,4 @@
-"""fastlb.l7.route: the model of HAProxy's route choice (the same cases as the e2e routing test) and explain."""
+"""fastlb.controller.l7.route: the model of HAProxy's route choice (the same cases as the e2e routing test) and explain."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from fastlb.cli import main
 from fastlb.config import parse_config
-from fastlb.l7.route import host_only, match
+from fastlb.controller.l7.route import host_only, match
 
 CONFIG = '''[[vip]]
 address = "198.19.0.100"
