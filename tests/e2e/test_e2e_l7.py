@@ -408,7 +408,7 @@ def test_a_killed_haproxy_is_restarted_logged_and_counted(l7):
 
 def our_haproxy_pids(lab) -> set[int]:
     """haproxy processes in the LB's namespace running fastlb's config."""
-    out = lab.run("lb", ["pgrep", "-f", "haproxy.*/run/fastlb/controller/l7/"], check=False).stdout
+    out = lab.run("lb", ["pgrep", "-f", "haproxy.*/run/fastlb/l7/"], check=False).stdout
     return {int(p) for p in out.split()}
 
 
@@ -422,7 +422,7 @@ def test_detach_removes_haproxy_the_vip_on_lo_and_its_files_but_not_a_foreign_ha
                        stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        run_dir = lb(lab, "sh", "-c", "ls -d /run/fastlb/controller/l7/*/eth0").split()
+        run_dir = lb(lab, "sh", "-c", "ls -d /run/fastlb/l7/*/eth0").split()
         assert len(run_dir) == 1 and our_haproxy_pids(lab)
         code, out, err = l7["att"].stop()
         assert code == 0 and "detached from eth0" in out, err
@@ -462,7 +462,7 @@ def test_bad_configs_start_nothing(l7, tmp_path):
             assert our_haproxy_pids(lab) == set()
             assert lab.vip4 not in lb(lab, "ip", "-o", "addr", "show", "dev", "lo")
             assert "xdp" not in lb(lab, "ip", "-o", "link", "show", "dev", "eth0")
-            assert lb(lab, "sh", "-c", "ls /run/fastlb/controller/l7/*/ 2>/dev/null | grep -x eth0 || true").strip() == ""
+            assert lb(lab, "sh", "-c", "ls /run/fastlb/l7/*/ 2>/dev/null | grep -x eth0 || true").strip() == ""
 
 
 def test_keep_leaves_haproxy_serving_and_the_next_attach_adopts_it(l7):

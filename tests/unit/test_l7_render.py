@@ -11,7 +11,7 @@ from fastlb.config import parse_config
 from fastlb.errors import ConfigError
 from fastlb.controller.l7 import haproxy, render
 
-PATHS = render.Paths("/run/fastlb/controller/l7/netX/eth0")
+PATHS = render.Paths("/run/fastlb/l7/netX/eth0")
 HEAD = '[[vip]]\naddress = "198.19.0.100"\nport = 80\nprotocol = "http"\n'
 POOL = '[[vip.backend]]\naddress = "198.18.0.11"\nport = 8080\nweight = 3\n' \
        '[[vip.backend]]\naddress = "198.18.0.12"\nport = 8080\n'

@@ -1,6 +1,6 @@
 """fastlb's own HAProxy: its files, its config check, its process and its runtime API.
 
-Everything lives in ``run_dir(ifname)``, ``/run/fastlb/controller/l7/net<netns inode>/<ifname>/``
+Everything lives in ``run_dir(ifname)``, ``/run/fastlb/l7/net<netns inode>/<ifname>/``
 (``FASTLB_L7_ROOT`` overrides the root): the rendered haproxy.cfg, the admin
 and master sockets, the pid file (the master's pid), the server-state file
 and the log socket fastlb reads. The system ``haproxy`` service and
