@@ -429,6 +429,7 @@ def test_detach_removes_haproxy_the_vip_on_lo_and_its_files_but_not_a_foreign_ha
         assert our_haproxy_pids(lab) == set()
         assert lab.vip4 not in lb(lab, "ip", "-o", "addr", "show", "dev", "lo")
         assert lab.run("lb", ["test", "-e", run_dir[0]], check=False).returncode != 0
+        assert lab.run("lb", ["test", "-e", run_dir[0].rsplit("/", 1)[0]], check=False).returncode != 0
         assert foreign.poll() is None                            # someone else's haproxy runs on
         l7["att"] = None
     finally:

@@ -303,4 +303,8 @@ def remove(ifname: str) -> bool:
             for addr in addrs:
                 _del_lo(ipr, lo, addr)
     shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()      # the namespace's folder, when this was its last attachment
+    except OSError:
+        pass
     return True
