@@ -3,9 +3,12 @@
 Loads the XDP program unattached (fastlb.testing.testbed), writes the fuzzer's config
 (tests/helpers/fuzz_gen.py) to its maps, and feeds it every truncation of well-formed
 frames, then N seeded random and mutated frames, judging each one against the
-model of docs/DATAPLANE.md (tests/helpers/oracle.py). Prints packets fuzzed,
-disagreements with the oracle, mis-forwards, the per-reason counts and the
-rate; the first disagreements come with the seed, the frame's hex and a scapy
+model of docs/DATAPLANE.md (tests/helpers/oracle.py). The frames arrive on a veth
+of this run (MTU tests/helpers/fuzz_gen.MTU), so that the tunnel's MTU check
+measures against a real device. Prints packets fuzzed, and per mode (DSR,
+tunnel, NAT, NAT replies, ARP/ND, ICMP, other) the frames, disagreements
+with the oracle and mis-forwards, then the per-reason counts and the rate;
+the first disagreements come with the seed, the frame's hex and a scapy
 dissection. Exits 1 on any disagreement.
 
 Examples:
@@ -50,15 +53,16 @@ def main(argv=None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 32)
 
     from fastlb.kernel.layout import Sizes
-    from fastlb.testing.testbed import Testbed, fake_mac
+    from fastlb.testing.testbed import LB_MAC, Testbed, fake_mac
 
     s = fuzz_gen.CONFIG_SETTINGS
     sizes = Sizes(max_vips=s["max_vips"], max_backends=s["max_backends"], ring_size=s["ring_size"],
                   conntrack_size=s["conntrack_size"])
     print(f"fuzz: seed {seed}, {args.packets:,} frames after the truncation sweep", flush=True)
-    with Testbed(sizes, name=f"fuzz-run-{os.getpid()}") as bed:
+    with Testbed(sizes, name=f"fuzz-run-{os.getpid()}") as bed, oracle.TestDevice(fuzz_gen.MTU) as device:
         bed.apply(fuzz_gen.config_text())
-        campaign = oracle.Campaign(bed, oracle.Oracle(fuzz_gen.oracle_vips(fake_mac)), seed, args.failures)
+        model = oracle.Oracle(fuzz_gen.oracle_vips(fake_mac), fuzz_gen.oracle_settings(LB_MAC))
+        campaign = oracle.Campaign(bed, model, seed, args.failures, ifindex=device.ifindex)
         campaign.feed(fuzz_gen.truncation_sweep())
         gen = fuzz_gen.Generator(seed)
         left = args.packets

@@ -56,19 +56,31 @@ cdef struct test_attr:
     uint32_t batch_size
     uint32_t pad
 
+# struct xdp_md (include/uapi/linux/bpf.h): the context a test run may pass in.
+cdef struct xdp_md:
+    uint32_t data
+    uint32_t data_end
+    uint32_t data_meta
+    uint32_t ingress_ifindex
+    uint32_t rx_queue_index
+    uint32_t egress_ifindex
+
 cdef inline long _test_run(test_attr *attr) noexcept nogil:
     return syscall(SYS_bpf, BPF_PROG_TEST_RUN, attr, sizeof(test_attr))
 
 
 def run(int prog_fd, bytes data, unsigned int repeat=1, unsigned int flags=0,
-        unsigned int batch_size=0, int out_size=-1):
+        unsigned int batch_size=0, int out_size=-1, unsigned int ingress_ifindex=0):
     """Run the program once (``repeat`` times) on ``data``.
 
     Returns ``(retval, output bytes, duration ns per repetition)``. With
     ``flags=BPF_F_TEST_XDP_LIVE_FRAMES`` the frames really leave (a traffic
-    generator) and no output is returned.
+    generator) and no output is returned. ``ingress_ifindex`` (a device of
+    this network namespace) makes the frame arrive on that device instead of
+    lo, so that ``bpf_check_mtu()`` measures against its MTU.
     """
     cdef test_attr attr
+    cdef xdp_md ctx
     cdef Py_ssize_t n = len(data)
     cdef Py_ssize_t cap = (n + 512) if out_size < 0 else out_size
     cdef uint8_t *out = NULL
@@ -90,6 +102,12 @@ def run(int prog_fd, bytes data, unsigned int repeat=1, unsigned int flags=0,
         attr.repeat = repeat
         attr.flags = flags
         attr.batch_size = batch_size
+        if ingress_ifindex:
+            memset(&ctx, 0, sizeof(ctx))
+            ctx.data_end = <uint32_t>n      # the kernel requires data 0, data_end the frame's length
+            ctx.ingress_ifindex = ingress_ifindex
+            attr.ctx_in = <uint64_t>&ctx
+            attr.ctx_size_in = sizeof(ctx)
         with nogil:
             rc = _test_run(&attr)
         if rc < 0:

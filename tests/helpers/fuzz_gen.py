@@ -12,6 +12,13 @@ truncation at any byte, and random byte flips. Flows are drawn from a pool
 half of the time, so established flows (conntrack hits, FIN/RST bookkeeping)
 get as much traffic as new ones.
 
+Every forwarding mode has its VIPs: DSR, tunnel (IPv4 in IPv4, IPv6 in
+IPv6, IPv4 in IPv6; frames sized around the test device's MTU, with and
+without DF), NAT (port remaps, and the backends' replies to pooled NAT
+flows, from the right backend or another one) and VIPs announced by ARP/ND
+(ARP requests and neighbour solicitations, well-formed or not). ICMP errors
+quoting pooled flows (frag-needed / packet-too-big) exercise rule 6.
+
 Everything comes from one ``random.Random(seed)``: the same seed gives the
 same frames. Nothing here imports fastlb; the backends' MACs are passed in.
 """
@@ -23,12 +30,17 @@ import random
 import struct
 from dataclasses import dataclass
 
-from helpers.oracle import Backend, Vip, checksum, pseudo_header
+from helpers.oracle import Backend, Settings, Vip, checksum, pseudo_header
 
 LB_MAC = bytes.fromhex("020000000002")
 CLIENT_MAC = bytes.fromhex("020000000001")
 
 A4, B4, A6 = "198.19.0.100", "198.19.0.101", "2001:db8:ffff::100"
+T4, T46, T6 = "198.19.0.110", "198.19.0.111", "2001:db8:ffff::110"       # tunnel VIPs
+N4, N6 = "198.19.0.120", "2001:db8:ffff::120"                            # NAT VIPs
+ARP4, ARP6 = "198.19.0.130", "2001:db8:ffff::130"                        # announce = "arp"
+BACKEND_SIDE_MAC = bytes.fromhex("0200000000fe")   # source MAC of the backends' NAT replies
+ROUTER4, ROUTER6 = "198.18.0.254", "2001:db8::fe"  # sources of the ICMP errors
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,9 @@ class Service:
     algorithm: str
     backends: tuple[tuple[str, int], ...]   # (address, weight)
     hash: str = "5tuple"
+    forwarding: str = "dsr"
+    announce: str = "none"
+    backend_port: int | None = None         # nat: every backend's port (None: the VIP's)
 
 
 # Three addresses (two IPv4, one IPv6), TCP and UDP, several algorithms, one
@@ -52,6 +67,23 @@ SERVICES = (
     Service(B4, 5353, "udp", "maglev", (("198.18.0.51", 1), ("198.18.0.52", 1), ("198.18.0.53", 1)), "src"),
     Service(A6, 80, "tcp", "maglev", (("2001:db8::61", 1), ("2001:db8::62", 1), ("2001:db8::63", 1))),
     Service(A6, 53, "udp", "rr", (("2001:db8::71", 1), ("2001:db8::72", 0), ("2001:db8::73", 2))),
+    # Tunnel: IPv4 in IPv4, IPv4 in IPv6, IPv6 in IPv6.
+    Service(T4, 80, "tcp", "maglev", (("198.18.0.81", 1), ("198.18.0.82", 1), ("198.18.0.83", 1)),
+            forwarding="tunnel"),
+    Service(T4, 53, "udp", "rr", (("198.18.0.84", 1), ("198.18.0.85", 1)), forwarding="tunnel"),
+    Service(T46, 80, "tcp", "maglev", (("2001:db8::86", 1), ("2001:db8::87", 1)), forwarding="tunnel"),
+    Service(T6, 80, "tcp", "maglev", (("2001:db8::91", 1), ("2001:db8::92", 1)), forwarding="tunnel"),
+    Service(T6, 53, "udp", "wrr", (("2001:db8::93", 1), ("2001:db8::94", 2)), forwarding="tunnel"),
+    # NAT, with and without a port remap.
+    Service(N4, 80, "tcp", "maglev", (("198.18.0.101", 1), ("198.18.0.102", 1)), forwarding="nat",
+            backend_port=8080),
+    Service(N4, 53, "udp", "rr", (("198.18.0.103", 1), ("198.18.0.104", 1)), forwarding="nat", backend_port=5353),
+    Service(N6, 80, "tcp", "lc", (("2001:db8::105", 1), ("2001:db8::106", 1)), forwarding="nat",
+            backend_port=8080),
+    Service(N6, 53, "udp", "maglev", (("2001:db8::107", 1), ("2001:db8::108", 1)), forwarding="nat"),
+    # Announced by ARP / ND.
+    Service(ARP4, 80, "tcp", "maglev", (("198.18.0.111", 1),), announce="arp"),
+    Service(ARP6, 80, "tcp", "maglev", (("2001:db8::112", 1),), announce="arp"),
 )
 
 # Addresses that are not VIP addresses, some chosen to confuse a sloppy
@@ -62,25 +94,40 @@ OTHER4 = ("198.19.0.102", "198.18.0.2", "10.0.0.1", "0.0.1.0", "255.255.255.255"
 OTHER6 = ("2001:db8:ffff::101", "::ffff:198.19.0.100", "c613:64::", "2001:db8::2", "ff02::1", "::")
 CLIENT_NETS = {4: ipaddress.ip_network("198.18.128.0/17"), 6: ipaddress.ip_network("2001:db8:1::/64")}
 
-CONFIG_SETTINGS = {"ring_size": 1021, "max_vips": 8, "max_backends": 32, "conntrack_size": 1 << 18}
+CONFIG_SETTINGS = {"ring_size": 1021, "max_vips": 24, "max_backends": 64, "conntrack_size": 1 << 18}
+# The tunnel and ICMP sources (strings in the config).
+SOURCE_SETTINGS = {"tunnel_source": "198.18.96.0/24", "tunnel_source6": "2001:db8:96::/64",
+                   "icmp_source": "198.18.0.2", "icmp_source6": "2001:db8::2"}
+# The MTU of the device the fuzzed frames arrive on (tests/oracle.py: TestDevice).
+MTU = 1400
 
 
-def config_text(services=SERVICES, settings=CONFIG_SETTINGS) -> str:
-    lines = ["[settings]"] + [f"{k} = {v}" for k, v in settings.items()]
+def config_text(services=SERVICES, settings=CONFIG_SETTINGS, sources=SOURCE_SETTINGS) -> str:
+    lines = ["[settings]"] + [f"{k} = {v}" for k, v in settings.items()] + \
+        [f'{k} = "{v}"' for k, v in sources.items()]
     for s in services:
         lines += ["", "[[vip]]", f'address = "{s.address}"', f"port = {s.port}", f'protocol = "{s.protocol}"',
-                  f'algorithm = "{s.algorithm}"', f'hash = "{s.hash}"']
+                  f'algorithm = "{s.algorithm}"', f'hash = "{s.hash}"', f'forwarding = "{s.forwarding}"',
+                  f'announce = "{s.announce}"']
         for addr, weight in s.backends:
             lines += ["[[vip.backend]]", f'address = "{addr}"', f"weight = {weight}"]
+            if s.backend_port is not None:
+                lines.append(f"port = {s.backend_port}")
     return "\n".join(lines) + "\n"
 
 
 def oracle_vips(mac_of, services=SERVICES) -> list[Vip]:
     """The services as the oracle's plain data; ``mac_of(address) -> "aa:bb:..."``."""
     return [Vip(s.address, s.port, s.protocol,
-                tuple(Backend(a, bytes.fromhex(mac_of(a).replace(":", "")), w) for a, w in s.backends),
-                s.algorithm)
+                tuple(Backend(a, bytes.fromhex(mac_of(a).replace(":", "")), w, s.backend_port)
+                      for a, w in s.backends),
+                s.algorithm, s.forwarding, s.announce)
             for s in services]
+
+
+def oracle_settings(lb_mac: str, mtu: int = MTU, sources=SOURCE_SETTINGS) -> Settings:
+    """The [settings] the oracle needs, and the interface's MAC and MTU."""
+    return Settings(bytes.fromhex(lb_mac.replace(":", "")), mtu, **sources)
 
 
 # ---- byte builders ----------------------------------------------------------------
@@ -138,9 +185,10 @@ def ipv4(src: bytes, dst: bytes, proto: int, payload: bytes, version: int = 4, i
     return _spoil(head, 10, csum) + payload
 
 
-def ipv6(src: bytes, dst: bytes, nh: int, payload: bytes, version: int = 6, plen: int | None = None) -> bytes:
+def ipv6(src: bytes, dst: bytes, nh: int, payload: bytes, version: int = 6, plen: int | None = None,
+         hlim: int = 64) -> bytes:
     length = plen if plen is not None else len(payload)
-    return struct.pack("!IHBB16s16s", (version & 15) << 28, length & 0xFFFF, nh & 0xFF, 64, src, dst) + payload
+    return struct.pack("!IHBB16s16s", (version & 15) << 28, length & 0xFFFF, nh & 0xFF, hlim, src, dst) + payload
 
 
 def ext_header(nh: int, kind: int) -> bytes:
@@ -150,11 +198,35 @@ def ext_header(nh: int, kind: int) -> bytes:
     return struct.pack("!BB6s", nh, 0, b"\x01\x04\0\0\0\0")   # PadN options fill the rest
 
 
+def icmp_error(family: int, src: bytes, dst: bytes, code: int, body: bytes, csum: str = "good") -> tuple[int, bytes]:
+    """(IP protocol, message): an ICMP frag-needed (next-hop MTU 1300) or an ICMPv6
+    packet-too-big (MTU 1280) with ``code``, quoting ``body``."""
+    if family == 4:
+        seg = bytearray(struct.pack("!BBHHH", 3, code, 0, 0, 1300) + body)
+        seg[2:4] = checksum(bytes(seg))
+        return 1, _spoil(seg, 2, csum)
+    seg = bytearray(struct.pack("!BBHI", 2, code, 0, 1280) + body)
+    seg[2:4] = checksum(pseudo_header(6, src, dst, 58, len(seg)) + bytes(seg))
+    return 58, _spoil(seg, 2, csum)
+
+
+def solicitation(src: bytes, dst: bytes, target: bytes, code: int, lladdr: bytes | None,
+                 csum: str = "good") -> tuple[int, bytes]:
+    """(58, message): a neighbour solicitation for ``target``, with a source
+    link-layer address option when ``lladdr`` is given."""
+    seg = bytearray(struct.pack("!BBHI16s", 135, code, 0, 0, target))
+    if lladdr is not None:
+        seg += struct.pack("!BB6s", 1, 1, lladdr)
+    seg[2:4] = checksum(pseudo_header(6, src, dst, 58, len(seg)) + bytes(seg))
+    return 58, _spoil(seg, 2, csum)
+
+
 # ---- the generator ------------------------------------------------------------------
 
 V6_EXT = (0, 43, 44, 50, 51, 60, 135, 139, 140)
 OTHER_PROTOS = (1, 2, 4, 41, 47, 50, 51, 58, 89, 103, 112, 132, 136, 255, 0, 43, 44, 60)
 NON_IP = (0x0806, 0x88CC, 0x8847, 0x9100, 0x8035, 0x0842, 0x88E5, 0x0000, 0x05DC, 0xFFFF)
+BROADCAST = bytes.fromhex("ffffffffffff")
 GROUP_MACS = ("ffffffffffff", "01005e000001", "333300000001", "0180c200000e", "030000000000")
 
 
@@ -164,7 +236,8 @@ class Spec:
     family: int
     src: bytes
     dst: bytes
-    kind: str                  # tcp, udp, icmp, proto (``proto`` is then the IP protocol), raw (not IP)
+    kind: str                  # tcp, udp, icmp, proto (``proto`` is then the IP protocol), raw (not IP),
+                               # toobig (an ICMP error quoting ``quote``), ns (a neighbour solicitation), arp
     sport: int = 0
     dport: int = 0
     proto: int = 0
@@ -189,20 +262,29 @@ class Spec:
     nh: int | None = None      # IPv6 next header override
     plen_delta: int = 0
     plen: int | None = None
+    hlim: int = 64
+    quote: bytes = b""         # toobig: the quoted header and 8 bytes
+    icmp_code: int = 0
+    target: bytes = b""        # ns: the target; arp: the address asked for
+    nd_option: bool = True     # ns: a source link-layer address option
+    arp_fields: tuple = (1, 0x0800, 6, 4, 1)   # htype, ptype, hlen, plen, operation
 
 
 class Generator:
     """Seeded frames for the fuzzer. ``frame()`` returns (bytes, what it was built as)."""
 
-    def __init__(self, seed: int, services=SERVICES, pool_size: int = 2048):
+    def __init__(self, seed: int, services=SERVICES, pool_size: int = 2048, mtu: int = MTU):
         self.rnd = random.Random(seed)
         self.services = services
+        self.mtu = mtu
         self.pool: list[tuple] = []
         self.pool_size = pool_size
         self.vip_addrs = sorted({(ipaddress.ip_address(s.address).version, ipaddress.ip_address(s.address).packed)
                                  for s in services})
         self.others = [(4, ipaddress.ip_address(a).packed) for a in OTHER4] + \
                       [(6, ipaddress.ip_address(a).packed) for a in OTHER6]
+        self.announced = {f: [a for v, a in self.vip_addrs if v == f and any(
+            s.announce == "arp" and ipaddress.ip_address(s.address).packed == a for s in services)] for f in (4, 6)}
         self.mutations = [
             (self.m_group_mac, 6), (self.m_vlan, 8), (self.m_ethertype, 3), (self.m_version, 3),
             (self.m_ihl, 4), (self.m_options, 4), (self.m_lengths, 10), (self.m_frag, 5), (self.m_proto, 4),
@@ -221,30 +303,76 @@ class Generator:
         n = 0 if r < 0.3 else self.rnd.randrange(1, 64) if r < 0.9 else self.rnd.randrange(64, 1400)
         return self.rnd.randbytes(n)
 
+    def near_mtu(self, family: int, kind: str, svc: Service) -> bytes:
+        """A payload that puts the tunnelled packet within a few bytes of the MTU."""
+        outer = 20 if ipaddress.ip_address(svc.backends[0][0]).version == 4 else 40
+        inner_headers = (20 if family == 4 else 40) + (20 if kind == "tcp" else 8)
+        return self.rnd.randbytes(max(0, self.mtu - outer - inner_headers + self.rnd.randrange(-6, 7)))
+
     def base(self) -> Spec:
         r = self.rnd.random()
         rnd = self.rnd
-        if r < 0.50:   # a service: a pooled flow or a new one
+        if r < 0.44:   # a service: a pooled flow or a new one
             if self.pool and rnd.random() < 0.5:
-                family, src, dst, sport, dport, kind = rnd.choice(self.pool)
+                family, src, dst, sport, dport, kind, svc = rnd.choice(self.pool)
             else:
-                s = rnd.choice(self.services)
-                ip = ipaddress.ip_address(s.address)
-                family, dst, dport, kind = ip.version, ip.packed, s.port, s.protocol
+                svc = rnd.choice(self.services)
+                ip = ipaddress.ip_address(svc.address)
+                family, dst, dport, kind = ip.version, ip.packed, svc.port, svc.protocol
                 src, sport = self.client(family), rnd.randrange(1024, 65536)
+                flow = (family, src, dst, sport, dport, kind, svc)
                 if len(self.pool) < self.pool_size:
-                    self.pool.append((family, src, dst, sport, dport, kind))
+                    self.pool.append(flow)
                 else:
-                    self.pool[rnd.randrange(self.pool_size)] = (family, src, dst, sport, dport, kind)
+                    self.pool[rnd.randrange(self.pool_size)] = flow
             spec = Spec(family, src, dst, kind, sport, dport)
             if kind == "tcp":
                 spec.tcp_flags = rnd.choice((0x02, 0x10, 0x18, 0x10, 0x18, 0x11, 0x04, 0x14, 0x12, 0x01))
-        elif r < 0.62:  # a VIP address, on a port or protocol that may have no VIP
+            if family == 4 and rnd.random() < 0.5:
+                spec.frag = 0x4000   # DF, which decides frag-needed or a drop when a tunnel would be too big
+            if svc.forwarding == "tunnel" and rnd.random() < 0.3:
+                spec.payload = self.near_mtu(family, kind, svc)
+                return self._tagged(spec)
+        elif r < 0.50 and self.pool:  # a backend's reply to a pooled NAT flow, from any of its backends
+            nat = [f for f in self.pool[-64:] if f[6].forwarding == "nat"]   # recent ones: likely forwarded
+            family, client, vip, cport, vport, kind, svc = rnd.choice(nat or self.pool)
+            if svc.forwarding != "nat":
+                svc = rnd.choice([s for s in self.services if s.forwarding == "nat"])
+                family, kind = ipaddress.ip_address(svc.address).version, svc.protocol
+                client, cport = self.client(family), rnd.randrange(1024, 65536)
+            backend = ipaddress.ip_address(rnd.choice(svc.backends)[0]).packed
+            spec = Spec(family, backend, client, kind, svc.backend_port or svc.port, cport,
+                        src_mac=BACKEND_SIDE_MAC)
+            if rnd.random() < 0.1:  # the VIP's port instead of the backend's
+                spec.sport = svc.port
+            if kind == "tcp":
+                spec.tcp_flags = rnd.choice((0x12, 0x10, 0x18, 0x11, 0x04, 0x19))
+        elif r < 0.53 and self.pool:  # an ICMP error quoting a packet from the VIP to a pooled client
+            family, client, vip, cport, vport, kind, svc = rnd.choice(self.pool)
+            if rnd.random() < 0.15:
+                cport = rnd.randrange(1024, 65536)   # about a flow nobody made
+            proto = 6 if kind == "tcp" else 17
+            ports = struct.pack("!HHI", vport, cport, 0x01020304)
+            if family == 4:
+                inner = ipv4(vip, client, proto, b"", tot_len=1400, frag=0x4000)[:20]
+            else:
+                inner = ipv6(vip, client, proto, b"", plen=1360)
+            router = ipaddress.ip_address(ROUTER4 if family == 4 else ROUTER6).packed
+            spec = Spec(family, router, vip, "toobig", quote=inner + ports)
+            spec.icmp_code = 4 if family == 4 else 0
+            if rnd.random() < 0.1:
+                spec.icmp_code = rnd.randrange(16)
+            spec.payload = rnd.randbytes(rnd.choice((0, 0, 0, 8, 40)))
+        elif r < 0.55:  # an ARP request
+            spec = self.arp_request()
+        elif r < 0.57:  # a neighbour solicitation
+            spec = self.solicitation()
+        elif r < 0.66:  # a VIP address, on a port or protocol that may have no VIP
             family, dst = rnd.choice(self.vip_addrs)
             kind = rnd.choice(("tcp", "udp"))
             ports = [s.port for s in self.services] + [rnd.randrange(0, 65536), 0, 22, 8080]
             spec = Spec(family, self.client(family), dst, kind, rnd.randrange(1024, 65536), rnd.choice(ports))
-        elif r < 0.72:  # a VIP address, neither TCP nor UDP
+        elif r < 0.74:  # a VIP address, neither TCP nor UDP
             family, dst = rnd.choice(self.vip_addrs)
             spec = Spec(family, self.client(family), dst, "icmp")
             if rnd.random() < 0.5:
@@ -260,9 +388,49 @@ class Generator:
             if spec.ethertype in (0x0800, 0x86DD, 0x8100, 0x88A8):
                 spec.ethertype = 0x0806
             spec.dst_mac = rnd.choice((LB_MAC, bytes.fromhex("ffffffffffff")))
-        spec.payload = self.payload()
-        if rnd.random() < 0.15:
-            spec.tags = [(rnd.choice((0x8100, 0x88A8)), rnd.randrange(65536)) for _ in range(rnd.randrange(1, 3))]
+        if spec.kind not in ("toobig", "arp", "ns"):
+            spec.payload = self.payload()
+        return self._tagged(spec)
+
+    def _tagged(self, spec: Spec) -> Spec:
+        if self.rnd.random() < 0.15:
+            spec.tags = [(self.rnd.choice((0x8100, 0x88A8)), self.rnd.randrange(65536))
+                         for _ in range(self.rnd.randrange(1, 3))]
+        return spec
+
+    def _target(self, family: int) -> bytes:
+        """An announced VIP address most of the time, else another VIP address or none."""
+        rnd = self.rnd
+        r = rnd.random()
+        if r < 0.6 and self.announced[family]:
+            return rnd.choice(self.announced[family])
+        if r < 0.85:
+            return rnd.choice([a for f, a in self.vip_addrs if f == family])
+        return rnd.choice([a for f, a in self.others if f == family])
+
+    def arp_request(self) -> Spec:
+        rnd = self.rnd
+        target = self._target(4)
+        spec = Spec(4, self.client(4), target, "arp", dst_mac=rnd.choice((BROADCAST, LB_MAC)), target=target)
+        if rnd.random() < 0.15:   # not an Ethernet/IPv4 request
+            spec.arp_fields = tuple(rnd.choice((v, v ^ rnd.choice((1, 2, 0x100)))) for v in spec.arp_fields)
+        if rnd.random() < 0.5:
+            spec.payload = bytes(18)  # Ethernet padding to 60 bytes
+        return spec
+
+    def solicitation(self) -> Spec:
+        rnd = self.rnd
+        target = self._target(6)
+        group = bytes.fromhex("ff0200000000000000000001ff") + target[13:]
+        src = bytes(16) if rnd.random() < 0.2 else self.client(6)       # :: is duplicate address detection
+        spec = Spec(6, src, rnd.choice((group, group, target)), "ns", target=target, hlim=255,
+                    dst_mac=bytes.fromhex("3333ff") + target[13:], nd_option=src != bytes(16))
+        if rnd.random() < 0.1:
+            spec.hlim = rnd.choice((254, 64, 1, 0))
+        if rnd.random() < 0.05:
+            spec.icmp_code = rnd.randrange(1, 256)
+        if rnd.random() < 0.1:
+            spec.nd_option = not spec.nd_option
         return spec
 
     # -- mutations of fields (each picks among the values that matter to some rule) --
@@ -336,7 +504,18 @@ class Generator:
     def build(self, s: Spec) -> bytes:
         if s.kind == "raw":
             return ethernet(s.dst_mac, s.src_mac, s.tags or [], s.ethertype) + s.payload
-        if s.kind in ("tcp", "udp", "icmp"):
+        if s.kind == "arp":
+            htype, ptype, hlen, plen, oper = s.arp_fields
+            body = struct.pack("!HHBBH6s4s6s4s", htype & 0xFFFF, ptype & 0xFFFF, hlen & 0xFF, plen & 0xFF,
+                               oper & 0xFFFF, s.src_mac, s.src, bytes(6), s.target)
+            return ethernet(s.dst_mac, s.src_mac, s.tags or [], 0x0806 if s.ethertype is None else s.ethertype) \
+                + body + s.payload
+        if s.kind == "toobig":
+            proto, seg = icmp_error(s.family, s.src, s.dst, s.icmp_code, s.quote + s.payload, s.l4_csum)
+        elif s.kind == "ns":
+            proto, seg = solicitation(s.src, s.dst, s.target, s.icmp_code, s.src_mac if s.nd_option else None,
+                                      s.l4_csum)
+        elif s.kind in ("tcp", "udp", "icmp"):
             proto, seg = l4_segment(s.kind, s.family, s.src, s.dst, s.sport, s.dport, s.payload, s.tcp_flags,
                                     s.doff, s.tcp_options, s.udp_len, s.l4_csum)
         else:
@@ -356,7 +535,7 @@ class Generator:
             plen = s.plen
             if plen is None and s.plen_delta:
                 plen = max(0, len(seg) + s.plen_delta)
-            l3 = ipv6(s.src, s.dst, nh, seg, 6 if s.version is None else s.version, plen)
+            l3 = ipv6(s.src, s.dst, nh, seg, 6 if s.version is None else s.version, plen, s.hlim)
             natural = 0x86DD
         return ethernet(s.dst_mac, s.src_mac, s.tags or [], natural if s.ethertype is None else s.ethertype) + l3
 
@@ -400,5 +579,17 @@ def truncation_sweep(services=SERVICES) -> list[bytes]:
             if ip.version == 6 and opts:
                 spec.exts = (60,)
             whole = Generator(0).build(spec)
+            out += [whole[:n] for n in range(14, len(whole) + 1)]
+    gen = Generator(0, services)
+    for family, target in sorted({(f, a) for f in (4, 6) for a in gen.announced[f]}):
+        for tags in ([], [(0x8100, 7)]):
+            if family == 4:
+                spec = Spec(4, CLIENT_NETS[4].network_address.packed, target, "arp", dst_mac=BROADCAST,
+                            target=target, tags=tags)
+            else:
+                spec = Spec(6, CLIENT_NETS[6].network_address.packed, bytes.fromhex("ff0200000000000000000001ff")
+                            + target[13:], "ns", hlim=255, target=target, tags=tags,
+                            dst_mac=bytes.fromhex("3333ff") + target[13:])
+            whole = gen.build(spec)
             out += [whole[:n] for n in range(14, len(whole) + 1)]
     return out
