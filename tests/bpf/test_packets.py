@@ -76,7 +76,27 @@ def test_vip_and_backend_counters_move(prog):
     assert (b.packets, b.bytes, b.new_flows) == (be_before[0] + 3, be_before[1] + 3 * size, be_before[2] + 1)
 
 
-def _backend_mac(out: bytes) -> str:
+def test_repeats_within_one_connection_count_one_new_flow(prog):
+    """Issue 13 item 5: every packet a client sends in one connection, retransmissions
+    included (a SYN again, a FIN again, TIME_WAIT's ACK of the server's repeated FIN),
+    counts as a packet of one flow: new_flows moves once, on the VIP and on its backend."""
+    sport = 41002
+    pkt = eth() / v4() / tcp(sport=sport)
+    backend = expected_backend(prog.config, prog.sizes, pkt)
+    be_id = next(i for i, b in enumerate(prog.config.vips[0].backends) if str(b.address) == backend)
+    before = [prog.maps.counter(t, i) for t, i in (("vip_stats", 0), ("backend_stats", be_id))]
+    flags = ["S", "S", "A", "PA", "A", "FA", "FA", "A"]
+    frames = [bytes(eth() / v4() / tcp(sport=sport, flags=f)) for f in flags]
+    for data in frames:
+        verdict, out = prog.run(data)
+        assert verdict == VERDICT_CODES["tx"] and _backend_mac(out) == fake_mac(backend)
+    after = [prog.maps.counter(t, i) for t, i in (("vip_stats", 0), ("backend_stats", be_id))]
+    for b, a in zip(before, after):
+        assert (a.packets - b.packets, a.bytes - b.bytes, a.new_flows - b.new_flows) == \
+            (len(frames), sum(map(len, frames)), 1)
+
+
+ def _backend_mac(out: bytes) -> str:
     return Ether(out).dst
 
 
