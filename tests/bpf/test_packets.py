@@ -96,7 +96,7 @@ def test_repeats_within_one_connection_count_one_new_flow(prog):
             (len(frames), sum(map(len, frames)), 1)
 
 
- def _backend_mac(out: bytes) -> str:
+def _backend_mac(out: bytes) -> str:
     return Ether(out).dst
 
 
