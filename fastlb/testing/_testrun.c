@@ -1757,6 +1757,7 @@ struct __pyx_MemviewEnum_obj;
 struct __pyx_memoryview_obj;
 struct __pyx_memoryviewslice_obj;
 struct __pyx_t_6fastlb_7testing_8_testrun_test_attr;
+struct __pyx_t_6fastlb_7testing_8_testrun_xdp_md;
 
 /* "fastlb/testing/_testrun.pyx":41
  * BPF_F_TEST_XDP_LIVE_FRAMES = 2
@@ -1782,6 +1783,22 @@ struct __pyx_t_6fastlb_7testing_8_testrun_test_attr {
   uint32_t cpu;
   uint32_t batch_size;
   uint32_t pad;
+};
+
+/* "fastlb/testing/_testrun.pyx":60
+ * 
+ * # struct xdp_md (include/uapi/linux/bpf.h): the context a test run may pass in.
+ * cdef struct xdp_md:             # <<<<<<<<<<<<<<
+ *     uint32_t data
+ *     uint32_t data_end
+*/
+struct __pyx_t_6fastlb_7testing_8_testrun_xdp_md {
+  uint32_t data;
+  uint32_t data_end;
+  uint32_t data_meta;
+  uint32_t ingress_ifindex;
+  uint32_t rx_queue_index;
+  uint32_t egress_ifindex;
 };
 
 /* "View.MemoryView":128
@@ -3414,7 +3431,7 @@ static void __pyx_memoryviewslice___pyx_pf_15View_dot_MemoryView_16_memoryviewsl
 static PyObject *__pyx_pf___pyx_memoryviewslice___reduce_cython__(CYTHON_UNUSED struct __pyx_memoryviewslice_obj *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf___pyx_memoryviewslice_2__setstate_cython__(CYTHON_UNUSED struct __pyx_memoryviewslice_obj *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_15View_dot_MemoryView___pyx_unpickle_Enum(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v___pyx_type, long __pyx_v___pyx_checksum, PyObject *__pyx_v___pyx_state); /* proto */
-static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject *__pyx_self, int __pyx_v_prog_fd, PyObject *__pyx_v_data, unsigned int __pyx_v_repeat, unsigned int __pyx_v_flags, unsigned int __pyx_v_batch_size, int __pyx_v_out_size); /* proto */
+static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject *__pyx_self, int __pyx_v_prog_fd, PyObject *__pyx_v_data, unsigned int __pyx_v_repeat, unsigned int __pyx_v_flags, unsigned int __pyx_v_batch_size, int __pyx_v_out_size, unsigned int __pyx_v_ingress_ifindex); /* proto */
 static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED PyObject *__pyx_self, int __pyx_v_prog_fd, PyObject *__pyx_v_data, unsigned long __pyx_v_calls, int __pyx_v_vary_offset, int __pyx_v_vary_len); /* proto */
 static PyObject *__pyx_tp_new__initialisation_array(PyObject *o, 
 #if CYTHON_VECTORCALL_TPNEW
@@ -3551,7 +3568,7 @@ namespace {
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[2];
     PyObject *__pyx_codeobj_tab[2];
-    PyObject *__pyx_string_tab[127];
+    PyObject *__pyx_string_tab[129];
     PyObject *__pyx_number_tab[5];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3673,61 +3690,63 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_cline_in_traceback __pyx_string_tab[69]
 #define __pyx_n_u_count __pyx_string_tab[70]
 #define __pyx_n_u_counter __pyx_string_tab[71]
-#define __pyx_n_u_data __pyx_string_tab[72]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[73]
-#define __pyx_n_u_encode __pyx_string_tab[74]
-#define __pyx_n_u_enumerate __pyx_string_tab[75]
-#define __pyx_n_u_err __pyx_string_tab[76]
-#define __pyx_n_u_error __pyx_string_tab[77]
-#define __pyx_n_u_fastlb_testing__testrun __pyx_string_tab[78]
-#define __pyx_n_u_flags __pyx_string_tab[79]
-#define __pyx_n_u_format __pyx_string_tab[80]
-#define __pyx_n_u_fortran __pyx_string_tab[81]
-#define __pyx_n_u_i __pyx_string_tab[82]
-#define __pyx_n_u_id __pyx_string_tab[83]
-#define __pyx_n_u_index __pyx_string_tab[84]
-#define __pyx_n_u_items __pyx_string_tab[85]
-#define __pyx_n_u_itemsize __pyx_string_tab[86]
-#define __pyx_n_u_k __pyx_string_tab[87]
-#define __pyx_n_u_live __pyx_string_tab[88]
-#define __pyx_n_u_memview __pyx_string_tab[89]
-#define __pyx_n_u_mode __pyx_string_tab[90]
-#define __pyx_n_u_n __pyx_string_tab[91]
-#define __pyx_n_u_name __pyx_string_tab[92]
-#define __pyx_n_u_ndim __pyx_string_tab[93]
-#define __pyx_n_u_obj __pyx_string_tab[94]
-#define __pyx_n_u_out __pyx_string_tab[95]
-#define __pyx_n_u_out_size __pyx_string_tab[96]
-#define __pyx_n_u_pack __pyx_string_tab[97]
-#define __pyx_n_u_pop __pyx_string_tab[98]
-#define __pyx_n_u_prog_fd __pyx_string_tab[99]
-#define __pyx_n_u_rc __pyx_string_tab[100]
-#define __pyx_n_u_register __pyx_string_tab[101]
-#define __pyx_n_u_repeat __pyx_string_tab[102]
-#define __pyx_n_u_run __pyx_string_tab[103]
-#define __pyx_n_u_setdefault __pyx_string_tab[104]
-#define __pyx_n_u_shape __pyx_string_tab[105]
-#define __pyx_n_u_size __pyx_string_tab[106]
-#define __pyx_n_u_start __pyx_string_tab[107]
-#define __pyx_n_u_step __pyx_string_tab[108]
-#define __pyx_n_u_stop __pyx_string_tab[109]
-#define __pyx_n_u_struct __pyx_string_tab[110]
-#define __pyx_n_u_t0 __pyx_string_tab[111]
-#define __pyx_n_u_t1 __pyx_string_tab[112]
-#define __pyx_n_u_time_calls __pyx_string_tab[113]
-#define __pyx_n_u_total __pyx_string_tab[114]
-#define __pyx_n_u_unpack __pyx_string_tab[115]
-#define __pyx_n_u_update __pyx_string_tab[116]
-#define __pyx_n_u_values __pyx_string_tab[117]
-#define __pyx_n_u_vary_len __pyx_string_tab[118]
-#define __pyx_n_u_vary_offset __pyx_string_tab[119]
-#define __pyx_n_u_view __pyx_string_tab[120]
-#define __pyx_n_u_wall __pyx_string_tab[121]
-#define __pyx_n_u_x __pyx_string_tab[122]
-#define __pyx_kp_b__5 __pyx_string_tab[123]
-#define __pyx_n_b_O __pyx_string_tab[124]
-#define __pyx_kp_b_iso88591_8_1_1A_2Rxy_4q_b_t1_k_q_t2WA_4s __pyx_string_tab[125]
-#define __pyx_kp_b_iso88591_Q_1A_6_r_7_A_1_1_t3a_3b_Yb_Yb_9 __pyx_string_tab[126]
+#define __pyx_n_u_ctx __pyx_string_tab[72]
+#define __pyx_n_u_data __pyx_string_tab[73]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[74]
+#define __pyx_n_u_encode __pyx_string_tab[75]
+#define __pyx_n_u_enumerate __pyx_string_tab[76]
+#define __pyx_n_u_err __pyx_string_tab[77]
+#define __pyx_n_u_error __pyx_string_tab[78]
+#define __pyx_n_u_fastlb_testing__testrun __pyx_string_tab[79]
+#define __pyx_n_u_flags __pyx_string_tab[80]
+#define __pyx_n_u_format __pyx_string_tab[81]
+#define __pyx_n_u_fortran __pyx_string_tab[82]
+#define __pyx_n_u_i __pyx_string_tab[83]
+#define __pyx_n_u_id __pyx_string_tab[84]
+#define __pyx_n_u_index __pyx_string_tab[85]
+#define __pyx_n_u_ingress_ifindex __pyx_string_tab[86]
+#define __pyx_n_u_items __pyx_string_tab[87]
+#define __pyx_n_u_itemsize __pyx_string_tab[88]
+#define __pyx_n_u_k __pyx_string_tab[89]
+#define __pyx_n_u_live __pyx_string_tab[90]
+#define __pyx_n_u_memview __pyx_string_tab[91]
+#define __pyx_n_u_mode __pyx_string_tab[92]
+#define __pyx_n_u_n __pyx_string_tab[93]
+#define __pyx_n_u_name __pyx_string_tab[94]
+#define __pyx_n_u_ndim __pyx_string_tab[95]
+#define __pyx_n_u_obj __pyx_string_tab[96]
+#define __pyx_n_u_out __pyx_string_tab[97]
+#define __pyx_n_u_out_size __pyx_string_tab[98]
+#define __pyx_n_u_pack __pyx_string_tab[99]
+#define __pyx_n_u_pop __pyx_string_tab[100]
+#define __pyx_n_u_prog_fd __pyx_string_tab[101]
+#define __pyx_n_u_rc __pyx_string_tab[102]
+#define __pyx_n_u_register __pyx_string_tab[103]
+#define __pyx_n_u_repeat __pyx_string_tab[104]
+#define __pyx_n_u_run __pyx_string_tab[105]
+#define __pyx_n_u_setdefault __pyx_string_tab[106]
+#define __pyx_n_u_shape __pyx_string_tab[107]
+#define __pyx_n_u_size __pyx_string_tab[108]
+#define __pyx_n_u_start __pyx_string_tab[109]
+#define __pyx_n_u_step __pyx_string_tab[110]
+#define __pyx_n_u_stop __pyx_string_tab[111]
+#define __pyx_n_u_struct __pyx_string_tab[112]
+#define __pyx_n_u_t0 __pyx_string_tab[113]
+#define __pyx_n_u_t1 __pyx_string_tab[114]
+#define __pyx_n_u_time_calls __pyx_string_tab[115]
+#define __pyx_n_u_total __pyx_string_tab[116]
+#define __pyx_n_u_unpack __pyx_string_tab[117]
+#define __pyx_n_u_update __pyx_string_tab[118]
+#define __pyx_n_u_values __pyx_string_tab[119]
+#define __pyx_n_u_vary_len __pyx_string_tab[120]
+#define __pyx_n_u_vary_offset __pyx_string_tab[121]
+#define __pyx_n_u_view __pyx_string_tab[122]
+#define __pyx_n_u_wall __pyx_string_tab[123]
+#define __pyx_n_u_x __pyx_string_tab[124]
+#define __pyx_kp_b__5 __pyx_string_tab[125]
+#define __pyx_n_b_O __pyx_string_tab[126]
+#define __pyx_kp_b_iso88591_8_4A_1A_2Rxy_4q_b_t1_k_q_t2WA_4 __pyx_string_tab[127]
+#define __pyx_kp_b_iso88591_Q_1A_6_r_7_A_1_1_t3a_3b_Yb_Yb_9 __pyx_string_tab[128]
 #define __pyx_float_0_0 __pyx_number_tab[0]
 #define __pyx_int_0 __pyx_number_tab[1]
 #define __pyx_int_neg_1 __pyx_number_tab[2]
@@ -3761,7 +3780,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<127; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<129; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<5; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3799,7 +3818,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<127; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<129; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<5; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -17986,8 +18005,8 @@ static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *__
   return __pyx_r;
 }
 
-/* "fastlb/testing/_testrun.pyx":59
- *     uint32_t pad
+/* "fastlb/testing/_testrun.pyx":68
+ *     uint32_t egress_ifindex
  * 
  * cdef inline long _test_run(test_attr *attr) noexcept nogil:             # <<<<<<<<<<<<<<
  *     return syscall(SYS_bpf, BPF_PROG_TEST_RUN, attr, sizeof(test_attr))
@@ -17997,7 +18016,7 @@ static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *__
 static CYTHON_INLINE long __pyx_f_6fastlb_7testing_8_testrun__test_run(struct __pyx_t_6fastlb_7testing_8_testrun_test_attr *__pyx_v_attr) {
   long __pyx_r;
 
-  /* "fastlb/testing/_testrun.pyx":60
+  /* "fastlb/testing/_testrun.pyx":69
  * 
  * cdef inline long _test_run(test_attr *attr) noexcept nogil:
  *     return syscall(SYS_bpf, BPF_PROG_TEST_RUN, attr, sizeof(test_attr))             # <<<<<<<<<<<<<<
@@ -18010,8 +18029,8 @@ static CYTHON_INLINE long __pyx_f_6fastlb_7testing_8_testrun__test_run(struct __
   }
   goto __pyx_L0;
 
-  /* "fastlb/testing/_testrun.pyx":59
- *     uint32_t pad
+  /* "fastlb/testing/_testrun.pyx":68
+ *     uint32_t egress_ifindex
  * 
  * cdef inline long _test_run(test_attr *attr) noexcept nogil:             # <<<<<<<<<<<<<<
  *     return syscall(SYS_bpf, BPF_PROG_TEST_RUN, attr, sizeof(test_attr))
@@ -18023,11 +18042,11 @@ static CYTHON_INLINE long __pyx_f_6fastlb_7testing_8_testrun__test_run(struct __
   return __pyx_r;
 }
 
-/* "fastlb/testing/_testrun.pyx":63
+/* "fastlb/testing/_testrun.pyx":72
  * 
  * 
  * def run(int prog_fd, bytes data, unsigned int repeat=1, unsigned int flags=0,             # <<<<<<<<<<<<<<
- *         unsigned int batch_size=0, int out_size=-1):
+ *         unsigned int batch_size=0, int out_size=-1, unsigned int ingress_ifindex=0):
  *     """Run the program once (``repeat`` times) on ``data``.
 */
 
@@ -18039,7 +18058,7 @@ PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_6fastlb_7testing_8_testrun_run, "Run the program once (``repeat`` times) on ``data``.\n\n    Returns ``(retval, output bytes, duration ns per repetition)``. With\n    ``flags=BPF_F_TEST_XDP_LIVE_FRAMES`` the frames really leave (a traffic\n    generator) and no output is returned.\n    ");
+PyDoc_STRVAR(__pyx_doc_6fastlb_7testing_8_testrun_run, "Run the program once (``repeat`` times) on ``data``.\n\n    Returns ``(retval, output bytes, duration ns per repetition)``. With\n    ``flags=BPF_F_TEST_XDP_LIVE_FRAMES`` the frames really leave (a traffic\n    generator) and no output is returned. ``ingress_ifindex`` (a device of\n    this network namespace) makes the frame arrive on that device instead of\n    lo, so that ``bpf_check_mtu()`` measures against its MTU.\n    ");
 static PyMethodDef __pyx_mdef_6fastlb_7testing_8_testrun_1run = {"run", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6fastlb_7testing_8_testrun_1run, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6fastlb_7testing_8_testrun_run};
 static PyObject *__pyx_pw_6fastlb_7testing_8_testrun_1run(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
@@ -18054,11 +18073,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   unsigned int __pyx_v_flags;
   unsigned int __pyx_v_batch_size;
   int __pyx_v_out_size;
+  unsigned int __pyx_v_ingress_ifindex;
   #if !CYTHON_VECTORCALL
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   #endif
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[6] = {0,0,0,0,0,0};
+  PyObject* values[7] = {0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -18074,96 +18094,109 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   #endif
   __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_prog_fd,&__pyx_mstate_global->__pyx_n_u_data,&__pyx_mstate_global->__pyx_n_u_repeat,&__pyx_mstate_global->__pyx_n_u_flags,&__pyx_mstate_global->__pyx_n_u_batch_size,&__pyx_mstate_global->__pyx_n_u_out_size,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_prog_fd,&__pyx_mstate_global->__pyx_n_u_data,&__pyx_mstate_global->__pyx_n_u_repeat,&__pyx_mstate_global->__pyx_n_u_flags,&__pyx_mstate_global->__pyx_n_u_batch_size,&__pyx_mstate_global->__pyx_n_u_out_size,&__pyx_mstate_global->__pyx_n_u_ingress_ifindex,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 63, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 72, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  7:
+        values[6] = __Pyx_ArgRef_FASTCALL(__pyx_args, 6);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 72, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "run", 0) < (0)) __PYX_ERR(0, 63, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "run", 0) < (0)) __PYX_ERR(0, 72, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("run", 0, 2, 6, i); __PYX_ERR(0, 63, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("run", 0, 2, 7, i); __PYX_ERR(0, 72, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
+        case  7:
+        values[6] = __Pyx_ArgRef_FASTCALL(__pyx_args, 6);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 72, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 72, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 72, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 63, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 72, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
     }
-    __pyx_v_prog_fd = __Pyx_PyLong_As_int(values[0]); if (unlikely((__pyx_v_prog_fd == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 63, __pyx_L3_error)
+    __pyx_v_prog_fd = __Pyx_PyLong_As_int(values[0]); if (unlikely((__pyx_v_prog_fd == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 72, __pyx_L3_error)
     __pyx_v_data = ((PyObject*)values[1]);
     if (values[2]) {
-      __pyx_v_repeat = __Pyx_PyLong_As_unsigned_int(values[2]); if (unlikely((__pyx_v_repeat == (unsigned int)-1) && PyErr_Occurred())) __PYX_ERR(0, 63, __pyx_L3_error)
+      __pyx_v_repeat = __Pyx_PyLong_As_unsigned_int(values[2]); if (unlikely((__pyx_v_repeat == (unsigned int)-1) && PyErr_Occurred())) __PYX_ERR(0, 72, __pyx_L3_error)
     } else {
       __pyx_v_repeat = ((unsigned int)((unsigned int)1));
     }
     if (values[3]) {
-      __pyx_v_flags = __Pyx_PyLong_As_unsigned_int(values[3]); if (unlikely((__pyx_v_flags == (unsigned int)-1) && PyErr_Occurred())) __PYX_ERR(0, 63, __pyx_L3_error)
+      __pyx_v_flags = __Pyx_PyLong_As_unsigned_int(values[3]); if (unlikely((__pyx_v_flags == (unsigned int)-1) && PyErr_Occurred())) __PYX_ERR(0, 72, __pyx_L3_error)
     } else {
       __pyx_v_flags = ((unsigned int)((unsigned int)0));
     }
     if (values[4]) {
-      __pyx_v_batch_size = __Pyx_PyLong_As_unsigned_int(values[4]); if (unlikely((__pyx_v_batch_size == (unsigned int)-1) && PyErr_Occurred())) __PYX_ERR(0, 64, __pyx_L3_error)
+      __pyx_v_batch_size = __Pyx_PyLong_As_unsigned_int(values[4]); if (unlikely((__pyx_v_batch_size == (unsigned int)-1) && PyErr_Occurred())) __PYX_ERR(0, 73, __pyx_L3_error)
     } else {
       __pyx_v_batch_size = ((unsigned int)((unsigned int)0));
     }
     if (values[5]) {
-      __pyx_v_out_size = __Pyx_PyLong_As_int(values[5]); if (unlikely((__pyx_v_out_size == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 64, __pyx_L3_error)
+      __pyx_v_out_size = __Pyx_PyLong_As_int(values[5]); if (unlikely((__pyx_v_out_size == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 73, __pyx_L3_error)
     } else {
       __pyx_v_out_size = ((int)((int)-1));
+    }
+    if (values[6]) {
+      __pyx_v_ingress_ifindex = __Pyx_PyLong_As_unsigned_int(values[6]); if (unlikely((__pyx_v_ingress_ifindex == (unsigned int)-1) && PyErr_Occurred())) __PYX_ERR(0, 73, __pyx_L3_error)
+    } else {
+      __pyx_v_ingress_ifindex = ((unsigned int)((unsigned int)0));
     }
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("run", 0, 2, 6, __pyx_nargs); __PYX_ERR(0, 63, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("run", 0, 2, 7, __pyx_nargs); __PYX_ERR(0, 72, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18174,8 +18207,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 1, "data", 1))) __PYX_ERR(0, 63, __pyx_L1_error)
-  __pyx_r = __pyx_pf_6fastlb_7testing_8_testrun_run(__pyx_self, __pyx_v_prog_fd, __pyx_v_data, __pyx_v_repeat, __pyx_v_flags, __pyx_v_batch_size, __pyx_v_out_size);
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 1, "data", 1))) __PYX_ERR(0, 72, __pyx_L1_error)
+  __pyx_r = __pyx_pf_6fastlb_7testing_8_testrun_run(__pyx_self, __pyx_v_prog_fd, __pyx_v_data, __pyx_v_repeat, __pyx_v_flags, __pyx_v_batch_size, __pyx_v_out_size, __pyx_v_ingress_ifindex);
 
   /* function exit code */
   goto __pyx_L0;
@@ -18195,12 +18228,14 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject *__pyx_self, int __pyx_v_prog_fd, PyObject *__pyx_v_data, unsigned int __pyx_v_repeat, unsigned int __pyx_v_flags, unsigned int __pyx_v_batch_size, int __pyx_v_out_size) {
+static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject *__pyx_self, int __pyx_v_prog_fd, PyObject *__pyx_v_data, unsigned int __pyx_v_repeat, unsigned int __pyx_v_flags, unsigned int __pyx_v_batch_size, int __pyx_v_out_size, unsigned int __pyx_v_ingress_ifindex) {
   struct __pyx_t_6fastlb_7testing_8_testrun_test_attr __pyx_v_attr;
+  struct __pyx_t_6fastlb_7testing_8_testrun_xdp_md __pyx_v_ctx;
   Py_ssize_t __pyx_v_n;
   Py_ssize_t __pyx_v_cap;
   uint8_t *__pyx_v_out;
@@ -18234,22 +18269,22 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("run", 0);
 
-  /* "fastlb/testing/_testrun.pyx":72
- *     """
+  /* "fastlb/testing/_testrun.pyx":84
  *     cdef test_attr attr
+ *     cdef xdp_md ctx
  *     cdef Py_ssize_t n = len(data)             # <<<<<<<<<<<<<<
  *     cdef Py_ssize_t cap = (n + 512) if out_size < 0 else out_size
  *     cdef uint8_t *out = NULL
 */
   if (unlikely(__pyx_v_data == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 72, __pyx_L1_error)
+    __PYX_ERR(0, 84, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyBytes_GET_SIZE(__pyx_v_data); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(0, 72, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyBytes_GET_SIZE(__pyx_v_data); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(0, 84, __pyx_L1_error)
   __pyx_v_n = __pyx_t_1;
 
-  /* "fastlb/testing/_testrun.pyx":73
- *     cdef test_attr attr
+  /* "fastlb/testing/_testrun.pyx":85
+ *     cdef xdp_md ctx
  *     cdef Py_ssize_t n = len(data)
  *     cdef Py_ssize_t cap = (n + 512) if out_size < 0 else out_size             # <<<<<<<<<<<<<<
  *     cdef uint8_t *out = NULL
@@ -18267,7 +18302,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 
   __pyx_v_cap = __pyx_t_1;
 
-  /* "fastlb/testing/_testrun.pyx":74
+  /* "fastlb/testing/_testrun.pyx":86
  *     cdef Py_ssize_t n = len(data)
  *     cdef Py_ssize_t cap = (n + 512) if out_size < 0 else out_size
  *     cdef uint8_t *out = NULL             # <<<<<<<<<<<<<<
@@ -18276,39 +18311,39 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
   __pyx_v_out = NULL;
 
-  /* "fastlb/testing/_testrun.pyx":75
+  /* "fastlb/testing/_testrun.pyx":87
  *     cdef Py_ssize_t cap = (n + 512) if out_size < 0 else out_size
  *     cdef uint8_t *out = NULL
  *     cdef const uint8_t[:] view = data             # <<<<<<<<<<<<<<
  *     cdef long rc
  *     live = bool(flags & BPF_F_TEST_XDP_LIVE_FRAMES)
 */
-  __pyx_t_3 = __Pyx_PyObject_to_MemoryviewSlice_ds_nn_uint8_t__const__(__pyx_v_data, 0); if (unlikely(!__pyx_t_3.memview)) __PYX_ERR(0, 75, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_to_MemoryviewSlice_ds_nn_uint8_t__const__(__pyx_v_data, 0); if (unlikely(!__pyx_t_3.memview)) __PYX_ERR(0, 87, __pyx_L1_error)
   __pyx_v_view = __pyx_t_3;
   __pyx_t_3.memview = NULL;
   __pyx_t_3.data = NULL;
 
-  /* "fastlb/testing/_testrun.pyx":77
+  /* "fastlb/testing/_testrun.pyx":89
  *     cdef const uint8_t[:] view = data
  *     cdef long rc
  *     live = bool(flags & BPF_F_TEST_XDP_LIVE_FRAMES)             # <<<<<<<<<<<<<<
  *     if not live:
  *         out = <uint8_t *>malloc(cap if cap > 0 else 1)
 */
-  __pyx_t_4 = __Pyx_PyLong_From_unsigned_int(__pyx_v_flags); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 77, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyLong_From_unsigned_int(__pyx_v_flags); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 89, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_BPF_F_TEST_XDP_LIVE_FRAMES); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 77, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_BPF_F_TEST_XDP_LIVE_FRAMES); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 89, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_6 = __Pyx_PyNumber_And_int_object(__pyx_t_4, __pyx_t_5); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 77, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyNumber_And_int_object(__pyx_t_4, __pyx_t_5); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 89, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 77, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 89, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   __pyx_v_live = (!(!__pyx_t_2));
 
 
-  /* "fastlb/testing/_testrun.pyx":78
+  /* "fastlb/testing/_testrun.pyx":90
  *     cdef long rc
  *     live = bool(flags & BPF_F_TEST_XDP_LIVE_FRAMES)
  *     if not live:             # <<<<<<<<<<<<<<
@@ -18320,7 +18355,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
   if (__pyx_t_2) {
 
 
-    /* "fastlb/testing/_testrun.pyx":79
+    /* "fastlb/testing/_testrun.pyx":91
  *     live = bool(flags & BPF_F_TEST_XDP_LIVE_FRAMES)
  *     if not live:
  *         out = <uint8_t *>malloc(cap if cap > 0 else 1)             # <<<<<<<<<<<<<<
@@ -18340,7 +18375,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
     __pyx_v_out = ((uint8_t *)malloc(__pyx_t_7));
 
 
-    /* "fastlb/testing/_testrun.pyx":80
+    /* "fastlb/testing/_testrun.pyx":92
  *     if not live:
  *         out = <uint8_t *>malloc(cap if cap > 0 else 1)
  *         if out == NULL:             # <<<<<<<<<<<<<<
@@ -18352,16 +18387,16 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
     if (unlikely(__pyx_t_2)) {
 
 
-      /* "fastlb/testing/_testrun.pyx":81
+      /* "fastlb/testing/_testrun.pyx":93
  *         out = <uint8_t *>malloc(cap if cap > 0 else 1)
  *         if out == NULL:
  *             raise MemoryError()             # <<<<<<<<<<<<<<
  *     try:
  *         memset(&attr, 0, sizeof(attr))
 */
-      PyErr_NoMemory(); __PYX_ERR(0, 81, __pyx_L1_error)
+      PyErr_NoMemory(); __PYX_ERR(0, 93, __pyx_L1_error)
 
-      /* "fastlb/testing/_testrun.pyx":80
+      /* "fastlb/testing/_testrun.pyx":92
  *     if not live:
  *         out = <uint8_t *>malloc(cap if cap > 0 else 1)
  *         if out == NULL:             # <<<<<<<<<<<<<<
@@ -18370,7 +18405,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     }
 
-    /* "fastlb/testing/_testrun.pyx":78
+    /* "fastlb/testing/_testrun.pyx":90
  *     cdef long rc
  *     live = bool(flags & BPF_F_TEST_XDP_LIVE_FRAMES)
  *     if not live:             # <<<<<<<<<<<<<<
@@ -18379,7 +18414,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
   }
 
-  /* "fastlb/testing/_testrun.pyx":82
+  /* "fastlb/testing/_testrun.pyx":94
  *         if out == NULL:
  *             raise MemoryError()
  *     try:             # <<<<<<<<<<<<<<
@@ -18388,7 +18423,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
   /*try:*/ {
 
-    /* "fastlb/testing/_testrun.pyx":83
+    /* "fastlb/testing/_testrun.pyx":95
  *             raise MemoryError()
  *     try:
  *         memset(&attr, 0, sizeof(attr))             # <<<<<<<<<<<<<<
@@ -18397,7 +18432,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     (void)(memset((&__pyx_v_attr), 0, (sizeof(__pyx_v_attr))));
 
-    /* "fastlb/testing/_testrun.pyx":84
+    /* "fastlb/testing/_testrun.pyx":96
  *     try:
  *         memset(&attr, 0, sizeof(attr))
  *         attr.prog_fd = prog_fd             # <<<<<<<<<<<<<<
@@ -18406,7 +18441,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     __pyx_v_attr.prog_fd = __pyx_v_prog_fd;
 
-    /* "fastlb/testing/_testrun.pyx":85
+    /* "fastlb/testing/_testrun.pyx":97
  *         memset(&attr, 0, sizeof(attr))
  *         attr.prog_fd = prog_fd
  *         attr.data_in = <uint64_t>&view[0]             # <<<<<<<<<<<<<<
@@ -18416,7 +18451,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
     __pyx_t_8 = 0;
     __pyx_v_attr.data_in = ((uint64_t)(&(*((uint8_t const  *) ( /* dim=0 */ (__pyx_v_view.data + __pyx_t_8 * __pyx_v_view.strides[0]) )))));
 
-    /* "fastlb/testing/_testrun.pyx":86
+    /* "fastlb/testing/_testrun.pyx":98
  *         attr.prog_fd = prog_fd
  *         attr.data_in = <uint64_t>&view[0]
  *         attr.data_size_in = n             # <<<<<<<<<<<<<<
@@ -18425,7 +18460,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     __pyx_v_attr.data_size_in = __pyx_v_n;
 
-    /* "fastlb/testing/_testrun.pyx":87
+    /* "fastlb/testing/_testrun.pyx":99
  *         attr.data_in = <uint64_t>&view[0]
  *         attr.data_size_in = n
  *         if not live:             # <<<<<<<<<<<<<<
@@ -18437,7 +18472,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
     if (__pyx_t_2) {
 
 
-      /* "fastlb/testing/_testrun.pyx":88
+      /* "fastlb/testing/_testrun.pyx":100
  *         attr.data_size_in = n
  *         if not live:
  *             attr.data_out = <uint64_t>out             # <<<<<<<<<<<<<<
@@ -18446,7 +18481,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
       __pyx_v_attr.data_out = ((uint64_t)__pyx_v_out);
 
-      /* "fastlb/testing/_testrun.pyx":89
+      /* "fastlb/testing/_testrun.pyx":101
  *         if not live:
  *             attr.data_out = <uint64_t>out
  *             attr.data_size_out = cap             # <<<<<<<<<<<<<<
@@ -18455,7 +18490,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
       __pyx_v_attr.data_size_out = __pyx_v_cap;
 
-      /* "fastlb/testing/_testrun.pyx":87
+      /* "fastlb/testing/_testrun.pyx":99
  *         attr.data_in = <uint64_t>&view[0]
  *         attr.data_size_in = n
  *         if not live:             # <<<<<<<<<<<<<<
@@ -18464,7 +18499,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     }
 
-    /* "fastlb/testing/_testrun.pyx":90
+    /* "fastlb/testing/_testrun.pyx":102
  *             attr.data_out = <uint64_t>out
  *             attr.data_size_out = cap
  *         attr.repeat = repeat             # <<<<<<<<<<<<<<
@@ -18473,27 +18508,93 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     __pyx_v_attr.repeat = __pyx_v_repeat;
 
-    /* "fastlb/testing/_testrun.pyx":91
+    /* "fastlb/testing/_testrun.pyx":103
  *             attr.data_size_out = cap
  *         attr.repeat = repeat
  *         attr.flags = flags             # <<<<<<<<<<<<<<
  *         attr.batch_size = batch_size
- *         with nogil:
+ *         if ingress_ifindex:
 */
     __pyx_v_attr.flags = __pyx_v_flags;
 
-    /* "fastlb/testing/_testrun.pyx":92
+    /* "fastlb/testing/_testrun.pyx":104
  *         attr.repeat = repeat
  *         attr.flags = flags
  *         attr.batch_size = batch_size             # <<<<<<<<<<<<<<
- *         with nogil:
- *             rc = _test_run(&attr)
+ *         if ingress_ifindex:
+ *             memset(&ctx, 0, sizeof(ctx))
 */
     __pyx_v_attr.batch_size = __pyx_v_batch_size;
 
-    /* "fastlb/testing/_testrun.pyx":93
+    /* "fastlb/testing/_testrun.pyx":105
  *         attr.flags = flags
  *         attr.batch_size = batch_size
+ *         if ingress_ifindex:             # <<<<<<<<<<<<<<
+ *             memset(&ctx, 0, sizeof(ctx))
+ *             ctx.data_end = <uint32_t>n      # the kernel requires data 0, data_end the frame's length
+*/
+    __pyx_t_2 = (__pyx_v_ingress_ifindex != 0);
+
+    if (__pyx_t_2) {
+
+
+      /* "fastlb/testing/_testrun.pyx":106
+ *         attr.batch_size = batch_size
+ *         if ingress_ifindex:
+ *             memset(&ctx, 0, sizeof(ctx))             # <<<<<<<<<<<<<<
+ *             ctx.data_end = <uint32_t>n      # the kernel requires data 0, data_end the frame's length
+ *             ctx.ingress_ifindex = ingress_ifindex
+*/
+      (void)(memset((&__pyx_v_ctx), 0, (sizeof(__pyx_v_ctx))));
+
+      /* "fastlb/testing/_testrun.pyx":107
+ *         if ingress_ifindex:
+ *             memset(&ctx, 0, sizeof(ctx))
+ *             ctx.data_end = <uint32_t>n      # the kernel requires data 0, data_end the frame's length             # <<<<<<<<<<<<<<
+ *             ctx.ingress_ifindex = ingress_ifindex
+ *             attr.ctx_in = <uint64_t>&ctx
+*/
+      __pyx_v_ctx.data_end = ((uint32_t)__pyx_v_n);
+
+      /* "fastlb/testing/_testrun.pyx":108
+ *             memset(&ctx, 0, sizeof(ctx))
+ *             ctx.data_end = <uint32_t>n      # the kernel requires data 0, data_end the frame's length
+ *             ctx.ingress_ifindex = ingress_ifindex             # <<<<<<<<<<<<<<
+ *             attr.ctx_in = <uint64_t>&ctx
+ *             attr.ctx_size_in = sizeof(ctx)
+*/
+      __pyx_v_ctx.ingress_ifindex = __pyx_v_ingress_ifindex;
+
+      /* "fastlb/testing/_testrun.pyx":109
+ *             ctx.data_end = <uint32_t>n      # the kernel requires data 0, data_end the frame's length
+ *             ctx.ingress_ifindex = ingress_ifindex
+ *             attr.ctx_in = <uint64_t>&ctx             # <<<<<<<<<<<<<<
+ *             attr.ctx_size_in = sizeof(ctx)
+ *         with nogil:
+*/
+      __pyx_v_attr.ctx_in = ((uint64_t)(&__pyx_v_ctx));
+
+      /* "fastlb/testing/_testrun.pyx":110
+ *             ctx.ingress_ifindex = ingress_ifindex
+ *             attr.ctx_in = <uint64_t>&ctx
+ *             attr.ctx_size_in = sizeof(ctx)             # <<<<<<<<<<<<<<
+ *         with nogil:
+ *             rc = _test_run(&attr)
+*/
+      __pyx_v_attr.ctx_size_in = (sizeof(__pyx_v_ctx));
+
+      /* "fastlb/testing/_testrun.pyx":105
+ *         attr.flags = flags
+ *         attr.batch_size = batch_size
+ *         if ingress_ifindex:             # <<<<<<<<<<<<<<
+ *             memset(&ctx, 0, sizeof(ctx))
+ *             ctx.data_end = <uint32_t>n      # the kernel requires data 0, data_end the frame's length
+*/
+    }
+
+    /* "fastlb/testing/_testrun.pyx":111
+ *             attr.ctx_in = <uint64_t>&ctx
+ *             attr.ctx_size_in = sizeof(ctx)
  *         with nogil:             # <<<<<<<<<<<<<<
  *             rc = _test_run(&attr)
  *         if rc < 0:
@@ -18504,8 +18605,8 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastlb/testing/_testrun.pyx":94
- *         attr.batch_size = batch_size
+          /* "fastlb/testing/_testrun.pyx":112
+ *             attr.ctx_size_in = sizeof(ctx)
  *         with nogil:
  *             rc = _test_run(&attr)             # <<<<<<<<<<<<<<
  *         if rc < 0:
@@ -18514,9 +18615,9 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
           __pyx_v_rc = __pyx_f_6fastlb_7testing_8_testrun__test_run((&__pyx_v_attr));
         }
 
-        /* "fastlb/testing/_testrun.pyx":93
- *         attr.flags = flags
- *         attr.batch_size = batch_size
+        /* "fastlb/testing/_testrun.pyx":111
+ *             attr.ctx_in = <uint64_t>&ctx
+ *             attr.ctx_size_in = sizeof(ctx)
  *         with nogil:             # <<<<<<<<<<<<<<
  *             rc = _test_run(&attr)
  *         if rc < 0:
@@ -18525,13 +18626,13 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
           /*normal exit:*/{
             __Pyx_FastGIL_Forget();
             PyEval_RestoreThread(_save);
-            goto __pyx_L11;
+            goto __pyx_L12;
           }
-          __pyx_L11:;
+          __pyx_L12:;
         }
     }
 
-    /* "fastlb/testing/_testrun.pyx":95
+    /* "fastlb/testing/_testrun.pyx":113
  *         with nogil:
  *             rc = _test_run(&attr)
  *         if rc < 0:             # <<<<<<<<<<<<<<
@@ -18543,7 +18644,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
     if (unlikely(__pyx_t_2)) {
 
 
-      /* "fastlb/testing/_testrun.pyx":96
+      /* "fastlb/testing/_testrun.pyx":114
  *             rc = _test_run(&attr)
  *         if rc < 0:
  *             raise OSError(errno, "BPF_PROG_TEST_RUN failed")             # <<<<<<<<<<<<<<
@@ -18551,7 +18652,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
  *             return attr.retval, b"", attr.duration
 */
       __pyx_t_5 = NULL;
-      __pyx_t_4 = __Pyx_PyLong_From_int(errno); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 96, __pyx_L6_error)
+      __pyx_t_4 = __Pyx_PyLong_From_int(errno); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 114, __pyx_L6_error)
       __Pyx_GOTREF(__pyx_t_4);
       __pyx_t_7 = 1;
       {
@@ -18559,14 +18660,14 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
         __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_OSError)), __pyx_callargs+__pyx_t_7, (3-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 96, __pyx_L6_error)
+        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 114, __pyx_L6_error)
         __Pyx_GOTREF(__pyx_t_6);
       }
       __Pyx_Raise(__pyx_t_6, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      __PYX_ERR(0, 96, __pyx_L6_error)
+      __PYX_ERR(0, 114, __pyx_L6_error)
 
-      /* "fastlb/testing/_testrun.pyx":95
+      /* "fastlb/testing/_testrun.pyx":113
  *         with nogil:
  *             rc = _test_run(&attr)
  *         if rc < 0:             # <<<<<<<<<<<<<<
@@ -18575,7 +18676,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     }
 
-    /* "fastlb/testing/_testrun.pyx":97
+    /* "fastlb/testing/_testrun.pyx":115
  *         if rc < 0:
  *             raise OSError(errno, "BPF_PROG_TEST_RUN failed")
  *         if live:             # <<<<<<<<<<<<<<
@@ -18584,26 +18685,26 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     if (__pyx_v_live) {
 
-      /* "fastlb/testing/_testrun.pyx":98
+      /* "fastlb/testing/_testrun.pyx":116
  *             raise OSError(errno, "BPF_PROG_TEST_RUN failed")
  *         if live:
  *             return attr.retval, b"", attr.duration             # <<<<<<<<<<<<<<
  *         return attr.retval, bytes(out[:min(<Py_ssize_t>attr.data_size_out, cap)]), attr.duration
  *     finally:
 */
-      __pyx_t_6 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.retval); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 98, __pyx_L6_error)
+      __pyx_t_6 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.retval); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 116, __pyx_L6_error)
       __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_4 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.duration); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 98, __pyx_L6_error)
+      __pyx_t_4 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.duration); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 116, __pyx_L6_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_5 = PyTuple_New(3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 98, __pyx_L6_error)
+      __pyx_t_5 = PyTuple_New(3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 116, __pyx_L6_error)
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_GIVEREF(__pyx_t_6);
-      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_6) != (0)) __PYX_ERR(0, 98, __pyx_L6_error);
+      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_6) != (0)) __PYX_ERR(0, 116, __pyx_L6_error);
       __Pyx_INCREF(__pyx_mstate_global->__pyx_kp_b__5);
       __Pyx_GIVEREF(__pyx_mstate_global->__pyx_kp_b__5);
-      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_mstate_global->__pyx_kp_b__5) != (0)) __PYX_ERR(0, 98, __pyx_L6_error);
+      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_mstate_global->__pyx_kp_b__5) != (0)) __PYX_ERR(0, 116, __pyx_L6_error);
       __Pyx_GIVEREF(__pyx_t_4);
-      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 2, __pyx_t_4) != (0)) __PYX_ERR(0, 98, __pyx_L6_error);
+      if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 2, __pyx_t_4) != (0)) __PYX_ERR(0, 116, __pyx_L6_error);
       __pyx_t_6 = 0;
       __pyx_t_4 = 0;
       {
@@ -18617,7 +18718,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
       __pyx_t_5 = 0;
       goto __pyx_L5_return;
 
-      /* "fastlb/testing/_testrun.pyx":97
+      /* "fastlb/testing/_testrun.pyx":115
  *         if rc < 0:
  *             raise OSError(errno, "BPF_PROG_TEST_RUN failed")
  *         if live:             # <<<<<<<<<<<<<<
@@ -18626,14 +18727,14 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
     }
 
-    /* "fastlb/testing/_testrun.pyx":99
+    /* "fastlb/testing/_testrun.pyx":117
  *         if live:
  *             return attr.retval, b"", attr.duration
  *         return attr.retval, bytes(out[:min(<Py_ssize_t>attr.data_size_out, cap)]), attr.duration             # <<<<<<<<<<<<<<
  *     finally:
  *         if out != NULL:
 */
-    __pyx_t_5 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.retval); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 99, __pyx_L6_error)
+    __pyx_t_5 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.retval); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 117, __pyx_L6_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_6 = NULL;
 
@@ -18650,7 +18751,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
       __pyx_t_10 = __pyx_t_9;
     }
 
-    __pyx_t_11 = __Pyx_PyBytes_FromStringAndSize(((char const *)__pyx_v_out) + 0, __pyx_t_10 - 0); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 99, __pyx_L6_error)
+    __pyx_t_11 = __Pyx_PyBytes_FromStringAndSize(((char const *)__pyx_v_out) + 0, __pyx_t_10 - 0); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 117, __pyx_L6_error)
     __Pyx_GOTREF(__pyx_t_11);
 
     __pyx_t_7 = 1;
@@ -18659,19 +18760,19 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
       __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 99, __pyx_L6_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 117, __pyx_L6_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
-    __pyx_t_11 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.duration); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 99, __pyx_L6_error)
+    __pyx_t_11 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.duration); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 117, __pyx_L6_error)
     __Pyx_GOTREF(__pyx_t_11);
-    __pyx_t_6 = PyTuple_New(3); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 99, __pyx_L6_error)
+    __pyx_t_6 = PyTuple_New(3); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 117, __pyx_L6_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_GIVEREF(__pyx_t_5);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 99, __pyx_L6_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 117, __pyx_L6_error);
     __Pyx_GIVEREF(__pyx_t_4);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 99, __pyx_L6_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 117, __pyx_L6_error);
     __Pyx_GIVEREF(__pyx_t_11);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 2, __pyx_t_11) != (0)) __PYX_ERR(0, 99, __pyx_L6_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 2, __pyx_t_11) != (0)) __PYX_ERR(0, 117, __pyx_L6_error);
     __pyx_t_5 = 0;
     __pyx_t_4 = 0;
     __pyx_t_11 = 0;
@@ -18687,7 +18788,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
     goto __pyx_L5_return;
   }
 
-  /* "fastlb/testing/_testrun.pyx":101
+  /* "fastlb/testing/_testrun.pyx":119
  *         return attr.retval, bytes(out[:min(<Py_ssize_t>attr.data_size_out, cap)]), attr.duration
  *     finally:
  *         if out != NULL:             # <<<<<<<<<<<<<<
@@ -18720,7 +18821,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
         if (__pyx_t_2) {
 
 
-          /* "fastlb/testing/_testrun.pyx":102
+          /* "fastlb/testing/_testrun.pyx":120
  *     finally:
  *         if out != NULL:
  *             free(out)             # <<<<<<<<<<<<<<
@@ -18729,7 +18830,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
           free(__pyx_v_out);
 
-          /* "fastlb/testing/_testrun.pyx":101
+          /* "fastlb/testing/_testrun.pyx":119
  *         return attr.retval, bytes(out[:min(<Py_ssize_t>attr.data_size_out, cap)]), attr.duration
  *     finally:
  *         if out != NULL:             # <<<<<<<<<<<<<<
@@ -18758,7 +18859,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
       if (__pyx_t_2) {
 
 
-        /* "fastlb/testing/_testrun.pyx":102
+        /* "fastlb/testing/_testrun.pyx":120
  *     finally:
  *         if out != NULL:
  *             free(out)             # <<<<<<<<<<<<<<
@@ -18767,7 +18868,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 */
         free(__pyx_v_out);
 
-        /* "fastlb/testing/_testrun.pyx":101
+        /* "fastlb/testing/_testrun.pyx":119
  *         return attr.retval, bytes(out[:min(<Py_ssize_t>attr.data_size_out, cap)]), attr.duration
  *     finally:
  *         if out != NULL:             # <<<<<<<<<<<<<<
@@ -18781,11 +18882,11 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
     }
   }
 
-  /* "fastlb/testing/_testrun.pyx":63
+  /* "fastlb/testing/_testrun.pyx":72
  * 
  * 
  * def run(int prog_fd, bytes data, unsigned int repeat=1, unsigned int flags=0,             # <<<<<<<<<<<<<<
- *         unsigned int batch_size=0, int out_size=-1):
+ *         unsigned int batch_size=0, int out_size=-1, unsigned int ingress_ifindex=0):
  *     """Run the program once (``repeat`` times) on ``data``.
 */
 
@@ -18803,6 +18904,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
 
 
 
+
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_view, 1);
 
 
@@ -18811,7 +18913,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_run(CYTHON_UNUSED PyObject 
   return __pyx_r;
 }
 
-/* "fastlb/testing/_testrun.pyx":105
+/* "fastlb/testing/_testrun.pyx":123
  * 
  * 
  * def time_calls(int prog_fd, bytes data, unsigned long calls, int vary_offset=-1,             # <<<<<<<<<<<<<<
@@ -18863,75 +18965,75 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_prog_fd,&__pyx_mstate_global->__pyx_n_u_data,&__pyx_mstate_global->__pyx_n_u_calls,&__pyx_mstate_global->__pyx_n_u_vary_offset,&__pyx_mstate_global->__pyx_n_u_vary_len,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 105, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 123, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 123, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 123, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 123, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 123, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 123, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "time_calls", 0) < (0)) __PYX_ERR(0, 105, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "time_calls", 0) < (0)) __PYX_ERR(0, 123, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("time_calls", 0, 3, 5, i); __PYX_ERR(0, 105, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("time_calls", 0, 3, 5, i); __PYX_ERR(0, 123, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 123, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 123, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 123, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 123, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 105, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 123, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
     }
-    __pyx_v_prog_fd = __Pyx_PyLong_As_int(values[0]); if (unlikely((__pyx_v_prog_fd == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 105, __pyx_L3_error)
+    __pyx_v_prog_fd = __Pyx_PyLong_As_int(values[0]); if (unlikely((__pyx_v_prog_fd == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 123, __pyx_L3_error)
     __pyx_v_data = ((PyObject*)values[1]);
-    __pyx_v_calls = __Pyx_PyLong_As_unsigned_long(values[2]); if (unlikely((__pyx_v_calls == (unsigned long)-1) && PyErr_Occurred())) __PYX_ERR(0, 105, __pyx_L3_error)
+    __pyx_v_calls = __Pyx_PyLong_As_unsigned_long(values[2]); if (unlikely((__pyx_v_calls == (unsigned long)-1) && PyErr_Occurred())) __PYX_ERR(0, 123, __pyx_L3_error)
     if (values[3]) {
-      __pyx_v_vary_offset = __Pyx_PyLong_As_int(values[3]); if (unlikely((__pyx_v_vary_offset == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 105, __pyx_L3_error)
+      __pyx_v_vary_offset = __Pyx_PyLong_As_int(values[3]); if (unlikely((__pyx_v_vary_offset == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 123, __pyx_L3_error)
     } else {
       __pyx_v_vary_offset = ((int)((int)-1));
     }
     if (values[4]) {
-      __pyx_v_vary_len = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_vary_len == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 106, __pyx_L3_error)
+      __pyx_v_vary_len = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_vary_len == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 124, __pyx_L3_error)
     } else {
       __pyx_v_vary_len = ((int)((int)4));
     }
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("time_calls", 0, 3, 5, __pyx_nargs); __PYX_ERR(0, 105, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("time_calls", 0, 3, 5, __pyx_nargs); __PYX_ERR(0, 123, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18942,7 +19044,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 1, "data", 1))) __PYX_ERR(0, 105, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 1, "data", 1))) __PYX_ERR(0, 123, __pyx_L1_error)
   __pyx_r = __pyx_pf_6fastlb_7testing_8_testrun_2time_calls(__pyx_self, __pyx_v_prog_fd, __pyx_v_data, __pyx_v_calls, __pyx_v_vary_offset, __pyx_v_vary_len);
 
   /* function exit code */
@@ -19008,7 +19110,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("time_calls", 0);
 
-  /* "fastlb/testing/_testrun.pyx":115
+  /* "fastlb/testing/_testrun.pyx":133
  *     """
  *     cdef test_attr attr
  *     cdef Py_ssize_t n = len(data)             # <<<<<<<<<<<<<<
@@ -19017,12 +19119,12 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   if (unlikely(__pyx_v_data == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 115, __pyx_L1_error)
+    __PYX_ERR(0, 133, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyBytes_GET_SIZE(__pyx_v_data); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyBytes_GET_SIZE(__pyx_v_data); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(0, 133, __pyx_L1_error)
   __pyx_v_n = __pyx_t_1;
 
-  /* "fastlb/testing/_testrun.pyx":116
+  /* "fastlb/testing/_testrun.pyx":134
  *     cdef test_attr attr
  *     cdef Py_ssize_t n = len(data)
  *     cdef uint8_t *buf = <uint8_t *>malloc(n if n > 0 else 1)             # <<<<<<<<<<<<<<
@@ -19042,7 +19144,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
   __pyx_v_buf = ((uint8_t *)malloc(__pyx_t_2));
 
 
-  /* "fastlb/testing/_testrun.pyx":118
+  /* "fastlb/testing/_testrun.pyx":136
  *     cdef uint8_t *buf = <uint8_t *>malloc(n if n > 0 else 1)
  *     cdef unsigned long i
  *     cdef uint64_t total = 0             # <<<<<<<<<<<<<<
@@ -19051,7 +19153,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   __pyx_v_total = 0;
 
-  /* "fastlb/testing/_testrun.pyx":119
+  /* "fastlb/testing/_testrun.pyx":137
  *     cdef unsigned long i
  *     cdef uint64_t total = 0
  *     cdef uint32_t counter = 0             # <<<<<<<<<<<<<<
@@ -19060,7 +19162,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   __pyx_v_counter = 0;
 
-  /* "fastlb/testing/_testrun.pyx":121
+  /* "fastlb/testing/_testrun.pyx":139
  *     cdef uint32_t counter = 0
  *     cdef int k
  *     cdef long rc = 0             # <<<<<<<<<<<<<<
@@ -19069,7 +19171,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   __pyx_v_rc = 0;
 
-  /* "fastlb/testing/_testrun.pyx":122
+  /* "fastlb/testing/_testrun.pyx":140
  *     cdef int k
  *     cdef long rc = 0
  *     cdef int err = 0             # <<<<<<<<<<<<<<
@@ -19078,7 +19180,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   __pyx_v_err = 0;
 
-  /* "fastlb/testing/_testrun.pyx":124
+  /* "fastlb/testing/_testrun.pyx":142
  *     cdef int err = 0
  *     cdef timespec t0, t1
  *     if buf == NULL:             # <<<<<<<<<<<<<<
@@ -19090,16 +19192,16 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
   if (unlikely(__pyx_t_3)) {
 
 
-    /* "fastlb/testing/_testrun.pyx":125
+    /* "fastlb/testing/_testrun.pyx":143
  *     cdef timespec t0, t1
  *     if buf == NULL:
  *         raise MemoryError()             # <<<<<<<<<<<<<<
  *     if vary_offset >= 0 and (vary_len < 1 or vary_len > 4 or vary_offset + vary_len > n):
  *         free(buf)
 */
-    PyErr_NoMemory(); __PYX_ERR(0, 125, __pyx_L1_error)
+    PyErr_NoMemory(); __PYX_ERR(0, 143, __pyx_L1_error)
 
-    /* "fastlb/testing/_testrun.pyx":124
+    /* "fastlb/testing/_testrun.pyx":142
  *     cdef int err = 0
  *     cdef timespec t0, t1
  *     if buf == NULL:             # <<<<<<<<<<<<<<
@@ -19108,7 +19210,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   }
 
-  /* "fastlb/testing/_testrun.pyx":126
+  /* "fastlb/testing/_testrun.pyx":144
  *     if buf == NULL:
  *         raise MemoryError()
  *     if vary_offset >= 0 and (vary_len < 1 or vary_len > 4 or vary_offset + vary_len > n):             # <<<<<<<<<<<<<<
@@ -19154,7 +19256,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
   if (unlikely(__pyx_t_3)) {
 
 
-    /* "fastlb/testing/_testrun.pyx":127
+    /* "fastlb/testing/_testrun.pyx":145
  *         raise MemoryError()
  *     if vary_offset >= 0 and (vary_len < 1 or vary_len > 4 or vary_offset + vary_len > n):
  *         free(buf)             # <<<<<<<<<<<<<<
@@ -19163,7 +19265,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
     free(__pyx_v_buf);
 
-    /* "fastlb/testing/_testrun.pyx":128
+    /* "fastlb/testing/_testrun.pyx":146
  *     if vary_offset >= 0 and (vary_len < 1 or vary_len > 4 or vary_offset + vary_len > n):
  *         free(buf)
  *         raise ValueError("vary_offset/vary_len fall outside the packet")             # <<<<<<<<<<<<<<
@@ -19176,14 +19278,14 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
       PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_mstate_global->__pyx_kp_u_vary_offset_vary_len_fall_outsid};
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_2, (2-__pyx_t_2) | (__pyx_t_2*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 128, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 146, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_Raise(__pyx_t_5, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __PYX_ERR(0, 128, __pyx_L1_error)
+    __PYX_ERR(0, 146, __pyx_L1_error)
 
-    /* "fastlb/testing/_testrun.pyx":126
+    /* "fastlb/testing/_testrun.pyx":144
  *     if buf == NULL:
  *         raise MemoryError()
  *     if vary_offset >= 0 and (vary_len < 1 or vary_len > 4 or vary_offset + vary_len > n):             # <<<<<<<<<<<<<<
@@ -19192,7 +19294,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   }
 
-  /* "fastlb/testing/_testrun.pyx":129
+  /* "fastlb/testing/_testrun.pyx":147
  *         free(buf)
  *         raise ValueError("vary_offset/vary_len fall outside the packet")
  *     memcpy(buf, <const char *>data, n)             # <<<<<<<<<<<<<<
@@ -19201,13 +19303,13 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   if (unlikely(__pyx_v_data == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "expected bytes, NoneType found");
-    __PYX_ERR(0, 129, __pyx_L1_error)
+    __PYX_ERR(0, 147, __pyx_L1_error)
   }
-  __pyx_t_7 = __Pyx_PyBytes_AsString(__pyx_v_data); if (unlikely((!__pyx_t_7) && PyErr_Occurred())) __PYX_ERR(0, 129, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyBytes_AsString(__pyx_v_data); if (unlikely((!__pyx_t_7) && PyErr_Occurred())) __PYX_ERR(0, 147, __pyx_L1_error)
   (void)(memcpy(__pyx_v_buf, ((char const *)__pyx_t_7), __pyx_v_n));
 
 
-  /* "fastlb/testing/_testrun.pyx":130
+  /* "fastlb/testing/_testrun.pyx":148
  *         raise ValueError("vary_offset/vary_len fall outside the packet")
  *     memcpy(buf, <const char *>data, n)
  *     if vary_offset >= 0:             # <<<<<<<<<<<<<<
@@ -19219,7 +19321,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
   if (__pyx_t_3) {
 
 
-    /* "fastlb/testing/_testrun.pyx":131
+    /* "fastlb/testing/_testrun.pyx":149
  *     memcpy(buf, <const char *>data, n)
  *     if vary_offset >= 0:
  *         for k in range(vary_len):             # <<<<<<<<<<<<<<
@@ -19233,7 +19335,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
     for (__pyx_t_10 = 0; __pyx_t_10 < __pyx_t_9; __pyx_t_10+=1) {
       __pyx_v_k = __pyx_t_10;
 
-      /* "fastlb/testing/_testrun.pyx":132
+      /* "fastlb/testing/_testrun.pyx":150
  *     if vary_offset >= 0:
  *         for k in range(vary_len):
  *             counter = (counter << 8) | buf[vary_offset + k]             # <<<<<<<<<<<<<<
@@ -19244,7 +19346,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
     }
 
 
-    /* "fastlb/testing/_testrun.pyx":130
+    /* "fastlb/testing/_testrun.pyx":148
  *         raise ValueError("vary_offset/vary_len fall outside the packet")
  *     memcpy(buf, <const char *>data, n)
  *     if vary_offset >= 0:             # <<<<<<<<<<<<<<
@@ -19253,7 +19355,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   }
 
-  /* "fastlb/testing/_testrun.pyx":133
+  /* "fastlb/testing/_testrun.pyx":151
  *         for k in range(vary_len):
  *             counter = (counter << 8) | buf[vary_offset + k]
  *     try:             # <<<<<<<<<<<<<<
@@ -19262,7 +19364,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
   /*try:*/ {
 
-    /* "fastlb/testing/_testrun.pyx":134
+    /* "fastlb/testing/_testrun.pyx":152
  *             counter = (counter << 8) | buf[vary_offset + k]
  *     try:
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -19275,7 +19377,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastlb/testing/_testrun.pyx":135
+          /* "fastlb/testing/_testrun.pyx":153
  *     try:
  *         with nogil:
  *             clock_gettime(CLOCK_MONOTONIC, &t0)             # <<<<<<<<<<<<<<
@@ -19284,7 +19386,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
           (void)(clock_gettime(CLOCK_MONOTONIC, (&__pyx_v_t0)));
 
-          /* "fastlb/testing/_testrun.pyx":136
+          /* "fastlb/testing/_testrun.pyx":154
  *         with nogil:
  *             clock_gettime(CLOCK_MONOTONIC, &t0)
  *             for i in range(calls):             # <<<<<<<<<<<<<<
@@ -19298,7 +19400,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
           for (__pyx_t_13 = 0; __pyx_t_13 < __pyx_t_12; __pyx_t_13+=1) {
             __pyx_v_i = __pyx_t_13;
 
-            /* "fastlb/testing/_testrun.pyx":137
+            /* "fastlb/testing/_testrun.pyx":155
  *             clock_gettime(CLOCK_MONOTONIC, &t0)
  *             for i in range(calls):
  *                 if vary_offset >= 0:             # <<<<<<<<<<<<<<
@@ -19310,7 +19412,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
             if (__pyx_t_3) {
 
 
-              /* "fastlb/testing/_testrun.pyx":138
+              /* "fastlb/testing/_testrun.pyx":156
  *             for i in range(calls):
  *                 if vary_offset >= 0:
  *                     counter += 1             # <<<<<<<<<<<<<<
@@ -19319,7 +19421,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
               __pyx_v_counter = (__pyx_v_counter + 1);
 
-              /* "fastlb/testing/_testrun.pyx":139
+              /* "fastlb/testing/_testrun.pyx":157
  *                 if vary_offset >= 0:
  *                     counter += 1
  *                     for k in range(vary_len):             # <<<<<<<<<<<<<<
@@ -19333,7 +19435,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
               for (__pyx_t_10 = 0; __pyx_t_10 < __pyx_t_9; __pyx_t_10+=1) {
                 __pyx_v_k = __pyx_t_10;
 
-                /* "fastlb/testing/_testrun.pyx":140
+                /* "fastlb/testing/_testrun.pyx":158
  *                     counter += 1
  *                     for k in range(vary_len):
  *                         buf[vary_offset + vary_len - 1 - k] = (counter >> (8 * k)) & 0xff             # <<<<<<<<<<<<<<
@@ -19344,7 +19446,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
               }
 
 
-              /* "fastlb/testing/_testrun.pyx":137
+              /* "fastlb/testing/_testrun.pyx":155
  *             clock_gettime(CLOCK_MONOTONIC, &t0)
  *             for i in range(calls):
  *                 if vary_offset >= 0:             # <<<<<<<<<<<<<<
@@ -19353,7 +19455,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
             }
 
-            /* "fastlb/testing/_testrun.pyx":141
+            /* "fastlb/testing/_testrun.pyx":159
  *                     for k in range(vary_len):
  *                         buf[vary_offset + vary_len - 1 - k] = (counter >> (8 * k)) & 0xff
  *                 memset(&attr, 0, sizeof(attr))             # <<<<<<<<<<<<<<
@@ -19362,7 +19464,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
             (void)(memset((&__pyx_v_attr), 0, (sizeof(__pyx_v_attr))));
 
-            /* "fastlb/testing/_testrun.pyx":142
+            /* "fastlb/testing/_testrun.pyx":160
  *                         buf[vary_offset + vary_len - 1 - k] = (counter >> (8 * k)) & 0xff
  *                 memset(&attr, 0, sizeof(attr))
  *                 attr.prog_fd = prog_fd             # <<<<<<<<<<<<<<
@@ -19371,7 +19473,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
             __pyx_v_attr.prog_fd = __pyx_v_prog_fd;
 
-            /* "fastlb/testing/_testrun.pyx":143
+            /* "fastlb/testing/_testrun.pyx":161
  *                 memset(&attr, 0, sizeof(attr))
  *                 attr.prog_fd = prog_fd
  *                 attr.data_in = <uint64_t>buf             # <<<<<<<<<<<<<<
@@ -19380,7 +19482,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
             __pyx_v_attr.data_in = ((uint64_t)__pyx_v_buf);
 
-            /* "fastlb/testing/_testrun.pyx":144
+            /* "fastlb/testing/_testrun.pyx":162
  *                 attr.prog_fd = prog_fd
  *                 attr.data_in = <uint64_t>buf
  *                 attr.data_size_in = n             # <<<<<<<<<<<<<<
@@ -19389,7 +19491,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
             __pyx_v_attr.data_size_in = __pyx_v_n;
 
-            /* "fastlb/testing/_testrun.pyx":145
+            /* "fastlb/testing/_testrun.pyx":163
  *                 attr.data_in = <uint64_t>buf
  *                 attr.data_size_in = n
  *                 attr.repeat = 1             # <<<<<<<<<<<<<<
@@ -19398,7 +19500,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
             __pyx_v_attr.repeat = 1;
 
-            /* "fastlb/testing/_testrun.pyx":146
+            /* "fastlb/testing/_testrun.pyx":164
  *                 attr.data_size_in = n
  *                 attr.repeat = 1
  *                 rc = _test_run(&attr)             # <<<<<<<<<<<<<<
@@ -19407,7 +19509,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
             __pyx_v_rc = __pyx_f_6fastlb_7testing_8_testrun__test_run((&__pyx_v_attr));
 
-            /* "fastlb/testing/_testrun.pyx":147
+            /* "fastlb/testing/_testrun.pyx":165
  *                 attr.repeat = 1
  *                 rc = _test_run(&attr)
  *                 if rc < 0:             # <<<<<<<<<<<<<<
@@ -19419,7 +19521,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
             if (__pyx_t_3) {
 
 
-              /* "fastlb/testing/_testrun.pyx":148
+              /* "fastlb/testing/_testrun.pyx":166
  *                 rc = _test_run(&attr)
  *                 if rc < 0:
  *                     err = errno             # <<<<<<<<<<<<<<
@@ -19428,7 +19530,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
               __pyx_v_err = errno;
 
-              /* "fastlb/testing/_testrun.pyx":149
+              /* "fastlb/testing/_testrun.pyx":167
  *                 if rc < 0:
  *                     err = errno
  *                     break             # <<<<<<<<<<<<<<
@@ -19437,7 +19539,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
               goto __pyx_L19_break;
 
-              /* "fastlb/testing/_testrun.pyx":147
+              /* "fastlb/testing/_testrun.pyx":165
  *                 attr.repeat = 1
  *                 rc = _test_run(&attr)
  *                 if rc < 0:             # <<<<<<<<<<<<<<
@@ -19446,7 +19548,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
             }
 
-            /* "fastlb/testing/_testrun.pyx":150
+            /* "fastlb/testing/_testrun.pyx":168
  *                     err = errno
  *                     break
  *                 total += attr.duration             # <<<<<<<<<<<<<<
@@ -19458,7 +19560,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
           __pyx_L19_break:;
 
 
-          /* "fastlb/testing/_testrun.pyx":151
+          /* "fastlb/testing/_testrun.pyx":169
  *                     break
  *                 total += attr.duration
  *             clock_gettime(CLOCK_MONOTONIC, &t1)             # <<<<<<<<<<<<<<
@@ -19468,7 +19570,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
           (void)(clock_gettime(CLOCK_MONOTONIC, (&__pyx_v_t1)));
         }
 
-        /* "fastlb/testing/_testrun.pyx":134
+        /* "fastlb/testing/_testrun.pyx":152
  *             counter = (counter << 8) | buf[vary_offset + k]
  *     try:
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -19485,7 +19587,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
         }
     }
 
-    /* "fastlb/testing/_testrun.pyx":152
+    /* "fastlb/testing/_testrun.pyx":170
  *                 total += attr.duration
  *             clock_gettime(CLOCK_MONOTONIC, &t1)
  *         if rc < 0:             # <<<<<<<<<<<<<<
@@ -19497,7 +19599,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
     if (unlikely(__pyx_t_3)) {
 
 
-      /* "fastlb/testing/_testrun.pyx":153
+      /* "fastlb/testing/_testrun.pyx":171
  *             clock_gettime(CLOCK_MONOTONIC, &t1)
  *         if rc < 0:
  *             raise OSError(err, "BPF_PROG_TEST_RUN failed")             # <<<<<<<<<<<<<<
@@ -19505,7 +19607,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
  *         return total / calls if calls else 0.0, wall / calls if calls else 0.0, attr.retval
 */
       __pyx_t_6 = NULL;
-      __pyx_t_14 = __Pyx_PyLong_From_int(__pyx_v_err); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 153, __pyx_L13_error)
+      __pyx_t_14 = __Pyx_PyLong_From_int(__pyx_v_err); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 171, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_14);
       __pyx_t_2 = 1;
       {
@@ -19513,14 +19615,14 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
         __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_OSError)), __pyx_callargs+__pyx_t_2, (3-__pyx_t_2) | (__pyx_t_2*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
         __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 153, __pyx_L13_error)
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 171, __pyx_L13_error)
         __Pyx_GOTREF(__pyx_t_5);
       }
       __Pyx_Raise(__pyx_t_5, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      __PYX_ERR(0, 153, __pyx_L13_error)
+      __PYX_ERR(0, 171, __pyx_L13_error)
 
-      /* "fastlb/testing/_testrun.pyx":152
+      /* "fastlb/testing/_testrun.pyx":170
  *                 total += attr.duration
  *             clock_gettime(CLOCK_MONOTONIC, &t1)
  *         if rc < 0:             # <<<<<<<<<<<<<<
@@ -19529,7 +19631,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
     }
 
-    /* "fastlb/testing/_testrun.pyx":154
+    /* "fastlb/testing/_testrun.pyx":172
  *         if rc < 0:
  *             raise OSError(err, "BPF_PROG_TEST_RUN failed")
  *         wall = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)             # <<<<<<<<<<<<<<
@@ -19538,7 +19640,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
 */
     __pyx_v_wall = (((__pyx_v_t1.tv_sec - __pyx_v_t0.tv_sec) * 1e9) + (__pyx_v_t1.tv_nsec - __pyx_v_t0.tv_nsec));
 
-    /* "fastlb/testing/_testrun.pyx":155
+    /* "fastlb/testing/_testrun.pyx":173
  *             raise OSError(err, "BPF_PROG_TEST_RUN failed")
  *         wall = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)
  *         return total / calls if calls else 0.0, wall / calls if calls else 0.0, attr.retval             # <<<<<<<<<<<<<<
@@ -19548,7 +19650,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
     __pyx_t_3 = (__pyx_v_calls != 0);
 
     if (__pyx_t_3) {
-      __pyx_t_14 = __Pyx_PyLong_From_uint64_t((__pyx_v_total / ((uint64_t)__pyx_v_calls))); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 155, __pyx_L13_error)
+      __pyx_t_14 = __Pyx_PyLong_From_uint64_t((__pyx_v_total / ((uint64_t)__pyx_v_calls))); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 173, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_14);
       __pyx_t_5 = __pyx_t_14;
       __pyx_t_14 = 0;
@@ -19560,7 +19662,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
     __pyx_t_3 = (__pyx_v_calls != 0);
 
     if (__pyx_t_3) {
-      __pyx_t_6 = PyFloat_FromDouble((__pyx_v_wall / ((double)__pyx_v_calls))); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 155, __pyx_L13_error)
+      __pyx_t_6 = PyFloat_FromDouble((__pyx_v_wall / ((double)__pyx_v_calls))); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 173, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_6);
       __pyx_t_14 = __pyx_t_6;
       __pyx_t_6 = 0;
@@ -19569,16 +19671,16 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
       __pyx_t_14 = __pyx_mstate_global->__pyx_float_0_0;
     }
 
-    __pyx_t_6 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.retval); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 155, __pyx_L13_error)
+    __pyx_t_6 = __Pyx_PyLong_From_uint32_t(__pyx_v_attr.retval); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 173, __pyx_L13_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_15 = PyTuple_New(3); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 155, __pyx_L13_error)
+    __pyx_t_15 = PyTuple_New(3); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 173, __pyx_L13_error)
     __Pyx_GOTREF(__pyx_t_15);
     __Pyx_GIVEREF(__pyx_t_5);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 155, __pyx_L13_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 173, __pyx_L13_error);
     __Pyx_GIVEREF(__pyx_t_14);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 1, __pyx_t_14) != (0)) __PYX_ERR(0, 155, __pyx_L13_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 1, __pyx_t_14) != (0)) __PYX_ERR(0, 173, __pyx_L13_error);
     __Pyx_GIVEREF(__pyx_t_6);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 2, __pyx_t_6) != (0)) __PYX_ERR(0, 155, __pyx_L13_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 2, __pyx_t_6) != (0)) __PYX_ERR(0, 173, __pyx_L13_error);
     __pyx_t_5 = 0;
     __pyx_t_14 = 0;
     __pyx_t_6 = 0;
@@ -19594,7 +19696,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
     goto __pyx_L12_return;
   }
 
-  /* "fastlb/testing/_testrun.pyx":157
+  /* "fastlb/testing/_testrun.pyx":175
  *         return total / calls if calls else 0.0, wall / calls if calls else 0.0, attr.retval
  *     finally:
  *         free(buf)             # <<<<<<<<<<<<<<
@@ -19643,7 +19745,7 @@ static PyObject *__pyx_pf_6fastlb_7testing_8_testrun_2time_calls(CYTHON_UNUSED P
     }
   }
 
-  /* "fastlb/testing/_testrun.pyx":105
+  /* "fastlb/testing/_testrun.pyx":123
  * 
  * 
  * def time_calls(int prog_fd, bytes data, unsigned long calls, int vary_offset=-1,             # <<<<<<<<<<<<<<
@@ -21242,6 +21344,7 @@ static CYTHON_SMALL_CODE int __pyx_pymod_exec__testrun(PyObject *__pyx_pyinit_mo
   PyObject *__pyx_t_9 = NULL;
   PyObject *__pyx_t_10 = NULL;
   PyObject *__pyx_t_11 = NULL;
+  PyObject *__pyx_t_12 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -21836,77 +21939,80 @@ __Pyx_RefNannySetupContext("PyInit__testrun", 0);
 */
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_BPF_F_TEST_XDP_LIVE_FRAMES, __pyx_mstate_global->__pyx_int_2) < (0)) __PYX_ERR(0, 39, __pyx_L1_error)
 
-  /* "fastlb/testing/_testrun.pyx":63
+  /* "fastlb/testing/_testrun.pyx":72
  * 
  * 
  * def run(int prog_fd, bytes data, unsigned int repeat=1, unsigned int flags=0,             # <<<<<<<<<<<<<<
- *         unsigned int batch_size=0, int out_size=-1):
+ *         unsigned int batch_size=0, int out_size=-1, unsigned int ingress_ifindex=0):
  *     """Run the program once (``repeat`` times) on ``data``.
 */
-  __pyx_t_4 = __Pyx_PyLong_From_unsigned_int(((unsigned int)1)); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 63, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyLong_From_unsigned_int(((unsigned int)1)); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 72, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __Pyx_PyLong_From_unsigned_int(((unsigned int)0)); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 63, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_unsigned_int(((unsigned int)0)); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 72, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
 
-  /* "fastlb/testing/_testrun.pyx":64
+  /* "fastlb/testing/_testrun.pyx":73
  * 
  * def run(int prog_fd, bytes data, unsigned int repeat=1, unsigned int flags=0,
- *         unsigned int batch_size=0, int out_size=-1):             # <<<<<<<<<<<<<<
+ *         unsigned int batch_size=0, int out_size=-1, unsigned int ingress_ifindex=0):             # <<<<<<<<<<<<<<
  *     """Run the program once (``repeat`` times) on ``data``.
  * 
 */
-  __pyx_t_9 = __Pyx_PyLong_From_unsigned_int(((unsigned int)0)); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 64, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyLong_From_unsigned_int(((unsigned int)0)); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 73, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_10 = __Pyx_PyLong_From_int(((int)-1)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 64, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyLong_From_int(((int)-1)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 73, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
+  __pyx_t_11 = __Pyx_PyLong_From_unsigned_int(((unsigned int)0)); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
 
-  /* "fastlb/testing/_testrun.pyx":63
+  /* "fastlb/testing/_testrun.pyx":72
  * 
  * 
  * def run(int prog_fd, bytes data, unsigned int repeat=1, unsigned int flags=0,             # <<<<<<<<<<<<<<
- *         unsigned int batch_size=0, int out_size=-1):
+ *         unsigned int batch_size=0, int out_size=-1, unsigned int ingress_ifindex=0):
  *     """Run the program once (``repeat`` times) on ``data``.
 */
   {
-    PyObject* __pyx_temp[4] = {__pyx_t_4, __pyx_t_5, __pyx_t_9, __pyx_t_10};
-    __pyx_t_11 = __Pyx_PyTuple_FromArray(__pyx_temp, 4); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 63, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_11);
+    PyObject* __pyx_temp[5] = {__pyx_t_4, __pyx_t_5, __pyx_t_9, __pyx_t_10, __pyx_t_11};
+    __pyx_t_12 = __Pyx_PyTuple_FromArray(__pyx_temp, 5); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 72, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_12);
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-  __pyx_t_10 = __Pyx_CyFunction_New(&__pyx_mdef_6fastlb_7testing_8_testrun_1run, 0, __pyx_mstate_global->__pyx_n_u_run, NULL, __pyx_mstate_global->__pyx_n_u_fastlb_testing__testrun, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 63, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_10);
-  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_10);
-  #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_10, __pyx_t_11);
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_run, __pyx_t_10) < (0)) __PYX_ERR(0, 63, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_6fastlb_7testing_8_testrun_1run, 0, __pyx_mstate_global->__pyx_n_u_run, NULL, __pyx_mstate_global->__pyx_n_u_fastlb_testing__testrun, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 72, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
+  #endif
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_11, __pyx_t_12);
+  __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_run, __pyx_t_11) < (0)) __PYX_ERR(0, 72, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
-  /* "fastlb/testing/_testrun.pyx":105
+  /* "fastlb/testing/_testrun.pyx":123
  * 
  * 
  * def time_calls(int prog_fd, bytes data, unsigned long calls, int vary_offset=-1,             # <<<<<<<<<<<<<<
  *                int vary_len=4):
  *     """Make ``calls`` separate calls of repeat=1 from C.
 */
-  __pyx_t_10 = __Pyx_PyLong_From_int(((int)-1)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 105, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_10);
+  __pyx_t_11 = __Pyx_PyLong_From_int(((int)-1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
 
-  /* "fastlb/testing/_testrun.pyx":106
+  /* "fastlb/testing/_testrun.pyx":124
  * 
  * def time_calls(int prog_fd, bytes data, unsigned long calls, int vary_offset=-1,
  *                int vary_len=4):             # <<<<<<<<<<<<<<
  *     """Make ``calls`` separate calls of repeat=1 from C.
  * 
 */
-  __pyx_t_11 = __Pyx_PyLong_From_int(((int)4)); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 106, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_11);
+  __pyx_t_12 = __Pyx_PyLong_From_int(((int)4)); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 124, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_12);
 
-  /* "fastlb/testing/_testrun.pyx":105
+  /* "fastlb/testing/_testrun.pyx":123
  * 
  * 
  * def time_calls(int prog_fd, bytes data, unsigned long calls, int vary_offset=-1,             # <<<<<<<<<<<<<<
@@ -21914,31 +22020,31 @@ __Pyx_RefNannySetupContext("PyInit__testrun", 0);
  *     """Make ``calls`` separate calls of repeat=1 from C.
 */
   {
-    PyObject* __pyx_temp[2] = {__pyx_t_10, __pyx_t_11};
-    __pyx_t_9 = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 105, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_9);
+    PyObject* __pyx_temp[2] = {__pyx_t_11, __pyx_t_12};
+    __pyx_t_10 = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 123, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_10);
   }
-  __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_6fastlb_7testing_8_testrun_3time_calls, 0, __pyx_mstate_global->__pyx_n_u_time_calls, NULL, __pyx_mstate_global->__pyx_n_u_fastlb_testing__testrun, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 105, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_11);
+  __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
+  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_6fastlb_7testing_8_testrun_3time_calls, 0, __pyx_mstate_global->__pyx_n_u_time_calls, NULL, __pyx_mstate_global->__pyx_n_u_fastlb_testing__testrun, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_12);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_12);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_11, __pyx_t_9);
-  __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_time_calls, __pyx_t_11) < (0)) __PYX_ERR(0, 105, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_12, __pyx_t_10);
+  __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_time_calls, __pyx_t_12) < (0)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
   /* "fastlb/testing/_testrun.pyx":1
  * # cython: language_level=3             # <<<<<<<<<<<<<<
  * """BPF_PROG_TEST_RUN from compiled code.
  * 
 */
-  __pyx_t_11 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_11);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_11) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
+  __pyx_t_12 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_12);
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_12) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
   /*--- Wrapped vars code ---*/
 
@@ -21949,6 +22055,7 @@ __Pyx_RefNannySetupContext("PyInit__testrun", 0);
   __Pyx_XDECREF(__pyx_t_9);
   __Pyx_XDECREF(__pyx_t_10);
   __Pyx_XDECREF(__pyx_t_11);
+  __Pyx_XDECREF(__pyx_t_12);
   if (__pyx_m) {
     if (__pyx_mstate->__pyx_d && stringtab_initialized) {
       __Pyx_AddTraceback("init fastlb.testing._testrun", __pyx_clineno, __pyx_lineno, __pyx_filename);
@@ -22107,38 +22214,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{24},{37},{45},{22},{179},{8},{15},{7},{6},{27},{2},{9},{50},{30},{37},{44},{5},{26},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{15},{18},{4},{4},{10},{3},{1},{5},{3},{18},{5},{7},{4},{15},{6},{9},{3},{5},{23},{5},{6},{7},{1},{2},{5},{5},{8},{1},{4},{7},{4},{1},{4},{4},{3},{3},{8},{4},{3},{7},{2},{8},{6},{3},{10},{5},{4},{5},{4},{4},{6},{2},{2},{10},{5},{6},{6},{6},{8},{11},{4},{4},{1}};
-    const struct { const unsigned int length: 9; } bytes_length_index[] = {{0},{1},{295},{446}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{24},{37},{45},{22},{179},{8},{15},{7},{6},{27},{2},{9},{50},{30},{37},{44},{5},{26},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{15},{18},{4},{4},{10},{3},{1},{5},{3},{18},{5},{7},{3},{4},{15},{6},{9},{3},{5},{23},{5},{6},{7},{1},{2},{5},{15},{5},{8},{1},{4},{7},{4},{1},{4},{4},{3},{3},{8},{4},{3},{7},{2},{8},{6},{3},{10},{5},{4},{5},{4},{4},{6},{2},{2},{10},{5},{6},{6},{6},{8},{11},{4},{4},{1}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{0},{1},{355},{446}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1395 bytes) */
-static const char cstring[] = "x\332}TMs\0237\030&4\201\2641`\007\003\t\355L\345\006\306e\n\006\047\241\2056\245\023\300\351\204\217\2208_0\323\231\035Y\253uD\326\322f\245\rv\246\207\036}\334\243\216{\334\243\217>r\314q\217{\314O\340\047\364\325:N\002\323\251g\275\322J\357\307\363>\357#!\254\320\2036\022\215\367\224\250\047\225_\321\302k\332\022~g\213\321\017H8h\201\010\256X3\020\201D\230\333\310f\2761\374r\231\361\341\206T>\263\251}\306\030\t\377\177\367?_;\261|\362\307\323\325%k\265\376\346Ok\243\266\276a\3257W\220\203\231K\355g\230s\241\020\226\22259R\002\371\024\333\367\004w;\250\225\201\337\007\360\313|\037\273\314F-a\323\273\210\266=\210\t)\312\244l\360\224\035\341+\037\363\362]\324\204PCc\271\203=\n\020\020n3\211V\204\242H\355\000C\317:jGp\004k6uY\203\372XQ\310fpCT\337\030q\264Z[\2757\377h>\253\302\247\206O\211d\320 .\000\245\322\220\331\010\230\253 \272\352xTV\320\262\203:\"@\234\002.\250\302\003\273\263\016j\207r$\2512\023T\316j\306\212\tn\201;\343\315\3621}l\237\032\357%\354JZ\301\266m\201\035%\302u\315\236\340\262\202\033\304f\0227\\J\271y;X*\267q_Q\tX\232\367-3\361\003^\361:\355&ar`ds\001\265:8p\025\262,\237\332\001\241\226\205\354 K\306\005\277\007\265\3573\354\302.a\234)\313\n2G\263\215]W\020\240\010a\337\307\035dc\205+\377\261;`\333\3205\020\200\254\354c\277c\t\307\201\252\357gs\027(p\300\001\211@I0\311\270\3600\331\245jq\375\331\362\262\221\310\322@\037o\237\257Z\257\226\267j\326R}\361um\275\346\272\314\223L\256\323\275\200rB\215\240+\247\332\266\254\325N\033\376\317\241\201\326\nm\253:u,\353\230d\250\024\2522m8\2354\251b\212\266\314\202m|\340\347\004\234\230\021\266\344\320\213\265<P\226\231\2650\343\331(\354\300\315\3668n\rF\223\336\262\200o\213\354P\262+\203\326\340\3538\212\231\032\211\014f\001\367\030\331\205\0105>\264\333W\206K\023c/\300\3560\354\260I\0473\222\251\366\314\002m\233\017 \367\004\212<\003\375d~\352g\244a\212\222\026\021>\264\200q\nj\0326\320j\004\216\003gAv8a\242rb\"\261R~\003K\332\300\212\354X\222\035P\260$\306O\022\354\021\027l, \007\016 \001\033\262KD\300U""\366\242\276\021\213\235U\017Y\007\327\022\264\017\0161\205\362\263\203G}\037\036\341\017t\\9\326qe\250c\307\305M\t\307\273\205\325\361!g\314\206[\205\266M\377\344\340u@w]88p]\230\273\302\334\021\334P\002wO\013rB\031\360d\300\215\326<\341y\276hZ\216\355\023\2376\231T\006\202G\261I\007\254\035\237\223L\316\306\007X\364\201J\352I%<\203\211(\365@U\025\003\3163\022\024\210\314\205\276B\354\300\203\202)\334>\001\225C\305\2379\005\006\335\007pi\277I\316\225\222\322\243\376H:>\023U?\345\317\215M\353\257tU/\246\2437uI\317\352\272nG\235\336\371^\271_HG\247\364H:Z\212\nG\243\023\335\371\356^x!l\230\225\213\377\250n5\035\277\334\335\325\327\365^t1R\361l\274\335[L\307\215\231\014Ki\356R::f,p\346E\364\215\0102\346\272/\303\275\301p\020\025\242[\021\216\314g\222\373N\037\373\356\245\271|\230\323/\"\014\223$\017\251\215\371\213\020\233a9\\3\303\212.\245\227.\247\271B8\r\210\253\003\327\271n#\034Is\223aY\027t\331\270M\000\304\334\325p>\354Dc\321F\014+W\272*|\254k\220y&\332\212\027z*\371\355\345\341\243d};\331~{t\n=\037\216\204\205\344\334\357\375\265\364J\376\323\344\031\206\246\364D\364s\\\210o\307~o\262\367K\277tdHKG\001\376\321\350\325\260\232\232\327QF\317\\\027 \177m\250\372;\234\003\326\306\364\273\250\021\237\217g\342w\275F\377|\177\246\377\327\341\344\341\343dc+\331\3326U-v\327\014_\357\365\210\006\342\277\351\226\272\017\303\313\332\211\026\20712\nj\341\265\020\003\207\271\033a[K\250\243\036\311\270\004\265\370\246]c\031/\323\272\220\334\374)\256\306\213\246\226\261p\323\260\224\346\257\206\013\340QJ\213\337\353\275\2648\005\2106\243RTM\247\276\205\342^\001\264;\275\331^\035\002]\357\267?\252\303\331\303\372\241J\3267\223\315\2554\177\335$\325\0274\211n\304#i\276\030\276\204\030\331p\000\304\346\213I\361\026\000\205\205\027\032\247\371k\341;\215A\027#&\351\\&\231\242\341\251x-\315O\353\242^\373\014\343\227\315\273\r\241\307\363\341\371\360G\375\203~\252Y\344\307\305x\035\024y\247?\333\257\367\367L\037\367\303:\264u\"~\330\033\003\310\235\217\023\207\017\223\325\215dc\363h""\300\344\277\227\007R\346";
-    PyObject *data = __Pyx_DecompressString(cstring, 1395, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1447 bytes) */
+static const char cstring[] = "x\332}T\315S\023I\024\027\027\224\025\224\004\"\202\273U\333\021\255\254\273\032\r\340\256\272\254[Q\203\205\037\010\341K\253\266j\252\323\323\023Z&=\223\351\036L(\017{\314q\216}\234\343\034s\314\321#\3079\316\221?\301?a_O\010\240\265\265T\230~\335\375\276~\277\367^#,\321\375\026rj\037(\221O\212\217\321\322\033\332p\274\3666\243\037\221c\241%\342p\311\352\276\343\013\204\271\211L\346i\305o\217\031\037\\\010\3511\223\232g\224\221\343\375\357\375\327g\047\232O\376z\272\266l\254U\337\27606+\033\233Fuk\025Y\230\331\324|\2069w$\302B\260:G\322A\036\305\346]\207\333m\324H\223\337\207\344W\370>\266\231\211\032\216I\357 \332r\301\047\204(\220\202\316\247`9\236\3640/\334Aup5P\026\273\330\245\220\002\302-&\320\252#)\222\273\300\320\263\266\334u8\2023\223\332\254F=,)D\323y\203WO+q\264VY\273\273\370p1E\341Q\315\247@\302\257\021\033\022\245B\223Y\363\231-\301\273l\273T\024\321\212\205\332\216\2178\205\274\000\205\013zg\r\344.\345HP\251\005TH1c\311\034n\2009\343\365\3021}l\237j\353el\013Z\304\246i\200\036%\216m\353;\207\213\"\256\021\223\t\\\263)\345\372ka!\355\332=I\005\344R\277gh\301\363y\321m\267\352\204\211\276\222\311\035\300ja\337\226\3100<j\372\204\032\0062\3754\030w\370]\300\276\317\260\r\267\204q&\r\303O\r\3655\266m\207\000E\010{\036n#\023K\\\374\217\333>\333\232\256~\003\210\342>\366\332\206cY\200\372^*\333@\201\005\006\310\361\245\000\225\224\013\027\223=*\313\033\317VVt\213,\367\373\343\335\3635\343\365\312v\305X\256\226\337T6*\266\315\\\301\304\006m\372\224\023\252\033\272x\332\333\206\261\326n\301\377s(\240\261J[\262J-\3038&\031\220\002*]\206S\241N%\223\264\241\017Lm\003\177\226\317\211^\341J\014\254X\303\205\316\322R\0033\236\256\216\351\333\351\035\307\215\376\252\303\033\006\360m\220]J\366\204\337\350\357\216\275hQ\267H_\362\271\313\310\036x\250\360\201\336\276\324\\j\037M\037\333\003\267\203\"\235H$\355\3323\007\264\2457@\356I*\342L\352\047\362\251\235n\r\rJ\030\304\361\240\004\214S\350\246A\001\215\232oY0\013\242\315\ts\212\047*\002K\351\325\260\2405,\311\256!""\330\001\005M\242\355\004\301.\261A\307\000r`\000\t\350\220=\342\370\\\246\037\352\021\331\322\375b\246\004@\340\376\313\004\025\2049\246\300@:{\324\363\340\347x\375V.\036\267rq\320\312\226\215\353\002&\274\201\345\361\2343f\302\303B[\240\345Q\250&\263\372[\250\250\350\177\016\350\236\r\243\004\017\210~=\364\253\3015I\360\0325 \005\000\006\277\024\212\356>\327q]\317\251\033\226\351\021\217\326\231\220:#\227b\035\035x<\236\234\264\301\265\r\360\352\001\271\324\025\322qu\212D\312\373\262$\031T!\245EB\333\331Pi\360\355\273\200\237\302{\344S1\230\2013s\241\263\373\010&\255\267\361\271|\234\177\330\033JF\347\342\271\305n\371\313\364\271\221Y\365\235*\251r2|]\345\325\274\252\252V\330\356\236\357\026z\331dxF\r%\303\3710{4<\326Y\3544\203\013AM\237\\\374GvJ\311\350\225\316\236\232V\315\360b(\243\371h\247[NF\265\232\010\362\311\370\345dxDk\340\324\212\250k!\004\035\357\274\n\232\375\345 \314\2067C\034\352m<\376\243:\266m&\343\231`\\\275\0141\010q\006Bk\365\227\001\326\313J\260\256\227U\225\327\312\245d|2\310\007\245\240\242\246\324\213\020\266\023\235O\352q\270\016B<q#\314kW\227\324/aY\037e\202\t\365\021\274^\276\222\214g\203Y\200Z\352\307\\\350\324\202!\355\252\240\262\252\240\343\245\256\247\202\305\240\035\216\204\233\021\234Ltd\360HU \345\271p;Z\352\312\370\217W\207\017\343\215\235x\347\335\321)\346L0\024d\343s\177\366\326\223\211\314\227\3113\324\316\250\261\360\267(\033\335\212\274\356d\367\367^\376H\263\235\014\003\356\243\341\251\240\224\350\317Q\312\353B\007\260~\2579\376\024,\000\335#\352}X\213\316Gs\321\373n\255w\2767\327\373\373p\362\360Q\274\271\035o\357h:\312\235uM\364\0075\244\240b\227:\371\316\203\340\212\262\302\362\300G\312]%\270\032` \177\374Z\320R\002pTC\021\345\001\213\247\353<\222\3622\253\262\361\365_\243RT\326XF\202-\315R\222\231\n\226\300\"\237\344~R\315$7\003\031m\205y\340{\346\007\000\367\032R\273\335\235\357V\301\321t\257\365Y\036\316\037V\017e\274\261\025om\047\231i\035T]P$\274\026\r%\231\\\360\n|\244\313\001\020\233\311\305\271\233\220(\034\274T8""\311\\\r\336+\014\r5\244\203.\244\275\226\323<\345\256&\231Y\225S\353_\345\370m\361n\201\353\321Lp>\370Y\335PO\025\013\275(\027m@+\337\356\315\367\252\275\246\256\343~P\205\262\216E\017\272#\220r\373\363\330\341\203xm3\336\334:\3523\371/7\206q3";
+    PyObject *data = __Pyx_DecompressString(cstring, 1447, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1796 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?BPF_P\377ROG_TEST\377_RUN fai\377ledCanno\377t assign\377 to read\177-only m\270\002\375v\272\000Invali\377d mode, \347exp\335\000\224\000\047c\047\376\214\001\047fortra\237n\047, gH\000%\005s\357hape\252\000 ax\377is Note \373th\237 Cytho\373n \021\000delib\237eratek\000\350\001c\367ter!\001n PE\337P-484\242\"re\376\314!s subcl\366\246\000es\311!buil\373ti\260\000ypes.\377 If you \223ne\254 \303\000p\316\000%\tt\177hen set\200\000\367e \047\357\002atio\377n_typing\355\047\205Div\242\000o F\377alse.add}_\231 ecoll\316@\376+\000s.abcdi\177sableen\002\001\377fastlb/t\273es\211\000g/_\005\001r\377un.pyxgc\373is\037\003dno d\377efault _\377_reduce_\357_ duh\002non\275-\345@vial\033\000c\177init__uY\002\276\214Aalloc\240  \377array da\207ta.\013\020\350#\322a\257cs\377.vary_ofUf\363\000/\007\002l\200 fL\000\237 outs\325`\207\"p\377acketASC\353II\237aF\232cXDP\377_LIVE_FR\377AMESElli\377psisSequ\257ence\315\204\001.\322\204\007_\357_Pyx\001\000Dic\377t_NextRegf__\336$\347\000__\263B\373__\001\005getit\313em\r\001d0\001\027\000fu3nc\035\001\030\000st\217`)\001\347imp\327`3\001mai\275n\003\002odulM\002n\233am\002\003ewT\001\355 _\177checksuT\000\300\n\001?\004\025\001\341@\355 \037\001unopick?\000En \005\363vt\312A\230\001qual\210O\005\235E\246Fc\261\204\002\277\001\271De\tx\314\001\320`_\203\005\334`\262\006\003\006\370.\007\240a\200 is_co\235r\200@ine\313`\327E_\377bufferas\277yncio.\032\006s\377attrbase\377batch_si\333ze\047\000cc\224`sc\257apclD\000_\232 t\367rac!\000ckco\267unt\000\002er\251ad\360\371\002s\000\221\210\003\274@odee\334\374\000\364\205\002err\000\000or\352\302\204\003.\301\204\004.\300\204\005fla\377gsformat\376\336\206\004iidinde\345x\274As\000\002\217\000kli\237vemem\250\207\001\240\207\001n\376\232Andimobj\360\352`\355`\264\002\350apopp\377rog_fdrc\277regist\177\001p\377eatrunseat\241\205\004\270\207\002\351""\001\212`rt\"\000\357psto\001\000ruc\177tt0t1ti\374@\276\200\"total\325@a\377ckupdate\215v\014\000es\352\204\005\373\204\010\306\210\001w\377allxO\320\000!\377\320!8\270\001\330\010#\377\2401\360\020\000\005\031\230\377\003\2301\230A\330\004\032\377\230!\2302\230R\230x\377\240y\260\002\260\047\270\021\377\330\004\030\230\001\330\004!\377\240\021\340\004\013\2104\210\337q\220\006\220b\016\001\007\200\377t\2101\330\010\016\210k\377\230\026\230q\240\007\240t\377\2502\250W\260A\330\010\376#\001s\220!\330\014\r\330\353\004\005\036\001a1\002c\230\027\375\240o\000\014\210K\220q\330\375\010\003\001z\240\021\240$\240{a\240\013\001\320\014\034\2305\004\377q\330\014\020\220\014\230J\233\240a\006\000\320\020x\000+\001J\273\220a2\001I\220Q9\001N\377\230!\330\r\016\330\014\021\353\220\031\257\00015\0033\210b\377\220\001\330\014\022\220\047\230\337\021\230\047\240\021\207\0011\330\377\014\023\2204\220y\240\005\367\240T\250\017\000\017\210t\220\3679\230Ew\000#\240V\250\377<\260t\320;K\3108\177\320SW\320WX\340\261\007\377\020\220\001\220\021\320\000=\177\270Q\330\017\020\360\022\227(\377\030\230\013\2406\250\021\250\377%\250r\260\022\2607\270\333!\340\261!\330\004\274\000\340\004o\023\2201\330\001\001\340\004\233!\3333\210\260\000\t\330\t\000|\220\3753\263 \005\230Y\240b\250\377\002\250#\250Y\260b\270\377\002\270#\270\\\310\022\310\1779\320TV\320VW\217!\373A\210\332\000\016\210j\230\001\375\230\366 \n\210!\2105\220\237\016\230f\240A<\005\376\002E\357\220\025\220a\301 \014\027\220\377x\230s\240#\240R\240Ws\250!\311\000r\253A\005\223\"\377\031\230\021\320\032+\2501\273\250A\311!\005\220U\242!\330\357\020\023\220</\000!\330\024\377\037\230q\330\024\030\230\005\377\230U\240!\2401\330\030\365\033\374@L\230\000)\2602\260\377R\260r\270\026\270x\300\377t\3102\310R\310t\320\377SU\320UV\330\020\026\376q\001\230\006\230c\240\027\250?\001\330\020\024\220KA\000\002\002}z\326 \020\024\320\024$\246\000\376\025\000J\230a\330\020\025\220\247Y\230a\225`\047\000\023\370\002\001\373\330\024\332`\330""\024\025\330\020\177\031\230\024\230Q\330\014\231\010\364\261`\260J%\234\000\010\020\220\002\377\220(\230\"\230B\230i\377\240r\250\024\250S\260\002\177\260)\2702\270R\270\275`\337\017\210v\220R\324@\013\250\3675\260\005\260\000y\300\013\310\3775\320PT\320TU\340\000\332`\307 ";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1796, 2190);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1866 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?BPF_P\377ROG_TEST\377_RUN fai\377ledCanno\377t assign\377 to read\177-only m\270\002\375v\272\000Invali\377d mode, \347exp\335\000\224\000\047c\047\376\214\001\047fortra\237n\047, gH\000%\005s\357hape\252\000 ax\377is Note \373th\237 Cytho\373n \021\000delib\237eratek\000\350\001c\367ter!\001n PE\337P-484\242\"re\376\314!s subcl\366\246\000es\311!buil\373ti\260\000ypes.\377 If you \223ne\254 \303\000p\316\000%\tt\177hen set\200\000\367e \047\357\002atio\377n_typing\355\047\205Div\242\000o F\377alse.add}_\231 ecoll\316@\376+\000s.abcdi\177sableen\002\001\377fastlb/t\273es\211\000g/_\005\001r\377un.pyxgc\373is\037\003dno d\377efault _\377_reduce_\357_ duh\002non\275-\345@vial\033\000c\177init__uY\002\276\214Aalloc\240  \377array da\207ta.\013\020\350#\322a\257cs\377.vary_ofUf\363\000/\007\002l\200 fL\000\237 outs\325`\207\"p\377acketASC\353II\237aF\232cXDP\377_LIVE_FR\377AMESElli\377psisSequ\257ence\315\204\001.\322\204\007_\357_Pyx\001\000Dic\377t_NextRegf__\336$\347\000__\263B\373__\001\005getit\313em\r\001d0\001\027\000fu3nc\035\001\030\000st\217`)\001\347imp\327`3\001mai\275n\003\002odulM\002n\233am\002\003ewT\001\355 _\177checksuT\000\300\n\001?\004\025\001\341@\355 \037\001unopick?\000En \005\363vt\312A\230\001qual\210O\005\235E\246Fc\261\204\002\277\001\271De\tx\314\001\320`_\203\005\334`\262\006\003\006\370.\007\240a\200 is_co\235r\200@ine\313`\327E_\377bufferas\277yncio.\032\006s\377attrbase\377batch_si\333ze\047\000cc\224`sc\257apclD\000_\232 t\367rac!\000ckco\367unt\000\002erct\205x\254ad\374\002v\000\224\210\003\277@o\347dee\377\000\367\205\002errV\000\000or\305\204\003.\304\204\004.\303\204\005\377flagsfor\367mat\341\206\004iidi\377ndexingr?ess_if\t\003\317@\371s\323A\240\001klive\247mem\272\207\001\262\207\001n\254An?dimobj\374`\377`\374\306\002\372apoppro\377g_fdrcre\357gist\216\001pea\177trunset\263\205\004\330""\312\207\002\373\001\234`rt\"\000ps\373to\001\000ructt\2370t1ti\216`\222\"t\357otal\347@ack\177updatev\014\000\343es\374\204\005\215\205\010\330\210\001wal\377lxO\320\000!\320!\3778\270\001\330\010#\320#\3774\260A\360\026\000\005\031\377\230\003\2301\230A\330\004\377\032\230!\2302\230R\230\377x\240y\260\002\260\047\270\377\021\330\004\030\230\001\330\004\377!\240\021\340\004\013\2104\277\210q\220\006\220b\016\001\007\377\200t\2101\330\010\016\210\377k\230\026\230q\240\007\240\377t\2502\250W\260A\330\375\010#\001s\220!\330\014\r\327\330\004\005\036\001a1\002c\230\373\027\240r\000\014\210K\220q\373\330\010\003\001z\240\021\240$\367\240a\240\013\001\320\014\034\230\3765\004q\330\014\020\220\014\2307J\240a\006\000\320\020x\000+\001wJ\220a2\001I\220Q9\001\367N\230!e\0011\330\014\022\377\220!\2201\220E\230\023\367\230G\240\014\000\017\210|\230\377:\240Q\330\014\017\320\017\373\"\240\202\000\020\220\n\230*\373\240A\017\001\020\220\017\230w\376S\000\r\016\330\014\021\220\031\372\350\0001n\0033\210b\220\001\376G\001\047\230\021\230\047\240\021\376T\004\023\2204\220y\240\005\367\240T\250\017\000\017\210t\220\3679\230E\260\000#\240V\250\377<\260t\320;K\3108\177\320SW\320WX\340\352\007\377\020\220\001\220\021\320\000=\177\270Q\330\017\020\360\022\320(\377\030\230\013\2406\250\021\250\377%\250r\260\022\2607\270\333!\340\352!\330\004\365\000\340\004o\023\2201\330\001\001\340\004\324!\3333\210\351\000\t\330\t\000|\220\3753\354 \005\230Y\240b\250\377\002\250#\250Y\260b\270\377\002\270#\270\\\310\022\310\1779\320TV\320VW\310!\373A\210\223 \016\210j\230\001\375\230\257@\n\210!\2105\220\237\016\230f\240A<\005\267\"E\357\220\025\220a\372 \014\027\220\377x\230s\240#\240R\240\327s\250!\311\000r\344A\005\330\376\224!\031\230\021\320\032+\250w1\250A\202A\005\220U\242!\337\330\020\023\220</\000!\330\377\024\037\230q\330\024\030\230\337\005\230U\240!\355 \030\033\372\265`L\230\000)\2602\260R\377\260r\270\026\270x\300t\377\3102\310R\310t\320S\177U\320UV\330\020\026q\001\377\230\006\230c\240""\027\250\001\237\330\020\024\220KA\000\002\002z>\326 \020\024\320\024$\246\000\025\000\377J\230a\330\020\025\220Y\323\230a\316`\047\000\023\370\002\001\330\373\024\032\353@\024\025\330\020\031\207\230\024\230\330@\231\010\352`\260J%\376\234\000\010\020\220\002\220(\230\377\"\230B\230i\240r\250\377\024\250S\260\002\260)\270\3572\270R\270\366`\017\210v\373\220R\324@\013\2505\260\005\376\260\000y\300\013\3105\320P\377T\320TU\340\010\014\210\000\307 ";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1866, 2268);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (2190 bytes) */
-static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?BPF_PROG_TEST_RUN failedCannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablefastlb/testing/_testrun.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.vary_offset/vary_len fall outside the packetASCIIBPF_F_TEST_XDP_LIVE_FRAMESEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcallocate_bufferasyncio.coroutinesattrbasebatch_sizebufccallscapcline_in_tracebackcountcounterdatadtype_is_objectencodeenumerateerrerrorfastlb.testing._testrunflagsformatfortraniidindexitemsitemsizeklivememviewmodennamendimobjoutout_sizepackpopprog_fdrcregisterrepeatrunsetdefaultshapesizestartstepstopstructt0t1time_callstotalunpackupdatevaluesvary_lenvary_offsetviewwallxO\320\000!\320!8\270\001\330\010#\2401\360\020\000\005\031\230\003\2301\230A\330\004\032\230!\2302\230R\230x\240y\260\002\260\047\270\021\330\004\030\230\001\330\004!\240\021\340\004\013\2104\210q\220\006\220b\230\001\330\004\007\200t\2101\330\010\016\210k\230\026\230q\240\007\240t\2502\250W\260A\330\010\013\2104\210s\220!\330\014\r\330\004\005\330\010\016\210a\210q\220\006\220c\230\027\240\001\330\010\014\210K\220q\330\010\014\210K\220z\240\021\240$\240a\240q\330\010\014\320\014\034\230A\330\010\013\2104\210q\330\014\020\220""\014\230J\240a\330\014\020\320\020!\240\021\330\010\014\210J\220a\330\010\014\210I\220Q\330\010\014\210N\230!\330\r\016\330\014\021\220\031\230!\2301\230A\330\010\013\2103\210b\220\001\330\014\022\220\047\230\021\230\047\240\021\330\010\013\2101\330\014\023\2204\220y\240\005\240T\250\021\330\010\017\210t\2209\230E\240\021\240#\240V\250<\260t\320;K\3108\320SW\320WX\340\010\013\2104\210s\220!\330\014\020\220\001\220\021\320\000=\270Q\330\017\020\360\022\000\005\031\230\003\2301\230A\330\004\030\230\013\2406\250\021\250%\250r\260\022\2607\270!\340\004\032\230!\330\004\034\230A\340\004\023\2201\330\004\023\2201\340\004\007\200t\2103\210a\330\010\t\330\004\007\200|\2203\220b\230\005\230Y\240b\250\002\250#\250Y\260b\270\002\270#\270\\\310\022\3109\320TV\320VW\330\010\014\210A\210Q\330\010\016\210j\230\001\230\021\330\004\n\210!\2105\220\016\230f\240A\330\004\007\200|\2203\220a\330\010\014\210E\220\025\220a\220q\330\014\027\220x\230s\240#\240R\240s\250!\250<\260r\270\021\330\004\005\330\r\016\330\014\031\230\021\320\032+\2501\250A\330\014\020\220\005\220U\230!\2301\330\020\023\220<\230s\240!\330\024\037\230q\330\024\030\230\005\230U\240!\2401\330\030\033\2301\230L\250\002\250)\2602\260R\260r\270\026\270x\300t\3102\310R\310t\320SU\320UV\330\020\026\220a\220q\230\006\230c\240\027\250\001\330\020\024\220K\230q\330\020\024\220K\230z\250\021\330\020\024\320\024$\240A\330\020\024\220J\230a\330\020\025\220Y\230a\230q\240\001\330\020\023\2203\220b\230\001\330\024\032\230!\330\024\025\330\020\031\230\024\230Q\330\014\031\230\021\320\032+\2501\250A\330\010\013\2103\210b\220\001\330\014\022\220\047\230\021\230%\230q\330\010\020\220\002\220(\230\"\230B\230i\240r\250\024\250S\260\002\260)\2702\270R\270q\330\010\017\210v\220R\220y\240\013\2505\260\005\260R\260y\300\013\3105\320PT\320TU\340\010\014\210A\210Q";
+    #else /* compression: none (2268 bytes) */
+static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?BPF_PROG_TEST_RUN failedCannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablefastlb/testing/_testrun.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.vary_offset/vary_len fall outside the packetASCIIBPF_F_TEST_XDP_LIVE_FRAMESEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcallocate_bufferasyncio.coroutinesattrbasebatch_sizebufccallscapcline_in_tracebackcountcounterctxdatadtype_is_objectencodeenumerateerrerrorfastlb.testing._testrunflagsformatfortraniidindexingress_ifindexitemsitemsizeklivememviewmodennamendimobjoutout_sizepackpopprog_fdrcregisterrepeatrunsetdefaultshapesizestartstepstopstructt0t1time_callstotalunpackupdatevaluesvary_lenvary_offsetviewwallxO\320\000!\320!8\270\001\330\010#\320#4\260A\360\026\000\005\031\230\003\2301\230A\330\004\032\230!\2302\230R\230x\240y\260\002\260\047\270\021\330\004\030\230\001\330\004!\240\021\340\004\013\2104\210q\220\006\220b\230\001\330\004\007\200t\2101\330\010\016\210k\230\026\230q\240\007\240t\2502\250W\260A\330\010\013\2104\210s\220!\330\014\r\330\004\005\330\010\016\210a\210q\220\006\220c\230\027\240\001\330\010\014\210K\220q\330\010\014\210K\220z\240\021\240$\240a\240q\330\010\014\320\014\034\230A\330\010\013\2104""\210q\330\014\020\220\014\230J\240a\330\014\020\320\020!\240\021\330\010\014\210J\220a\330\010\014\210I\220Q\330\010\014\210N\230!\330\010\013\2101\330\014\022\220!\2201\220E\230\023\230G\2401\330\014\017\210|\230:\240Q\330\014\017\320\017\"\240!\330\014\020\220\n\230*\240A\240Q\330\014\020\220\017\230w\240a\330\r\016\330\014\021\220\031\230!\2301\230A\330\010\013\2103\210b\220\001\330\014\022\220\047\230\021\230\047\240\021\330\010\013\2101\330\014\023\2204\220y\240\005\240T\250\021\330\010\017\210t\2209\230E\240\021\240#\240V\250<\260t\320;K\3108\320SW\320WX\340\010\013\2104\210s\220!\330\014\020\220\001\220\021\320\000=\270Q\330\017\020\360\022\000\005\031\230\003\2301\230A\330\004\030\230\013\2406\250\021\250%\250r\260\022\2607\270!\340\004\032\230!\330\004\034\230A\340\004\023\2201\330\004\023\2201\340\004\007\200t\2103\210a\330\010\t\330\004\007\200|\2203\220b\230\005\230Y\240b\250\002\250#\250Y\260b\270\002\270#\270\\\310\022\3109\320TV\320VW\330\010\014\210A\210Q\330\010\016\210j\230\001\230\021\330\004\n\210!\2105\220\016\230f\240A\330\004\007\200|\2203\220a\330\010\014\210E\220\025\220a\220q\330\014\027\220x\230s\240#\240R\240s\250!\250<\260r\270\021\330\004\005\330\r\016\330\014\031\230\021\320\032+\2501\250A\330\014\020\220\005\220U\230!\2301\330\020\023\220<\230s\240!\330\024\037\230q\330\024\030\230\005\230U\240!\2401\330\030\033\2301\230L\250\002\250)\2602\260R\260r\270\026\270x\300t\3102\310R\310t\320SU\320UV\330\020\026\220a\220q\230\006\230c\240\027\250\001\330\020\024\220K\230q\330\020\024\220K\230z\250\021\330\020\024\320\024$\240A\330\020\024\220J\230a\330\020\025\220Y\230a\230q\240\001\330\020\023\2203\220b\230\001\330\024\032\230!\330\024\025\330\020\031\230\024\230Q\330\014\031\230\021\320\032+\2501\250A\330\010\013\2103\210b\220\001\330\014\022\220\047\230\021\230%\230q\330\010\020\220\002\220(\230\"\230B\230i\240r\250\024\250S\260\002\260)\2702\270R\270q\330\010\017\210v\220R\220y\240\013\2505\260\005\260R\260y\300\013\3105\320PT\320TU\340""\010\014\210A\210Q";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 123; i++) {
+    for (int i = 0; i < 125; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 28) PyUnicode_InternInPlace(&string);
@@ -22149,8 +22256,8 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 123; i < 127; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-123].length;
+    for (int i = 125; i < 129; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-125].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -22160,14 +22267,14 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 127; i++) {
+    for (Py_ssize_t i = 0; i < 129; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 123;
+      PyObject **table = stringtab + 125;
       for (Py_ssize_t i=0; i<4; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -22263,12 +22370,12 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 13, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 63};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_prog_fd, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_repeat, __pyx_mstate->__pyx_n_u_flags, __pyx_mstate->__pyx_n_u_batch_size, __pyx_mstate->__pyx_n_u_out_size, __pyx_mstate->__pyx_n_u_attr, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_cap, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_view, __pyx_mstate->__pyx_n_u_rc, __pyx_mstate->__pyx_n_u_live};
-    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastlb_testing__testrun_pyx, __pyx_mstate->__pyx_n_u_run, __pyx_mstate->__pyx_kp_b_iso88591_8_1_1A_2Rxy_4q_b_t1_k_q_t2WA_4s, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {7, 0, 0, 15, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 72};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_prog_fd, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_repeat, __pyx_mstate->__pyx_n_u_flags, __pyx_mstate->__pyx_n_u_batch_size, __pyx_mstate->__pyx_n_u_out_size, __pyx_mstate->__pyx_n_u_ingress_ifindex, __pyx_mstate->__pyx_n_u_attr, __pyx_mstate->__pyx_n_u_ctx, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_cap, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_view, __pyx_mstate->__pyx_n_u_rc, __pyx_mstate->__pyx_n_u_live};
+    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastlb_testing__testrun_pyx, __pyx_mstate->__pyx_n_u_run, __pyx_mstate->__pyx_kp_b_iso88591_8_4A_1A_2Rxy_4q_b_t1_k_q_t2WA_4, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 17, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 105};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 17, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 123};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_prog_fd, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_calls, __pyx_mstate->__pyx_n_u_vary_offset, __pyx_mstate->__pyx_n_u_vary_len, __pyx_mstate->__pyx_n_u_attr, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_buf, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_total, __pyx_mstate->__pyx_n_u_counter, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_rc, __pyx_mstate->__pyx_n_u_err, __pyx_mstate->__pyx_n_u_t0, __pyx_mstate->__pyx_n_u_t1, __pyx_mstate->__pyx_n_u_wall};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastlb_testing__testrun_pyx, __pyx_mstate->__pyx_n_u_time_calls, __pyx_mstate->__pyx_kp_b_iso88591_Q_1A_6_r_7_A_1_1_t3a_3b_Yb_Yb_9, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }

@@ -98,7 +98,7 @@ CONFIG_SETTINGS = {"ring_size": 1021, "max_vips": 24, "max_backends": 64, "connt
 # The tunnel and ICMP sources (strings in the config).
 SOURCE_SETTINGS = {"tunnel_source": "198.18.96.0/24", "tunnel_source6": "2001:db8:96::/64",
                    "icmp_source": "198.18.0.2", "icmp_source6": "2001:db8::2"}
-# The MTU of the device the fuzzed frames arrive on (tests/oracle.py: TestDevice).
+# The MTU of the device the fuzzed frames arrive on (tests/helpers/oracle.py: TestDevice).
 MTU = 1400
 
 
