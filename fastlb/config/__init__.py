@@ -211,6 +211,15 @@ class Config:
         return None
 
 
+def l4_view(config):
+    """``config`` as the XDP tier sees it: http/https VIPs (fastlb.controller.l7) keep a VIP slot, flagged
+    FL_VIP_F_L7 so their packets go to the local HAProxy, and have no backends here."""
+    if not any(v.is_l7 for v in config.vips):
+        return config
+    return dataclasses.replace(config, vips=tuple(
+        dataclasses.replace(v, backends=(), routes=()) if v.is_l7 else v for v in config.vips))
+
+
 def parse_vip_spec(spec: str) -> tuple[IPAddress, int, str]:
     """Split ``198.19.0.100:80/tcp`` or ``[2001:db8::1]:80`` into (address, port, protocol).
 
