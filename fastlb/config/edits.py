@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from fastlb.config import Backend, Config, Vip, parse_vip_spec
+from fastlb.config.model import Backend, Config, Vip, parse_vip_spec
 from fastlb.errors import FastlbError
 
 Edit = tuple[Config, str]

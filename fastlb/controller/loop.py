@@ -43,7 +43,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from fastlb.config import Config, ConfigError, edits, l4_view, load_config, parse_config, render_config
+from fastlb.config import Config, ConfigError, edits, l4_view, load_config, render_config, validate
 from fastlb.controller import attachment, bgp, control_socket, health, neighbour_watch, planner, state
 from fastlb.controller.planner import NO_MAC, Key, lrt_score
 from fastlb.core import PeakEwma
@@ -571,7 +571,7 @@ class Controller:
     def _validated(self, new: Config) -> Config:
         self._check_same_sizes(new)
         try:
-            return dataclasses.replace(parse_config(render_config(new), self.config_path), path=self.config_path)
+            return validate(dataclasses.replace(new, path=self.config_path))
         except ConfigError as exc:
             raise FastlbError(f"refused: the change would make an invalid config: {exc.message}",
                               fix=exc.fix) from exc
