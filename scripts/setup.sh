@@ -72,17 +72,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# 2. Kernel headers for BCC --------------------------------------------------
-mod="/lib/modules/$kver"
-if [ ! -e "$mod/build/Makefile" ] || [ ! -e "$mod/source/include/linux/kconfig.h" ]; then
-  generic=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
-  [ -n "$generic" ] && [ -n "$common" ] || die "no kernel headers under /usr/src for BCC. Fix: apt-get install linux-headers-amd64"
-  mkdir -p "$mod"
-  ln -sfn "$generic" "$mod/build"
-  ln -sfn "$common" "$mod/source"
-  say "kernel $kver has no headers package; BCC uses Debian's generic headers: $mod/build -> $generic, $mod/source -> $common"
-fi
+# 2. Kernel headers for BCC (the same script as the Debian package's postinst) --
+"$top/scripts/kernel-headers.sh" | sed 's/^fastlb: /setup: /' \
+  || die "no kernel headers for BCC. Fix: apt-get install linux-headers-amd64"
 
 # 3-4. The venv and the package ----------------------------------------------
 if [ ! -x "$venv/bin/python" ]; then
