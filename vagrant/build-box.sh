@@ -135,7 +135,12 @@ EOF
   extlinux --install "$mnt/boot/extlinux" >/dev/null 2>&1 || die "extlinux --install failed"
   dd if=/usr/lib/syslinux/mbr/mbr.bin of="$img" bs=440 count=1 conv=notrunc status=none
 
+  # Only the newest kernel (the upgrade above may have added one), and the blocks
+  # of deleted files (the downloaded .debs) handed back, so the image stays small.
+  old_kernels=$(chroot "$mnt" dpkg-query -W -f='${Package}\n' 'linux-image-[0-9]*' | grep -v -- "-$kver\$" || true)
+  [ -z "$old_kernels" ] || chroot "$mnt" apt-get -qq -y purge $old_kernels >/dev/null 2>&1
   for m in dev/pts dev proc sys; do umount "$mnt/$m"; done
+  fstrim "$mnt" || true
   umount "$mnt"
   losetup -d "$loop"
   loop=""

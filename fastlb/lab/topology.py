@@ -492,7 +492,7 @@ class Lab:
                                  fix="apt-get install python3-bpfcc; use a venv with "
                                      "--system-site-packages") from exc
         if not XDP_PASS_SRC.is_file():
-            raise BpfError(f"{XDP_PASS_SRC} is missing", fix="run from a fastlb source tree")
+            raise BpfError(f"{XDP_PASS_SRC} is missing", fix="reinstall fastlb, or set FASTLB_BPF_DIR to the folder holding the BPF sources")
         try:
             self._bpf = BPF(src_file=os.fsencode(XDP_PASS_SRC))
             fn = self._bpf.load_func(b"xdp_pass", BPF.XDP)
