@@ -33,7 +33,7 @@ fuzz: setup
 deb:
 	@./scripts/build-deb.sh
 
-vm-test: deb
+vm-test: setup deb
 	@./tests/vm/run.sh
 
 clean:

@@ -32,7 +32,7 @@ py="$top/.venv/bin/python"
 runid=$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
 name="flvm-$runid"
 bridge="flvmbr$runid"
-ns_c="flvm-$runid-c"      # DSR client 198.18.0.1, generator source 198.18.0.5
+ns_c="flvm-$runid-c"      # DSR client 198.18.0.1; the generator's frames come from 198.18.0.5 (no host)
 ns_n="flvm-$runid-n"      # NAT client 198.18.0.3
 ns_b=("flvm-$runid-b1" "flvm-$runid-b2")
 addr_b=(198.18.0.11 198.18.0.12)
@@ -124,7 +124,6 @@ for ns in "$ns_c" "$ns_n" "${ns_b[@]}"; do
 done
 ethtool -K "flvm${runid}p1" gro on >/dev/null
 in_ns "$ns_c" ip addr add 198.18.0.1/24 dev eth0
-in_ns "$ns_c" ip addr add 198.18.0.5/32 dev eth0
 in_ns "$ns_c" ip route add 198.19.0.0/24 via "$lb"
 in_ns "$ns_n" ip addr add 198.18.0.3/24 dev eth0
 in_ns "$ns_n" ip route add 198.19.0.0/24 via "$lb"
@@ -161,13 +160,20 @@ guest "ethtool -l eth1 2>/dev/null | sed -n '/Current/,\$p' | grep Combined" | s
 # ---- 4. install -----------------------------------------------------------------
 step "install: apt install ./$(basename "$deb")"
 scp -F "$work/ssh-config" -o LogLevel=ERROR "$deb" default:/tmp/ >/dev/null
+# The guest resolves names through libvirt's dnsmasq. Where the host reaches Debian's
+# mirror under a local name (/etc/hosts, as on these lab machines), tell the guest too.
+mirror_ip=$(getent ahostsv4 deb.debian.org | awk 'NR == 1 { print $1 }')
+if [ -n "$mirror_ip" ] && [ "$(guest "getent ahostsv4 deb.debian.org | awk 'NR == 1 { print \$1 }'")" != "$mirror_ip" ]; then
+  guest "echo '$mirror_ip deb.debian.org' | sudo tee -a /etc/hosts >/dev/null"
+  say "  deb.debian.org is $mirror_ip for the host; the guest's /etc/hosts says so too"
+fi
 guest "cd /tmp && sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q ./$(basename "$deb")" \
   >"$work/install.log" 2>&1 || { tail -n 30 "$work/install.log" >&2; die "apt install failed"; }
 grep -E "^fastlb: |Setting up fastlb" "$work/install.log" | sed 's/^/  /'
 say "  dependencies as resolved in the guest:"
 guest "dpkg-query -W -f='\${Package} \${Version}\n' fastlb python3 python3-bpfcc libbpfcc libbpf1 python3-pyroute2 \
   python3-click python3-prometheus-client iproute2 linux-headers-amd64 ethtool 2>/dev/null" | sed 's/^/    /'
-guest "test -x /usr/bin/fastlb && man -w fastlb-attach >/dev/null && test -f /usr/share/bash-completion/completions/fastlb \
+guest "test -x /usr/bin/fastlb && test -f /usr/share/man/man1/fastlb-attach.1.gz && test -f /usr/share/bash-completion/completions/fastlb \
   && test -f /usr/share/fastlb/bpf/fastlb_kern.c && test -d /run/fastlb-bird" \
   || die "the installed package lacks a file (fastlb, man page, completion, BPF sources or tmpfiles' folder)"
 
@@ -253,7 +259,7 @@ guest "sudo systemctl restart fastlb@eth1" || { guest "sudo journalctl -u fastlb
 say "  systemctl restart returned after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
 echo detail >&"${HOLD[1]}"; read -r -t 60 d2 <&"${HOLD[0]}"
 prog2=$(guest "sudo fastlb status --json" | json 'd[0]["prog_id"]')
-exec {HOLD[1]}>&-
+eval "exec ${HOLD[1]}>&-"
 cmp=$(printf '%s\n%s\n' "$d1" "$d2" | "$py" -c '
 import json, sys
 a, b = (json.loads(line)["connections"] for line in sys.stdin)
