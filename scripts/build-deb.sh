@@ -44,7 +44,7 @@ log="$work/build.log"
 deb="fastlb_${version}_${arch}.deb"
 mv "$work/$deb" "$top/dist/$deb"
 say "built dist/$deb"
-lintian --no-tag-display-limit "$top/dist/$deb" >"$work/lintian.txt" 2>&1 || true
+lintian --tag-display-limit 0 "$top/dist/$deb" >"$work/lintian.txt" 2>&1 || true
 errors=$(grep -c '^E:' "$work/lintian.txt" || true)
 warnings=$(grep -c '^W:' "$work/lintian.txt" || true)
 say "lintian: $errors error(s), $warnings warning(s) (full output: build/deb/lintian.txt)"
