@@ -7,7 +7,8 @@
 #   sudo vagrant/build-box.sh --no-add   build (or reuse) only; prints the .box path
 #
 # The box: debootstrap minbase + Debian's kernel, systemd, openssh-server, sudo,
-# rsync, ifupdown (DHCP on eth0; net.ifnames=0), a serial console, extlinux as
+# rsync, ifupdown (DHCP on eth0; net.ifnames=0), python3, BCC (python3-bpfcc) and
+# the kernel's headers (slow to unpack under TCG), a serial console, extlinux as
 # the boot loader, and a `vagrant` user with Vagrant's insecure key and
 # passwordless sudo. The apt timers are masked, so that no background apt run
 # holds dpkg's lock when a provisioner or a test installs packages.
@@ -44,10 +45,15 @@ build() {
   loop=""
   cleanup() {
     set +e
-    for m in dev/pts dev proc sys; do mountpoint -q "$mnt/$m" && umount "$mnt/$m"; done
-    mountpoint -q "$mnt" && umount "$mnt"
+    # Everything mounted under the new root first (debootstrap mounts proc and sys
+    # there too); never remove the folder while anything is still mounted in it.
+    mountpoint -q "$mnt" && umount -R "$mnt"
     [ -n "$loop" ] && losetup -d "$loop"
-    rm -rf "$work"
+    if findmnt -rn -o TARGET | grep -q "^$work/"; then
+      echo "build-box: $work still has mounts; left in place" >&2
+    else
+      rm -rf "$work"
+    fi
   }
   trap cleanup EXIT
 
@@ -79,7 +85,11 @@ deb http://deb.debian.org/debian-security bookworm-security main
 EOF
   # The kernel from the updated suites, so that linux-headers-amd64 (which the
   # guest installs later) matches the running kernel.
-  chroot "$mnt" sh -c 'export DEBIAN_FRONTEND=noninteractive; apt-get -qq update && apt-get -qq -y dist-upgrade && apt-get -qq clean' \
+  # Also the largest of fastlb's dependencies, which take minutes to unpack under
+  # software emulation: Debian's python3, BCC and the kernel's headers. `apt install
+  # ./fastlb_*.deb` in the VM still resolves and fetches the rest from the mirror.
+  chroot "$mnt" sh -c 'export DEBIAN_FRONTEND=noninteractive; apt-get -qq update && apt-get -qq -y dist-upgrade \
+      && apt-get -qq -y --no-install-recommends install python3 python3-bpfcc linux-headers-amd64 && apt-get -qq clean' \
     >"$work/upgrade.log" 2>&1 || { tail -n 20 "$work/upgrade.log" >&2; die "apt-get dist-upgrade in the new root failed"; }
 
   echo fastlb-box >"$mnt/etc/hostname"
@@ -113,7 +123,8 @@ ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+# ed25519 only: an RSA key takes over a minute to make under software emulation (TCG).
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
 
 [Install]
 WantedBy=multi-user.target
@@ -130,7 +141,7 @@ PROMPT 0
 LABEL debian
   LINUX /boot/vmlinuz-$kver
   INITRD /boot/initrd.img-$kver
-  APPEND root=LABEL=root rw console=tty0 console=ttyS0,115200 net.ifnames=0 biosdevname=0
+  APPEND root=LABEL=root rw console=tty0 console=ttyS0,115200 net.ifnames=0 biosdevname=0 quiet
 EOF
   extlinux --install "$mnt/boot/extlinux" >/dev/null 2>&1 || die "extlinux --install failed"
   dd if=/usr/lib/syslinux/mbr/mbr.bin of="$img" bs=440 count=1 conv=notrunc status=none
@@ -180,11 +191,13 @@ if [ "$add" -eq 1 ]; then
   else
     vagrant box add --force --name "$box_name" --provider libvirt "$box" >/dev/null
     echo "$hash" >"$stamp"
-    # vagrant-libvirt keeps its own copy of a box's image in the storage pool, named
-    # after the box and version: a rebuilt box must not be shadowed by the old copy.
-    vol="${box_name//\//-VAGRANTSLASH-}_vagrant_box_image_0_box.img"
-    if command -v virsh >/dev/null && virsh -c qemu:///system vol-info "$vol" --pool default >/dev/null 2>&1; then
-      virsh -c qemu:///system vol-delete "$vol" --pool default >/dev/null
+    # vagrant-libvirt copies a box's image into the storage pool once, under a name with
+    # the box's timestamp (a re-added box gets a new copy): drop the copies of older builds.
+    if command -v virsh >/dev/null; then
+      for vol in $(virsh -c qemu:///system vol-list default 2>/dev/null | awk '{ print $1 }' \
+                   | grep "^${box_name//\//-VAGRANTSLASH-}_vagrant_box_image_0_.*_box.img$"); do
+        virsh -c qemu:///system vol-delete "$vol" --pool default >/dev/null 2>&1 || true
+      done
     fi
     say "added $box as $box_name (libvirt)"
   fi

@@ -53,6 +53,9 @@ t_step=$t_start
 step_name=""
 say() { echo "vm-test: $*"; }
 die() { echo "vm-test: FAILED${step_name:+ at '$step_name'}: $*" >&2; exit 1; }
+# A failed check whose later steps still mean something (the restart's): say it, go on, fail at the end.
+failures=()
+fail() { echo "vm-test: FAILED${step_name:+ at '$step_name'}: $*" >&2; failures+=("$step_name: $*"); }
 step() {
   local now; now=$(date +%s)
   [ -n "$step_name" ] && say "== $step_name: $((now - t_step)) s"
@@ -252,27 +255,29 @@ step "restart: systemctl restart fastlb@eth1 adopts the pinned maps at 3 vCPUs, 
 coproc HOLD { in_ns "$ns_c" $PY_C hold --host "$vip_dsr" --port 80 --count 30 --requests --timeout 5; }
 read -r -t 120 held <&"${HOLD[0]}" || die "holding connections timed out"
 echo "$held" | grep -q '"held"' || die "holding connections: $held"
-echo detail >&"${HOLD[1]}"; read -r -t 60 d1 <&"${HOLD[0]}"
+echo detail >&"${HOLD[1]}"; read -r -t 60 d1 <&"${HOLD[0]}" || die "the held connections did not answer"
 prog1=$(guest "sudo fastlb status --json" | json 'd[0]["prog_id"]')
 t0=$(date +%s%N)
-guest "sudo systemctl restart fastlb@eth1" || { guest "sudo journalctl -u fastlb@eth1 --no-pager | tail -n 30" >&2; die "restart failed"; }
+guest "sudo systemctl restart fastlb@eth1" \
+  || { guest "sudo journalctl -u fastlb@eth1 --no-pager -o cat | tail -n 8" | sed 's/^/  fastlb@eth1: /' >&2; fail "systemctl restart fastlb@eth1 failed"; }
 say "  systemctl restart returned after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
-echo detail >&"${HOLD[1]}"; read -r -t 60 d2 <&"${HOLD[0]}"
-prog2=$(guest "sudo fastlb status --json" | json 'd[0]["prog_id"]')
+echo detail >&"${HOLD[1]}"; read -r -t 120 d2 <&"${HOLD[0]}" || d2='{"connections": []}'
+prog2=$(guest "sudo fastlb status --json" | json 'd[0]["prog_id"]' || echo none)
 eval "exec ${HOLD[1]}>&-"
 cmp=$(printf '%s\n%s\n' "$d1" "$d2" | "$py" -c '
 import json, sys
 a, b = (json.loads(line)["connections"] for line in sys.stdin)
 same = sum(1 for x, y in zip(a, b) if x["backend"] and x["backend"] == y["backend"] and not y["error"])
 errs = [y["error"] for y in b if y["error"]][:3]
-print(f"{same}/{len(a)} held connections answered from the same backend after the restart; errors: {errs or None}")')
+print(f"{same}/{len(a)} held connections answered from the same backend after the restart; errors: {errs or None}")' \
+  || echo "no answer from the held connections after the restart")
 say "  $cmp"
 say "  program id $prog1 -> $prog2 (the program is replaced through its link; the maps stay)"
 guest "sudo journalctl -u fastlb@eth1 --no-pager -o cat | grep -i -E 'adopt|conntrack|max_entries|refus' | tail -n 4" \
   | sed 's/^/  fastlb@eth1: /' || true
 guest "sudo journalctl -u fastlb@eth1 --no-pager -o cat | grep -qi 'adopted the running attachment'" \
-  || die "the restarted controller did not say it adopted the running attachment"
-case "$cmp" in "30/30 "*) ;; *) die "held connections did not survive the restart: $cmp" ;; esac
+  || fail "the restarted controller did not say it adopted the running attachment"
+case "$cmp" in "30/30 "*) ;; *) fail "held connections did not survive the restart: $cmp" ;; esac
 guest "python3 -c 'import urllib.request as u; print(u.urlopen(\"http://127.0.0.1:9469/metrics\", timeout=5).read().decode())'" \
   | grep -c '^fastlb_' | sed 's/^/  metrics: series on 127.0.0.1:9469: /'
 
@@ -287,3 +292,7 @@ left=$(guest "ip -d link | grep -o -E 'xdp[a-z]*|prog/xdp id [0-9]+'; grep -o ' 
 [ -z "$left" ] || die "left after apt remove: $left"
 say "  no XDP program, no pin, no fastlb bpffs, no running unit"
 step ""
+if [ ${#failures[@]} -gt 0 ]; then
+  printf 'vm-test: failed check: %s\n' "${failures[@]}" >&2
+  exit 1
+fi
