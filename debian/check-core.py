@@ -1,10 +1,11 @@
 """Build-time check (debian/rules): the installed Cython core, built with
 Debian's Cython, imports and gives the same answers as its pure-Python twin
-(fastlb/_pure.py). tests/test_core.py checks the two in depth."""
+(fastlb/core/_pure.py). tests/unit/test_core.py checks the two in depth."""
 
 import random
 
-from fastlb import _core, _pure, core
+from fastlb import core
+from fastlb.core import _core, _pure
 
 assert core.IMPLEMENTATION == "cython", f"the Cython core did not import: {core.IMPORT_ERROR}"
 rng = random.Random(17)

@@ -31,7 +31,7 @@ packages=(bpfcc-tools python3-bpfcc libbpfcc libbpf1 iproute2 ethtool iputils-pi
 packages+=(haproxy nginx libnginx-mod-stream wrk nftables)
 # The BGP speaker fastlb drives ([bgp] speaker = "bird"); the ECMP tests run their own copies in namespaces.
 packages+=(bird2)
-# The metrics scraper the Prometheus test runs in a lab namespace (tests/test_e2e_prometheus.py).
+# The metrics scraper the Prometheus test runs in a lab namespace (tests/e2e/test_e2e_prometheus.py).
 packages+=(prometheus)
 missing=()
 for p in "${packages[@]}"; do

@@ -177,7 +177,7 @@ say "  dependencies as resolved in the guest:"
 guest "dpkg-query -W -f='\${Package} \${Version}\n' fastlb python3 python3-bpfcc libbpfcc libbpf1 python3-pyroute2 \
   python3-click python3-prometheus-client iproute2 linux-headers-amd64 ethtool 2>/dev/null" | sed 's/^/    /'
 guest "test -x /usr/bin/fastlb && test -f /usr/share/man/man1/fastlb-attach.1.gz && test -f /usr/share/bash-completion/completions/fastlb \
-  && test -f /usr/share/fastlb/bpf/fastlb_kern.c && test -d /run/fastlb-bird" \
+  && test -f /usr/lib/python3/dist-packages/fastlb/bpf/fastlb_kern.c && test -d /run/fastlb-bird" \
   || die "the installed package lacks a file (fastlb, man page, completion, BPF sources or tmpfiles' folder)"
 
 # ---- 5. attach ------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The shipped Grafana dashboard (docs/grafana/fastlb.json) asks only for series
-fastlb exports (fastlb/metrics.py), with labels those series have, and covers
+fastlb exports (fastlb/controller/metrics.py), with labels those series have, and covers
 what an operator watches: packets, bytes, new flows, active connections,
-health, probe latency and drops by reason. tests/test_e2e_prometheus.py runs
+health, probe latency and drops by reason. tests/e2e/test_e2e_prometheus.py runs
 every query against a real Prometheus scraping a running fastlb."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import json
 import re
 from pathlib import Path
 
-from fastlb.metrics import StatsCollector
+from fastlb.controller.metrics import StatsCollector
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "fastlb.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "fastlb.json"
 METRIC = re.compile(r"\bfastlb_[a-z0-9_]+")
 # label names in `by (...)`, `without (...)` and `{name="..."}` selectors
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
@@ -63,7 +63,7 @@ def test_every_metric_the_dashboard_queries_is_exported():
         used = METRIC.findall(t["expr"])
         assert used, f"no fastlb metric in {t['expr']!r}"
         for name in used:
-            assert name in names, f"{t['expr']!r} asks for {name}, which fastlb/metrics.py does not export"
+            assert name in names, f"{t['expr']!r} asks for {name}, which fastlb/controller/metrics.py does not export"
 
 
 def test_every_label_the_dashboard_uses_is_a_label_of_its_metrics():

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = [pytest.mark.root]
 
-TOP = Path(__file__).resolve().parent.parent
+TOP = Path(__file__).resolve().parents[2]
 REQUIRED = [
     "./usr/bin/fastlb",
     "./lib/systemd/system/fastlb@.service",
@@ -22,8 +22,8 @@ REQUIRED = [
     "./usr/share/man/man1/fastlb-attach.1.gz",
     "./usr/share/man/man1/fastlb-detach.1.gz",
     "./usr/share/bash-completion/completions/fastlb",
-    "./usr/share/fastlb/bpf/fastlb_kern.c",
-    "./usr/share/fastlb/bpf/fastlb_consts.h",
+    "./usr/lib/python3/dist-packages/fastlb/bpf/fastlb_kern.c",
+    "./usr/lib/python3/dist-packages/fastlb/bpf/fastlb_consts.h",
     "./usr/libexec/fastlb/kernel-headers",
     "./usr/libexec/fastlb/remove-attachments",
     "./usr/share/doc/fastlb/README.md.gz",
@@ -56,7 +56,7 @@ def test_the_package_holds_the_command_unit_tmpfiles_man_pages_completion_bpf_an
     paths = {line.split()[5] for line in listing.splitlines()}
     missing = [p for p in REQUIRED if p not in paths]
     assert not missing, f"{deb.name} lacks {missing}"
-    assert any(p.startswith("./usr/lib/python3/dist-packages/fastlb/_core.cpython-") for p in paths)
+    assert any(p.startswith("./usr/lib/python3/dist-packages/fastlb/core/_core.cpython-") for p in paths)
 
 
 def test_the_packaged_unit_and_tmpfiles_say_what_fastlb_needs(deb, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import urllib.request
 
-from fastlb.metrics import MetricsServer
+from fastlb.controller.metrics import MetricsServer
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from fastlb.lab.topology import HEALTH_HTTP, Lab, python_argv, python_env
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "fastlb.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "fastlb.json"
 METRICS = "127.0.0.1:19469"
 PROMETHEUS = "127.0.0.1:19090"
 SCRAPE_S = 1
