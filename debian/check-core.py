@@ -17,4 +17,4 @@ for _ in range(200):
     src, dst = bytes(rng.randrange(256) for _ in range(16)), bytes(rng.randrange(256) for _ in range(16))
     args = (src, dst, rng.randrange(65536), rng.randrange(65536), 6, rng.randrange(2**32), 0)
     assert _core.flow_hash(*args) == _pure.flow_hash(*args), args
-print("check-core: fastlb._core (Cython) imports and agrees with fastlb._pure")
+print("check-core: fastlb.core._core (Cython) imports and agrees with fastlb.core._pure")
