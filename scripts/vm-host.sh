@@ -54,8 +54,9 @@ start() {
     virsh -c qemu:///system pool-define-as default dir --target /var/lib/libvirt/images >/dev/null
     virsh -c qemu:///system pool-autostart default >/dev/null
   fi
-  virsh -c qemu:///system pool-info default | grep -q 'State:.*running' \
-    || virsh -c qemu:///system pool-start default >/dev/null
+  # (no `virsh | grep -q` under pipefail: grep's early exit fails the pipe)
+  active=$(virsh -c qemu:///system pool-list --name)
+  echo "$active" | tr -d ' ' | grep -qx default || virsh -c qemu:///system pool-start default >/dev/null
 }
 
 stop() {
