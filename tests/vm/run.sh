@@ -94,6 +94,7 @@ cleanup() {
     ip netns del "$ns" 2>/dev/null
   done
   ip link del "$bridge" 2>/dev/null
+  rm -f "/tmp/$name-console.log"   # the guest's serial console (vagrant/Vagrantfile, TCG only)
   [ "$started_libvirtd" = 1 ] && "$top/scripts/vm-host.sh" stop
   rm -rf "$work"
   say "total $(( $(date +%s) - t_start )) s; $([ $rc -eq 0 ] && echo PASSED || echo FAILED)"
