@@ -13,13 +13,7 @@
 #include "parsing_helpers.h"
 #include "fastlb_encap.h"
 #include "fastlb_structs.h"
-
-#ifndef FASTLB_PIN_DIR
-#error "FASTLB_PIN_DIR must name the bpffs folder for the maps (the loader sets it)"
-#endif
-
-#define FL_MAP(type, key, value, name, entries, flags) \
-	BPF_TABLE_PINNED7(type, key, value, name, entries, FASTLB_PIN_DIR "/" #name, flags)
+#include "fastlb_pinned.h"
 
 /* Address (vip_key with port 0, proto 0) -> FL_DECAP_ADDR_LOCAL and/or
  * FL_DECAP_ADDR_VIP. Written by the loader. */

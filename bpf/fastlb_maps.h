@@ -9,13 +9,7 @@
 #define FASTLB_MAPS_H
 
 #include "fastlb_structs.h"
-
-#ifndef FASTLB_PIN_DIR
-#error "FASTLB_PIN_DIR must name the bpffs folder for the maps (the loader sets it)"
-#endif
-
-#define FL_MAP(type, key, value, name, entries, flags) \
-	BPF_TABLE_PINNED7(type, key, value, name, entries, FASTLB_PIN_DIR "/" #name, flags)
+#include "fastlb_pinned.h"
 
 /* A pinned devmap with BCC's redirect_map() method (BPF_DEVMAP, pinned). */
 #define FL_DEVMAP(name, entries)                                              \

@@ -14,7 +14,7 @@ import sys
 import click
 
 from fastlb import __version__
-from fastlb.errors import FastlbError
+from fastlb.errors import FastlbError, require_root
 
 XDP_MODES = ("auto", "native", "generic")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -285,7 +285,7 @@ def _call(request: dict, iface: str | None) -> dict:
 
 def _stats(iface: str | None) -> list[dict]:
     """The controller's stats, or the maps' alone when no controller runs."""
-    from fastlb.controller import attachment, control_socket
+    from fastlb.controller import control_socket
     from fastlb.dataplane import stats
     from fastlb.kernel import pins
     from fastlb.kernel.maps import PinnedMaps
@@ -293,7 +293,7 @@ def _stats(iface: str | None) -> list[dict]:
         return [_call({"cmd": "stats"}, iface)["stats"]]
     except control_socket.NoController as exc:
         why = exc.message
-    attachment.require_root("stats")
+    require_root("stats")
     base = pins.ensure_bpffs()
     names = [iface] if iface else pins.attachments(base)
     if not names or not pins.attachment_dir(names[0], base).exists():
@@ -459,12 +459,11 @@ def _flow_filter(maps, vip_spec, backend_spec):
     names = ct.Names.read(maps)
     vip_ids = backend_ids = None
     if vip_spec:
-        from fastlb.config import parse_vip_spec
+        from fastlb.config import parse_vip_spec, vip_name
         try:
-            addr, port, proto = parse_vip_spec(vip_spec)
+            want = vip_name(*parse_vip_spec(vip_spec))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--vip") from exc
-        want = f"{ct.hostport(addr, port)}/{proto}"
         vip_ids = {i for i, n in names.vips.items() if n == want}
         if not vip_ids:
             raise FastlbError(f"no VIP {want} in the maps", fix="use one of: " + ", ".join(sorted(
@@ -482,10 +481,9 @@ def _flow_filter(maps, vip_spec, backend_spec):
 
 
 def _open_attachment(iface):
-    from fastlb.controller import attachment
     from fastlb.kernel import pins
     from fastlb.kernel.maps import PinnedMaps
-    attachment.require_root("flows")
+    require_root("flows")
     base = pins.ensure_bpffs()
     names = [iface] if iface else pins.attachments(base)
     if not names or not pins.attachment_dir(names[0], base).exists():

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from fastlb.controller.attachment import require_root
-from fastlb.errors import FastlbError
+from fastlb.errors import FastlbError, require_root
 from fastlb.kernel import cdefs, neighbours, pins, structs, xdp
 from fastlb.kernel.layout import DECAP_MAP_SPECS, Sizes
 from fastlb.kernel.loader import Program

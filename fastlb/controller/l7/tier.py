@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import shutil
 import threading
 import time
@@ -23,6 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastlb.config import Config, Vip
+from fastlb.controller.files import write_atomic
 from fastlb.controller.l7 import haproxy, logstream, render
 from fastlb.controller.l7.haproxy import HaproxyError
 from fastlb.controller.l7.steering import Steering
@@ -107,9 +107,7 @@ class Tier:
         return "reloaded"
 
     def _write(self, rendered: render.Rendered) -> None:
-        tmp = f"{self.paths.config}.tmp"
-        Path(tmp).write_text(rendered.text)
-        os.replace(tmp, self.paths.config)
+        write_atomic(self.paths.config, rendered.text)
 
     # ---- live backend changes through the runtime API ---------------------------------
 
