@@ -1,7 +1,7 @@
 """fastlb.controller.bgp: what is announced, the include BIRD reads, and a real BIRD taking it.
 
-The first tests need nothing: the plan of announcements and the include's
-text (which ``bird -p`` must parse). The others start a real BIRD inside a
+``bird -p`` parses the include first (tests/unit/test_bgp.py checks its
+text and the plan without BIRD). The others start a real BIRD inside a
 namespace of their own (fastlb.lab.bird), with its control socket in the
 run's folder, and drive it through the Announcer as the controller does.
 """
@@ -16,103 +16,10 @@ from fastlb.config import parse_config
 from fastlb.controller import bgp
 from fastlb.lab import bird as labbird
 from fastlb.lab import netns
-
-VIPS = """
-[[vip]]
-address = "198.19.0.100"
-port = 80
-announce = "bgp"
-[[vip.backend]]
-address = "198.18.0.11"
-
-[[vip]]
-address = "198.19.0.100"
-port = 9000
-protocol = "udp"
-announce = "bgp"
-[[vip.backend]]
-address = "198.18.0.11"
-
-[[vip]]
-address = "198.19.0.101"
-port = 80
-announce = "bgp"
-[[vip.backend]]
-address = "198.18.0.11"
-
-[[vip]]
-address = "198.19.0.102"
-port = 80
-[[vip.backend]]
-address = "198.18.0.11"
-
-[[vip]]
-address = "2001:db8:ffff::100"
-port = 80
-announce = "bgp"
-[[vip.backend]]
-address = "2001:db8::11"
-"""
-
-
-def bgp_table(include: str = "/run/fastlb-bird/eth0.conf", socket: str = "/run/bird/bird.ctl",
-              extra: str = "") -> str:
-    return f"""
-[bgp]
-speaker = "bird"
-local_as = 65001
-router_id = "198.18.0.2"
-bird_socket = "{socket}"
-bird_include = "{include}"
-{extra}
-[[bgp.peer]]
-address = "198.18.0.254"
-as = 65000
-[[bgp.peer]]
-address = "2001:db8::fe"
-as = 65000
-"""
-
+from helpers.bgp import VIPS, bgp_table
 
 CONFIG = parse_config(VIPS + bgp_table())
 ALL = {v.name for v in CONFIG.vips}
-
-
-# ---- the plan ---------------------------------------------------------------------------------
-
-
-def test_an_address_is_announced_while_one_of_its_vips_is_healthy():
-    routes, vips = bgp.plan(CONFIG, ALL)
-    assert routes == ["198.19.0.100/32", "198.19.0.101/32", "2001:db8:ffff::100/128"]
-    assert "198.19.0.102:80/tcp" not in vips   # announce = "none": not ours to announce
-    assert {v.state for v in vips.values()} == {bgp.ANNOUNCED}
-
-    routes, vips = bgp.plan(CONFIG, ALL - {"198.19.0.100:9000/udp", "198.19.0.101:80/tcp"})
-    assert routes == ["198.19.0.100/32", "2001:db8:ffff::100/128"]
-    assert vips["198.19.0.100:9000/udp"].state == bgp.KEPT
-    assert "198.19.0.100:80/tcp" in vips["198.19.0.100:9000/udp"].why
-    assert (vips["198.19.0.101:80/tcp"].state, vips["198.19.0.101:80/tcp"].why) == (bgp.WITHDRAWN,
-                                                                                      "no healthy backend")
-
-
-def test_nothing_is_announced_while_detached():
-    routes, vips = bgp.plan(CONFIG, ALL, attached=False)
-    assert routes == [] and {v.why for v in vips.values()} == {"fastlb is not attached"}
-
-
-# ---- the include ---------------------------------------------------------------------------------
-
-
-def test_the_include_names_everything_after_the_interface_and_announces_by_family():
-    text = bgp.render(CONFIG.bgp, "eth0.10", ["198.19.0.100/32", "2001:db8:ffff::100/128"])
-    assert "ipv4 table fastlb_eth0_10_4;" in text and "ipv6 table fastlb_eth0_10_6;" in text
-    v4 = text[text.index("protocol static fastlb_eth0_10_vips4"):text.index("protocol static fastlb_eth0_10_vips6")]
-    assert "route 198.19.0.100/32 blackhole;" in v4 and "2001:db8" not in v4
-    peer0 = text[text.index("protocol bgp fastlb_eth0_10_peer0"):text.index("protocol bgp fastlb_eth0_10_peer1")]
-    assert "neighbor 198.18.0.254 as 65000;" in peer0 and "table fastlb_eth0_10_4;" in peer0
-    assert "graceful restart off;" in peer0 and "import none;" in peer0 and "router id 198.18.0.2;" in peer0
-    assert "hold time 9;" in peer0 and "keepalive time 3;" in peer0 and "bfd" not in text
-    assert bgp.render(CONFIG.bgp, "eth0.10", ["198.19.0.100/32", "2001:db8:ffff::100/128"]) == text
 
 
 def test_bird_parses_the_include(tmp_path):
