@@ -17,7 +17,7 @@ from fastlb.config.lines import KeyLines, NoLines, toml_error
 from fastlb.config.model import (_BACKEND_KEYS, _BGP_KEYS, _HEALTH_KEYS, _HEALTH_RANGES, _KIND_ONLY, _L7_ONLY,
                                  _PEER_KEYS, _ROUTE_KEYS, _SETTINGS_ADDRESSES, _SETTINGS_KEYS, _SETTINGS_NETWORKS,
                                  _SETTINGS_RANGES, _SETTINGS_SECONDS, _VIP_HEALTH_KEYS, _VIP_KEYS, ALGORITHMS,
-                                 ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS, BUILT_FORWARDING, BUILT_SPEAKERS, CLIENT_IP,
+                                 ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS, BUILT_FORWARDING, CLIENT_IP,
                                  FORWARDING, HASHES, HEALTH_KINDS, L7_HASHES, L7_PROTOCOLS, MAX_PAYLOAD, PROTOCOLS,
                                  SPEAKERS, Backend, Bgp, BgpPeer, Config, HealthCheck, IPAddress, Route, Settings,
                                  Vip)
@@ -112,7 +112,7 @@ def _settings(t: _Table) -> Settings:
 
 def _bgp(t: _Table) -> Bgp:
     t.check_keys(_BGP_KEYS)
-    speaker = t.choice("speaker", SPEAKERS, _MISSING, built=BUILT_SPEAKERS)
+    speaker = t.choice("speaker", SPEAKERS, _MISSING)
     local_as = t.integer("local_as", 1, 2**32 - 1)
     router_id = t.address("router_id", "router id", loopback_ok=True, version=4) if "router_id" in t.data else None
     defaults = Bgp(speaker, local_as, ())

@@ -28,9 +28,8 @@ ALL_DOWN = ("drop", "keep")
 BUILT_ALGORITHMS = frozenset({"maglev", "rr", "wrr", "lc", "lrt"})
 BUILT_FORWARDING = frozenset({"dsr", "tunnel", "nat"})
 ANNOUNCE = ("none", "arp", "bgp")
-# [bgp]: the BGP speaker fastlb drives (fastlb.controller.bgp). Other values are known but not built yet.
-SPEAKERS = ("exabgp", "bird")
-BUILT_SPEAKERS = frozenset({"bird"})
+# [bgp]: the BGP speaker fastlb drives (fastlb.controller.bgp).
+SPEAKERS = ("bird",)
 
 
 def hostport(address: IPAddress, port: int) -> str:
