@@ -66,13 +66,16 @@ def test_one_reader_skips_every_address_marker_for_every_command(loaded):
     from fastlb.controller.metrics import StatsCollector
     from fastlb.dataplane import flows, identity, stats
     loaded.apply(ARP_AND_PLAIN)
-    names = {"198.18.0.100:80/tcp", "198.19.0.100:53/udp"}
-    assert {s.name for s in identity.vips(loaded.maps).values()} == names
-    data = stats.collect(loaded.maps)
-    assert {v["vip"]: v["algorithm"] for v in data["vips"]} == {"198.18.0.100:80/tcp": "maglev",
-                                                                "198.19.0.100:53/udp": "rr"}
-    assert set(flows.Names.read(loaded.maps).vips.values()) == names
-    assert {v["vip"] for v in attachment._read_vips(loaded.maps)} == names
-    registry = CollectorRegistry()
-    registry.register(StatsCollector(lambda: dict(data, interface="eth0", controller=False)))
-    assert b'vip="198.18.0.100:80/tcp"' in generate_latest(registry)
+    try:
+        names = {"198.18.0.100:80/tcp", "198.19.0.100:53/udp"}
+        assert {s.name for s in identity.vips(loaded.maps).values()} == names
+        data = stats.collect(loaded.maps)
+        assert {v["vip"]: v["algorithm"] for v in data["vips"]} == {"198.18.0.100:80/tcp": "maglev",
+                                                                    "198.19.0.100:53/udp": "rr"}
+        assert set(flows.Names.read(loaded.maps).vips.values()) == names
+        assert {v["vip"] for v in attachment._read_vips(loaded.maps)} == names
+        registry = CollectorRegistry()
+        registry.register(StatsCollector(lambda: dict(data, interface="eth0", controller=False)))
+        assert b'vip="198.18.0.100:80/tcp"' in generate_latest(registry)
+    finally:
+        loaded.forget()   # the next module places its slots from scratch
