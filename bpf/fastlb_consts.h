@@ -37,6 +37,10 @@
 #define FL_VIP_ADDR_PROTO 0         /* key.proto of an address-only VIP marker */
 #define FL_VIP_ID_ADDR_ONLY 0xffffffff /* vips value of an address-only marker */
 #define FL_VIP_ID_ANNOUNCE 0xfffffffe  /* ... of one whose address fastlb answers ARP/ND for */
+#define FL_NAT_PORT_MIN 1024        /* remapped NAT source ports: 1024 .. 65535 */
+#define FL_NAT_PORT_SPAN 64512
+#define FL_NAT_PORT_TRIES 8         /* remapped ports tried before a clash is dropped */
+#define FL_NAT_SALT 0x6e617470      /* mixed into the seed for the remapped port */
 
 /* IP protocol numbers fastlb writes or recognises. */
 #define FL_IPPROTO_IPIP 4           /* IPv4 inside */
@@ -128,6 +132,8 @@ enum fl_reason {
 	                             * icmp_source; IPv4 without DF, or with options) */
 	FL_DROP_ENCAP_FAILED,       /* the frame could not grow for the outer header */
 	FL_DROP_NO_EGRESS,          /* the backend's interface is not one of the attachment's */
+	FL_DROP_NAT_NO_PORT,        /* NAT: the tuple toward the backend is another connection's,
+	                             * and no remapped source port was free */
 	FL_REASON_MAX,
 };
 

@@ -357,19 +357,20 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 
 /* ---- NAT mode ---- */
 
-/* Rewrite one end of a NAT flow to `addr`:`port`: the destination of a
- * client's packet (to the backend), or the source of a backend's reply (back
- * to the VIP). The IPv4 header and TCP/UDP checksums are updated
- * incrementally, the pseudo-header included; an IPv4 UDP checksum of 0 (none)
- * stays 0. */
+/* Rewrite one end of a NAT flow to `addr`:`port`, and the other end's port
+ * to `other_port`: the destination of a client's packet (to the backend,
+ * with the source port toward it), or the source of a backend's reply (back
+ * to the VIP, with the client's own port). The IPv4 header and TCP/UDP
+ * checksums are updated incrementally, the pseudo-header included; an IPv4
+ * UDP checksum of 0 (none) stays 0. */
 static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int destination,
-				       const __u32 *addr, __u16 port)
+				       const __u32 *addr, __u16 port, __u16 other_port)
 {
 	struct iphdr *iph = pkt->l3;
 	struct ipv6hdr *ip6h = pkt->l3;
 	struct tcphdr *tcph = pkt->l4;
 	struct udphdr *udph = pkt->l4;
-	__u16 *check = NULL, *portp;
+	__u16 *check = NULL, *portp, *otherp;
 	__u32 *field;
 	int i, nwords;
 
@@ -378,12 +379,14 @@ static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int d
 			return -1;
 		check = &tcph->check;
 		portp = destination ? &tcph->dest : &tcph->source;
+		otherp = destination ? &tcph->source : &tcph->dest;
 	} else {
 		if ((void *)(udph + 1) > data_end)
 			return -1;
 		if (udph->check || pkt->flow.family == FL_AF_INET6)
 			check = &udph->check;
 		portp = destination ? &udph->dest : &udph->source;
+		otherp = destination ? &udph->source : &udph->dest;
 	}
 	if (pkt->flow.family == FL_AF_INET) {
 		if ((void *)(iph + 1) > data_end)
@@ -407,14 +410,18 @@ static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int d
 	}
 	if (check) {
 		fl_csum_replace2(check, *portp, port);
+		if (*otherp != other_port)
+			fl_csum_replace2(check, *otherp, other_port);
 		if (pkt->flow.proto == IPPROTO_UDP && *check == 0)
 			*check = 0xffff;
 	}
 	*portp = port;
+	*otherp = other_port;
 	return 0;
 }
 
-/* The reverse entry of a NAT flow: the backend's reply 5-tuple. */
+/* The reverse entry of a NAT flow: the backend's reply 5-tuple, to the
+ * client's own port (nat_source_port() moves it on a clash). */
 static __always_inline void nat_rev_key(struct flow_key *rkey, struct flow_key *flow, struct backend *be)
 {
 	__builtin_memcpy(rkey->src, be->addr, sizeof(rkey->src));
@@ -426,33 +433,94 @@ static __always_inline void nat_rev_key(struct flow_key *rkey, struct flow_key *
 	rkey->pad = 0;
 }
 
-/* Send a VIP packet on to its backend under NAT, keeping the reverse entry. */
+/* True when a reverse entry belongs to this client flow: same VIP address
+ * and port, same client port (the client address and protocol are in the key). */
+static __always_inline int nat_rev_is(const struct nat_rev *rev, const struct flow_key *flow)
+{
+	return rev->vip_port == flow->dport && rev->client_port == flow->sport &&
+	       rev->vip[0] == flow->dst[0] && rev->vip[1] == flow->dst[1] &&
+	       rev->vip[2] == flow->dst[2] && rev->vip[3] == flow->dst[3];
+}
+
+/* Hold the translated tuple with source port `port` for this flow: true when
+ * it is this flow's already, or was free and is now (an insert, so two CPUs
+ * cannot both take it). */
+static __always_inline int nat_claim(struct flow_key *rkey, __u16 port, struct nat_rev *rev_new,
+				     const struct flow_key *flow)
+{
+	struct nat_rev *rev;
+
+	rkey->dport = port;
+	rev = nat_rev.lookup(rkey);
+	if (rev)
+		return nat_rev_is(rev, flow);
+	return nat_rev.insert(rkey, rev_new) == 0;
+}
+
+/* The source port toward the backend, as netfilter's NAT chooses it: every
+ * translated tuple stays unique. The client's own port, unless another
+ * connection's translated tuple holds it (two NAT VIPs sharing a backend,
+ * one client port to both); then the port this flow was remapped to before
+ * (nat_port), or a free one in 1024..65535 from the flow's hash. 0 when none
+ * is free. Leaves `rkey` as the reverse entry's key. */
+static __always_inline __u16 nat_source_port(struct flow_key *rkey, struct nat_rev *rev_new,
+					     struct flow_key *flow)
+{
+	struct nat_rev *rev;
+	__u16 *mapped, port;
+	__u32 hash;
+	int i;
+
+	rev = nat_rev.lookup(rkey);  /* marks it used: it ages no faster than conntrack's */
+	if (rev && nat_rev_is(rev, flow))
+		return flow->sport;
+	mapped = nat_port.lookup(flow);
+	if (mapped) {
+		if (nat_claim(rkey, *mapped, rev_new, flow))
+			return rkey->dport;
+	} else if (!rev && nat_rev.insert(rkey, rev_new) == 0) {
+		return flow->sport;
+	}
+	hash = flow_hash(flow, FL_HASH_5TUPLE, FASTLB_HASH_SEED ^ FL_NAT_SALT);
+	for (i = 0; i < FL_NAT_PORT_TRIES; i++) {
+		port = bpf_htons(FL_NAT_PORT_MIN + (hash + i) % FL_NAT_PORT_SPAN);
+		if (nat_claim(rkey, port, rev_new, flow)) {
+			nat_port.update(flow, &port);
+			return port;
+		}
+	}
+	return 0;
+}
+
+/* Send a VIP packet on to its backend under NAT, keeping the connection's
+ * reverse entry (its translated tuple). */
 static __always_inline __u32 nat_out(struct ethhdr *eth, void *data_end, struct fl_pkt *pkt,
-				     struct backend *be, __u32 vip_id, int new_flow)
+				     struct backend *be, __u32 vip_id)
 {
 	struct flow_key rkey = {};
-	struct nat_rev rev = {}, *old;
+	struct nat_rev rev = {};
 	__u8 lb_mac[ETH_ALEN];
+	__u16 sport;
 
 	nat_rev_key(&rkey, &pkt->flow, be);
-	/* Reading the entry marks it used, so it ages no faster than conntrack's. */
-	old = new_flow ? NULL : nat_rev.lookup(&rkey);
-	if (!old) {
-		__builtin_memcpy(rev.vip, pkt->flow.dst, sizeof(rev.vip));
-		rev.vip_port = pkt->flow.dport;
-		__builtin_memcpy(rev.client_mac, eth->h_source, ETH_ALEN);
-		rev.vip_id = vip_id;
-		nat_rev.update(&rkey, &rev);
-	}
-	if (nat_rewrite(pkt, data_end, 1, be->addr, be->port))
+	__builtin_memcpy(rev.vip, pkt->flow.dst, sizeof(rev.vip));
+	rev.vip_port = pkt->flow.dport;
+	rev.client_port = pkt->flow.sport;
+	__builtin_memcpy(rev.client_mac, eth->h_source, ETH_ALEN);
+	rev.vip_id = vip_id;
+	sport = nat_source_port(&rkey, &rev, &pkt->flow);
+	if (!sport)
+		return FL_DROP_NAT_NO_PORT;
+	if (nat_rewrite(pkt, data_end, 1, be->addr, be->port, sport))
 		return FL_DROP_L4_MALFORMED;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, be->mac, lb_mac);
 	return FL_TX_NAT;
 }
 
-/* A NAT backend's reply: restore the VIP as its source. 0 when the packet
- * is not one. */
+/* A NAT backend's reply: restore the VIP as its source and the client's own
+ * port as its destination. 0 when the packet is not the reply of a recorded
+ * connection (no reverse entry for its exact tuple): never translated. */
 static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void *data_end,
 				    struct fl_pkt *pkt)
 {
@@ -467,7 +535,7 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 	rev = nat_rev.lookup(&pkt->flow);
 	if (!rev)
 		return 0;
-	if (nat_rewrite(pkt, data_end, 0, rev->vip, rev->vip_port))
+	if (nat_rewrite(pkt, data_end, 0, rev->vip, rev->vip_port, rev->client_port))
 		return 0;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, rev->client_mac, lb_mac);
@@ -479,8 +547,7 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 
 /* Send a packet of a VIP flow to its backend in the VIP's forwarding mode. */
 static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
-					struct vip_meta *vip, __u32 vip_id, struct backend *be,
-					int new_flow)
+					struct vip_meta *vip, __u32 vip_id, struct backend *be)
 {
 	void *data_end = (void *)(long)ctx->data_end;
 	__u8 lb_mac[ETH_ALEN];
@@ -488,7 +555,7 @@ static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, 
 	if (vip->forwarding == FL_FWD_TUNNEL)
 		return tunnel_out(ctx, pkt, be);
 	if (vip->forwarding == FL_FWD_NAT)
-		return nat_out(eth, data_end, pkt, be, vip_id, new_flow);
+		return nat_out(eth, data_end, pkt, be, vip_id);
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, be->mac, lb_mac);
 	return FL_TX_DSR;
@@ -588,7 +655,7 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	new_flow = 1;
 
 send:
-	reason = to_backend(ctx, eth, pkt, vip, vip_id, be, new_flow);
+	reason = to_backend(ctx, eth, pkt, vip, vip_id, be);
 	if (reason_verdict(reason) == XDP_TX)
 		reason = egress(ctx, pkt, be->egress_ifindex, be->egress_slot, reason);
 	if (reason_verdict(reason) == XDP_TX || reason_verdict(reason) == XDP_REDIRECT) {

@@ -65,6 +65,12 @@ FL_MAP("lru_hash", struct flow_key, struct ct_value, conntrack, FASTLB_CT_SIZE,
 FL_MAP("lru_hash", struct flow_key, struct nat_rev, nat_rev, FASTLB_CT_SIZE * 2,
        BPF_F_NO_COMMON_LRU);
 
+/* NAT: a client's 5-tuple (as it arrived) -> the source port it was remapped
+ * to toward the backend (network order), for the few flows whose own tuple
+ * toward the backend was held by another connection (netfilter's clash rule).
+ * Written by the program. */
+FL_MAP("lru_hash", struct flow_key, __u16, nat_port, FASTLB_CT_SIZE, 0);
+
 /* 0 -> global settings (ICMP source, tunnel source prefixes, the LB's MAC).
  * Written by the loader. */
 FL_MAP("array", __u32, struct fl_settings, settings, 1, 0);

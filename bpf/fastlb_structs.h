@@ -86,12 +86,18 @@ struct ct_value {
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns: creation for TCP, last packet for UDP */
 };
 
-/* Value of nat_rev: how to turn a backend's reply back into the VIP's. */
+/* Value of nat_rev: how to turn a backend's reply back into the VIP's. Its
+ * key (the translated tuple, reversed) and this value together are the whole
+ * NAT connection: client address (key.dst) and port, VIP address and port,
+ * backend address and port (key.src, key.sport). */
 struct nat_rev {
 	__u32 vip[4];               /* the VIP address the client sent to */
 	__u16 vip_port;             /* network byte order */
 	__u8 client_mac[6];         /* next hop towards the client */
 	__u32 vip_id;
+	__u16 client_port;          /* the client's own source port (network order); key.dport
+	                             * differs from it when the source port was remapped */
+	__u16 pad;
 };
 
 /* The one entry of the settings array. Written by the loader. */

@@ -54,7 +54,7 @@ class CtValue(ctypes.Structure):
 
 class NatRev(ctypes.Structure):
     _fields_ = [("vip", U32x4), ("vip_port", ctypes.c_uint16), ("client_mac", ctypes.c_uint8 * 6),
-                ("vip_id", ctypes.c_uint32)]
+                ("vip_id", ctypes.c_uint32), ("client_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class Settings(ctypes.Structure):

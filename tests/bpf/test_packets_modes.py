@@ -27,6 +27,9 @@ pytestmark = pytest.mark.root
 
 TUN4, TUN6, TUN46 = "198.19.1.1", "2001:db8:ffff::1:1", "198.19.1.2"
 NAT4, NAT6 = "198.19.2.1", "2001:db8:ffff::2:1"
+# Two NAT VIPs per family that share one backend address and port.
+SHARED4, SHARED6 = ("198.19.2.3", "198.19.2.4"), ("2001:db8:ffff::2:3", "2001:db8:ffff::2:4")
+SHARED_BACKEND4, SHARED_BACKEND6 = "198.18.2.21", "2001:db8:2::21"
 TUNNEL_NET4 = ipaddress.ip_network("198.18.200.0/24")
 TUNNEL_NET6 = ipaddress.ip_network("2001:db8:200::/64")
 
@@ -51,6 +54,10 @@ icmp_source6 = "2001:db8::2"
         (NAT4, 53, "udp", "nat", ["198.18.2.11", "198.18.2.12"], 5353),
         (NAT6, 80, "tcp", "nat", ["2001:db8:2::11", "2001:db8:2::12"], 8080),
         (NAT6, 53, "udp", "nat", ["2001:db8:2::11"], 5353),
+        (SHARED4[0], 80, "tcp", "nat", [SHARED_BACKEND4], 8080),
+        (SHARED4[1], 80, "tcp", "nat", [SHARED_BACKEND4], 8080),
+        (SHARED6[0], 80, "tcp", "nat", [SHARED_BACKEND6], 8080),
+        (SHARED6[1], 80, "tcp", "nat", [SHARED_BACKEND6], 8080),
     ])
 
 
@@ -195,6 +202,85 @@ def test_nat_forward_and_reply(prog, desc, make):
     assert back == bytes(recompute(want))
 
 
+def nat_reply_to(fwd, flags="SA"):
+    """The backend's answer to a NAT-forwarded packet, sent to the LB as its gateway."""
+    ipl = IP(src=ip_of(fwd).dst, dst=ip_of(fwd).src) if IP in fwd else IPv6(src=ip_of(fwd).dst, dst=ip_of(fwd).src)
+    return recompute(Ether(src=fake_mac(ip_of(fwd).dst), dst=LB_MAC) / ipl /
+                     TCP(sport=fwd[TCP].dport, dport=fwd[TCP].sport, flags=flags) / Raw(b"answer"))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_two_nat_vips_sharing_a_backend_keep_one_client_port_apart(prog, family):
+    """One client, one source port, two NAT VIPs with the same backend address:port
+    (Linux allows it toward different destinations). Netfilter's rule: the tuple
+    toward the backend stays unique; on a clash the source port toward the backend
+    is remapped, and the reply gets the client's own port back."""
+    client, (vip_a, vip_b) = (CLIENT4, SHARED4) if family == 4 else (CLIENT6, SHARED6)
+    ipc = IP if family == 4 else IPv6
+    sport = 40100
+    syn_a = recompute(eth() / ipc(src=client, dst=vip_a) / TCP(sport=sport, dport=80, flags="S"))
+    syn_b = recompute(eth() / ipc(src=client, dst=vip_b) / TCP(sport=sport, dport=80, flags="S"))
+    fwd_a = Ether(run_row(prog, syn_a, "FL_TX_NAT"))
+    assert bytes(fwd_a) == nat_forward_expected(prog, syn_a)  # no clash: the client's own port
+    fwd_b = Ether(run_row(prog, syn_b, "FL_TX_NAT"))
+    remapped = fwd_b[TCP].sport
+    assert remapped != sport
+    # The rule for the clashing one: as any NAT forward, and the source port remapped.
+    want_b = Ether(nat_forward_expected(prog, syn_b))
+    want_b[TCP].sport = remapped
+    assert bytes(fwd_b) == bytes(recompute(want_b))
+    # Later packets of each flow keep their tuple toward the backend.
+    ack_b = recompute(eth() / ipc(src=client, dst=vip_b) / TCP(sport=sport, dport=80, flags="A"))
+    assert Ether(run_row(prog, ack_b, "FL_TX_NAT"))[TCP].sport == remapped
+    ack_a = recompute(eth() / ipc(src=client, dst=vip_a) / TCP(sport=sport, dport=80, flags="A"))
+    assert Ether(run_row(prog, ack_a, "FL_TX_NAT"))[TCP].sport == sport
+    # Each reply leaves from the VIP its connection was made to, to the client's own port.
+    for fwd, vip in ((fwd_a, vip_a), (fwd_b, vip_b)):
+        reply = nat_reply_to(fwd)
+        back = run_row(prog, reply, "FL_TX_NAT_REPLY")
+        want = reply.copy()
+        want[Ether].src, want[Ether].dst = LB_MAC, CLIENT_MAC
+        ip_of(want).src = vip
+        want[TCP].sport, want[TCP].dport = 80, sport
+        assert back == bytes(recompute(want))
+    # A "reply" to a port no recorded connection was translated to is not translated.
+    stray = nat_reply_to(fwd_b)
+    stray[TCP].dport = 1 + (remapped % 65535)
+    stray = recompute(stray)
+    assert run_row(prog, stray, "FL_PASS_NOT_VIP") == bytes(stray)
+
+
+def test_a_nat_clash_with_no_free_port_is_dropped(prog):
+    """When the client's own tuple toward the backend and every remapped port the
+    flow may take (1024 + (hash + i) mod 64512, i < FL_NAT_PORT_TRIES; hash: the
+    flow hash seeded with hash_seed ^ FL_NAT_SALT) belong to other connections,
+    the packet is dropped, counted, never sent with a tuple another connection owns."""
+    import ctypes
+
+    from fastlb import core, structs
+    from test_packets import flow_of
+    client, backend, sport = ipaddress.ip_address(CLIENT4), ipaddress.ip_address(SHARED_BACKEND4), 40200
+    syn = recompute(eth() / IP(src=CLIENT4, dst=SHARED4[1]) / TCP(sport=sport, dport=80, flags="S"))
+    h = core.flow_hash(*flow_of(syn), prog.sizes.hash_seed ^ cdefs.FL_NAT_SALT, cdefs.FL_HASH_5TUPLE)
+    ports = [sport] + [cdefs.FL_NAT_PORT_MIN + (h + i) % cdefs.FL_NAT_PORT_SPAN
+                       for i in range(cdefs.FL_NAT_PORT_TRIES)]
+    other = structs.NatRev(vip=structs.pack_addr(ipaddress.ip_address(SHARED4[0])),
+                           vip_port=structs.port_be(80), client_port=structs.port_be(sport))
+    keys = [structs.FlowKey(src=structs.pack_addr(backend), dst=structs.pack_addr(client),
+                            sport=structs.port_be(8080), dport=structs.port_be(p), proto=6,
+                            family=cdefs.FL_AF_INET) for p in ports]
+    try:
+        for key in keys:
+            prog.maps.update("nat_rev", key, other)
+        run_row(prog, syn, "FL_DROP_NAT_NO_PORT")
+        prog.maps.delete("nat_rev", keys[-1])
+        # The last candidate is free again: the flow takes it.
+        assert Ether(run_row(prog, syn, "FL_TX_NAT"))[TCP].sport == ports[-1]
+    finally:
+        for key in keys:
+            prog.maps.delete("nat_rev", key)
+
+
 def test_a_reply_with_no_nat_state_passes_untouched(prog):
     stray = recompute(Ether(src=fake_mac("198.18.2.11"), dst=LB_MAC) /
                       IP(src="198.18.2.11", dst=CLIENT4) / TCP(sport=8080, dport=45678, flags="A"))
@@ -207,7 +293,7 @@ def test_every_reason_has_a_row():
                                               "FL_TX_ICMP_TO_BACKEND", "FL_TX_ARP_REPLY", "FL_TX_ND_ADVERT",
                                               "FL_REDIRECT_DSR", "FL_REDIRECT_TUNNEL", "FL_REDIRECT_NAT",
                                               "FL_REDIRECT_NAT_REPLY", "FL_REDIRECT_ICMP_TO_BACKEND",
-                                              "FL_DROP_NO_EGRESS"} \
+                                              "FL_DROP_NO_EGRESS", "FL_DROP_NAT_NO_PORT"} \
         | COVERED_ELSEWHERE
     reasons = set(cdefs.enum("fl_reason")) - {"FL_REASON_MAX"}
     assert reasons - covered == set()
