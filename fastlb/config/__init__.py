@@ -69,7 +69,17 @@ class Settings:
     sweep_interval: float = 2.0
     # The new-flow guard: new flows per CPU per second that conntrack records; the
     # rest are forwarded by their ring slot, unrecorded (0 turns the guard off).
-    new_flow_rate: int = 125000
+    # None: guard_rate() derives it from conntrack_size.
+    new_flow_rate: int | None = None
+
+    def guard_rate(self, possible_cpus: int) -> int:
+        """The guard's rate per CPU: ``new_flow_rate``, or by default
+        conntrack_size new flows per second over the box's possible CPUs, so a
+        flood at the guard fills at most the conntrack map's headroom
+        (conntrack_size entries beside the established flows) in a second."""
+        if self.new_flow_rate is not None:
+            return self.new_flow_rate
+        return -(-self.conntrack_size // possible_cpus)
 
 
 @dataclass(frozen=True)
@@ -402,7 +412,7 @@ def _settings(t: _Table) -> Settings:
     defaults = Settings()
     values = {name: (t.number if name in _SETTINGS_SECONDS else t.integer)(
                   name, *_SETTINGS_RANGES[name], default=getattr(defaults, name))
-              for name in _SETTINGS_RANGES}
+              for name in _SETTINGS_RANGES if name in t.data or getattr(defaults, name) is not None}
     for name, version in _SETTINGS_NETWORKS.items():
         values[name] = t.network(name, version) if name in t.data else None
     for name, version in _SETTINGS_ADDRESSES.items():

@@ -49,6 +49,9 @@ XDP_FLAGS_DRV_MODE = 4
 BPF_ANY = 0
 BPF_NOEXIST = 1
 
+# Map creation flags (include/uapi/linux/bpf.h)
+BPF_F_NO_COMMON_LRU = 2
+
 
 class _MapElemAttr(ctypes.Structure):
     _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32),
