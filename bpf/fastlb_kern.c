@@ -269,7 +269,9 @@ static __always_inline __u32 egress(struct xdp_md *ctx, struct fl_pkt *pkt, __u3
 	struct ethhdr *eth = data;
 	struct fl_iface *ifc;
 
-	if (!ifindex || ifindex == ctx->ingress_ifindex)
+	/* An answer to the sender (an ICMP error about a frame too big) leaves
+	 * where the frame came in; so does everything when the egress is the ingress. */
+	if (!ifindex || ifindex == ctx->ingress_ifindex || redirect_reason(reason) == reason)
 		return reason;
 	ifc = ifaces.lookup(&slot);
 	if (!ifc || ifc->ifindex != ifindex || (void *)(eth + 1) > data_end)
@@ -312,7 +314,8 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
  * backend's RSS spreads flows, after checking the egress MTU. */
 static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, struct backend *be)
 {
-	__u32 zero = 0, mtu_len = 0, src6[4], flowbits, outer_len, inner_proto;
+	__u32 zero = 0, mtu_len, src6[4], flowbits, outer_len, inner_proto;
+	long mtu_ret;
 	struct fl_settings *cfg = settings.lookup(&zero);
 	__u8 lb_mac[ETH_ALEN];
 	void *data, *data_end;
@@ -327,8 +330,15 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 		return FL_DROP_ENCAP_FAILED;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 
+	/* The L3 length once tunnelled against the MTU of the device the frame
+	 * leaves by (the backend's, in a two-arm attachment): mtu_len = L3 length,
+	 * so VLAN tags, which are L2, do not count. */
 	outer_len = be->family == FL_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
-	if (bpf_check_mtu(ctx, 0, &mtu_len, outer_len, 0))
+	mtu_len = pkt->l3_len;
+	mtu_ret = bpf_check_mtu(ctx, be->egress_ifindex, &mtu_len, outer_len, 0);
+	if (mtu_ret < 0)
+		return FL_DROP_NO_EGRESS;
+	if (mtu_ret)
 		return too_big(ctx, pkt, cfg, mtu_len - outer_len);
 	flowbits = fl_jhash_3words(pkt->flow.src[0] ^ pkt->flow.src[1] ^ pkt->flow.src[2] ^ pkt->flow.src[3],
 				   ((__u32)pkt->flow.dport << 16) | pkt->flow.sport, pkt->flow.proto, 0);

@@ -464,20 +464,35 @@ def test_neighbour_solicitation_for_an_announced_vip_is_answered(icmp_prog, with
 
 # ---- two-arm: out of another interface ---------------------------------------------
 
-BACKEND_SIDE_IFINDEX = 999          # the backends' interface, as the maps name it
 BACKEND_SIDE_MAC = "02:00:00:00:0b:0b"
+BACKEND_SIDE_MTU = 1500
+NOT_A_DEVICE = 999                  # an ifindex no interface has
+
+
+@pytest.fixture(scope="module")
+def backend_side(runid):
+    """The backends' interface: a veth of this run (down, no address, MTU 1500),
+    so that the program's MTU check has a real egress device to consult."""
+    import subprocess
+    name = f"flm{runid}"
+    subprocess.run(["ip", "link", "add", name, "mtu", str(BACKEND_SIDE_MTU), "type", "veth",
+                    "peer", "name", f"flm{runid}p"], check=True)
+    try:
+        yield int(open(f"/sys/class/net/{name}/ifindex").read())
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
 
 
 @pytest.fixture
-def two_arm(prog):
+def two_arm(prog, backend_side):
     """Backends of the modes' VIPs behind another interface (slot 1). The devmap
-    slot points at lo, the one device test runs may name: nothing is sent."""
+    slot points at lo, the one device test runs may send to: nothing is sent."""
     import ctypes
 
     from fastlb.kernel import structs
     maps = prog.maps
     saved = {}
-    iface = structs.Iface(ifindex=BACKEND_SIDE_IFINDEX)
+    iface = structs.Iface(ifindex=backend_side)
     ctypes.memmove(iface.mac, structs.mac_bytes(BACKEND_SIDE_MAC), 6)
     clients = structs.Iface(ifindex=1)  # slot 0: the clients' side, where test frames arrive (lo)
     ctypes.memmove(clients.mac, structs.mac_bytes(LB_MAC), 6)
@@ -488,7 +503,7 @@ def two_arm(prog):
         entry = maps.lookup("backends", ctypes.c_uint32(be_id))
         if entry is not None and entry.flags:
             saved[be_id] = structs.Backend.from_buffer_copy(entry)
-            entry.egress_ifindex, entry.egress_slot = BACKEND_SIDE_IFINDEX, 1
+            entry.egress_ifindex, entry.egress_slot = backend_side, 1
             maps.update("backends", ctypes.c_uint32(be_id), entry)
     prog.flush_conntrack()
     yield prog
@@ -519,7 +534,7 @@ def test_two_arm_nat_replies_leave_by_the_clients_interface(icmp_prog, two_arm):
     # The reply comes in on the backends' side: make that the clients' slot's "other" interface.
     pkt = recompute(eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=47001, dport=80, flags="S"))
     fwd = Ether(two_arm.run(bytes(pkt))[1])
-    clients = structs.Iface(ifindex=BACKEND_SIDE_IFINDEX + 1)  # not lo: the reply must be redirected
+    clients = structs.Iface(ifindex=NOT_A_DEVICE)  # not lo: the reply must be redirected
     ctypes.memmove(clients.mac, structs.mac_bytes(LB_MAC), 6)
     two_arm.maps.update("ifaces", ctypes.c_uint32(0), clients)
     two_arm.maps.update("tx_ports", ctypes.c_uint32(0), ctypes.c_int32(1))
@@ -557,3 +572,37 @@ def test_a_reapply_without_the_mac_keeps_the_interface_mac(icmp_prog):
     pkt = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT4, pdst=ANNOUNCED4)
     out = Ether(run_row(icmp_prog, pkt, "FL_TX_ARP_REPLY"))
     assert out[ARP].hwsrc == LB_MAC and out.src == LB_MAC
+
+
+# ---- the tunnel's MTU check: the L3 length against the egress device -------------
+
+def too_big_reply4(pkt, mtu):
+    """The rule: an ICMP frag-needed from icmp_source to the client, quoting the IP
+    header and 8 bytes, next-hop MTU = the egress MTU minus the outer header; the
+    L2 header (VLAN tags kept) turned around."""
+    quote = bytes(pkt[IP])[:28]
+    l2 = pkt.copy()
+    l2[Ether].src, l2[Ether].dst = pkt[Ether].dst, pkt[Ether].src
+    l2_bytes = bytes(l2)[:len(bytes(pkt)) - len(bytes(pkt[IP]))]
+    icmp = IP(src="198.18.0.2", dst=pkt[IP].src, ttl=64, id=0) / ICMP(type=3, code=4, nexthopmtu=mtu) / Raw(quote)
+    return l2_bytes + bytes(IP(bytes(icmp)))
+
+
+@pytest.mark.parametrize("tags", [0, 1, 2], ids=["untagged", "one VLAN tag", "two VLAN tags"])
+@pytest.mark.parametrize("l3_len,fits", [(1480, True), (1481, False)], ids=["1480 fits", "1481 too big"])
+def test_tunnel_mtu_is_the_egress_devices_l3_mtu(icmp_prog, two_arm, tags, l3_len, fits):
+    """IPv4-in-IPv4 adds 20 bytes: an inner packet of 1480 bytes fits a 1500 MTU
+    egress, VLAN tags or not (tags are L2: they do not count against the MTU);
+    1481 does not, and the client gets frag-needed with MTU 1480."""
+    l2 = eth()
+    for vlan in range(tags):
+        l2 = l2 / Dot1Q(vlan=7 + vlan)
+    payload = l3_len - 20 - 20
+    pkt = Ether(bytes(l2 / IP(src=CLIENT4, dst=TUN4, flags="DF") / TCP(sport=48000 + tags, dport=80, flags="A")
+                      / Raw(b"m" * payload)))
+    if fits:
+        out = run_row(two_arm, pkt, "FL_REDIRECT_TUNNEL")
+        assert len(out) == len(bytes(pkt)) + 20
+    else:
+        out = run_row(two_arm, pkt, "FL_TX_ICMP_TOO_BIG")
+        assert out == too_big_reply4(pkt, BACKEND_SIDE_MTU - 20)
