@@ -677,10 +677,38 @@ send:
 
 /* ---- ICMP, ARP and ND ---- */
 
+/* The backend of a flow with no conntrack entry (behind ECMP the router's
+ * ICMP lands on any box; the guard leaves flows unrecorded): the ring slot of
+ * its hash, the pick its mid-flow packets get on every box (Katran's rule).
+ * NULL when the flow is for no VIP, or the slot has no valid backend. */
+static __always_inline struct backend *icmp_ring_backend(struct flow_key *flow, struct vip_meta **vip)
+{
+	struct vip_key vkey = {};
+	struct backend *be;
+	__u32 *vip_id, be_id;
+
+	__builtin_memcpy(vkey.addr, flow->dst, sizeof(vkey.addr));
+	vkey.port = flow->dport;
+	vkey.proto = flow->proto;
+	vkey.family = flow->family;
+	vip_id = vips.lookup(&vkey);
+	if (!vip_id)
+		return NULL;
+	*vip = vip_table.lookup(vip_id);
+	if (!*vip || !((*vip)->flags & FL_VIP_F_VALID))
+		return NULL;
+	be_id = ring_pick(*vip, *vip_id, flow_hash(flow, (*vip)->hash_mode, FASTLB_HASH_SEED));
+	be = backends.lookup(&be_id);
+	if (!be || !(be->flags & FL_BE_F_VALID))
+		return NULL;
+	return be;
+}
+
 /* An ICMP error about a VIP flow (too big): the quoted header was sent from
  * the VIP to the client, so the flow is its reverse; send the error to that
- * flow's backend, which owns the connection (DSR and tunnel; under NAT the
- * quote holds the VIP, which the backend does not know: passed). */
+ * flow's backend, which owns the connection: its conntrack entry's, else its
+ * ring slot's (DSR and tunnel; under NAT the quote holds the VIP, which the
+ * backend does not know: passed). */
 static __always_inline __u32 icmp_to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
 					     void *quote, void *data_end)
 {
@@ -715,9 +743,9 @@ static __always_inline __u32 icmp_to_backend(struct xdp_md *ctx, struct ethhdr *
 	flow.proto = proto;
 	flow.family = pkt->flow.family;
 	ct = conntrack.lookup(&flow);
-	if (!ct)
-		return FL_PASS_VIP_PORT;
-	be = ct_backend(ct, &vip);
+	be = ct ? ct_backend(ct, &vip) : NULL;
+	if (!be)
+		be = icmp_ring_backend(&flow, &vip);
 	if (!be || vip->forwarding == FL_FWD_NAT)
 		return FL_PASS_VIP_PORT;
 	if (vip->forwarding == FL_FWD_TUNNEL) {

@@ -382,8 +382,8 @@ def test_ping6_of_a_vip_address_is_answered(icmp_prog):
      "FL_PASS_L2_NOT_UNICAST"),
     ("timestamp request to a VIP address", lambda: eth() / IP(src=CLIENT4, dst=DSR_VIP4) / ICMP(type=13), "FL_PASS_VIP_PORT"),
     ("ping of a non-VIP", lambda: eth() / IP(src=CLIENT4, dst="198.18.0.2") / ICMP(), "FL_PASS_NOT_VIP"),
-    ("frag-needed about no known flow", lambda: eth() / IP(src="198.18.9.9", dst=DSR_VIP4) / ICMP(type=3, code=4, nexthopmtu=1400)
-     / IPerror(src=DSR_VIP4, dst=CLIENT4) / TCPerror(sport=80, dport=49999), "FL_PASS_VIP_PORT"),
+    ("frag-needed about a port with no VIP", lambda: eth() / IP(src="198.18.9.9", dst=DSR_VIP4) / ICMP(type=3, code=4, nexthopmtu=1400)
+     / IPerror(src=DSR_VIP4, dst=CLIENT4) / TCPerror(sport=81, dport=49999), "FL_PASS_VIP_PORT"),
     ("ARP for a VIP that is not announced", lambda: Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") /
      ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT4, pdst=DSR_VIP4), "FL_PASS_NOT_IP"),
     ("ARP reply for an announced VIP", lambda: Ether(src=CLIENT_MAC, dst=LB_MAC) /
@@ -421,6 +421,39 @@ def test_frag_needed_about_a_tunnel_flow_is_tunnelled_to_its_backend(icmp_prog):
     out = Ether(run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND"))
     assert out[IP].dst == first[IP].dst and out[IP].src == first[IP].src and out[IP].proto == 4
     assert bytes(out[IP].payload) == bytes(err[IP])
+
+
+@pytest.mark.parametrize("sport", range(49990, 49998))
+def test_frag_needed_about_a_flow_not_in_conntrack_goes_to_its_ring_backend(icmp_prog, sport):
+    """Behind ECMP a router's ICMP lands on any box, and a flow the guard left
+    unrecorded has no entry: the backend is the VIP's consistent-hash pick for the
+    reversed quote (the flow client -> VIP), as Katran does; the same one its
+    mid-flow packets reach."""
+    icmp_prog.flush_conntrack()
+    flow = eth() / IP(src=CLIENT4, dst=TUN4) / TCP(sport=sport, dport=80, flags="A")
+    backend = expected_backend(icmp_prog.config, icmp_prog.sizes, flow)
+    err = frag_needed_about(flow, TUN4)
+    out = Ether(run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND"))
+    assert out[IP].dst == backend and out[IP].proto == 4
+    assert bytes(out[IP].payload) == bytes(err[IP])
+    assert not list(icmp_prog.maps.keys("conntrack"))  # nothing recorded
+    dsr_flow = eth() / IP(src=CLIENT4, dst=DSR_VIP4) / TCP(sport=sport, dport=80, flags="A")
+    err = frag_needed_about(dsr_flow, DSR_VIP4)
+    out = run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND")
+    want = err.copy()
+    want[Ether].src, want[Ether].dst = LB_MAC, fake_mac(expected_backend(icmp_prog.config, icmp_prog.sizes, dsr_flow))
+    assert out == bytes(want)
+
+
+def test_packet_too_big_about_an_ipv6_flow_not_in_conntrack_goes_to_its_ring_backend(icmp_prog):
+    icmp_prog.flush_conntrack()
+    flow = eth() / IPv6(src=CLIENT6, dst=DSR_VIP6) / TCP(sport=46100, dport=80, flags="A")
+    quote = IPv6(src=DSR_VIP6, dst=CLIENT6) / TCP(sport=80, dport=46100, flags="A")
+    err = Ether(bytes(eth() / IPv6(src="2001:db8:9::9", dst=DSR_VIP6) / ICMPv6PacketTooBig(mtu=1400) / quote))
+    out = run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND")
+    want = err.copy()
+    want[Ether].src, want[Ether].dst = LB_MAC, fake_mac(expected_backend(icmp_prog.config, icmp_prog.sizes, flow))
+    assert out == bytes(want)
 
 
 def test_frag_needed_about_a_nat_flow_passes(icmp_prog):
