@@ -132,6 +132,8 @@ enum fl_reason {
 	                             * icmp_source; IPv4 without DF, or with options) */
 	FL_DROP_ENCAP_FAILED,       /* the frame could not grow for the outer header */
 	FL_DROP_NO_EGRESS,          /* the backend's interface is not one of the attachment's */
+	FL_DROP_ICMP_RATE_LIMITED,  /* too big once tunnelled, and this CPU's ICMP error budget
+	                             * (icmp_rate, icmp_burst) is spent: dropped, no error sent */
 	FL_DROP_NAT_NO_PORT,        /* NAT: the tuple toward the backend is another connection's,
 	                             * and no remapped source port was free */
 	FL_REASON_MAX,

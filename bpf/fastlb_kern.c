@@ -86,6 +86,29 @@ static __always_inline int over_new_flow_rate(__u64 now)
 	return ++st->new_flows > cfg->new_flow_rate;
 }
 
+/* True when this CPU may generate one more ICMP error: GCRA, a token bucket
+ * of icmp_burst tokens refilled at icmp_rate a second, kept as the time the
+ * next error is due (RFC 1812 4.3.2.8, RFC 4443 2.4(f)). */
+static __always_inline int icmp_allowed(const struct fl_settings *cfg)
+{
+	__u32 zero = 0;
+	__u64 now, interval, *due;
+
+	if (!cfg->icmp_rate)
+		return 1;
+	due = icmp_bucket.lookup(&zero);
+	if (!due)
+		return 0;
+	now = bpf_ktime_get_ns();
+	interval = FL_NS_PER_SEC / cfg->icmp_rate;
+	if (*due < now)
+		*due = now;
+	if (*due - now > (__u64)(cfg->icmp_burst ? cfg->icmp_burst - 1 : 0) * interval)
+		return 0;
+	*due += interval;
+	return 1;
+}
+
 /* The backend id in ring slot `hash % M` of a VIP, or FL_RING_EMPTY. */
 static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 vip_id, __u32 hash)
 {
@@ -298,15 +321,52 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
 		if ((void *)(iph + 1) > data_end || !cfg->icmp_src4 || iph->ihl != 5 ||
 		    !(iph->frag_off & bpf_htons(FL_IP_DF)))
 			return FL_DROP_TOO_BIG;
+		if (!icmp_allowed(cfg))
+			return FL_DROP_ICMP_RATE_LIMITED;
 		if (icmp4_frag_needed(ctx, pkt->bytes, pkt->l2_len, cfg->icmp_src4, mtu))
 			return FL_DROP_TOO_BIG;
 		return FL_TX_ICMP_TOO_BIG;
 	}
 	if (!(cfg->icmp_src6[0] | cfg->icmp_src6[1] | cfg->icmp_src6[2] | cfg->icmp_src6[3]))
 		return FL_DROP_TOO_BIG;
+	if (!icmp_allowed(cfg))
+		return FL_DROP_ICMP_RATE_LIMITED;
 	if (icmp6_too_big(ctx, pkt->bytes, pkt->l2_len, cfg->icmp_src6, mtu))
 		return FL_DROP_TOO_BIG;
 	return FL_TX_ICMP_TOO_BIG;
+}
+
+/* 0 when the packet fits the path to `be` once tunnelled; else the reason of
+ * what was done instead (an ICMP error to the client, or a drop). The L3
+ * length once tunnelled is measured against the MTU of the device the frame
+ * leaves by (the backend's, in a two-arm attachment): mtu_len = the L3
+ * length, so VLAN tags, which are L2, do not count. */
+static __always_inline __u32 tunnel_too_big(struct xdp_md *ctx, struct fl_pkt *pkt, struct fl_settings *cfg,
+					    struct backend *be)
+{
+	__u32 outer_len, mtu_len = pkt->l3_len;
+	long ret;
+
+	outer_len = be->family == FL_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+	ret = bpf_check_mtu(ctx, be->egress_ifindex, &mtu_len, outer_len, 0);
+	if (ret < 0)
+		return FL_DROP_NO_EGRESS;
+	if (ret)
+		return too_big(ctx, pkt, cfg, mtu_len - outer_len);
+	return 0;
+}
+
+/* tunnel_too_big() for a new flow's backend, before it is recorded: a packet
+ * answered with an ICMP error opens no flow. */
+static __always_inline __u32 new_flow_too_big(struct xdp_md *ctx, struct fl_pkt *pkt, __u32 be_id)
+{
+	__u32 zero = 0;
+	struct fl_settings *cfg = settings.lookup(&zero);
+	struct backend *be = backends.lookup(&be_id);
+
+	if (!cfg || !be || !(be->flags & FL_BE_F_VALID))
+		return 0;  /* forward() drops it as it would without the check */
+	return tunnel_too_big(ctx, pkt, cfg, be);
 }
 
 /* Encapsulate towards the backend (IPv4-in-IPv4, IPv6-in-IPv6 or
@@ -314,8 +374,7 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
  * backend's RSS spreads flows, after checking the egress MTU. */
 static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, struct backend *be)
 {
-	__u32 zero = 0, mtu_len, src6[4], flowbits, outer_len, inner_proto;
-	long mtu_ret;
+	__u32 zero = 0, src6[4], flowbits, inner_proto, reason;
 	struct fl_settings *cfg = settings.lookup(&zero);
 	__u8 lb_mac[ETH_ALEN];
 	void *data, *data_end;
@@ -330,16 +389,9 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 		return FL_DROP_ENCAP_FAILED;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 
-	/* The L3 length once tunnelled against the MTU of the device the frame
-	 * leaves by (the backend's, in a two-arm attachment): mtu_len = L3 length,
-	 * so VLAN tags, which are L2, do not count. */
-	outer_len = be->family == FL_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
-	mtu_len = pkt->l3_len;
-	mtu_ret = bpf_check_mtu(ctx, be->egress_ifindex, &mtu_len, outer_len, 0);
-	if (mtu_ret < 0)
-		return FL_DROP_NO_EGRESS;
-	if (mtu_ret)
-		return too_big(ctx, pkt, cfg, mtu_len - outer_len);
+	reason = tunnel_too_big(ctx, pkt, cfg, be);
+	if (reason)
+		return reason;
 	flowbits = fl_jhash_3words(pkt->flow.src[0] ^ pkt->flow.src[1] ^ pkt->flow.src[2] ^ pkt->flow.src[3],
 				   ((__u32)pkt->flow.dport << 16) | pkt->flow.sport, pkt->flow.proto, 0);
 	inner_proto = pkt->flow.family == FL_AF_INET ? FL_IPPROTO_IPIP : FL_IPPROTO_IPV6;
@@ -635,6 +687,11 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	}
 	if (be_id == FL_RING_EMPTY)
 		return FL_DROP_NO_BACKEND;
+	if (vip->forwarding == FL_FWD_TUNNEL) {
+		reason = new_flow_too_big(ctx, pkt, be_id);
+		if (reason)
+			return reason;
+	}
 	new_ct.backend_id = be_id;
 	new_ct.vip_id = vip_id;
 	new_ct.vip_gen = vip->gen;

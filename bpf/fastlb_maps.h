@@ -80,6 +80,10 @@ FL_MAP("array", __u32, struct fl_settings, settings, 1, 0);
 /* 0 -> this CPU's new-flow guard window. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_flood, flood, 1, 0);
 
+/* 0 -> this CPU's generated-ICMP budget: the theoretical arrival time (ns) of
+ * the next error (GCRA, a token bucket in one word). Written by the program. */
+FL_MAP("percpu_array", __u32, __u64, icmp_bucket, 1, 0);
+
 /* enum fl_event -> packets/bytes. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_counter, event_stats, FL_EVENT_MAX, 0);
 

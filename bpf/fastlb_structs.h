@@ -112,6 +112,8 @@ struct fl_settings {
 	__u8 lb_mac[6];             /* the attach interface's MAC (ARP/ND answers) */
 	__u16 pad;
 	__u32 new_flow_rate;        /* new flows per CPU per second recorded; 0: no limit */
+	__u32 icmp_rate;            /* ICMP errors generated per CPU per second; 0: no limit */
+	__u32 icmp_burst;           /* ... and at most this many at once */
 	__u32 pad2;
 };
 

@@ -71,6 +71,10 @@ class Settings:
     # rest are forwarded by their ring slot, unrecorded (0 turns the guard off).
     # None: guard_rate() derives it from conntrack_size.
     new_flow_rate: int | None = None
+    # ICMP errors fastlb generates (frag-needed / packet-too-big), per CPU: at most
+    # icmp_rate a second in bursts of icmp_burst (RFC 1812 4.3.2.8, RFC 4443 2.4(f)).
+    icmp_rate: int = 1000
+    icmp_burst: int = 50
 
     def guard_rate(self, possible_cpus: int) -> int:
         """The guard's rate per CPU: ``new_flow_rate``, or by default
@@ -382,6 +386,8 @@ _SETTINGS_RANGES = {
     "udp_timeout": (1.0, 86400.0),
     "sweep_interval": (0.1, 3600.0),
     "new_flow_rate": (0, 2**32 - 1),
+    "icmp_rate": (0, 2**32 - 1),
+    "icmp_burst": (1, 2**32 - 1),
 }
 _SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not only integers
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}

@@ -62,7 +62,8 @@ class Settings(ctypes.Structure):
                 ("tunnel_src4", ctypes.c_uint32), ("tunnel_host4", ctypes.c_uint32),
                 ("tunnel_src6", U32x4), ("tunnel_host6", ctypes.c_uint32),
                 ("nat_vips", ctypes.c_uint32), ("lb_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16),
-                ("new_flow_rate", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
+                ("new_flow_rate", ctypes.c_uint32), ("icmp_rate", ctypes.c_uint32),
+                ("icmp_burst", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
 
 
 class Flood(ctypes.Structure):

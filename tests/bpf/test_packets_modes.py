@@ -293,7 +293,8 @@ def test_every_reason_has_a_row():
                                               "FL_TX_ICMP_TO_BACKEND", "FL_TX_ARP_REPLY", "FL_TX_ND_ADVERT",
                                               "FL_REDIRECT_DSR", "FL_REDIRECT_TUNNEL", "FL_REDIRECT_NAT",
                                               "FL_REDIRECT_NAT_REPLY", "FL_REDIRECT_ICMP_TO_BACKEND",
-                                              "FL_DROP_NO_EGRESS", "FL_DROP_NAT_NO_PORT"} \
+                                              "FL_DROP_NO_EGRESS", "FL_DROP_NAT_NO_PORT", "FL_TX_ICMP_TOO_BIG",
+                                              "FL_DROP_ICMP_RATE_LIMITED"} \
         | COVERED_ELSEWHERE
     reasons = set(cdefs.enum("fl_reason")) - {"FL_REASON_MAX"}
     assert reasons - covered == set()
@@ -304,7 +305,7 @@ def test_every_reason_has_a_row():
 # tests/e2e/test_e2e_modes.py sends too-big frames through a real veth, and
 # tests/bpf/test_fuzz.py makes its frames arrive on a veth of MTU 1400
 # (ingress_ifindex), where the oracle checks the too-big answers byte for byte.
-COVERED_ELSEWHERE = {"FL_DROP_TOO_BIG", "FL_TX_ICMP_TOO_BIG", "FL_DROP_ENCAP_FAILED"}
+COVERED_ELSEWHERE = {"FL_DROP_TOO_BIG", "FL_DROP_ENCAP_FAILED"}
 
 
 # ---- ICMP, ARP and ND -------------------------------------------------------------
@@ -639,3 +640,50 @@ def test_tunnel_mtu_is_the_egress_devices_l3_mtu(icmp_prog, two_arm, tags, l3_le
     else:
         out = run_row(two_arm, pkt, "FL_TX_ICMP_TOO_BIG")
         assert out == too_big_reply4(pkt, BACKEND_SIDE_MTU - 20)
+
+
+def test_a_too_big_first_packet_records_no_flow(icmp_prog, two_arm):
+    """The flow is recorded only once its packet passed the MTU check: a datagram
+    that gets frag-needed instead opened nothing on the backend."""
+    pkt = Ether(bytes(eth() / IP(src=CLIENT4, dst=TUN4, flags="DF") / UDP(sport=48100, dport=53) / Raw(b"u" * 1470)))
+    run_row(two_arm, pkt, "FL_TX_ICMP_TOO_BIG")
+    assert not list(two_arm.maps.keys("conntrack"))
+
+
+@pytest.fixture
+def icmp_limit(two_arm):
+    """The generated-ICMP token bucket set to `burst` errors, refilled at 1 a second."""
+    import ctypes
+    zero = ctypes.c_uint32(0)
+    saved = two_arm.maps.lookup("settings", zero)
+    saved = type(saved).from_buffer_copy(saved)
+    limited = type(saved).from_buffer_copy(saved)
+    limited.icmp_rate, limited.icmp_burst = 1, 4
+    two_arm.maps.update("settings", zero, limited)
+    yield limited.icmp_burst
+    two_arm.maps.update("settings", zero, saved)
+
+
+def test_generated_icmp_errors_are_rate_limited_per_cpu(icmp_prog, two_arm, icmp_limit):
+    """RFC 1812 4.3.2.8 / RFC 4443 2.4(f): a token bucket per CPU (icmp_rate a
+    second, icmp_burst deep). Within the burst every too-big packet gets its
+    frag-needed; beyond it they are dropped, counted as FL_DROP_ICMP_RATE_LIMITED.
+    The 1-a-second refill can add one token per second the loop took."""
+    import os
+    import time
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: one bucket
+    try:
+        before = two_arm.reason_counts()
+        start = time.monotonic()
+        for i in range(icmp_limit * 3):
+            pkt = eth() / IP(src=CLIENT4, dst=TUN4, flags="DF") / TCP(sport=48200 + i, dport=80, flags="A") / \
+                Raw(b"b" * 1470)
+            two_arm.run(bytes(pkt))
+        elapsed = time.monotonic() - start
+        after = two_arm.reason_counts()
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+    sent = after["FL_TX_ICMP_TOO_BIG"] - before["FL_TX_ICMP_TOO_BIG"]
+    limited = after["FL_DROP_ICMP_RATE_LIMITED"] - before["FL_DROP_ICMP_RATE_LIMITED"]
+    assert sent + limited == icmp_limit * 3
+    assert icmp_limit <= sent <= icmp_limit + int(elapsed) + 1
