@@ -151,6 +151,13 @@ enum fl_event {
 #ifndef FASTLB_DECAP_MAX_ADDRS
 #define FASTLB_DECAP_MAX_ADDRS 256  /* VIPs plus local addresses */
 #endif
+#define FASTLB_DECAP_MAX_SOURCES 64 /* outer source prefixes (decap --from) */
+
+/* ECN codepoints (the low 2 bits of the TOS / traffic class). */
+#define FL_ECN_NOT_ECT 0
+#define FL_ECN_ECT1 1
+#define FL_ECN_ECT0 2
+#define FL_ECN_CE 3
 
 enum fl_decap_reason {
 	FL_DECAP_OK = 0,            /* outer header stripped, inner packet passed to the stack */
@@ -158,6 +165,9 @@ enum fl_decap_reason {
 	FL_DECAP_NOT_LOCAL,         /* tunnelled to another host: passed untouched */
 	FL_DECAP_NOT_VIP,           /* tunnelled here, but not for a configured VIP: passed untouched */
 	FL_DECAP_MALFORMED,         /* truncated outer or inner header: dropped */
+	FL_DECAP_SOURCE_REFUSED,    /* tunnelled here for a VIP from an outer source outside
+	                             * the balancers' prefixes (decap --from): dropped */
+	FL_DECAP_ECN_DROP,          /* outer CE on a Not-ECT inner packet (RFC 6040): dropped */
 	FL_DECAP_REASON_MAX,
 };
 

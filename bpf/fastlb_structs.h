@@ -100,6 +100,14 @@ struct nat_rev {
 	__u16 pad;
 };
 
+/* Key of the decap program's sources LPM trie: an outer source prefix.
+ * prefixlen counts the family word too (32 + the prefix's length). */
+struct fl_src_key {
+	__u32 prefixlen;
+	__u32 family;               /* FL_AF_INET / FL_AF_INET6 */
+	__u32 addr[4];
+};
+
 /* The one entry of the settings array. Written by the loader. */
 struct fl_settings {
 	__u32 icmp_src4;            /* source of the ICMP errors fastlb sends */

@@ -80,6 +80,7 @@ class MapSpec:
             "ifaces": cdefs.FASTLB_MAX_IFACES,
             "event_stats": cdefs.FL_EVENT_MAX,
             "addrs": cdefs.FASTLB_DECAP_MAX_ADDRS,
+            "sources": cdefs.FASTLB_DECAP_MAX_SOURCES,
             "decap_stats": cdefs.FL_DECAP_REASON_MAX,
             "reason_stats": cdefs.FL_REASON_MAX,
             "vip_stats": sizes.max_vips,
@@ -114,6 +115,7 @@ MAP_SPECS = (
 # The maps of bpf/fastlb_decap.c, the backends' decapsulation program.
 DECAP_MAP_SPECS = (
     MapSpec("addrs", "hash", structs.VipKey, ctypes.c_uint32),
+    MapSpec("sources", "lpm_trie", structs.SrcKey, ctypes.c_uint32),
     MapSpec("decap_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
 )
 

@@ -57,6 +57,10 @@ class NatRev(ctypes.Structure):
                 ("vip_id", ctypes.c_uint32), ("client_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+class SrcKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("family", ctypes.c_uint32), ("addr", U32x4)]
+
+
 class Settings(ctypes.Structure):
     _fields_ = [("icmp_src4", ctypes.c_uint32), ("icmp_src6", U32x4),
                 ("tunnel_src4", ctypes.c_uint32), ("tunnel_host4", ctypes.c_uint32),
@@ -87,6 +91,7 @@ C_STRUCTS = {
     "fl_settings": Settings,
     "fl_flood": Flood,
     "fl_iface": Iface,
+    "fl_src_key": SrcKey,
 }
 
 

@@ -21,9 +21,10 @@ from helpers.e2e import attached, run_fastlb
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 COUNT = 300
-SETTINGS = """[settings]
-tunnel_source = "198.18.200.0/24"
-tunnel_source6 = "2001:db8:200::/64"
+TUNNEL_SOURCES = ("198.18.200.0/24", "2001:db8:200::/64")
+SETTINGS = f"""[settings]
+tunnel_source = "{TUNNEL_SOURCES[0]}"
+tunnel_source6 = "{TUNNEL_SOURCES[1]}"
 """
 
 
@@ -41,8 +42,8 @@ def reason_packets(lab, name) -> int:
 
 @contextlib.contextmanager
 def decap_on(lab, *vips):
-    """`fastlb decap` on every backend for the block, for ``vips``."""
-    args = [a for v in vips for a in ("--vip", v)]
+    """`fastlb decap` on every backend for the block, for ``vips``, from the LB's tunnel sources."""
+    args = [a for v in vips for a in ("--vip", v)] + [a for p in TUNNEL_SOURCES for a in ("--from", p)]
     for b in lab.backend_names:
         run_fastlb(lab, b, "decap", "attach", "eth0", *args, check=True)
     try:
