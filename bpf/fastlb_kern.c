@@ -393,7 +393,8 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 	if (reason)
 		return reason;
 	flowbits = fl_jhash_3words(pkt->flow.src[0] ^ pkt->flow.src[1] ^ pkt->flow.src[2] ^ pkt->flow.src[3],
-				   ((__u32)pkt->flow.dport << 16) | pkt->flow.sport, pkt->flow.proto, 0);
+				   ((__u32)pkt->flow.dport << 16) | pkt->flow.sport, pkt->flow.proto,
+				   FASTLB_HASH_SEED);
 	inner_proto = pkt->flow.family == FL_AF_INET ? FL_IPPROTO_IPIP : FL_IPPROTO_IPV6;
 	if (be->family == FL_AF_INET) {
 		if (encap_ipv4(ctx, pkt->l2_len, pkt->l3_len,

@@ -373,6 +373,17 @@ def _changed(obj: object, base: object) -> list[str]:
             if getattr(obj, f.name) != getattr(base, f.name) and getattr(obj, f.name) is not None]
 
 
+def warnings(config: "Config") -> list[str]:
+    """What a valid config still does badly, for check and attach to print."""
+    out = []
+    if config.settings.hash_seed == 0:
+        out.append("settings.hash_seed is 0: anyone can compute which backend (and which of its RSS "
+                   "queues) a flow lands on, and aim a flood at one. Fix: set hash_seed to one secret "
+                   "random u32, the same on every box behind the same ECMP route "
+                   "(python3 -c 'import secrets; print(secrets.randbits(32))')")
+    return out
+
+
 # Validation: one function per table.
 
 # setting: (min, max); defaults live on Settings.
