@@ -193,7 +193,7 @@ class Bgp:
     """The ``[bgp]`` table: announce ``announce = "bgp"`` VIPs through a BGP speaker (fastlb.controller.bgp).
 
     ``router_id`` None leaves the speaker's own; ``bird_include`` None means
-    ``/run/fastlb/bird/<IFACE>.conf``.
+    ``/run/fastlb-bird/<IFACE>.conf`` (bgp.DEFAULT_INCLUDE_DIR).
     """
 
     speaker: str
@@ -830,7 +830,7 @@ class _Table:
         text = self.get(key, str)
         if not text.startswith("/") or any(c in text for c in '"\\') or not text.isprintable():
             raise self.error((key,), f"{_show(text)} is not an absolute path without quotes, backslashes "
-                                     "or control characters", fix='write it like "/run/fastlb/bird/eth0.conf"')
+                                     "or control characters", fix='write it like "/run/fastlb-bird/eth0.conf"')
         return text
 
     def network(self, key: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
