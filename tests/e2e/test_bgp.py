@@ -8,6 +8,7 @@ run's folder, and drive it through the Announcer as the controller does.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -134,12 +135,11 @@ def test_bird_parses_the_include(tmp_path):
 # ---- a real BIRD ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bird(monkeypatch, tmp_path):
-    """A BIRD in a namespace of its own, its files in the run's folder; our state files in tmp_path."""
+@contextlib.contextmanager
+def bird_box():
+    """A namespace of this run with lo up, and a BIRD (not started) whose files are in the run's folder."""
     if not labbird.available():
         pytest.fail("BIRD is not installed: sudo make setup installs bird2")
-    monkeypatch.setenv("FASTLB_STATE_ROOT", str(tmp_path / "state"))
     runid = netns.new_runid()
     name = netns.ns_name(runid, "bird")
     run_dir = netns.run_dir_of(runid)
@@ -147,14 +147,21 @@ def bird(monkeypatch, tmp_path):
     st.save(exclusive=True)
     try:
         run_dir.mkdir(mode=0o755)
-        (run_dir / "fastlb.d").mkdir()
         netns.create(name)
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        b = labbird.Bird(name, run_dir, "box")
-        b.start(f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{run_dir}/fastlb.d/*.conf";\n')
-        yield b
+        yield labbird.Bird(name, run_dir, "box")
     finally:
         netns.remove_lab(st)
+
+
+@pytest.fixture
+def bird(monkeypatch, tmp_path):
+    """A BIRD in a namespace of its own, its files in the run's folder; our state files in tmp_path."""
+    monkeypatch.setenv("FASTLB_STATE_ROOT", str(tmp_path / "state"))
+    with bird_box() as b:
+        (b.run_dir / "fastlb.d").mkdir()
+        b.start(f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{b.run_dir}/fastlb.d/*.conf";\n')
+        yield b
 
 
 def config_for(b: labbird.Bird, extra: str = ""):
@@ -290,26 +297,16 @@ def test_one_default_include_path_everywhere():
 
 
 @pytest.mark.root
-def test_bird_needs_the_include_folder_and_the_shipped_tmpfiles_rule_makes_it(tmp_path):
+def test_bird_needs_the_include_folder_and_the_shipped_tmpfiles_rule_makes_it():
     """BIRD 2 refuses to start when the folder of its include pattern is missing, as
     it is after a reboot (/run is empty); the tmpfiles.d rule fastlb ships, applied
     as systemd-tmpfiles does at boot (here under --root), creates what it needs."""
-    if not labbird.available():
-        pytest.fail("BIRD is not installed: sudo make setup installs bird2")
-    runid = netns.new_runid()
-    name = netns.ns_name(runid, "bird")
-    run_dir = netns.run_dir_of(runid)
-    st = netns.new_state(runid, [name], run_dir=run_dir)
-    st.save(exclusive=True)
-    try:
-        run_dir.mkdir(mode=0o755)
-        root = run_dir / "root"          # the booted box's file system, as tmpfiles sees it
-        netns.create(name)
-        b = labbird.Bird(name, run_dir, "box")
+    with bird_box() as b:
+        root = b.run_dir / "root"        # the booted box's file system, as tmpfiles sees it
         config = f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{root}{bgp.DEFAULT_INCLUDE_DIR}/*.conf";\n'
         b.conf.write_text(config)
         # The daemon itself, not only bird -p: it exits at once, naming the pattern.
-        res = subprocess.run(netns.exec_argv(name, ["bird", "-f", "-c", str(b.conf), "-s", str(b.socket)]),
+        res = subprocess.run(netns.exec_argv(b.ns, ["bird", "-f", "-c", str(b.conf), "-s", str(b.socket)]),
                              capture_output=True, text=True, timeout=30)
         assert res.returncode != 0 and "Unable to match pattern" in res.stderr + res.stdout
         with pytest.raises(netns.LabError, match="pattern"):  # bird -p, as Debian's bird.service runs first
@@ -321,5 +318,3 @@ def test_bird_needs_the_include_folder_and_the_shipped_tmpfiles_rule_makes_it(tm
         assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o755 and not any(folder.iterdir())
         b.start(config)                  # an empty folder: BIRD starts and answers
         assert b.proc.poll() is None
-    finally:
-        netns.remove_lab(st)
