@@ -64,7 +64,7 @@ def check(config_path):
 
 
 def _warn(config) -> None:
-    from .config import warnings
+    from fastlb.config import warnings
     for text in warnings(config):
         click.echo(f"fastlb: warning: {text}", err=True)
 

@@ -37,7 +37,7 @@ FROM4, FROM6 = "198.18.200.0/24", "2001:db8:200::/64"
 
 @pytest.fixture(scope="module")
 def decap():
-    from fastlb.decap import write_sources
+    from fastlb.controller.decap import write_sources
     pin_dir = pins.ensure_bpffs() / f"scratch-decap-{uuid.uuid4().hex[:6]}"
     prog = Program(pin_dir, Sizes(), source="fastlb_decap.c", function="xdp_fastlb_decap",
                    specs=DECAP_MAP_SPECS).load()
@@ -127,7 +127,7 @@ def test_a_tunnel_packet_from_outside_the_balancers_prefixes_is_dropped(decap, o
 
 
 def test_no_from_accepts_every_source(decap):
-    from fastlb.decap import write_sources
+    from fastlb.controller.decap import write_sources
     _, maps = decap
     write_sources(maps, [])
     try:

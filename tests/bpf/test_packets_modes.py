@@ -257,8 +257,9 @@ def test_a_nat_clash_with_no_free_port_is_dropped(prog):
     the packet is dropped, counted, never sent with a tuple another connection owns."""
     import ctypes
 
-    from fastlb import core, structs
-    from test_packets import flow_of
+    from fastlb import core
+    from fastlb.kernel import structs
+    from helpers.packets import flow_of
     client, backend, sport = ipaddress.ip_address(CLIENT4), ipaddress.ip_address(SHARED_BACKEND4), 40200
     syn = recompute(eth() / IP(src=CLIENT4, dst=SHARED4[1]) / TCP(sport=sport, dport=80, flags="S"))
     h = core.flow_hash(*flow_of(syn), prog.sizes.hash_seed ^ cdefs.FL_NAT_SALT, cdefs.FL_HASH_5TUPLE)

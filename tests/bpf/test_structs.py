@@ -33,8 +33,9 @@ def decap_program():
     """The backends' decap program, for the structs only its maps use."""
     import uuid
 
-    from fastlb import pins
-    from fastlb.program import DECAP_MAP_SPECS, Program, Sizes
+    from fastlb.kernel import pins
+    from fastlb.kernel.layout import DECAP_MAP_SPECS, Sizes
+    from fastlb.kernel.loader import Program
     pin_dir = pins.ensure_bpffs() / f"scratch-decap-{uuid.uuid4().hex[:6]}"
     prog = Program(pin_dir, Sizes(), source="fastlb_decap.c", function="xdp_fastlb_decap",
                    specs=DECAP_MAP_SPECS).load()

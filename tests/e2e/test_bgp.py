@@ -281,7 +281,7 @@ def test_an_include_that_cannot_be_written_is_retried(bird):
 
 # ---- after a reboot: the include folder --------------------------------------------------------
 
-TMPFILES = Path(__file__).resolve().parent.parent / "systemd" / "fastlb.tmpfiles"
+TMPFILES = Path(__file__).resolve().parents[2] / "systemd" / "fastlb.tmpfiles"
 
 
 def test_one_default_include_path_everywhere():
@@ -289,7 +289,7 @@ def test_one_default_include_path_everywhere():
     top = TMPFILES.parent.parent
     rules = [ln.split() for ln in TMPFILES.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert [r[:2] for r in rules] == [["d", bgp.DEFAULT_INCLUDE_DIR]]
-    for doc in ("docs/CONFIG.md", "docs/SCALEOUT.md", "fastlb/config.py", "fastlb/bgp.py"):
+    for doc in ("docs/CONFIG.md", "docs/SCALEOUT.md", "fastlb/config/__init__.py", "fastlb/controller/bgp.py"):
         text = (top / doc).read_text()
         assert "/run/fastlb/bird" not in text, doc
         assert bgp.DEFAULT_INCLUDE_DIR in text, doc

@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from fastlb import bpfsys
-from fastlb.program import MAP_SPECS, MapSpec, Sizes, check_pinned_layouts, kernel_max_entries
+from fastlb.kernel import bpfsys
+from fastlb.kernel.layout import MAP_SPECS, MapSpec, Sizes, check_pinned_layouts, kernel_max_entries
 
 
 @pytest.mark.parametrize("ncpus,want", [(1, 65536), (2, 65536), (3, 65538), (6, 65538), (12, 65544),
@@ -57,7 +57,7 @@ def test_a_real_per_cpu_lru_of_odd_size_is_adopted(tmp_path):
     kernel rounds it; the check expects the rounded size and adopts the pin."""
     from bcc import BPF
 
-    from fastlb import pins, structs
+    from fastlb.kernel import pins, structs
     base = pins.ensure_bpffs()
     pin_dir = base / f"test-odd-{os.getpid()}"
     pin_dir.mkdir()
