@@ -726,7 +726,10 @@ send:
 	reason = to_backend(ctx, eth, pkt, vip, vip_id, be);
 	if (reason_verdict(reason) == XDP_TX)
 		reason = egress(ctx, pkt, be->egress_ifindex, be->egress_slot, reason);
-	if (reason_verdict(reason) == XDP_TX || reason_verdict(reason) == XDP_REDIRECT) {
+	/* Only a packet sent on to its backend counts for the VIP and backend: an
+	 * ICMP too-big sent back to the client instead moves its reason alone. */
+	if (reason != FL_TX_ICMP_TOO_BIG &&
+	    (reason_verdict(reason) == XDP_TX || reason_verdict(reason) == XDP_REDIRECT)) {
 		count_vip(vip_id, pkt->bytes, new_flow);
 		count_backend(be_id, pkt->bytes, new_flow);
 	}

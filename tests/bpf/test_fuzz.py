@@ -384,9 +384,6 @@ def _one(bed, device, frame: bytes):
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason="found by the fuzzer: forward() counts every XDP_TX reason in vip_stats and "
-                   "backend_stats, FL_TX_ICMP_TOO_BIG of an established flow included; DATAPLANE.md: "
-                   "FL_TX_ICMP_* move only their reason counter")
 def test_a_too_big_frame_moves_only_its_reason_counter(bed, device):
     """A new flow's too-big first packet (recorded nowhere, rule 11), then an
     established flow's too-big packet: each moves FL_TX_ICMP_TOO_BIG alone."""
