@@ -524,10 +524,12 @@ static __always_inline int nat_claim(struct flow_key *rkey, __u16 port, struct n
  * translated tuple stays unique. The client's own port, unless another
  * connection's translated tuple holds it (two NAT VIPs sharing a backend,
  * one client port to both); then the port this flow was remapped to before
- * (nat_port), or a free one in 1024..65535 from the flow's hash. 0 when none
- * is free. Leaves `rkey` as the reverse entry's key. */
-static __always_inline __u16 nat_source_port(struct flow_key *rkey, struct nat_rev *rev_new,
-					     struct flow_key *flow)
+ * (nat_port), or a free one in 1024..65535 from the flow's hash. Written to
+ * `*sport` (network order; the client's own port may be 0, so the return value
+ * says whether one was found: 0, or -1 when none is free). Leaves `rkey` as
+ * the reverse entry's key. */
+static __always_inline int nat_source_port(struct flow_key *rkey, struct nat_rev *rev_new,
+					   struct flow_key *flow, __u16 *sport)
 {
 	struct nat_rev *rev;
 	__u16 *mapped, port;
@@ -535,24 +537,27 @@ static __always_inline __u16 nat_source_port(struct flow_key *rkey, struct nat_r
 	int i;
 
 	rev = nat_rev.lookup(rkey);  /* marks it used: it ages no faster than conntrack's */
+	*sport = flow->sport;
 	if (rev && nat_rev_is(rev, flow))
-		return flow->sport;
+		return 0;
 	mapped = nat_port.lookup(flow);
 	if (mapped) {
+		*sport = *mapped;
 		if (nat_claim(rkey, *mapped, rev_new, flow))
-			return rkey->dport;
+			return 0;
 	} else if (!rev && nat_rev.insert(rkey, rev_new) == 0) {
-		return flow->sport;
+		return 0;
 	}
 	hash = flow_hash(flow, FL_HASH_5TUPLE, FASTLB_HASH_SEED ^ FL_NAT_SALT);
 	for (i = 0; i < FL_NAT_PORT_TRIES; i++) {
 		port = bpf_htons(FL_NAT_PORT_MIN + (hash + i) % FL_NAT_PORT_SPAN);
 		if (nat_claim(rkey, port, rev_new, flow)) {
 			nat_port.update(flow, &port);
-			return port;
+			*sport = port;
+			return 0;
 		}
 	}
-	return 0;
+	return -1;
 }
 
 /* Send a VIP packet on to its backend under NAT, keeping the connection's
@@ -571,8 +576,7 @@ static __always_inline __u32 nat_out(struct ethhdr *eth, void *data_end, struct 
 	rev.client_port = pkt->flow.sport;
 	__builtin_memcpy(rev.client_mac, eth->h_source, ETH_ALEN);
 	rev.vip_id = vip_id;
-	sport = nat_source_port(&rkey, &rev, &pkt->flow);
-	if (!sport)
+	if (nat_source_port(&rkey, &rev, &pkt->flow, &sport))
 		return FL_DROP_NAT_NO_PORT;
 	if (nat_rewrite(pkt, data_end, 1, be->addr, be->port, sport))
 		return FL_DROP_L4_MALFORMED;

@@ -401,6 +401,16 @@ def test_a_too_big_frame_moves_only_its_reason_counter(bed, device):
 
 
 @pytest.mark.root
+def test_a_nat_client_with_source_port_0_is_translated(bed, device):
+    """Found by the fuzzer: the client's own port is the tuple toward the backend
+    when it is free, 0 included (DATAPLANE.md), not 'no free port'."""
+    frame = bytes(eth() / IP(src=CLIENT4, dst=N4) / TCP(sport=0, dport=80, flags="S"))
+    verdict, out, reasons, vips, backends = _one(bed, device, frame)
+    assert reasons == {"FL_TX_NAT": (1, len(frame), 0)}
+    assert IP(out[14:])[TCP].sport == 0
+
+
+@pytest.mark.root
 def test_a_vlan_tagged_frame_that_fits_the_mtu_once_tunnelled_is_tunnelled(bed, device):
     frame = bytes(eth() / Dot1Q(vlan=7) / IP(src=CLIENT4, dst=T4, flags="DF") / TCP(sport=4243, dport=80, flags="S")
                   / Raw(b"x" * 1340))   # L3 1380 + 20 = the MTU
