@@ -5,12 +5,14 @@
 #   sudo make demo    set up, then a namespace lab balancing real connections
 #   sudo make bench   set up, then the benchmarks; writes docs/BENCHMARKS.md
 #   sudo make fuzz    set up, then a million fuzzed frames against the data plane's rules
+#   sudo make deb     dist/fastlb_VERSION_ARCH.deb with Debian's toolchain (debian/), then lintian
+#   sudo make vm-test the .deb installed and run in a Debian 12 VM (tests/vm/; about 15 min)
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test test-core demo bench fuzz clean
+.PHONY: setup test test-core demo bench fuzz deb vm-test clean
 
 setup:
 	@./scripts/setup.sh
@@ -28,5 +30,11 @@ bench: setup
 fuzz: setup
 	$(PY) fuzz/run.py --packets 1000000
 
+deb:
+	@./scripts/build-deb.sh
+
+vm-test: setup deb
+	@./tests/vm/run.sh
+
 clean:
-	rm -rf build *.egg-info fastlb/*/*.so fastlb/core/_core.c fastlb/testing/_testrun.c .pytest_cache
+	rm -rf build dist *.egg-info fastlb/*/*.so fastlb/core/_core.c fastlb/testing/_testrun.c .pytest_cache

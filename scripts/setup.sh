@@ -31,6 +31,8 @@ packages=(bpfcc-tools python3-bpfcc libbpfcc libbpf1 iproute2 ethtool iputils-pi
 packages+=(haproxy nginx libnginx-mod-stream wrk nftables)
 # The BGP speaker fastlb drives ([bgp] speaker = "bird"); the ECMP tests run their own copies in namespaces.
 packages+=(bird2)
+# The metrics scraper the Prometheus test runs in a lab namespace (tests/e2e/test_e2e_prometheus.py).
+packages+=(prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -63,26 +65,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Installing bird2 enables and (under systemd) starts the host's BIRD on Debian's sample config.
   # Stop what this run's install started: a box that is to announce VIPs sets BIRD up itself
   # (docs/SCALEOUT.md), and the tests start their own BIRDs in namespaces.
-  if [[ " ${missing[*]} " == *" bird2 "* ]]; then
+  # Installing prometheus does the same with the host's Prometheus (on :9090).
+  for pair in bird2:bird prometheus:prometheus; do
+    pkg=${pair%%:*} svc=${pair#*:}
+    [[ " ${missing[*]} " == *" $pkg "* ]] || continue
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-      systemctl disable --now bird >/dev/null 2>&1 || true
-    elif [ -x /etc/init.d/bird ]; then
-      /etc/init.d/bird stop >/dev/null 2>&1 || true
+      systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    elif [ -x "/etc/init.d/$svc" ]; then
+      "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
     fi
-  fi
+  done
 fi
 
-# 2. Kernel headers for BCC --------------------------------------------------
-mod="/lib/modules/$kver"
-if [ ! -e "$mod/build/Makefile" ] || [ ! -e "$mod/source/include/linux/kconfig.h" ]; then
-  generic=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
-  [ -n "$generic" ] && [ -n "$common" ] || die "no kernel headers under /usr/src for BCC. Fix: apt-get install linux-headers-amd64"
-  mkdir -p "$mod"
-  ln -sfn "$generic" "$mod/build"
-  ln -sfn "$common" "$mod/source"
-  say "kernel $kver has no headers package; BCC uses Debian's generic headers: $mod/build -> $generic, $mod/source -> $common"
-fi
+# 2. Kernel headers for BCC (the same script as the Debian package's postinst) --
+"$top/scripts/kernel-headers.sh" | sed 's/^fastlb: /setup: /' \
+  || die "no kernel headers for BCC. Fix: apt-get install linux-headers-amd64"
 
 # 3-4. The venv and the package ----------------------------------------------
 if [ ! -x "$venv/bin/python" ]; then

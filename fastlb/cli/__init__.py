@@ -478,7 +478,7 @@ def _flow_filter(maps, vip_spec, backend_spec):
             raise FastlbError(f"no VIP {want} in the maps", fix="use one of: " + ", ".join(sorted(
                 names.vips.values())))
     if backend_spec:
-        from fastlb.controller.loop import parse_backend_spec
+        from fastlb.config.edits import parse_backend_spec
         addr, port = parse_backend_spec(backend_spec)
         backend_ids = {i for i, n in names.backends.items()
                        if n.rpartition(":")[0].strip("[]") == str(addr) and

@@ -1,16 +1,20 @@
 """The controller behind ``fastlb attach``: health checks drive the maps, live changes, sweeps.
 
-One thread (the caller's) owns the maps and runs :meth:`Controller.run`, a
-loop over one event queue. Other threads only put events on it:
+One thread (the caller's) writes the maps and runs :meth:`Controller.run`, a
+loop over one event queue. The metrics thread (fastlb.controller.metrics)
+reads them: at each scrape it looks up the counters and the VIP and backend
+tables (fastlb.dataplane.stats), a read the kernel makes atomic per entry; it
+never writes. Other threads only put events on the queue:
 
 - the signal thread: SIGHUP reloads the config, SIGINT/SIGTERM stop;
 - the prober (fastlb.controller.health): one result per probe;
 - the neighbour watcher (fastlb.controller.neighbour_watch): a backend's MAC changed;
 - the control socket (fastlb.controller.control_socket): a command, answered once applied.
 
-Events are taken in batches; when a batch changed anything, the tables are
-built again with the selection core and only their differences are written
-(fastlb.dataplane.tables.apply). A timer runs the conntrack sweep (fastlb.dataplane.flows):
+Events are taken in batches; when a batch changed anything, the planner
+(fastlb.controller.planner, pure) says once what the tables should hold, and
+only their differences are written (fastlb.dataplane.tables.apply). Live
+config changes are pure functions in fastlb.config.edits. A timer runs the conntrack sweep (fastlb.dataplane.flows):
 active-connection counts recounted, idle UDP flows expired.
 
 Each transition is logged as one line of ``key=value`` pairs on stderr:
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import math
 import os
 import queue
 import signal
@@ -40,8 +43,9 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from fastlb.config import Backend, Config, ConfigError, Vip, load_config, parse_config, parse_vip_spec, render_config
-from fastlb.controller import attachment, bgp, control_socket, health, neighbour_watch, state
+from fastlb.config import Config, ConfigError, edits, l4_view, load_config, render_config, validate
+from fastlb.controller import attachment, bgp, control_socket, health, neighbour_watch, planner, state
+from fastlb.controller.planner import NO_MAC, Key, lrt_score
 from fastlb.core import PeakEwma
 from fastlb.dataplane import flows, stats, tables
 from fastlb.errors import FastlbError, NeighbourError
@@ -51,22 +55,7 @@ from fastlb.kernel.maps import PinnedMaps
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
-NO_MAC = "00:00:00:00:00:00"
 COMMAND_TIMEOUT = 60.0
-
-Key = tuple[str, bytes]     # (VIP name, backend key)
-LRT_FLOOR_US = 2000         # lrt: scores below this are equal (probe noise on a LAN) ...
-LRT_STEP = 1.5              # ... and above it, scores in the same step of this ratio are equal
-
-
-def lrt_score(us: int) -> int:
-    """The response-time score written for the kernel: rounded to a geometric
-    step, so that backends of about the same latency tie and the ring spreads
-    flows among them, while a clearly slower one still loses every pair."""
-    if us <= LRT_FLOOR_US:
-        return LRT_FLOOR_US
-    steps = round(math.log(us / LRT_FLOOR_US, LRT_STEP))
-    return min(int(LRT_FLOOR_US * LRT_STEP ** steps), 2**32 - 1)
 
 
 class View:
@@ -99,22 +88,6 @@ def _fmt(value) -> str:
     return text
 
 
-def parse_backend_spec(text: str) -> tuple[object, int | None]:
-    """``198.18.0.11``, ``198.18.0.11:80`` or ``[2001:db8::11]:80`` -> (address, port or None)."""
-    import ipaddress
-    text = text.strip()
-    try:
-        return ipaddress.ip_address(text), None
-    except ValueError:
-        pass
-    try:
-        address, port, _ = parse_vip_spec(text)
-    except ValueError as exc:
-        raise FastlbError(f"bad backend {text!r}",
-                          fix="write ADDR or ADDR:PORT, e.g. 198.18.0.11 or [2001:db8::11]:80") from exc
-    return address, port
-
-
 class Controller:
     """Attach, then keep the maps right until told to stop."""
 
@@ -133,8 +106,7 @@ class Controller:
         self.views: dict[Key, View] = {}
         self.macs: dict[str, str] = {}                 # backend address -> its next hop's MAC
         self.hops: dict[str, str] = {}                 # backend address -> next hop
-        self.kept: dict[str, frozenset[bytes]] = {}     # all_down = "keep": the last set in the table
-        self.empty: set[str] = set()                     # VIPs with no healthy backend now
+        self.memory = planner.Memory()                   # what the last plan remembers (all_down)
         self.slots: dict[Key, int] = {}
         self.maps: PinnedMaps | None = None
         self.prober: health.Prober | None = None
@@ -182,10 +154,11 @@ class Controller:
             self._first_probes()
             self.announcer = bgp.Announcer(self.ifname, self.log)
             self._l7_apply(self.config, reload=True)   # HAProxy listens before XDP passes it packets
-            result = attachment.attach(self.ifname, self._effective(), self.xdp_mode,
-                                     macs=self._table_macs(), down=self._down(), extra_ifaces=self.extra_ifaces)
+            plan = self._plan()
+            result = attachment.attach(self.ifname, plan.effective, self.xdp_mode,
+                                     macs=plan.macs, down=plan.down, extra_ifaces=self.extra_ifaces)
             self.maps = PinnedMaps(result.pin_dir)
-            self._after_build(result.written, before=set(), first=True)
+            self._after_build(plan, result.written, before=set(), first=True)
             if adopting:
                 result.notes.append(f"adopted the running attachment of {self.ifname}: its maps, conntrack "
                                     "and last known health")
@@ -221,10 +194,10 @@ class Controller:
                 return
 
     def _addresses(self) -> set[str]:
-        return {str(b.address) for v in tables.l4_view(self.config).vips for b in v.backends}
+        return {str(b.address) for v in l4_view(self.config).vips for b in v.backends}
 
     def _next_hops(self, config: Config, only=None) -> dict[str, str]:
-        config = tables.l4_view(config)   # http VIPs' backends are HAProxy's, reached through the stack
+        config = l4_view(config)   # http VIPs' backends are HAProxy's, reached through the stack
         on_link = {str(b.address) for v in config.vips if v.forwarding == "dsr" for b in v.backends}
         addresses = {str(b.address) for v in config.vips for b in v.backends}
         return neighbour_watch.next_hops(self.ifaces, addresses if only is None else only, on_link)
@@ -252,7 +225,7 @@ class Controller:
 
     def _require_macs_for_unchecked(self) -> None:
         """A backend without a health check must resolve: nothing else would take it out."""
-        missing = sorted({str(b.address) for v in tables.l4_view(self.config).vips for b in v.backends
+        missing = sorted({str(b.address) for v in l4_view(self.config).vips for b in v.backends
                           if v.check_of(b).kind == "none" and str(b.address) not in self.macs})
         if missing:
             raise NeighbourError(
@@ -272,7 +245,7 @@ class Controller:
     # ---- views, targets and the effective config ------------------------------
 
     def _backends(self):
-        for vip in tables.l4_view(self.config).vips:
+        for vip in l4_view(self.config).vips:
             for b in vip.backends:
                 yield vip, b, (vip.name, b.key)
 
@@ -297,51 +270,14 @@ class Controller:
                 out[key] = health.Target(key, str(b.address), check.port or b.port, check)
         return out
 
-    def _in_table(self, vip: Vip) -> set[bytes]:
-        """Keys of the VIP's backends that belong in its table (health, MAC, all_down policy)."""
-        up = {b.key for b in vip.backends
-              if self.views[(vip.name, b.key)].verdict.state == health.UP and str(b.address) in self.macs}
-        if up:
-            self.kept[vip.name] = frozenset(up)
-            if vip.name in self.empty:
-                self.empty.discard(vip.name)
-                self.log("vip_has_healthy_backend", vip=vip.name, backends_up=len(up))
-            return up
-        if vip.name not in self.empty:
-            self.empty.add(vip.name)
-            self.log("vip_no_healthy_backend", vip=vip.name, policy=vip.all_down,
-                     effect="new flows dropped (reason no_backend)" if vip.all_down == "drop"
-                     else "the last table stays")
-        if vip.all_down == "keep":
-            return {k for k in self.kept.get(vip.name, frozenset()) if any(b.key == k for b in vip.backends)}
-        return set()
-
-    def _plan(self) -> tuple[Config, frozenset]:
-        vips, down = [], set()
-        for vip in tables.l4_view(self.config).vips:
-            if vip.is_l7:        # its packets go to HAProxy (fastlb.controller.l7), which checks its backends
-                vips.append(vip)
-                continue
-            live = self._in_table(vip)
-            backends = []
-            for b in vip.backends:
-                if b.key not in live:
-                    if vip.expire_nodest_conn:
-                        down.add((vip.name, b.key))
-                    else:
-                        b = dataclasses.replace(b, weight=0)
-                backends.append(b)
-            vips.append(dataclasses.replace(vip, backends=tuple(backends)))
-        return dataclasses.replace(self.config, vips=tuple(vips)), frozenset(down)
-
-    def _effective(self) -> Config:
-        return self._plan()[0]
-
-    def _down(self) -> frozenset:
-        return self._plan()[1]
-
-    def _table_macs(self) -> dict[str, str]:
-        return {a: self.macs.get(a, NO_MAC) for a in self._addresses()}
+    def _plan(self) -> planner.Plan:
+        """Ask the planner once, remember what it remembers, log its transitions."""
+        plan = planner.plan(self.config, {k: v.verdict.state for k, v in self.views.items()}, self.macs,
+                            self.memory)
+        self.memory = plan.memory
+        for event, fields in plan.transitions:
+            self.log(event, **fields)
+        return plan
 
     # ---- building the tables --------------------------------------------------
 
@@ -351,21 +287,21 @@ class Controller:
     def _rebuild(self) -> None:
         before = self._valid_slots()
         started = flows.now_ns()
-        effective, down = self._plan()
-        written = tables.apply(self.maps, effective, self._table_macs(), self.sizes, down=down,
-                               **self._two_arm(effective))
-        self._after_build(written, before, started_ns=started)
+        plan = self._plan()
+        written = tables.apply(self.maps, plan.effective, plan.macs, self.sizes, down=plan.down,
+                               **self._two_arm(plan.effective))
+        self._after_build(plan, written, before, started_ns=started)
 
-    def _after_build(self, written: dict, before: set[int], first: bool = False, started_ns: int = 0) -> None:
-        effective, down = self._plan()
+    def _after_build(self, plan: planner.Plan, written: dict, before: set[int], first: bool = False,
+                     started_ns: int = 0) -> None:
+        effective = plan.effective
         placement = tables.place(effective, self.maps, self.sizes)
         self.slots = {(vip.name, b.key): placement.backend_ids[(vip.name, pos)]
                       for vip in effective.vips for pos, b in enumerate(vip.backends)}
         for vip in effective.vips:
             changed = written.get("ring_slots_by_vip", {}).get(vip.name, 0)
             if changed or first:
-                in_table = sum(1 for b in vip.backends if (vip.name, b.key) not in down and b.weight > 0)
-                self.log("table_rebuilt", vip=vip.name, slots_changed=changed, backends_in_table=in_table,
+                self.log("table_rebuilt", vip=vip.name, slots_changed=changed, backends_in_table=plan.in_table(vip),
                          backends=len(vip.backends))
         left = before - self._valid_slots()
         if left and not first:
@@ -383,7 +319,7 @@ class Controller:
     def _announce(self) -> None:
         """BGP: announce the VIPs that have a healthy backend, withdraw the others (fastlb.controller.bgp)."""
         if self.announcer is not None:
-            self.announcer.update(self.config, {v.name for v in self.config.vips if v.name not in self.empty})
+            self.announcer.update(self.config, {v.name for v in self.config.vips if v.name not in self.memory.empty})
 
     def _save_state(self) -> None:
         try:
@@ -605,13 +541,10 @@ class Controller:
             return {"message": f"reloaded {self.config_path}"}
         if cmd == "save":
             return {"message": self._save()}
-        changes = {"backend.add": self._backend_add, "backend.remove": self._backend_remove,
-                   "backend.weight": self._backend_weight, "backend.drain": self._backend_drain,
-                   "vip.add": self._vip_add, "vip.remove": self._vip_remove}
-        if cmd not in changes:
+        if cmd not in edits.COMMANDS:
             raise FastlbError(f"unknown command {cmd!r}", fix=f"use one of: stats, reload, save, "
-                              f"{', '.join(changes)}")
-        new, message = changes[cmd](req)
+                              f"{', '.join(edits.COMMANDS)}")
+        new, message = edits.COMMANDS[cmd](self.config, req, self.ifname)
         new = self._validated(new)
         self._l7_check(new)
         added = {a: h for a, h in self._next_hops(new).items() if a not in self.macs}
@@ -638,7 +571,7 @@ class Controller:
     def _validated(self, new: Config) -> Config:
         self._check_same_sizes(new)
         try:
-            return dataclasses.replace(parse_config(render_config(new), self.config_path), path=self.config_path)
+            return validate(dataclasses.replace(new, path=self.config_path))
         except ConfigError as exc:
             raise FastlbError(f"refused: the change would make an invalid config: {exc.message}",
                               fix=exc.fix) from exc
@@ -661,100 +594,6 @@ class Controller:
                               fix="check the file's folder and permissions") from exc
         self.log("config_saved", path=path)
         return f"saved to {path}"
-
-    def _find_vip(self, spec) -> Vip:
-        try:
-            vip = self.config.find_vip(str(spec))
-        except ValueError as exc:
-            raise FastlbError(str(exc), fix="write the VIP as ADDR:PORT/PROTO, e.g. 198.19.0.100:80/tcp") from exc
-        if vip is None:
-            raise FastlbError(f"no VIP {spec} runs on {self.ifname}",
-                              fix="use one of: " + ", ".join(v.name for v in self.config.vips))
-        return vip
-
-    def _find_backend(self, vip: Vip, spec) -> Backend:
-        address, port = parse_backend_spec(str(spec))
-        found = [b for b in vip.backends if b.address == address and (port is None or b.port == port)]
-        if not found:
-            raise FastlbError(f"VIP {vip.name} has no backend {spec}",
-                              fix="use one of: " + ", ".join(b.key.decode() for b in vip.backends))
-        if len(found) > 1:
-            raise FastlbError(f"VIP {vip.name} has several backends at {address}",
-                              fix="add the port: " + ", ".join(b.key.decode() for b in found))
-        return found[0]
-
-    def _replace_vip(self, vip: Vip, new_vip: Vip | None) -> Config:
-        vips = [new_vip if v is vip else v for v in self.config.vips]
-        return dataclasses.replace(self.config, vips=tuple(v for v in vips if v is not None))
-
-    @staticmethod
-    def _weight(req: dict) -> int:
-        weight = req.get("weight")
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 65535:
-            raise FastlbError(f"weight must be an integer from 0 to 65535, got {weight!r}",
-                              fix="give a weight such as 1")
-        return weight
-
-    def _backend_add(self, req):
-        vip = self._find_vip(req.get("vip"))
-        address, port = parse_backend_spec(str(req.get("backend")))
-        port = vip.port if port is None else port
-        weight = self._weight({"weight": req.get("weight", 1)})
-        if any(b.address == address and b.port == port for b in vip.backends):
-            raise FastlbError(f"VIP {vip.name} has backend {parse_backend_spec(str(req.get('backend')))[0]} "
-                              "already", fix="change its weight with: fastlb backend weight")
-        backend = Backend(address=address, weight=weight, port=port)
-        return (self._replace_vip(vip, dataclasses.replace(vip, backends=vip.backends + (backend,))),
-                f"added backend {backend.key.decode()} (weight {weight}) to {vip.name}")
-
-    def _backend_remove(self, req):
-        vip = self._find_vip(req.get("vip"))
-        backend = self._find_backend(vip, req.get("backend"))
-        rest = tuple(b for b in vip.backends if b is not backend)
-        if not rest:
-            raise FastlbError(f"{backend.key.decode()} is the last backend of {vip.name}",
-                              fix=f"remove the VIP instead: fastlb vip remove {vip.name}")
-        return (self._replace_vip(vip, dataclasses.replace(vip, backends=rest)),
-                f"removed backend {backend.key.decode()} from {vip.name}; its flows move to live backends")
-
-    def _set_weight(self, req, weight: int, verb: str):
-        vip = self._find_vip(req.get("vip"))
-        backend = self._find_backend(vip, req.get("backend"))
-        backends = tuple(dataclasses.replace(b, weight=weight) if b is backend else b for b in vip.backends)
-        return (self._replace_vip(vip, dataclasses.replace(vip, backends=backends)),
-                f"{verb} backend {backend.key.decode()} of {vip.name}")
-
-    def _backend_weight(self, req):
-        weight = self._weight(req)
-        return self._set_weight(req, weight, f"weight {weight} for")
-
-    def _backend_drain(self, req):
-        return self._set_weight(req, 0, "drained (weight 0: no new flows, established ones go on)")
-
-    def _vip_add(self, req):
-        try:
-            address, port, protocol = parse_vip_spec(str(req.get("vip")))
-        except ValueError as exc:
-            raise FastlbError(str(exc), fix="write the VIP as ADDR:PORT/PROTO, e.g. 198.19.0.100:80/tcp") from exc
-        if self.config.find_vip(str(req.get("vip"))) is not None:
-            raise FastlbError(f"VIP {req.get('vip')} runs already", fix="change its backends with: fastlb backend")
-        specs = req.get("backends") or []
-        if not specs:
-            raise FastlbError("a VIP needs at least one backend", fix="add --backend ADDR (repeatable)")
-        backends = []
-        for spec in specs:
-            b_addr, b_port = parse_backend_spec(str(spec))
-            backends.append(Backend(address=b_addr, weight=1, port=port if b_port is None else b_port))
-        vip = Vip(address=address, port=port, protocol=protocol, algorithm=req.get("algorithm") or "maglev",
-                  forwarding="dsr", hash="5tuple", backends=tuple(backends))
-        return (dataclasses.replace(self.config, vips=self.config.vips + (vip,)),
-                f"added VIP {vip.name} with {len(backends)} backend(s)")
-
-    def _vip_remove(self, req):
-        vip = self._find_vip(req.get("vip"))
-        if len(self.config.vips) == 1:
-            raise FastlbError(f"{vip.name} is the last VIP", fix=f"detach instead: fastlb detach {self.ifname}")
-        return self._replace_vip(vip, None), f"removed VIP {vip.name}"
 
     # ---- what others read -----------------------------------------------------------
 

@@ -12,9 +12,13 @@ conventions: ``_total`` for counters, base units (seconds, bytes)::
 from __future__ import annotations
 
 import ipaddress
+import socket
+import threading
 from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 DEFAULT = "127.0.0.1:9469"
@@ -161,13 +165,34 @@ class StatsCollector:
                 yield c
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - no line per scrape
+        pass
+
+
 class MetricsServer:
-    """The HTTP endpoint; ``close()`` stops it."""
+    """The HTTP endpoint; ``close()`` stops it.
+
+    prometheus-client's WSGI app in a threaded wsgiref server of our own:
+    ``start_http_server`` returns the server only from prometheus-client 0.17
+    on, and Debian 12 has 0.16.
+    """
 
     def __init__(self, addr: str, port: int, source: Callable[[], dict]):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(source))
-        self.server, self.thread = start_http_server(port, addr, registry=self.registry)
+        server_class = _Server6 if ipaddress.ip_address(addr).version == 6 else _Server
+        self.server = make_server(addr, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fastlb-metrics", daemon=True)
+        self.thread.start()
         self.addr, self.port = addr, port
 
     def close(self) -> None:

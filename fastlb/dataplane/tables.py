@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from fastlb import core
+from fastlb.config import l4_view
 from fastlb.errors import FastlbError
 from fastlb.kernel import bpfsys, cdefs, structs
 from fastlb.kernel.layout import Sizes
@@ -36,15 +37,6 @@ class Placement:
     """Where a config's VIPs and backends live in the maps."""
     vip_ids: dict[str, int]                  # vip.name -> vip id
     backend_ids: dict[tuple[str, int], int]  # (vip.name, backend position) -> backend id
-
-
-def l4_view(config):
-    """``config`` as the XDP tier sees it: http/https VIPs (fastlb.controller.l7) keep a VIP slot, flagged
-    FL_VIP_F_L7 so their packets go to the local HAProxy, and have no backends here."""
-    if not any(v.is_l7 for v in config.vips):
-        return config
-    return dataclasses.replace(config, vips=tuple(
-        dataclasses.replace(v, backends=(), routes=()) if v.is_l7 else v for v in config.vips))
 
 
 def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:

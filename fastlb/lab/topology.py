@@ -377,7 +377,13 @@ class Lab:
 
     def ipr(self, role: str) -> IPRoute:
         """A pyroute2 IPRoute bound to ``role``'s namespace. Close it (use ``with``)."""
-        return IPRoute(netns=self.ns(role), flags=0)
+        try:
+            return IPRoute(netns=self.ns(role), flags=0)
+        except TypeError as exc:  # pyroute2 0.7.2, Debian 12's, has no IPRoute(netns=...)
+            raise LabError("the lab needs pyroute2 0.7.3 or later (IPRoute(netns=...)); this is "
+                           f"{_pyroute2_version()}. fastlb itself runs on 0.7.2",
+                           fix="run the lab from make setup's venv (.venv/bin/fastlb lab ...) "
+                               "or pip install 'pyroute2>=0.7.3'") from exc
 
     def _build_switch(self) -> None:
         # No IPv6 on the bridge itself: it only forwards frames.
@@ -486,7 +492,7 @@ class Lab:
                                  fix="apt-get install python3-bpfcc; use a venv with "
                                      "--system-site-packages") from exc
         if not XDP_PASS_SRC.is_file():
-            raise BpfError(f"{XDP_PASS_SRC} is missing", fix="run from a fastlb source tree")
+            raise BpfError(f"{XDP_PASS_SRC} is missing", fix="reinstall fastlb, or set FASTLB_BPF_DIR to the folder holding the BPF sources")
         try:
             self._bpf = BPF(src_file=os.fsencode(XDP_PASS_SRC))
             fn = self._bpf.load_func(b"xdp_pass", BPF.XDP)
@@ -645,3 +651,11 @@ class Lab:
     def __repr__(self) -> str:
         return (f"Lab(runid={self.runid!r}, backends={len(self.backend_names)}, "
                 f"ipv6={self.ipv6}, up={self.is_up})")
+
+
+def _pyroute2_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"pyroute2 {version('pyroute2')}"
+    except PackageNotFoundError:
+        return "an unknown pyroute2"

@@ -678,7 +678,7 @@ def test_same_address_and_port_on_tcp_and_udp_are_two_vips() -> None:
 
 
 def test_backend_on_the_same_address_and_another_port_is_not_a_duplicate(monkeypatch) -> None:
-    monkeypatch.setattr(config, "BUILT_FORWARDING", frozenset({"dsr", "nat"}))
+    monkeypatch.setattr(config.load, "BUILT_FORWARDING", frozenset({"dsr", "nat"}))
     text = MINIMAL.replace('port = 80', 'port = 80\nforwarding = "nat"') + toml("""
 [[vip.backend]]
 address = "198.18.0.11"
@@ -701,17 +701,17 @@ def test_vip_may_be_loopback() -> None:
 
 def test_nat_may_remap_the_backend_port(monkeypatch) -> None:
     nat = MINIMAL.replace("port = 80", 'port = 80\nforwarding = "nat"') + "port = 8080\n"
-    monkeypatch.setattr(config, "BUILT_FORWARDING", frozenset({"dsr"}))
+    monkeypatch.setattr(config.load, "BUILT_FORWARDING", frozenset({"dsr"}))
     with pytest.raises(ConfigError, match="forwarding 'nat' is not built yet in this version; built: dsr"):
         parse_config(nat)
-    monkeypatch.setattr(config, "BUILT_FORWARDING", frozenset({"dsr", "nat"}))
+    monkeypatch.setattr(config.load, "BUILT_FORWARDING", frozenset({"dsr", "nat"}))
     (vip,) = parse_config(nat).vips
     assert (vip.forwarding, vip.port, vip.backends[0].port) == ("nat", 80, 8080)
     assert vip.backends[0].key == b"198.18.0.11:8080"
 
 
 def test_tunnel_may_mix_families_but_not_remap_ports(monkeypatch) -> None:
-    monkeypatch.setattr(config, "BUILT_FORWARDING", frozenset({"dsr", "tunnel"}))
+    monkeypatch.setattr(config.load, "BUILT_FORWARDING", frozenset({"dsr", "tunnel"}))
     tunnel = ('[settings]\ntunnel_source = "198.18.200.0/24"\ntunnel_source6 = "2001:db8:200::/64"\n'
               + MINIMAL.replace("port = 80", 'port = 80\nforwarding = "tunnel"').replace("198.18.0.11", "2001:db8::11"))
     (vip,) = parse_config(tunnel).vips
@@ -722,7 +722,7 @@ def test_tunnel_may_mix_families_but_not_remap_ports(monkeypatch) -> None:
 
 
 def test_newly_built_algorithm_is_accepted(monkeypatch) -> None:
-    monkeypatch.setattr(config, "BUILT_ALGORITHMS", frozenset({"maglev", "wrr"}))
+    monkeypatch.setattr(config.load, "BUILT_ALGORITHMS", frozenset({"maglev", "wrr"}))
     (vip,) = parse_config(MINIMAL.replace("port = 80", 'port = 80\nalgorithm = "wrr"')).vips
     assert vip.algorithm == "wrr"
     with pytest.raises(ConfigError, match="algorithm 'lc' is not built yet in this version; built: wrr, maglev"):
@@ -779,7 +779,7 @@ def test_bgp_defaults_and_no_bgp() -> None:
 
 
 def test_newly_built_speaker_is_accepted(monkeypatch) -> None:
-    monkeypatch.setattr(config, "BUILT_SPEAKERS", frozenset({"bird", "exabgp"}))
+    monkeypatch.setattr(config.load, "BUILT_SPEAKERS", frozenset({"bird", "exabgp"}))
     cfg = parse_config(MINIMAL + '[bgp]\nspeaker = "exabgp"\nlocal_as = 65001\n'
                        '[[bgp.peer]]\naddress = "198.18.1.254"\nas = 65000\n')
     assert cfg.bgp.speaker == "exabgp"
@@ -943,3 +943,24 @@ def test_settings_defaults_match_the_documented_ranges() -> None:
     assert 1 <= defaults.guard_rate(96) <= config._SETTINGS_RANGES["new_flow_rate"][1]
     assert {f.name for f in dataclasses.fields(Settings)} == set(config._SETTINGS_KEYS)
     assert config._is_prime(defaults.ring_size) and config._is_prime(config._SETTINGS_RANGES["ring_size"][1])
+
+
+# ---- validate: a Config built in code, checked with no text ----
+
+def test_validate_checks_a_config_without_text_and_agrees_with_a_file() -> None:
+    cfg = parse_config(MINIMAL, "lb.toml")
+    assert config.validate(cfg) == cfg
+    assert config.validate(cfg) == dataclasses.replace(parse_config(config.render_config(cfg)), path="lb.toml")
+    bad = dataclasses.replace(cfg, vips=(dataclasses.replace(cfg.vips[0], port=0),))
+    with pytest.raises(ConfigError) as info:
+        config.validate(bad)
+    assert info.value.field == "vip[0].port" and info.value.line is None
+    with pytest.raises(ConfigError) as text_info:
+        parse_config(config.render_config(bad))
+    assert str(text_info.value).partition("vip[0].port: ")[2] == str(info.value).partition("vip[0].port: ")[2] != ""
+
+
+def test_validate_names_a_duplicate_vip_without_a_line() -> None:
+    cfg = parse_config(MINIMAL)
+    with pytest.raises(ConfigError, match=r"^vip\[1\]: duplicate VIP .*: already defined as vip\[0\]\. Fix"):
+        config.validate(dataclasses.replace(cfg, vips=cfg.vips * 2))

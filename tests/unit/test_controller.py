@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from fastlb.cli import main
 from fastlb.config import HealthCheck, parse_config, render_config
 from fastlb.controller import control_socket
-from fastlb.controller.loop import parse_backend_spec
+from fastlb.config.edits import parse_backend_spec
 from fastlb.controller.metrics import StatsCollector, parse_listen
 from fastlb.errors import ConfigError, FastlbError
 
@@ -337,66 +337,3 @@ def test_batch_walk_and_delete_cover_every_entry(bed):
     assert flows.delete(maps, keys[:10] + keys[:10]) == 10  # absent keys are skipped, not fatal
     assert flows.purge_backends(maps, {3}, before_ns=1 << 62) == sum(1 for n in range(10, 1500) if n % 7 == 3)
     assert len(flows.read(maps)) == 1490 - sum(1 for n in range(10, 1500) if n % 7 == 3)
-
-
-
-# ---- what goes in the tables: health, MACs and the all-down policy ----
-
-def _controller(health_keys: str):
-    import io
-
-    from fastlb.controller.loop import Controller
-    cfg = parse_config(VIP + '[vip.health]\nkind = "tcp"\n' + health_keys + BACKENDS)
-    ctl = Controller("eth0", "unused.toml", cfg, out=io.StringIO())
-    ctl.macs = {"198.18.0.11": "02:00:00:00:00:0b", "198.18.0.12": "02:00:00:00:00:0c"}
-    ctl._sync_views({})
-    return ctl, cfg.vips[0]
-
-
-def _set(ctl, vip, **states):
-    for b in vip.backends:
-        ctl.views[(vip.name, b.key)].verdict.state = states[str(b.address).rsplit(".", 1)[1]]
-
-
-def test_a_failed_backend_is_down_and_an_unknown_one_waits():
-    ctl, vip = _controller("")
-    _set(ctl, vip, **{"11": "up", "12": "down"})
-    cfg, down = ctl._plan()
-    assert down == {(vip.name, b"198.18.0.12:80")}
-    _set(ctl, vip, **{"11": "up", "12": "unknown"})
-    assert ctl._plan()[1] == {(vip.name, b"198.18.0.12:80")}
-    del ctl.macs["198.18.0.11"]  # no next-hop MAC: it cannot be in the tables either
-    _set(ctl, vip, **{"11": "up", "12": "up"})
-    assert ctl._plan()[1] == {(vip.name, b"198.18.0.11:80")}
-
-
-def test_without_expire_nodest_conn_a_failed_backend_only_gets_weight_0():
-    ctl, vip = _controller("expire_nodest_conn = false\n")
-    _set(ctl, vip, **{"11": "up", "12": "down"})
-    cfg, down = ctl._plan()
-    assert down == frozenset() and [b.weight for b in cfg.vips[0].backends] == [1, 0]
-
-
-@pytest.mark.parametrize("policy, in_table", [("drop", set()), ("keep", {"198.18.0.12:80"})])
-def test_every_backend_down_drops_or_keeps_the_last_table_and_says_so(policy, in_table):
-    ctl, vip = _controller(f'all_down = "{policy}"\n')
-    _set(ctl, vip, **{"11": "down", "12": "up"})
-    ctl._plan()
-    _set(ctl, vip, **{"11": "down", "12": "down"})
-    _, down = ctl._plan()
-    assert {b.key.decode() for b in vip.backends if (vip.name, b.key) not in down} == in_table
-    log = ctl.out.getvalue()
-    assert log.count("event=vip_no_healthy_backend") == 1 and f"policy={policy}" in log
-    ctl._plan()
-    assert ctl.out.getvalue().count("event=vip_no_healthy_backend") == 1  # logged once, at the transition
-    _set(ctl, vip, **{"11": "up", "12": "down"})
-    assert ctl._plan()[1] == {(vip.name, b"198.18.0.12:80")}
-    assert "event=vip_has_healthy_backend" in ctl.out.getvalue()
-
-
-def test_lrt_scores_round_so_that_equal_latencies_tie_and_slow_ones_lose():
-    from fastlb.controller.loop import LRT_FLOOR_US, lrt_score
-    assert lrt_score(300) == lrt_score(900) == lrt_score(LRT_FLOOR_US) == LRT_FLOOR_US
-    assert lrt_score(3900) == lrt_score(4100)          # within one step: a tie
-    assert lrt_score(55_000) > 5 * lrt_score(3900)     # 50 ms slower still loses every pair
-    assert lrt_score(10**12) == 2**32 - 1              # the kernel's u32

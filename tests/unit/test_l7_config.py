@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastlb.config import parse_config, render_config
+from fastlb.config import parse_config, render_config, validate
 from fastlb.errors import ConfigError
 
 HEAD = '[[vip]]\naddress = "198.19.0.100"\nport = 80\nprotocol = "http"\n'
@@ -37,6 +37,7 @@ address = "2001:db8::22"
         ("api.example.com", "/v1/", "lc"), ("*.example.com", None, "lrt")]
     assert vip.routes[1].backends[0].port == 80          # the VIP's port by default; any family
     assert parse_config(render_config(config)) == config
+    assert validate(config) == config                    # the same rules with no text
 
 
 def test_defaults_of_an_http_vip() -> None:

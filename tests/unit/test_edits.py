@@ -1,0 +1,95 @@
+"""Live config changes (fastlb.config.edits): each a pure Config -> Config, tested alone."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from fastlb.config import edits, parse_config
+from fastlb.errors import FastlbError
+
+TEXT = """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[[vip.backend]]
+address = "198.18.0.11"
+[[vip.backend]]
+address = "198.18.0.12"
+"""
+VIP = "198.19.0.100:80/tcp"
+
+
+@pytest.fixture
+def cfg():
+    return parse_config(TEXT, "lb.toml")
+
+
+def _keys(config, index=0):
+    return [(b.key.decode(), b.weight) for b in config.vips[index].backends]
+
+
+def test_backend_add(cfg):
+    new, msg = edits.backend_add(cfg, VIP, "198.18.0.13", 3, ifname="eth0")
+    assert _keys(new)[-1] == ("198.18.0.13:80", 3) and _keys(cfg) == _keys(new)[:2]
+    assert msg == "added backend 198.18.0.13:80 (weight 3) to 198.19.0.100:80/tcp"
+    assert _keys(edits.backend_add(cfg, VIP, "198.18.0.13:8080", ifname="eth0")[0])[-1] == ("198.18.0.13:8080", 1)
+    with pytest.raises(FastlbError, match="has backend 198.18.0.11 already"):
+        edits.backend_add(cfg, VIP, "198.18.0.11", ifname="eth0")
+    with pytest.raises(FastlbError, match="no VIP 198.19.0.1:80 runs on eth0"):
+        edits.backend_add(cfg, "198.19.0.1:80", "198.18.0.13", ifname="eth0")
+
+
+def test_backend_remove(cfg):
+    new, msg = edits.backend_remove(cfg, VIP, "198.18.0.11", ifname="eth0")
+    assert _keys(new) == [("198.18.0.12:80", 1)]
+    assert msg.startswith("removed backend 198.18.0.11:80 from 198.19.0.100:80/tcp")
+    with pytest.raises(FastlbError, match="is the last backend") as err:
+        edits.backend_remove(new, VIP, "198.18.0.12", ifname="eth0")
+    assert "fastlb vip remove 198.19.0.100:80/tcp" in str(err.value)
+    with pytest.raises(FastlbError, match="has no backend 198.18.0.99"):
+        edits.backend_remove(cfg, VIP, "198.18.0.99", ifname="eth0")
+
+
+@pytest.mark.parametrize("weight", [-1, 65536, "2", True, None])
+def test_backend_weight_refuses_what_is_not_a_u16(cfg, weight):
+    with pytest.raises(FastlbError, match="weight must be an integer from 0 to 65535"):
+        edits.backend_weight(cfg, VIP, "198.18.0.11", weight, ifname="eth0")
+
+
+def test_backend_weight_and_drain(cfg):
+    new, msg = edits.backend_weight(cfg, VIP, "198.18.0.12:80", 7, ifname="eth0")
+    assert _keys(new) == [("198.18.0.11:80", 1), ("198.18.0.12:80", 7)]
+    assert msg == "weight 7 for backend 198.18.0.12:80 of 198.19.0.100:80/tcp"
+    drained, msg = edits.backend_drain(new, VIP, "198.18.0.12", ifname="eth0")
+    assert _keys(drained)[1] == ("198.18.0.12:80", 0) and msg.startswith("drained (weight 0")
+
+
+def test_vip_add(cfg):
+    new, msg = edits.vip_add(cfg, "[2001:db8::1]:53/udp", ["2001:db8::11", "[2001:db8::12]:5353"], "rr",
+                             ifname="eth0")
+    vip = new.vips[1]
+    assert (vip.address, vip.port, vip.protocol, vip.algorithm) == (ipaddress.ip_address("2001:db8::1"), 53, "udp",
+                                                                     "rr")
+    assert [b.port for b in vip.backends] == [53, 5353] and msg.endswith("with 2 backend(s)")
+    with pytest.raises(FastlbError, match="runs already"):
+        edits.vip_add(cfg, VIP, ["198.18.0.11"], ifname="eth0")
+    with pytest.raises(FastlbError, match="at least one backend"):
+        edits.vip_add(cfg, "198.19.0.101:80", [], ifname="eth0")
+    with pytest.raises(FastlbError, match="bad VIP"):
+        edits.vip_add(cfg, "nonsense", ["198.18.0.11"], ifname="eth0")
+
+
+def test_vip_remove(cfg):
+    two, _ = edits.vip_add(cfg, "198.19.0.101:80", ["198.18.0.11"], ifname="eth0")
+    new, msg = edits.vip_remove(two, VIP, ifname="eth0")
+    assert [v.name for v in new.vips] == ["198.19.0.101:80/tcp"] and msg == f"removed VIP {VIP}"
+    with pytest.raises(FastlbError, match="is the last VIP") as err:
+        edits.vip_remove(cfg, VIP, ifname="eth0")
+    assert "fastlb detach eth0" in str(err.value)
+
+
+def test_the_commands_are_the_control_sockets():
+    assert list(edits.COMMANDS) == ["backend.add", "backend.remove", "backend.weight", "backend.drain",
+                                    "vip.add", "vip.remove"]
