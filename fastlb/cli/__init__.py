@@ -60,6 +60,13 @@ def check(config_path):
     config = _load_config(config_path)
     backends = sum(len(v.backends) for v in config.vips)
     click.echo(f"{config_path}: ok ({len(config.vips)} VIPs, {backends} backends)")
+    _warn(config)
+
+
+def _warn(config) -> None:
+    from fastlb.config import warnings
+    for text in warnings(config):
+        click.echo(f"fastlb: warning: {text}", err=True)
 
 
 def _distinct_ifaces(ctx, param, value):
@@ -101,6 +108,7 @@ def attach(iface, more_ifaces, config_path, xdp_mode, keep, metrics_listen):
     """
     from fastlb.controller.loop import Controller
     config = _load_config(config_path)
+    _warn(config)
     # Block the signals before attaching: one that arrives while attaching (or
     # just after the banner) is then taken by the controller's signal thread.
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROLLER_SIGNALS)

@@ -96,7 +96,7 @@ def _settings(t: _Table) -> Settings:
     defaults = Settings()
     values = {name: (t.number if name in _SETTINGS_SECONDS else t.integer)(
                   name, *_SETTINGS_RANGES[name], default=getattr(defaults, name))
-              for name in _SETTINGS_RANGES}
+              for name in _SETTINGS_RANGES if name in t.data or getattr(defaults, name) is not None}
     for name, version in _SETTINGS_NETWORKS.items():
         values[name] = t.network(name, version) if name in t.data else None
     for name, version in _SETTINGS_ADDRESSES.items():
@@ -378,3 +378,14 @@ def _nearest_primes(n: int) -> tuple[int, int]:
     below = next(p for p in range(n - 1, 1, -1) if _is_prime(p))
     above = next(p for p in range(n + 1, 2 * n + 2) if _is_prime(p))
     return below, above
+
+
+def warnings(config: Config) -> list[str]:
+    """What a valid config still does badly, for check and attach to print."""
+    out = []
+    if config.settings.hash_seed == 0:
+        out.append("settings.hash_seed is 0: anyone can compute which backend (and which of its RSS "
+                   "queues) a flow lands on, and aim a flood at one. Fix: set hash_seed to one secret "
+                   "random u32, the same on every box behind the same ECMP route "
+                   "(python3 -c 'import secrets; print(secrets.randbits(32))')")
+    return out

@@ -63,7 +63,21 @@ class Settings:
     sweep_interval: float = 2.0
     # The new-flow guard: new flows per CPU per second that conntrack records; the
     # rest are forwarded by their ring slot, unrecorded (0 turns the guard off).
-    new_flow_rate: int = 125000
+    # None: guard_rate() derives it from conntrack_size.
+    new_flow_rate: int | None = None
+    # ICMP errors fastlb generates (frag-needed / packet-too-big), per CPU: at most
+    # icmp_rate a second in bursts of icmp_burst (RFC 1812 4.3.2.8, RFC 4443 2.4(f)).
+    icmp_rate: int = 1000
+    icmp_burst: int = 50
+
+    def guard_rate(self, possible_cpus: int) -> int:
+        """The guard's rate per CPU: ``new_flow_rate``, or by default
+        conntrack_size new flows per second over the box's possible CPUs, so a
+        flood at the guard fills at most the conntrack map's headroom
+        (conntrack_size entries beside the established flows) in a second."""
+        if self.new_flow_rate is not None:
+            return self.new_flow_rate
+        return -(-self.conntrack_size // possible_cpus)
 
 
 @dataclass(frozen=True)
@@ -173,7 +187,7 @@ class Bgp:
     """The ``[bgp]`` table: announce ``announce = "bgp"`` VIPs through a BGP speaker (fastlb.controller.bgp).
 
     ``router_id`` None leaves the speaker's own; ``bird_include`` None means
-    ``/run/fastlb/bird/<IFACE>.conf``.
+    ``/run/fastlb-bird/<IFACE>.conf`` (bgp.DEFAULT_INCLUDE_DIR).
     """
 
     speaker: str
@@ -253,6 +267,8 @@ _SETTINGS_RANGES = {
     "udp_timeout": (1.0, 86400.0),
     "sweep_interval": (0.1, 3600.0),
     "new_flow_rate": (0, 2**32 - 1),
+    "icmp_rate": (0, 2**32 - 1),
+    "icmp_burst": (1, 2**32 - 1),
 }
 _SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not only integers
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}

@@ -23,7 +23,7 @@ from fastlb import core
 from fastlb.config import l4_view
 from fastlb.dataplane import identity
 from fastlb.errors import FastlbError
-from fastlb.kernel import cdefs, structs
+from fastlb.kernel import bpfsys, cdefs, structs
 from fastlb.kernel.layout import Sizes
 from fastlb.kernel.maps import PinnedMaps
 
@@ -128,7 +128,8 @@ def settings_entry(config, lb_mac: str | None) -> structs.Settings:
     """The settings map's one entry: tunnel source prefixes, ICMP sources, NAT use, the LB's MAC."""
     cfg = config.settings
     entry = structs.Settings(nat_vips=sum(1 for v in config.vips if v.forwarding == "nat"),
-                             new_flow_rate=cfg.new_flow_rate)
+                             new_flow_rate=cfg.guard_rate(bpfsys.possible_cpus()),
+                             icmp_rate=cfg.icmp_rate, icmp_burst=cfg.icmp_burst)
     if cfg.tunnel_source is not None:
         entry.tunnel_src4 = structs.pack_addr(cfg.tunnel_source.network_address)[0]
         entry.tunnel_host4 = structs.pack_addr(cfg.tunnel_source.hostmask)[0]

@@ -8,7 +8,9 @@ run's folder, and drive it through the Announcer as the controller does.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -40,12 +42,11 @@ def test_bird_parses_the_include(tmp_path):
 # ---- a real BIRD ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bird(monkeypatch, tmp_path):
-    """A BIRD in a namespace of its own, its files in the run's folder; our state files in tmp_path."""
+@contextlib.contextmanager
+def bird_box():
+    """A namespace of this run with lo up, and a BIRD (not started) whose files are in the run's folder."""
     if not labbird.available():
         pytest.fail("BIRD is not installed: sudo make setup installs bird2")
-    monkeypatch.setenv("FASTLB_STATE_ROOT", str(tmp_path / "state"))
     runid = netns.new_runid()
     name = netns.ns_name(runid, "bird")
     run_dir = netns.run_dir_of(runid)
@@ -53,14 +54,21 @@ def bird(monkeypatch, tmp_path):
     st.save(exclusive=True)
     try:
         run_dir.mkdir(mode=0o755)
-        (run_dir / "fastlb.d").mkdir()
         netns.create(name)
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        b = labbird.Bird(name, run_dir, "box")
-        b.start(f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{run_dir}/fastlb.d/*.conf";\n')
-        yield b
+        yield labbird.Bird(name, run_dir, "box")
     finally:
         netns.remove_lab(st)
+
+
+@pytest.fixture
+def bird(monkeypatch, tmp_path):
+    """A BIRD in a namespace of its own, its files in the run's folder; our state files in tmp_path."""
+    monkeypatch.setenv("FASTLB_STATE_ROOT", str(tmp_path / "state"))
+    with bird_box() as b:
+        (b.run_dir / "fastlb.d").mkdir()
+        b.start(f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{b.run_dir}/fastlb.d/*.conf";\n')
+        yield b
 
 
 def config_for(b: labbird.Bird, extra: str = ""):
@@ -176,3 +184,44 @@ def test_an_include_that_cannot_be_written_is_retried(bird):
     ann.retry()
     assert not ann.pending and log.events("bgp_speaker_ok")
     assert routes_in(bird) == {"198.19.0.100/32", "198.19.0.101/32", "2001:db8:ffff::100/128"}
+
+
+# ---- after a reboot: the include folder --------------------------------------------------------
+
+TMPFILES = Path(__file__).resolve().parents[2] / "systemd" / "fastlb.tmpfiles"
+
+
+def test_one_default_include_path_everywhere():
+    """The tmpfiles rule, bgp.py's default and every text that names the default agree."""
+    top = TMPFILES.parent.parent
+    rules = [ln.split() for ln in TMPFILES.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert [r[:2] for r in rules] == [["d", bgp.DEFAULT_INCLUDE_DIR]]
+    for doc in ("docs/CONFIG.md", "docs/SCALEOUT.md", "fastlb/config/__init__.py", "fastlb/controller/bgp.py"):
+        text = (top / doc).read_text()
+        assert "/run/fastlb/bird" not in text, doc
+        assert bgp.DEFAULT_INCLUDE_DIR in text, doc
+    assert "fastlb.tmpfiles" in (top / "scripts" / "setup.sh").read_text()
+
+
+@pytest.mark.root
+def test_bird_needs_the_include_folder_and_the_shipped_tmpfiles_rule_makes_it():
+    """BIRD 2 refuses to start when the folder of its include pattern is missing, as
+    it is after a reboot (/run is empty); the tmpfiles.d rule fastlb ships, applied
+    as systemd-tmpfiles does at boot (here under --root), creates what it needs."""
+    with bird_box() as b:
+        root = b.run_dir / "root"        # the booted box's file system, as tmpfiles sees it
+        config = f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{root}{bgp.DEFAULT_INCLUDE_DIR}/*.conf";\n'
+        b.conf.write_text(config)
+        # The daemon itself, not only bird -p: it exits at once, naming the pattern.
+        res = subprocess.run(netns.exec_argv(b.ns, ["bird", "-f", "-c", str(b.conf), "-s", str(b.socket)]),
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode != 0 and "Unable to match pattern" in res.stderr + res.stdout
+        with pytest.raises(netns.LabError, match="pattern"):  # bird -p, as Debian's bird.service runs first
+            b.start(config)
+        res = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(TMPFILES)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        folder = root / bgp.DEFAULT_INCLUDE_DIR.lstrip("/")
+        assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o755 and not any(folder.iterdir())
+        b.start(config)                  # an empty folder: BIRD starts and answers
+        assert b.proc.poll() is None

@@ -96,3 +96,18 @@ def test_explain_rejects_a_source_of_the_other_family(tmp_path):
     res = CliRunner().invoke(main, ["explain", "-c", write(tmp_path), "--vip", "198.19.0.100:80/tcp",
                                     "--src", "[2001:db8::1]:40000"])
     assert res.exit_code == 2 and "family" in res.output
+
+
+def test_check_warns_when_hash_seed_is_0_and_not_when_set(tmp_path):
+    """With seed 0 anyone can compute where a flow lands and aim a flood at one
+    backend (issue 13 item 16): check and attach say so, and how to fix it."""
+    res = CliRunner().invoke(main, ["check", "-c", write(tmp_path)])
+    assert res.exit_code == 0
+    assert "warning" in res.stderr and "hash_seed" in res.stderr and "secret" in res.stderr
+    res = CliRunner().invoke(main, ["check", "-c", write(tmp_path, "[settings]\nhash_seed = 3141592653\n" + CONFIG)])
+    assert res.exit_code == 0 and "hash_seed" not in res.stderr
+
+
+def test_decap_attach_names_a_bad_from_prefix(tmp_path):
+    res = CliRunner().invoke(main, ["decap", "attach", "eth0", "--vip", "198.19.0.100", "--from", "198.18.200.1/24"])
+    assert res.exit_code != 0 and "--from" in res.output and "198.18.200.1/24" in res.output

@@ -931,7 +931,9 @@ def test_key_lines_handles_crlf() -> None:
 def test_settings_defaults_match_the_documented_ranges() -> None:
     defaults = Settings()
     for name, (low, high) in config._SETTINGS_RANGES.items():
-        assert low <= getattr(defaults, name) <= high
+        value = getattr(defaults, name)
+        assert value is None and name == "new_flow_rate" or low <= value <= high  # None: derived
+    assert 1 <= defaults.guard_rate(96) <= config._SETTINGS_RANGES["new_flow_rate"][1]
     assert {f.name for f in dataclasses.fields(Settings)} == set(config._SETTINGS_KEYS)
     assert config._is_prime(defaults.ring_size) and config._is_prime(config._SETTINGS_RANGES["ring_size"][1])
 
