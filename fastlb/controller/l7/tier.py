@@ -37,9 +37,13 @@ def l7_vips(config: Config) -> list[Vip]:
 
 
 def _shape(config: Config) -> str:
-    """The rendered config without servers: equal shapes differ only in backends and weights."""
+    """The rendered config without servers: equal shapes differ only in backends and weights.
+
+    Line numbers are left out too: a Config changed live and validated without
+    text has none, and the same VIPs must still compare equal."""
     bare = dataclasses.replace(config, path=None, vips=tuple(
-        dataclasses.replace(v, backends=(), routes=tuple(dataclasses.replace(r, backends=()) for r in v.routes))
+        dataclasses.replace(v, line=0, backends=(),
+                            routes=tuple(dataclasses.replace(r, line=0, backends=()) for r in v.routes))
         for v in config.vips))
     return render.render(bare, render.Paths("/")).text
 
