@@ -158,3 +158,10 @@ def test_the_bpf_sources_are_package_data():
     patterns = setuptools["package-data"]["fastlb"]
     assert all(any(fnmatch.fnmatch(s, p) for p in patterns) for s in sources), (sources, patterns)
     assert cdefs.bpf_dir() == (REPO / "bpf").resolve() or os.environ.get(cdefs.ENV_BPF_DIR)
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by basename (the test folders are not packages):
+    two files of one name in different folders stop the whole run at collection."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
