@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import tomllib
 from typing import Any
 
@@ -242,7 +244,28 @@ def _health(t: _Table, base: HealthCheck, allowed: tuple[str, ...]) -> HealthChe
         if key in t.data and kind != only:
             raise t.error((key,), f"'{key}' is only read by {only} checks, and this check is kind '{kind}'",
                           fix=f'remove it, or set kind = "{only}"')
-    return HealthCheck(path=path, payload=payload, **values)
+    command = t.get("command", str, base.command if kind == "exec" else "")
+    if kind == "exec":
+        _exec_command(t, command)
+    if kind == "agent" and not values["port"]:
+        raise t.error(("port",), "an agent check needs the agent's port",
+                      fix="add port = N, the TCP port the backend's agent listens on")
+    return HealthCheck(path=path, payload=payload, command=command, **values)
+
+
+def _exec_command(t: _Table, command: str) -> None:
+    """An exec check's command must split into words and name a program that exists and runs."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise t.error(("command",), f"command {_show(command)} does not split into words: {exc}",
+                      fix="balance the quotes, e.g. command = \"/usr/local/bin/replica-lag-check --max 5\"") from None
+    if not argv:
+        raise t.error(("command",), "an exec check needs a command",
+                      fix='add command = "/usr/local/bin/replica-lag-check" (exit 0 = up)')
+    if shutil.which(argv[0]) is None:
+        raise t.error(("command",), f"{argv[0]} is not an executable file here (nor on PATH)",
+                      fix="give the full path of an existing program, and make it executable (chmod +x)")
 
 
 def _backend(t: _Table, vip_address: IPAddress, vip_port: int, forwarding: str,
@@ -297,7 +320,7 @@ def _l7_vip(t: _Table, address: IPAddress, port: int, protocol: str) -> Vip:
     announce = t.choice("announce", ANNOUNCE, "none")
     health_table = t.table("health")
     health = _health(health_table, HealthCheck(), _VIP_HEALTH_KEYS)
-    if health.kind == "udp":
+    if health.kind in ("udp", "exec", "agent"):
         raise health_table.error(("kind",), "an http VIP's backends are checked by HAProxy over TCP or HTTP",
                                  fix='use kind = "http" or "tcp"')
     for key in ("all_down", "expire_nodest_conn"):

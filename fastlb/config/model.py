@@ -21,7 +21,7 @@ FORWARDING = ("dsr", "tunnel", "nat")
 HASHES = ("5tuple", "src")
 L7_HASHES = ("src", "uri")         # http maglev's key, besides "header:NAME"
 CLIENT_IP = ("xff", "proxy", "none")
-HEALTH_KINDS = ("none", "tcp", "http", "udp")
+HEALTH_KINDS = ("none", "tcp", "http", "udp", "exec", "agent")
 ALL_DOWN = ("drop", "keep")
 
 # What this build can run. Other values are known but rejected as "not built yet".
@@ -84,6 +84,7 @@ class HealthCheck:
     path: str = "/"
     expect: int = 200
     payload: str = "fastlb health check\n"
+    command: str = ""
 
 
 @dataclass(frozen=True)
@@ -264,11 +265,11 @@ _VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "
 _L7_ONLY = ("certificate", "client_ip", "route")  # keys only http/https VIPs read
 _ROUTE_KEYS = ("host", "path_prefix", "algorithm", "backend")
 _BACKEND_KEYS = ("address", "weight", "port", "health")
-_HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "port", "path", "expect", "payload")
+_HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "port", "path", "expect", "payload", "command")
 _VIP_HEALTH_KEYS = _HEALTH_KEYS + ("all_down", "expire_nodest_conn")
 _HEALTH_RANGES = {"interval": (0.05, 3600.0), "timeout": (0.01, 60.0), "rise": (1, 100), "fall": (1, 100),
                   "port": (1, 65535), "expect": (100, 599)}
-_KIND_ONLY = {"path": "http", "expect": "http", "payload": "udp"}  # keys that only one kind reads
+_KIND_ONLY = {"path": "http", "expect": "http", "payload": "udp", "command": "exec"}  # keys that only one kind reads
 MAX_PAYLOAD = 1400
 _BGP_KEYS = ("speaker", "local_as", "router_id", "hold_time", "bfd", "bfd_interval", "bfd_multiplier",
              "detach_delay", "bird_socket", "bird_include", "peer")

@@ -61,10 +61,11 @@ COMMAND_TIMEOUT = 60.0
 class View:
     """What the controller knows of one backend of one VIP."""
 
-    __slots__ = ("verdict", "ewma", "passed", "failed", "rtt_written")
+    __slots__ = ("verdict", "ewma", "passed", "failed", "rtt_written", "asked")
 
     def __init__(self, st: str):
         self.verdict = health.Verdict(st)
+        self.asked: tuple[int | None, int | None] = (None, None)  # exec's weight, agent's percent
         self.ewma = PeakEwma()
         self.passed = 0
         self.failed = 0
@@ -259,6 +260,8 @@ class Controller:
                 view = View(st)
             elif vip.check_of(b).kind == "none":
                 view.verdict.state = health.UP
+            if vip.check_of(b).kind not in ("exec", "agent"):
+                view.asked = (None, None)   # only these kinds ask for a weight
             wanted[key] = view
         self.views = wanted
 
@@ -270,10 +273,20 @@ class Controller:
                 out[key] = health.Target(key, str(b.address), check.port or b.port, check)
         return out
 
+    def _weights(self) -> dict[planner.Key, int]:
+        """Each backend's weight as its check asks (exec's ``weight N``, the agent's share)."""
+        out = {}
+        for vip in self.config.vips:
+            for b in vip.backends:
+                view = self.views.get((vip.name, b.key))
+                if view is not None and view.asked != (None, None):
+                    out[(vip.name, b.key)] = planner.asked_weight(b.weight, view.asked)
+        return out
+
     def _plan(self) -> planner.Plan:
         """Ask the planner once, remember what it remembers, log its transitions."""
         plan = planner.plan(self.config, {k: v.verdict.state for k, v in self.views.items()}, self.macs,
-                            self.memory)
+                            self.memory, self._weights())
         self.memory = plan.memory
         for event, fields in plan.transitions:
             self.log(event, **fields)
@@ -367,12 +380,19 @@ class Controller:
         else:
             view.failed += 1
         check = vip.check_of(backend)
+        reweighted = False
+        if result.ok and (result.weight, result.percent) != view.asked:
+            self.log("backend_weight_asked", vip=vip.name, backend=backend.key.decode(), check=check.kind,
+                     weight="-" if result.weight is None else result.weight,
+                     percent="-" if result.percent is None else result.percent, detail=result.detail)
+            view.asked = (result.weight, result.percent)
+            reweighted = True
         was = view.verdict.state
         new = view.verdict.feed(result, check.rise, check.fall)
         if new is None:
-            if self.maps is not None:
+            if self.maps is not None and not reweighted:
                 self._write_rtt(result.key)
-            return False
+            return reweighted
         in_a_row = view.verdict.successes if new == health.UP else view.verdict.failures
         self.log(f"backend_{new}", vip=vip.name, backend=backend.key.decode(), was=was,
                  checks_in_a_row=in_a_row, check=check.kind, detail=result.detail)
@@ -606,6 +626,8 @@ class Controller:
             last = view.verdict.last
             out[key] = {"health": view.verdict.state, "check": vip.check_of(b).kind,
                         "configured_weight": b.weight, "drained": b.weight == 0,
+                        "weight_asked": planner.asked_weight(b.weight, view.asked) if any(
+                            x is not None for x in view.asked) else None,
                         "latency_ms": round(last.latency_s * 1000, 3) if last and last.ok and
                         last.latency_s is not None else None,
                         "last_check_s_ago": round(now - last.at, 3) if last else None,

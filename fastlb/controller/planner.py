@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from fastlb.config import Config, Vip, l4_view
-from fastlb.controller.health import UP
+from fastlb.controller.health import MAX_WEIGHT, UP
 
 NO_MAC = "00:00:00:00:00:00"
 LRT_FLOOR_US = 2000         # lrt: scores below this are equal (probe noise on a LAN) ...
@@ -58,6 +58,18 @@ class Plan:
         return sum(1 for b in vip.backends if (vip.name, b.key) not in self.down and b.weight > 0)
 
 
+def asked_weight(weight: int, asked: tuple[int | None, int | None]) -> int:
+    """A backend's weight as its check asks: exec's ``weight N``, else the agent's
+    percent of the configured ``weight``, else ``weight``. A share that rounds to 0
+    keeps weight 1: only drain (0 %) is 0."""
+    fixed, percent = asked
+    if fixed is not None:
+        return fixed
+    if percent is not None and weight:
+        return min(MAX_WEIGHT, max(1, (weight * percent + 50) // 100)) if percent else 0
+    return weight
+
+
 def _live(vip: Vip, states: Mapping[Key, str], macs: Mapping[str, str], memory: Memory,
           kept: dict, empty: set, log: list) -> set[bytes]:
     """Keys of the VIP's backends that belong in its table (health, MAC, all_down policy)."""
@@ -78,8 +90,12 @@ def _live(vip: Vip, states: Mapping[Key, str], macs: Mapping[str, str], memory: 
     return set()
 
 
-def plan(config: Config, states: Mapping[Key, str], macs: Mapping[str, str], memory: Memory = Memory()) -> Plan:
+def plan(config: Config, states: Mapping[Key, str], macs: Mapping[str, str], memory: Memory = Memory(),
+         weights: Mapping[Key, int] | None = None) -> Plan:
     """The tables ``config`` asks for, given each backend's health state and its next hop's MAC.
+
+    ``weights`` overrides a backend's configured weight (what its exec or
+    agent check asks, a slow start's step); backends not in it keep theirs.
 
     A backend is in its VIP's table when it is up and its MAC is known. One
     that is not keeps its slot without the valid flag when the VIP expires
@@ -98,6 +114,9 @@ def plan(config: Config, states: Mapping[Key, str], macs: Mapping[str, str], mem
         live = _live(vip, states, macs, memory, kept, empty, log)
         backends = []
         for b in vip.backends:
+            weight = weights.get((vip.name, b.key), b.weight) if weights else b.weight
+            if weight != b.weight:
+                b = dataclasses.replace(b, weight=weight)
             if b.key not in live:
                 if vip.expire_nodest_conn:
                     down.add((vip.name, b.key))

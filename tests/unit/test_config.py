@@ -577,6 +577,54 @@ local_as = 65001
 address = "198.18.1.254"
 as = 65000
 """, "vip[0].announce", 4, "no [[bgp.peer]] is IPv6"),
+    ("an exec check without a command", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "exec"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.command", 4, "an exec check needs a command"),
+    ("an exec check whose program does not exist", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "exec"
+command = "/nonexistent/replica-lag-check --max 5"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.command", 6, "/nonexistent/replica-lag-check is not an executable file"),
+    ("an exec command with unbalanced quotes", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "exec"
+command = "/bin/true 'x"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.command", 6, "does not split into words"),
+    ("command on a tcp check", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "tcp"
+command = "/bin/true"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.command", 6, "'command' is only read by exec checks"),
+    ("an agent check without the agent's port", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "agent"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.port", 4, "an agent check needs the agent's port"),
     ("a multi-line string does not fool the line locator", """
 [[vip]]
 address = "198.19.0.100"
