@@ -7,6 +7,7 @@ built in code), fastlb.config.render writes them back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ class Backend:
     line: int = field(default=0, compare=False)
     health: HealthCheck | None = None   # None: the VIP's check
 
-    @property
+    @functools.cached_property     # computed once: the controller asks for it for every health result
     def key(self) -> bytes:
         """The backend's Maglev identity: ``b"198.18.0.11:80"``, ``b"[2001:db8::11]:80"``."""
         return hostport(self.address, self.port).encode("ascii")
@@ -155,7 +156,7 @@ class Vip:
     def proto_number(self) -> int:
         return PROTOCOLS[self.protocol]
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """``198.19.0.100:80/tcp`` or ``[2001:db8::1]:80/udp``; ``parse_vip_spec`` reads it back."""
         return vip_name(self.address, self.port, self.protocol)

@@ -54,6 +54,7 @@ from fastlb.kernel.layout import Sizes
 from fastlb.kernel.maps import PinnedMaps
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+PUBLISH_EVERY = 0.5     # seconds: how stale the health counters that stats and metrics read may get
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 COMMAND_TIMEOUT = 60.0
 
@@ -115,6 +116,8 @@ class Controller:
         self.metrics = None
         self.watcher: neighbour_watch.Watcher | None = None
         self.public: dict = {}
+        self.published = 0.0                            # time.monotonic() of the last _publish
+        self._members: tuple[Config | None, dict] = (None, {})
         self.conntrack_entries: int | None = None
         self.reloads = {"ok": 0, "failed": 0}
         self.udp_expired = 0
@@ -151,7 +154,7 @@ class Controller:
             if adopting:
                 self._macs_from_maps(pin_dir)
             self._require_macs_for_unchecked()
-            self.prober = health.Prober(self._on_result)
+            self.prober = health.Prober(self._on_results)
             self._first_probes()
             self.announcer = bgp.Announcer(self.ifname, self.log)
             self._l7_apply(self.config, reload=True)   # HAProxy listens before XDP passes it packets
@@ -244,6 +247,12 @@ class Controller:
             self._on_result_main(result)
 
     # ---- views, targets and the effective config ------------------------------
+
+    def _member(self, key: Key) -> tuple[Vip | None, object]:
+        """(VIP, backend) of a view's key, from an index of the running config (one lookup a result)."""
+        if self._members[0] is not self.config:
+            self._members = (self.config, {k: (vip, b) for vip, b, k in self._backends()})
+        return self._members[1].get(key, (None, None))
 
     def _backends(self):
         for vip in l4_view(self.config).vips:
@@ -342,7 +351,7 @@ class Controller:
 
     def _write_rtt(self, key: Key, force: bool = False) -> None:
         """lrt VIPs: write the backend's peak-EWMA score when it moved enough."""
-        vip = self.config.find_vip(key[0])
+        vip = self._member(key)[0]
         be_id = self.slots.get(key)
         view = self.views.get(key)
         if vip is None or vip.algorithm != "lrt" or be_id is None or view is None or not view.ewma.has_sample:
@@ -361,18 +370,15 @@ class Controller:
 
     # ---- events ------------------------------------------------------------------
 
-    def _on_result(self, result: health.Result) -> None:
-        self.events.put(("result", result))
+    def _on_results(self, results: list[health.Result]) -> None:
+        self.events.put(("results", results))
 
     def _on_result_main(self, result: health.Result) -> bool:
         """Count a probe result; True when the backend's state changed."""
         view = self.views.get(result.key)
-        if view is None:
+        vip, backend = self._member(result.key)
+        if view is None or backend is None:
             return False  # a result for a backend that has since gone
-        vip = self.config.find_vip(result.key[0])
-        backend = next((b for b in vip.backends if b.key == result.key[1]), None) if vip else None
-        if backend is None:
-            return False
         if result.ok:
             view.passed += 1
             if result.latency_s is not None:
@@ -432,16 +438,18 @@ class Controller:
                         return
                     self._reload()  # applied, or logged and ignored
                     sweep_every = self.config.settings.sweep_interval
-                elif kind == "result":
-                    dirty = self._on_result_main(event[1]) or dirty
+                elif kind == "results":
+                    for result in event[1]:
+                        dirty = self._on_result_main(result) or dirty
                 elif kind == "neigh":
                     dirty = self._on_neigh(event[1], event[2]) or dirty
                 elif kind == "call":
                     self._run_call(event[1])
             if dirty:
                 self._rebuild()
-            elif batch:
-                self._publish()
+            elif batch and (time.monotonic() - self.published >= PUBLISH_EVERY
+                            or any(event[0] != "results" for event in batch)):
+                self._publish()   # results alone: at most every PUBLISH_EVERY (1,000 backends send 1,000 a second)
             if time.monotonic() >= next_sweep:
                 self._sweep()
                 if self.announcer is not None:
@@ -634,6 +642,7 @@ class Controller:
                         "last_detail": last.detail if last else None,
                         "checks_passed": view.passed, "checks_failed": view.failed}
         self.public = out
+        self.published = now
 
     def stats(self, count_flows: bool = True) -> dict:
         data = stats.collect(self.maps, self.public, count_flows=count_flows)

@@ -141,7 +141,7 @@ def test_udp_wants_a_reply_and_an_unreachable_port_fails_at_once():
 def test_the_prober_probes_every_interval_and_stops_probing_a_removed_target(http_server):
     port = http_server()
     seen: list[Result] = []
-    prober = Prober(seen.append)
+    prober = Prober(seen.extend)
     prober.start()
     fast = HealthCheck(kind="tcp", interval=0.05, timeout=0.05)
     a, b = ("v", b"a"), ("v", b"b")
@@ -204,7 +204,7 @@ def test_exec_a_hanging_command_is_killed_with_its_children_at_the_timeout(tmp_p
 def test_a_hanging_exec_check_does_not_slow_the_other_checks(tmp_path, http_server):
     port = http_server()
     seen: list[Result] = []
-    prober = Prober(seen.append)
+    prober = Prober(seen.extend)
     prober.start()
     fast = HealthCheck(kind="tcp", interval=0.1, timeout=0.1)
     hang = HealthCheck(kind="exec", interval=0.1, timeout=0.1, command=script(tmp_path, "sleep 60\n"))
