@@ -9,6 +9,9 @@
 #define FASTLB_CONSTS_H
 
 /* ---- Sizes (the loader passes -D values taken from the config) ---- */
+#ifndef FASTLB_MAX_VIP_PORTS
+#define FASTLB_MAX_VIP_PORTS 1024   /* vips map room for the ports of multi-port VIPs */
+#endif
 #ifndef FASTLB_MAX_VIPS
 #define FASTLB_MAX_VIPS 16          /* VIP slots: ring and stats arrays are this many deep */
 #endif

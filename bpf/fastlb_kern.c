@@ -414,12 +414,19 @@ static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int d
 	return 0;
 }
 
+/* The port a NAT flow goes to on its backend: the backend's, or the one the
+ * client used when it is 0 (the backends of a multi-port VIP). */
+static __always_inline __u16 fl_backend_port(const struct backend *be, const struct flow_key *flow)
+{
+	return be->port ? be->port : flow->dport;
+}
+
 /* The reverse entry of a NAT flow: the backend's reply 5-tuple. */
 static __always_inline void nat_rev_key(struct flow_key *rkey, struct flow_key *flow, struct backend *be)
 {
 	__builtin_memcpy(rkey->src, be->addr, sizeof(rkey->src));
 	__builtin_memcpy(rkey->dst, flow->src, sizeof(rkey->dst));
-	rkey->sport = be->port;
+	rkey->sport = fl_backend_port(be, flow);
 	rkey->dport = flow->sport;
 	rkey->proto = flow->proto;
 	rkey->family = flow->family;
@@ -444,7 +451,7 @@ static __always_inline __u32 nat_out(struct ethhdr *eth, void *data_end, struct 
 		rev.vip_id = vip_id;
 		nat_rev.update(&rkey, &rev);
 	}
-	if (nat_rewrite(pkt, data_end, 1, be->addr, be->port))
+	if (nat_rewrite(pkt, data_end, 1, be->addr, fl_backend_port(be, &pkt->flow)))
 		return FL_DROP_L4_MALFORMED;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, be->mac, lb_mac);

@@ -29,8 +29,10 @@
 	struct name##_table_t name = { .max_entries = (entries) }
 
 /* VIPs -> vip id; VIP addresses (port 0, proto 0) -> FL_VIP_ID_ADDR_ONLY.
- * Written by the loader. Read for packets with no conntrack entry. */
-FL_MAP("hash", struct vip_key, __u32, vips, FASTLB_MAX_VIPS * 2, 0);
+ * A multi-port VIP has one key per port, all with its vip id (one O(1)
+ * lookup per packet, no range walk). Written by the loader. Read for
+ * packets with no conntrack entry. */
+FL_MAP("hash", struct vip_key, __u32, vips, FASTLB_MAX_VIPS * 2 + FASTLB_MAX_VIP_PORTS, 0);
 
 /* vip id -> per-VIP settings. Written by the loader. */
 FL_MAP("array", __u32, struct vip_meta, vip_table, FASTLB_MAX_VIPS, 0);

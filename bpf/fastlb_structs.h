@@ -50,7 +50,7 @@ struct backend {
 	__u8 mac[6];                /* next hop: the backend itself under DSR */
 	__u8 family;
 	__u8 flags;                 /* enum fl_backend_flags */
-	__u16 port;                 /* network byte order */
+	__u16 port;                 /* network byte order; 0: the client's (multi-port NAT VIPs) */
 	__u16 weight;
 	__u32 vip_id;               /* the VIP this backend serves */
 	__u32 rtt_us;               /* lrt: response-time score in microseconds */

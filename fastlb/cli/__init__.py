@@ -190,6 +190,9 @@ def explain(vip_spec, src, host, req_path, config_path, no_live, as_json):
         return
     if src is None:
         raise click.BadParameter("a tcp/udp VIP needs the client's ADDR:PORT", param_hint="--src")
+    if vip.multi_port:   # the flow's own port goes into its hash
+        from fastlb.config import parse_vip_spec
+        vip = dataclasses.replace(vip, port=parse_vip_spec(vip_spec)[1])
     active = rtt = None
     source = "no attachment serves this VIP here: counts taken as 0"
     if vip.algorithm in ("lc", "lrt") and not no_live:

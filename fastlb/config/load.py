@@ -74,8 +74,9 @@ def _config(root: _Table) -> Config:
         raise root.error(("vip",), "no VIPs defined",
                          fix="add a [[vip]] with an address, a port and at least one [[vip.backend]]")
     vips: list[Vip] = []
-    seen: dict[tuple[IPAddress, int, int], _Table] = {}
+    seen: dict[tuple[IPAddress, int, int], tuple[Vip, _Table]] = {}
     backend_count = 0
+    vip_ports = 0
     for index, table in enumerate(vip_tables):
         if index >= settings.max_vips:
             raise table.error((), f"VIP number {index + 1} is over settings.max_vips = {settings.max_vips}",
@@ -83,10 +84,24 @@ def _config(root: _Table) -> Config:
         vip = _vip(table, settings, backend_count)
         if vip.announce == "bgp":
             _check_bgp_vip(table, vip, bgp)
-        first = seen.setdefault((vip.address, vip.port, vip.proto_number), table)
-        if first is not table:
-            raise table.error((), f"duplicate VIP {vip.name}: already defined as {first.where()}",
-                              fix="remove one of them or change its address, port or protocol")
+        for port in vip.listens():
+            other, first = seen.setdefault((vip.address, port, vip.proto_number), (vip, table))
+            if first is table:
+                continue
+            if not vip.multi_port and not other.multi_port:
+                raise table.error((), f"duplicate VIP {vip.name}: already defined as {first.where()}",
+                                  fix="remove one of them or change its address, port or protocol")
+            raise table.error(("ports" if vip.multi_port else "port",),
+                              f"port {port} of VIP {vip.name} is also a port of VIP {other.name} "
+                              f"({first.where()})", fix="a port of an address and protocol belongs to one VIP: "
+                                                        "take it out of one of them")
+        if vip.multi_port:
+            vip_ports += len(vip.listens())
+            if vip_ports > settings.max_vip_ports:
+                raise table.error(("ports",), f"the multi-port VIPs list {vip_ports} ports, over "
+                                              f"settings.max_vip_ports = {settings.max_vip_ports}",
+                                  fix=f"raise settings.max_vip_ports to at least {vip_ports} (each port is one "
+                                      "entry of the vips map)")
         backend_count += len(vip.backends)
         vips.append(vip)
     return Config(settings=settings, vips=tuple(vips), path=path, bgp=bgp)
@@ -162,9 +177,19 @@ def _check_bgp_vip(t: _Table, vip: Vip, bgp: Bgp | None) -> None:
 def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
     t.check_keys(_VIP_KEYS)
     address = t.address("address", "VIP", loopback_ok=True)
-    port = t.integer("port", 1, 65535)
+    if "ports" in t.data:
+        if "port" in t.data:
+            raise t.error(("ports",), "a VIP has port or ports, not both",
+                          fix="remove port, or remove ports and keep the single port")
+        ports = _port_ranges(t)
+        port = ports[0][0]
+    else:
+        ports, port = (), t.integer("port", 1, 65535)
     protocol = t.choice("protocol", tuple(PROTOCOLS), "tcp")
     if protocol in L7_PROTOCOLS:
+        if ports:
+            raise t.error(("ports",), f"'ports' is for tcp and udp VIPs, and this VIP is {protocol}",
+                          fix="use one port; an http VIP listens on one port")
         return _l7_vip(t, address, port, protocol)
     for key in _L7_ONLY:
         if key in t.data:
@@ -200,6 +225,9 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
             raise table.error((), f"backend number {index + 1} does not fit in settings.ring_size = "
                                   f"{settings.ring_size}: Maglev needs at least one ring slot per backend",
                               fix="raise settings.ring_size to a prime at least 100 times the number of backends")
+        if ports and "port" in table.data:
+            raise table.error(("port",), "a backend of a multi-port VIP takes the port each client used",
+                              fix="remove the backend's port (port remapping is for single-port VIPs)")
         backend = _backend(table, address, port, forwarding, health)
         if forwarding == "tunnel" and backend.address.version == 4 and address.version == 6:
             raise table.error(("address",), "IPv4 backend on an IPv6 tunnel VIP: fastlb tunnels IPv4 in IPv4 "
@@ -215,7 +243,34 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
         backends.append(backend)
     return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding=forwarding,
                hash=hash_, backends=tuple(backends), line=t.line, announce=announce, health=health,
-               all_down=all_down, expire_nodest_conn=expire)
+               all_down=all_down, expire_nodest_conn=expire, ports=ports)
+
+
+def _range(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _port_ranges(t: _Table) -> tuple[tuple[int, int], ...]:
+    """``ports = [21, "30000-30100"]`` -> ((21, 21), (30000, 30100)), sorted; overlaps are errors."""
+    items = t.get("ports", list)
+    if not items:
+        raise t.error(("ports",), "ports is empty", fix='list ports or ranges, e.g. ports = [21, "30000-30100"]')
+    ranges = []
+    for item in items:
+        text = str(item) if isinstance(item, (int, str)) and not isinstance(item, bool) else None
+        match = re.fullmatch(r"\s*([0-9]{1,5})\s*(?:-\s*([0-9]{1,5})\s*)?", text) if text is not None else None
+        lo, hi = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
+        if match is None or isinstance(item, int) and match.group(2) or not 1 <= lo <= hi <= 65535:
+            raise t.error(("ports",), f"bad port or range {_show(item)}",
+                          fix='write a port (21) or a range "LOW-HIGH" with 1 <= LOW <= HIGH <= 65535, '
+                              'e.g. "30000-30100"')
+        ranges.append((lo, hi))
+    ranges.sort()
+    for (lo1, hi1), (lo2, hi2) in zip(ranges, ranges[1:]):
+        if lo2 <= hi1:
+            raise t.error(("ports",), f"ports {_range(lo1, hi1)} and {_range(lo2, hi2)} overlap",
+                          fix="list each port once")
+    return tuple(ranges)
 
 
 def _health(t: _Table, base: HealthCheck, allowed: tuple[str, ...]) -> HealthCheck:

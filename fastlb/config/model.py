@@ -66,6 +66,8 @@ class Settings:
     # The new-flow guard: new flows per CPU per second that conntrack records; the
     # rest are forwarded by their ring slot, unrecorded (0 turns the guard off).
     new_flow_rate: int = 125000
+    # Multi-port VIPs: room in the vips map for the ports of their `ports` lists.
+    max_vip_ports: int = 1024
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,23 @@ class Vip:
     certificate: str | None = None
     client_ip: str = "xff"
     routes: tuple[Route, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()   # `ports`: its ranges, lowest first; () for a `port` VIP
 
     @property
     def is_l7(self) -> bool:
         """Served by the HAProxy tier: XDP passes its packets to the local stack."""
         return self.protocol in L7_PROTOCOLS
+
+    @property
+    def multi_port(self) -> bool:
+        return bool(self.ports)
+
+    def listens(self) -> list[int]:
+        """Every port the VIP serves: ``port``, or each port of its ``ports`` ranges."""
+        return [p for lo, hi in self.ports for p in range(lo, hi + 1)] if self.ports else [self.port]
+
+    def serves(self, port: int) -> bool:
+        return any(lo <= port <= hi for lo, hi in self.ports) if self.ports else port == self.port
 
     def check_of(self, backend: Backend) -> HealthCheck:
         """The health check that applies to ``backend``: its own, else the VIP's."""
@@ -203,8 +217,8 @@ class Config:
         """The VIP named by ``ADDR:PORT[/PROTO]``, or None. A malformed spec raises ValueError."""
         address, port, protocol = parse_vip_spec(spec)
         for vip in self.vips:
-            if (vip.address, vip.port, vip.protocol) == (address, port, protocol):
-                return vip
+            if (vip.address, vip.protocol) == (address, protocol) and vip.serves(port):
+                return vip   # a multi-port VIP answers to any of its ports
         return None
 
 
@@ -256,13 +270,14 @@ _SETTINGS_RANGES = {
     "udp_timeout": (1.0, 86400.0),
     "sweep_interval": (0.1, 3600.0),
     "new_flow_rate": (0, 2**32 - 1),
+    "max_vip_ports": (0, 1_048_576),
 }
 _SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not only integers
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}
 _SETTINGS_ADDRESSES = {"icmp_source": 4, "icmp_source6": 6}
 _SETTINGS_KEYS = (*_SETTINGS_RANGES, *_SETTINGS_NETWORKS, *_SETTINGS_ADDRESSES)
-_VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "announce", "health", "backend",
-             "certificate", "client_ip", "route")
+_VIP_KEYS = ("address", "port", "ports", "protocol", "algorithm", "forwarding", "hash", "announce", "health",
+             "backend", "certificate", "client_ip", "route")
 _L7_ONLY = ("certificate", "client_ip", "route")  # keys only http/https VIPs read
 _ROUTE_KEYS = ("host", "path_prefix", "algorithm", "backend")
 _BACKEND_KEYS = ("address", "weight", "port", "health")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastlb.controller import state
+from fastlb.dataplane import flows
 from fastlb.dataplane.tables import apply
 from fastlb.errors import FastlbError, PrivilegeError
 from fastlb.kernel import cdefs, neighbours, pins, structs, xdp
@@ -127,10 +128,7 @@ def _read_vips(maps: PinnedMaps) -> list[dict]:
     vips = []
     names = {v: k.removeprefix("FL_ALG_").lower() for k, v in cdefs.enum("fl_algorithm").items()}
     fwd = {v: k.removeprefix("FL_FWD_").lower() for k, v in cdefs.enum("fl_forwarding").items()}
-    for key, vip_id in maps.items("vips"):
-        vip_id = vip_id.value
-        if vip_id in (cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE):
-            continue
+    for vip_id, key in flows.vip_keys(maps).items():
         meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         addr = structs.unpack_addr(key.addr, key.family)
         proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
@@ -145,6 +143,7 @@ def _read_vips(maps: PinnedMaps) -> list[dict]:
 
 def _read_backends(maps: PinnedMaps, vips: list[dict]) -> None:
     by_id = {v["vip_id"]: v for v in vips}
+    keys = flows.vip_keys(maps)
     max_backends = maps.info("backends").max_entries
     for be_id in range(max_backends):
         entry = maps.lookup("backends", ctypes.c_uint32(be_id))
@@ -156,7 +155,8 @@ def _read_backends(maps: PinnedMaps, vips: list[dict]) -> None:
             continue
         vip["backends"].append({
             "backend": str(structs.unpack_addr(entry.addr, entry.family)), "backend_id": be_id,
-            "port": structs.port_host(entry.port), "weight": entry.weight, "mac": structs.mac_str(entry.mac),
+            "port": flows.backend_port(entry, keys.get(entry.vip_id)), "weight": entry.weight,
+            "mac": structs.mac_str(entry.mac),
             "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows})
 
 

@@ -494,7 +494,7 @@ class Controller:
     def _check_same_sizes(self, new: Config) -> None:
         if Sizes.from_settings(new.settings) != self.sizes:
             raise FastlbError("the [settings] that size the maps or seed the hash changed (ring_size, "
-                              "conntrack_size, max_vips, max_backends, hash_seed, swrr_size)",
+                              "conntrack_size, max_vips, max_backends, hash_seed, swrr_size, max_vip_ports)",
                               fix=f"these need a new attach: fastlb detach {self.ifname}, then attach "
                                   "(this drops conntrack)")
 

@@ -146,17 +146,33 @@ class Names:
 
     @classmethod
     def read(cls, maps: PinnedMaps) -> "Names":
-        vips = {}
-        for key, vip_id in maps.items("vips"):
-            if vip_id.value != cdefs.FL_VIP_ID_ADDR_ONLY:
-                vips[vip_id.value] = vip_name(key)
+        keys = vip_keys(maps)
+        vips = {vid: vip_name(key) for vid, key in keys.items()}
         backends = {}
         for be_id in range(maps.info("backends").max_entries):
             entry = maps.lookup("backends", ctypes.c_uint32(be_id))
             if entry is not None and entry.family:
                 backends[be_id] = hostport(structs.unpack_addr(entry.addr, entry.family),
-                                           structs.port_host(entry.port))
+                                           backend_port(entry, keys.get(entry.vip_id)))
         return cls(vips, backends)
+
+
+def vip_keys(maps: PinnedMaps) -> dict[int, structs.VipKey]:
+    """Each VIP's key by vip id: a multi-port VIP has a key per port, and its lowest port names it."""
+    out: dict[int, structs.VipKey] = {}
+    for key, vip_id in maps.items("vips"):
+        vid = vip_id.value
+        if vid in (cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE):
+            continue
+        if vid not in out or structs.port_host(key.port) < structs.port_host(out[vid].port):
+            out[vid] = key
+    return out
+
+
+def backend_port(entry: structs.Backend, vip_key: structs.VipKey | None) -> int:
+    """A backend's port; 0 in the map means the client's (a multi-port VIP): shown as the VIP's lowest."""
+    port = structs.port_host(entry.port)
+    return port if port or vip_key is None else structs.port_host(vip_key.port)
 
 
 def hostport(address, port: int) -> str:

@@ -45,10 +45,8 @@ def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = Tr
     """
     algorithms = _names("fl_algorithm", "FL_ALG_")
     vips: dict[int, dict] = {}
-    for key, vip_id in maps.items("vips"):
-        vip_id = vip_id.value
-        if vip_id == cdefs.FL_VIP_ID_ADDR_ONLY:
-            continue
+    keys = flows.vip_keys(maps)
+    for vip_id, key in keys.items():
         meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         c = maps.counter("vip_stats", vip_id)
         vips[vip_id] = {"vip": flows.vip_name(key), "algorithm": algorithms.get(meta.algorithm, "?"),
@@ -61,7 +59,8 @@ def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = Tr
         if entry is None or not entry.family or entry.vip_id not in vips:
             continue
         vip = vips[entry.vip_id]
-        name = flows.hostport(structs.unpack_addr(entry.addr, entry.family), structs.port_host(entry.port))
+        name = flows.hostport(structs.unpack_addr(entry.addr, entry.family),
+                              flows.backend_port(entry, keys.get(entry.vip_id)))
         c = maps.counter("backend_stats", be_id)
         valid = bool(entry.flags & cdefs.FL_BE_F_VALID)
         be = {"backend": name, "backend_id": be_id, "weight": entry.weight, "valid": valid,

@@ -68,7 +68,7 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
     for vip in config.vips:
         for pos, b in enumerate(vip.backends):
             be_id = held_backends.get((vip_ids[vip.name], bytes(structs.pack_addr(b.address)),
-                                       structs.port_be(b.port)))
+                                       0 if vip.multi_port else structs.port_be(b.port)))  # as backend_entry
             if be_id is not None:
                 backend_ids[(vip.name, pos)] = be_id
     used = set(backend_ids.values())
@@ -112,9 +112,10 @@ def vip_meta(vip, gen: int, seq_len: int, sizes: Sizes) -> structs.VipMeta:
         ring_size=sizes.ring_size)
 
 
-def backend_entry(vip_id: int, backend, mac: str) -> structs.Backend:
+def backend_entry(vip_id: int, backend, mac: str, multi_port: bool = False) -> structs.Backend:
+    """``multi_port``: port 0, the kernel's "the port the client used" (NAT rewrites nothing else)."""
     entry = structs.Backend(addr=structs.pack_addr(backend.address), family=structs.family_of(backend.address),
-                            flags=cdefs.FL_BE_F_VALID, port=structs.port_be(backend.port),
+                            flags=cdefs.FL_BE_F_VALID, port=0 if multi_port else structs.port_be(backend.port),
                             weight=backend.weight, vip_id=vip_id, rtt_us=0)
     ctypes.memmove(entry.mac, structs.mac_bytes(mac), 6)
     return entry
@@ -185,7 +186,8 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
 
     wanted_keys: dict[bytes, int] = {}
     for vip in config.vips:
-        wanted_keys[bytes(_vip_key(vip))] = placement.vip_ids[vip.name]
+        for port in vip.listens():   # a multi-port VIP: one key per port, each with its vip id
+            wanted_keys[bytes(structs.vip_key(vip.address, port, vip.proto_number))] = placement.vip_ids[vip.name]
         marker = bytes(structs.addr_marker_key(vip.address))
         if vip.announce == "arp":  # one announcing VIP makes fastlb answer ARP/ND for the address
             wanted_keys[marker] = cdefs.FL_VIP_ID_ANNOUNCE
@@ -208,7 +210,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         vip_id = placement.vip_ids[vip.name]
         for pos, backend in enumerate(vip.backends):
             be_id = placement.backend_ids[(vip.name, pos)]
-            entry = backend_entry(vip_id, backend, macs[str(backend.address)])
+            entry = backend_entry(vip_id, backend, macs[str(backend.address)], vip.multi_port)
             if (vip.name, backend.key) in down:
                 entry.flags &= ~cdefs.FL_BE_F_VALID
             old = held.get(be_id)

@@ -26,17 +26,20 @@ class Sizes:
     conntrack_size: int = 65536
     seq_size: int = 1024
     hash_seed: int = 0
+    max_vip_ports: int = 1024
 
     @classmethod
     def from_settings(cls, settings) -> "Sizes":
         return cls(max_vips=settings.max_vips, max_backends=settings.max_backends,
                    ring_size=settings.ring_size, conntrack_size=settings.conntrack_size,
-                   seq_size=settings.swrr_size, hash_seed=settings.hash_seed)
+                   seq_size=settings.swrr_size, hash_seed=settings.hash_seed,
+                   max_vip_ports=settings.max_vip_ports)
 
     def cflags(self) -> list[str]:
         return [f"-DFASTLB_MAX_VIPS={self.max_vips}", f"-DFASTLB_MAX_BACKENDS={self.max_backends}",
                 f"-DFASTLB_RING_SIZE={self.ring_size}", f"-DFASTLB_CT_SIZE={self.conntrack_size}",
-                f"-DFASTLB_SEQ_SIZE={self.seq_size}", f"-DFASTLB_HASH_SEED={self.hash_seed}u"]
+                f"-DFASTLB_SEQ_SIZE={self.seq_size}", f"-DFASTLB_HASH_SEED={self.hash_seed}u",
+                f"-DFASTLB_MAX_VIP_PORTS={self.max_vip_ports}"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class MapSpec:
 
     def entries(self, sizes: Sizes) -> int:
         return {
-            "vips": sizes.max_vips * 2,
+            "vips": sizes.max_vips * 2 + sizes.max_vip_ports,
             "vip_table": sizes.max_vips,
             "backends": sizes.max_backends,
             "ring": sizes.max_vips * sizes.ring_size,

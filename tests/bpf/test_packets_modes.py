@@ -51,7 +51,16 @@ icmp_source6 = "2001:db8::2"
         (NAT4, 53, "udp", "nat", ["198.18.2.11", "198.18.2.12"], 5353),
         (NAT6, 80, "tcp", "nat", ["2001:db8:2::11", "2001:db8:2::12"], 8080),
         (NAT6, 53, "udp", "nat", ["2001:db8:2::11"], 5353),
-    ])
+    ]) + f"""
+[[vip]]
+address = "{NAT4}"
+ports = [21, "30000-30010"]
+forwarding = "nat"
+[[vip.backend]]
+address = "198.18.2.11"
+[[vip.backend]]
+address = "198.18.2.12"
+"""
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +165,9 @@ def nat_forward_expected(prog, pkt) -> bytes:
     """The rule: destination address and port become the backend's, MACs become
     (backend's next hop, the LB's), checksums valid, all else unchanged."""
     backend = expected_backend(prog.config, prog.sizes, pkt)
-    vip = next(v for v in prog.config.vips if str(v.address) == ip_of(pkt).dst and v.port == pkt.dport)
-    bport = next(b.port for b in vip.backends if str(b.address) == backend)
+    vip = next(v for v in prog.config.vips if str(v.address) == ip_of(pkt).dst and v.serves(pkt.dport))
+    # A multi-port VIP's backends take the port the client used; a single-port VIP's, their own.
+    bport = pkt.dport if vip.multi_port else next(b.port for b in vip.backends if str(b.address) == backend)
     out = pkt.copy()
     out[Ether].src, out[Ether].dst = LB_MAC, fake_mac(backend)
     ip_of(out).dst = backend
@@ -172,6 +182,8 @@ NAT_ROWS = [
     ("IPv4 UDP without checksum", lambda: eth() / IP(src=CLIENT4, dst=NAT4) / UDP(sport=40003, dport=53, chksum=0) / Raw(b"q")),
     ("IPv6 TCP", lambda: eth() / IPv6(src=CLIENT6, dst=NAT6) / TCP(sport=40001, dport=80, flags="S")),
     ("IPv6 UDP", lambda: eth() / IPv6(src=CLIENT6, dst=NAT6) / UDP(sport=40001, dport=53) / Raw(b"query")),
+    ("multi-port VIP, first port", lambda: eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=40011, dport=21, flags="S")),
+    ("multi-port VIP, a ranged port", lambda: eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=40012, dport=30007, flags="S")),
 ]
 
 
