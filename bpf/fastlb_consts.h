@@ -81,6 +81,7 @@ enum fl_hash_mode {
 enum fl_vip_flags {
 	FL_VIP_F_VALID = 1,         /* slot in use */
 	FL_VIP_F_L7 = 2,            /* http/https: passed to the local stack, where HAProxy listens */
+	FL_VIP_F_PERSIST = 4,       /* persistence on: see vip_persist and persist */
 };
 
 enum fl_backend_flags {

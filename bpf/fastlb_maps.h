@@ -37,6 +37,15 @@ FL_MAP("hash", struct vip_key, __u32, vips, FASTLB_MAX_VIPS * 2 + FASTLB_MAX_VIP
 /* vip id -> per-VIP settings. Written by the loader. */
 FL_MAP("array", __u32, struct vip_meta, vip_table, FASTLB_MAX_VIPS, 0);
 
+/* vip id -> persistence timeout and client mask. Written by the loader. */
+FL_MAP("array", __u32, struct vip_persist, vip_persist, FASTLB_MAX_VIPS, 0);
+
+/* (VIP, masked client) -> backend: persistence bindings. Written by the
+ * program (a recorded new flow binds; packets refresh), the controller
+ * (a removed or failed backend's bindings are deleted). One LRU shared by
+ * all CPUs: a client's connections arrive on any RX queue. */
+FL_MAP("lru_hash", struct persist_key, struct persist_value, persist, FASTLB_CT_SIZE, 0);
+
 /* Backend id -> address, MAC, weight. Written by the loader/controller. */
 FL_MAP("array", __u32, struct backend, backends, FASTLB_MAX_BACKENDS, 0);
 

@@ -20,9 +20,9 @@ from fastlb.config.model import (_BACKEND_KEYS, _BGP_KEYS, _HEALTH_KEYS, _HEALTH
                                  _PEER_KEYS, _ROUTE_KEYS, _SETTINGS_ADDRESSES, _SETTINGS_KEYS, _SETTINGS_NETWORKS,
                                  _SETTINGS_RANGES, _SETTINGS_SECONDS, _VIP_HEALTH_KEYS, _VIP_KEYS, ALGORITHMS,
                                  ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS, BUILT_FORWARDING, BUILT_SPEAKERS, CLIENT_IP,
-                                 FORWARDING, HASHES, HEALTH_KINDS, L7_HASHES, L7_PROTOCOLS, MAX_PAYLOAD, PROTOCOLS,
-                                 SPEAKERS, Backend, Bgp, BgpPeer, Config, HealthCheck, IPAddress, Route, Settings,
-                                 Vip)
+                                 FORWARDING, HASHES, HEALTH_KINDS, L7_HASHES, L7_PROTOCOLS, MAX_PAYLOAD,
+                                 MAX_PERSISTENCE, PROTOCOLS, SPEAKERS, Backend, Bgp, BgpPeer, Config,
+                                 HealthCheck, IPAddress, Route, Settings, Vip)
 from fastlb.config.render import config_data
 from fastlb.config.table import _MISSING, _Source, _Table, _show
 from fastlb.errors import ConfigError, os_error
@@ -190,11 +190,21 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
         if ports:
             raise t.error(("ports",), f"'ports' is for tcp and udp VIPs, and this VIP is {protocol}",
                           fix="use one port; an http VIP listens on one port")
+        for key in ("persistence", "persistence_prefix"):
+            if key in t.data:
+                raise t.error((key,), f"'{key}' on an {protocol} VIP (HAProxy stick tables) is not built yet",
+                              fix='remove it, or use hash = "src" for client affinity')
         return _l7_vip(t, address, port, protocol)
     for key in _L7_ONLY:
         if key in t.data:
             raise t.error((key,), f"'{key}' is only read on http and https VIPs, and this VIP is {protocol}",
                           fix='remove it, or set protocol = "http"')
+    persistence = t.integer("persistence", 0, MAX_PERSISTENCE, default=0)
+    bits = address.max_prefixlen
+    prefix = t.integer("persistence_prefix", 0, bits, default=bits)
+    if "persistence_prefix" in t.data and not persistence:
+        raise t.error(("persistence_prefix",), "persistence_prefix without persistence",
+                      fix="set persistence = SECONDS (e.g. 600), or remove persistence_prefix")
     algorithm = t.choice("algorithm", ALGORITHMS, "maglev", built=BUILT_ALGORITHMS)
     forwarding = t.choice("forwarding", FORWARDING, "dsr", built=BUILT_FORWARDING)
     hash_ = t.choice("hash", HASHES, "5tuple")
@@ -243,7 +253,8 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
         backends.append(backend)
     return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding=forwarding,
                hash=hash_, backends=tuple(backends), line=t.line, announce=announce, health=health,
-               all_down=all_down, expire_nodest_conn=expire, ports=ports)
+               all_down=all_down, expire_nodest_conn=expire, ports=ports, persistence=persistence,
+               persistence_prefix=prefix)
 
 
 def _range(lo: int, hi: int) -> str:

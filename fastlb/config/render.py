@@ -47,6 +47,10 @@ def _vip(vip: Vip) -> dict:
         out.update(forwarding=vip.forwarding, hash=vip.hash)
     if vip.announce != "none":
         out["announce"] = vip.announce
+    if vip.persistence:
+        out["persistence"] = vip.persistence
+        if vip.persistence_prefix != vip.address.max_prefixlen:
+            out["persistence_prefix"] = vip.persistence_prefix
     health = _changed(vip.health, HealthCheck())
     if vip.all_down != "drop":
         health["all_down"] = vip.all_down

@@ -328,6 +328,10 @@ class Controller:
         left = before - self._valid_slots()
         if left and not first:
             moved = flows.purge_backends(self.maps, left, started_ns)
+            unbound = flows.unbind_backends(self.maps, left)
+            if unbound:
+                self.log("clients_unbound", backend_slots=",".join(map(str, sorted(left))), bindings=unbound,
+                         why="persistence ends with its backend: their next connections pick again")
             self.log("flows_moved", backend_slots=",".join(map(str, sorted(left))), flows=moved,
                      why="their backend failed or was removed (expire_nodest_conn)")
         if written.get("removed"):

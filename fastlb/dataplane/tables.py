@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import ipaddress
 from dataclasses import dataclass
 
 from fastlb import core
@@ -108,8 +109,19 @@ def vip_meta(vip, gen: int, seq_len: int, sizes: Sizes) -> structs.VipMeta:
     return structs.VipMeta(
         gen=gen, algorithm=cdefs.defs()[ALGORITHMS[vip.algorithm]],
         forwarding=cdefs.defs()[FORWARDING[vip.forwarding]],
-        hash_mode=cdefs.defs()[HASH_MODES[vip.hash]], flags=cdefs.FL_VIP_F_VALID, seq_len=seq_len,
+        hash_mode=cdefs.defs()[HASH_MODES[vip.hash]],
+        flags=cdefs.FL_VIP_F_VALID | (cdefs.FL_VIP_F_PERSIST if vip.persistence else 0), seq_len=seq_len,
         ring_size=sizes.ring_size)
+
+
+def vip_persist(vip) -> structs.VipPersist:
+    """The VIP's persistence timeout and client mask (all zero without persistence)."""
+    if not vip.persistence:
+        return structs.VipPersist()
+    kind = ipaddress.IPv4Address if vip.address.version == 4 else ipaddress.IPv6Address
+    bits = vip.address.max_prefixlen
+    mask = kind(((1 << bits) - 1) ^ ((1 << (bits - vip.persistence_prefix)) - 1))
+    return structs.VipPersist(timeout_ns=vip.persistence * 1_000_000_000, mask=structs.pack_addr(mask))
 
 
 def backend_entry(vip_id: int, backend, mac: str, multi_port: bool = False) -> structs.Backend:
@@ -245,6 +257,10 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         old = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         gen = old.gen if same_vip else (old.gen + 1) & 0xFFFFFFFF
         meta = vip_meta(vip, gen, len(seq_ids), sizes)
+        persist = vip_persist(vip)
+        held_persist = maps.lookup("vip_persist", ctypes.c_uint32(vip_id))
+        if held_persist is None or bytes(held_persist) != bytes(persist):
+            maps.update("vip_persist", ctypes.c_uint32(vip_id), persist)   # before the flag that reads it
         if bytes(meta) != bytes(old):
             maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
 

@@ -61,6 +61,8 @@ class MapSpec:
             "backend_active": sizes.max_backends,
             "conntrack": sizes.conntrack_size,
             "nat_rev": sizes.conntrack_size * 2,
+            "vip_persist": sizes.max_vips,
+            "persist": sizes.conntrack_size,
             "settings": 1,
             "flood": 1,
             "tx_ports": cdefs.FASTLB_MAX_IFACES,
@@ -78,6 +80,8 @@ class MapSpec:
 MAP_SPECS = (
     MapSpec("vips", "hash", structs.VipKey, ctypes.c_uint32),
     MapSpec("vip_table", "array", ctypes.c_uint32, structs.VipMeta),
+    MapSpec("vip_persist", "array", ctypes.c_uint32, structs.VipPersist),
+    MapSpec("persist", "lru_hash", structs.PersistKey, structs.PersistValue),
     MapSpec("backends", "array", ctypes.c_uint32, structs.Backend),
     MapSpec("ring", "array", ctypes.c_uint32, ctypes.c_uint32),
     MapSpec("seq", "array", ctypes.c_uint32, ctypes.c_uint32),
