@@ -57,8 +57,11 @@ def _load_config(path: str):
               type=click.Path(dir_okay=False), help="TOML config to validate.")
 def check(config_path):
     """Validate a config without touching anything."""
+    from fastlb.config import warnings
     config = _load_config(config_path)
     backends = sum(len(v.backends) for v in config.vips)
+    for warning in warnings(config):
+        click.echo(f"{config_path}: warning: {warning}")
     click.echo(f"{config_path}: ok ({len(config.vips)} VIPs, {backends} backends)")
 
 

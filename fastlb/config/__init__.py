@@ -16,7 +16,7 @@ line. docs/CONFIG.md lists every key. Callers import from here.
 """
 
 from fastlb.config.lines import KeyLines as _KeyLines
-from fastlb.config.load import _is_prime, _nearest_primes, load_config, parse_config, validate
+from fastlb.config.load import _is_prime, _nearest_primes, load_config, parse_config, validate, warnings
 from fastlb.config.model import (_SETTINGS_KEYS, _SETTINGS_RANGES, ALGORITHMS, ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS,
                                  BUILT_FORWARDING, BUILT_SPEAKERS, CLIENT_IP, FORWARDING, HASHES, HEALTH_KINDS,
                                  L7_PROTOCOLS, MAX_PAYLOAD, PROTOCOLS, SPEAKERS, Backend, Bgp, BgpPeer, Config,
@@ -30,6 +30,6 @@ __all__ = [
     "FORWARDING", "HASHES", "HEALTH_KINDS", "L7_PROTOCOLS", "MAX_PAYLOAD", "PROTOCOLS", "SPEAKERS", "Backend", "Bgp",
     "BgpPeer", "Config", "ConfigError", "HealthCheck", "IPAddress", "KeyPath", "Route", "Settings", "Vip",
     "config_data", "hostport", "l4_view", "load_config", "parse_config", "parse_vip_spec", "render_config",
-    "validate", "vip_name",
+    "validate", "vip_name", "warnings",
     "_KeyLines", "_SETTINGS_KEYS", "_SETTINGS_RANGES", "_is_prime", "_nearest_primes",
 ]

@@ -64,6 +64,25 @@ def validate(config: Config) -> Config:
     return _config(_Table(config_data(config), (), _Source(config.path, NoLines())))
 
 
+FTP_CONTROL = 21
+
+
+def warnings(config: Config) -> list[str]:
+    """What is valid but probably not what the operator wants (``fastlb check`` prints it)."""
+    out = []
+    for vip in config.vips:
+        if vip.protocol != "tcp" or not vip.serves(FTP_CONTROL):
+            continue
+        if vip.forwarding == "nat":
+            out.append(f"{vip.name}: nat forwarding on FTP's port 21: fastlb does not rewrite FTP payloads, so the "
+                       "server's PASV/EPSV answers name the backend's address and its data connections miss the "
+                       "VIP; use dsr or tunnel with ports = [21, \"PASV range\"] and persistence (docs/FTP.md)")
+        elif not vip.multi_port or not vip.persistence:
+            out.append(f"{vip.name}: FTP's port 21 without ports = [21, \"PASV range\"] and persistence: passive "
+                       "data connections may reach another backend than their control connection (docs/FTP.md)")
+    return out
+
+
 def _config(root: _Table) -> Config:
     path = root.source.path
     root.check_keys(("settings", "vip", "bgp"))

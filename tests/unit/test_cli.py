@@ -96,3 +96,28 @@ def test_explain_rejects_a_source_of_the_other_family(tmp_path):
     res = CliRunner().invoke(main, ["explain", "-c", write(tmp_path), "--vip", "198.19.0.100:80/tcp",
                                     "--src", "[2001:db8::1]:40000"])
     assert res.exit_code == 2 and "family" in res.output
+
+
+FTP = """
+[[vip]]
+address = "198.19.0.100"
+{ports}
+forwarding = "{forwarding}"
+{more}
+[[vip.backend]]
+address = "198.18.0.11"
+"""
+
+
+def test_check_warns_for_ftp_through_nat_and_for_ftp_without_its_passive_range(tmp_path):
+    nat = CliRunner().invoke(main, ["check", "-c", write(tmp_path, FTP.format(ports="port = 21", forwarding="nat",
+                                                                              more=""))])
+    assert nat.exit_code == 0 and "198.19.0.100:21/tcp: nat forwarding on FTP's port 21" in nat.output
+    bare = CliRunner().invoke(main, ["check", "-c", write(tmp_path, FTP.format(ports="port = 21", forwarding="dsr",
+                                                                               more=""))])
+    assert bare.exit_code == 0 and "without ports = [21" in bare.output
+    good = CliRunner().invoke(main, ["check", "-c", write(tmp_path, FTP.format(
+        ports='ports = [21, "30000-30100"]', forwarding="dsr", more="persistence = 600"))])
+    assert good.exit_code == 0 and "warning" not in good.output
+    plain = CliRunner().invoke(main, ["check", "-c", write(tmp_path)])
+    assert "warning" not in plain.output
