@@ -21,7 +21,7 @@ from fastlb.config.model import (_BACKEND_KEYS, _BGP_KEYS, _HEALTH_KEYS, _HEALTH
                                  _SETTINGS_RANGES, _SETTINGS_SECONDS, _VIP_HEALTH_KEYS, _VIP_KEYS, ALGORITHMS,
                                  ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS, BUILT_FORWARDING, BUILT_SPEAKERS, CLIENT_IP,
                                  FORWARDING, HASHES, HEALTH_KINDS, L7_HASHES, L7_PROTOCOLS, MAX_PAYLOAD,
-                                 MAX_PERSISTENCE, PROTOCOLS, SPEAKERS, Backend, Bgp, BgpPeer, Config,
+                                 MAX_PERSISTENCE, MAX_SLOW_START, PROTOCOLS, SPEAKERS, Backend, Bgp, BgpPeer, Config,
                                  HealthCheck, IPAddress, Route, Settings, Vip)
 from fastlb.config.render import config_data
 from fastlb.config.table import _MISSING, _Source, _Table, _show
@@ -209,10 +209,11 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
         if ports:
             raise t.error(("ports",), f"'ports' is for tcp and udp VIPs, and this VIP is {protocol}",
                           fix="use one port; an http VIP listens on one port")
-        for key in ("persistence", "persistence_prefix"):
+        for key in ("persistence", "persistence_prefix", "slow_start"):
             if key in t.data:
-                raise t.error((key,), f"'{key}' on an {protocol} VIP (HAProxy stick tables) is not built yet",
-                              fix='remove it, or use hash = "src" for client affinity')
+                raise t.error((key,), f"'{key}' is for tcp and udp VIPs: on an {protocol} VIP (HAProxy's stick "
+                                      "tables, slowstart) it is not built yet",
+                              fix='remove it (hash = "src" keeps a client on its backend)')
         return _l7_vip(t, address, port, protocol)
     for key in _L7_ONLY:
         if key in t.data:
@@ -224,6 +225,7 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
     if "persistence_prefix" in t.data and not persistence:
         raise t.error(("persistence_prefix",), "persistence_prefix without persistence",
                       fix="set persistence = SECONDS (e.g. 600), or remove persistence_prefix")
+    slow_start = t.integer("slow_start", 0, MAX_SLOW_START, default=0)
     algorithm = t.choice("algorithm", ALGORITHMS, "maglev", built=BUILT_ALGORITHMS)
     forwarding = t.choice("forwarding", FORWARDING, "dsr", built=BUILT_FORWARDING)
     hash_ = t.choice("hash", HASHES, "5tuple")
@@ -273,7 +275,7 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
     return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding=forwarding,
                hash=hash_, backends=tuple(backends), line=t.line, announce=announce, health=health,
                all_down=all_down, expire_nodest_conn=expire, ports=ports, persistence=persistence,
-               persistence_prefix=prefix)
+               persistence_prefix=prefix, slow_start=slow_start)
 
 
 def _range(lo: int, hi: int) -> str:

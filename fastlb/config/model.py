@@ -143,6 +143,7 @@ class Vip:
     ports: tuple[tuple[int, int], ...] = ()   # `ports`: its ranges, lowest first; () for a `port` VIP
     persistence: int = 0                # seconds a client keeps its backend after its last packet; 0: off
     persistence_prefix: int = 32        # clients grouped by this prefix (/32 IPv4, /128 IPv6 unless set)
+    slow_start: int = 0                 # seconds over which an added or recovered backend ramps up; 0: off
 
     @property
     def is_l7(self) -> bool:
@@ -279,7 +280,7 @@ _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}
 _SETTINGS_ADDRESSES = {"icmp_source": 4, "icmp_source6": 6}
 _SETTINGS_KEYS = (*_SETTINGS_RANGES, *_SETTINGS_NETWORKS, *_SETTINGS_ADDRESSES)
 _VIP_KEYS = ("address", "port", "ports", "protocol", "algorithm", "forwarding", "hash", "announce", "persistence",
-             "persistence_prefix", "health", "backend", "certificate", "client_ip", "route")
+             "persistence_prefix", "slow_start", "health", "backend", "certificate", "client_ip", "route")
 _L7_ONLY = ("certificate", "client_ip", "route")  # keys only http/https VIPs read
 _ROUTE_KEYS = ("host", "path_prefix", "algorithm", "backend")
 _BACKEND_KEYS = ("address", "weight", "port", "health")
@@ -290,6 +291,7 @@ _HEALTH_RANGES = {"interval": (0.05, 3600.0), "timeout": (0.01, 60.0), "rise": (
 _KIND_ONLY = {"path": "http", "expect": "http", "payload": "udp", "command": "exec"}  # keys that only one kind reads
 MAX_PAYLOAD = 1400
 MAX_PERSISTENCE = 7 * 86400   # seconds: a week
+MAX_SLOW_START = 3600
 _BGP_KEYS = ("speaker", "local_as", "router_id", "hold_time", "bfd", "bfd_interval", "bfd_multiplier",
              "detach_delay", "bird_socket", "bird_include", "peer")
 _PEER_KEYS = ("address", "as")

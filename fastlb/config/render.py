@@ -47,6 +47,8 @@ def _vip(vip: Vip) -> dict:
         out.update(forwarding=vip.forwarding, hash=vip.hash)
     if vip.announce != "none":
         out["announce"] = vip.announce
+    if vip.slow_start:
+        out["slow_start"] = vip.slow_start
     if vip.persistence:
         out["persistence"] = vip.persistence
         if vip.persistence_prefix != vip.address.max_prefixlen:

@@ -54,6 +54,7 @@ from fastlb.kernel.layout import Sizes
 from fastlb.kernel.maps import PinnedMaps
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+RAMP_STEP = 0.5         # seconds between two weight steps of a slow start
 PUBLISH_EVERY = 0.5     # seconds: how stale the health counters that stats and metrics read may get
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 COMMAND_TIMEOUT = 60.0
@@ -62,10 +63,11 @@ COMMAND_TIMEOUT = 60.0
 class View:
     """What the controller knows of one backend of one VIP."""
 
-    __slots__ = ("verdict", "ewma", "passed", "failed", "rtt_written", "asked")
+    __slots__ = ("verdict", "ewma", "passed", "failed", "rtt_written", "asked", "ramp_from")
 
     def __init__(self, st: str):
         self.verdict = health.Verdict(st)
+        self.ramp_from: float | None = None   # slow start: time.monotonic() when it (re)entered the table
         self.asked: tuple[int | None, int | None] = (None, None)  # exec's weight, agent's percent
         self.ewma = PeakEwma()
         self.passed = 0
@@ -267,6 +269,8 @@ class Controller:
             if view is None:
                 st = health.UP if vip.check_of(b).kind == "none" else known.get(key, health.UNKNOWN)
                 view = View(st)
+                if st == health.UP and vip.slow_start and self.maps is not None:
+                    view.ramp_from = time.monotonic()   # added while running, with no check to pass first
             elif vip.check_of(b).kind == "none":
                 view.verdict.state = health.UP
             if vip.check_of(b).kind not in ("exec", "agent"):
@@ -283,14 +287,44 @@ class Controller:
         return out
 
     def _weights(self) -> dict[planner.Key, int]:
-        """Each backend's weight as its check asks (exec's ``weight N``, the agent's share)."""
+        """Each backend's weight where it differs from its configured one: as its check asks
+        (exec's ``weight N``, the agent's share), and stepped by a slow start."""
+        now = time.monotonic()
         out = {}
         for vip in self.config.vips:
-            for b in vip.backends:
-                view = self.views.get((vip.name, b.key))
-                if view is not None and view.asked != (None, None):
-                    out[(vip.name, b.key)] = planner.asked_weight(b.weight, view.asked)
+            views = [self.views.get((vip.name, b.key)) for b in vip.backends]
+            weights = [b.weight if v is None else planner.asked_weight(b.weight, v.asked)
+                       for b, v in zip(vip.backends, views)]
+            ramps = self._ramps(vip, now)
+            if ramps:
+                weights = planner.ramped(weights, [ramps.get(b.key) for b in vip.backends])
+            for b, weight in zip(vip.backends, weights):
+                if weight != b.weight:
+                    out[(vip.name, b.key)] = weight
         return out
+
+    def _ramps(self, vip: Vip, now: float) -> dict[bytes, float]:
+        """Slow start: the VIP's ramping backends and how far along (0..1); finished ramps are cleared."""
+        out = {}
+        for b in vip.backends:
+            view = self.views.get((vip.name, b.key))
+            if view is None or view.ramp_from is None:
+                continue
+            done = (now - view.ramp_from) / vip.slow_start if vip.slow_start else 1.0
+            if done >= 1.0:
+                view.ramp_from = None
+                self.log("slow_start_done", vip=vip.name, backend=b.key.decode())
+            else:
+                out[b.key] = max(0.0, done)
+        return out
+
+    def _start_ramp(self, vip: Vip, backend) -> None:
+        if vip.slow_start and self.maps is not None:   # not at the first start: nothing ramps against
+            self.views[(vip.name, backend.key)].ramp_from = time.monotonic()
+            self.log("slow_start_begins", vip=vip.name, backend=backend.key.decode(), seconds=vip.slow_start)
+
+    def ramping(self) -> bool:
+        return any(v.ramp_from is not None for v in self.views.values())
 
     def _plan(self) -> planner.Plan:
         """Ask the planner once, remember what it remembers, log its transitions."""
@@ -404,6 +438,10 @@ class Controller:
                 self._write_rtt(result.key)
             return reweighted
         in_a_row = view.verdict.successes if new == health.UP else view.verdict.failures
+        if new == health.UP:
+            self._start_ramp(vip, backend)
+        else:
+            view.ramp_from = None
         self.log(f"backend_{new}", vip=vip.name, backend=backend.key.decode(), was=was,
                  checks_in_a_row=in_a_row, check=check.kind, detail=result.detail)
         return True
@@ -424,9 +462,11 @@ class Controller:
         """Handle events until SIGINT or SIGTERM."""
         sweep_every = self.config.settings.sweep_interval
         next_sweep = time.monotonic() + sweep_every
+        next_ramp = time.monotonic()
         while True:
+            wake = min(next_sweep, next_ramp) if self.ramping() else next_sweep
             try:
-                batch = [self.events.get(timeout=max(0.0, next_sweep - time.monotonic()))]
+                batch = [self.events.get(timeout=max(0.0, wake - time.monotonic()))]
             except queue.Empty:
                 batch = []
             while True:
@@ -449,6 +489,9 @@ class Controller:
                     dirty = self._on_neigh(event[1], event[2]) or dirty
                 elif kind == "call":
                     self._run_call(event[1])
+            if self.ramping() and time.monotonic() >= next_ramp:
+                dirty = True            # slow start: the next weight step (only changed slots are written)
+                next_ramp = time.monotonic() + RAMP_STEP
             if dirty:
                 self._rebuild()
             elif batch and (time.monotonic() - self.published >= PUBLISH_EVERY

@@ -22,6 +22,7 @@ from fastlb.controller.health import MAX_WEIGHT, UP
 NO_MAC = "00:00:00:00:00:00"
 LRT_FLOOR_US = 2000         # lrt: scores below this are equal (probe noise on a LAN) ...
 LRT_STEP = 1.5              # ... and above it, scores in the same step of this ratio are equal
+RAMP_SCALE = 100            # during a VIP's slow start its weights are scaled up so that a ramp has steps
 
 Key = tuple[str, bytes]     # (VIP name, backend key)
 Transition = tuple[str, dict]   # (event, fields) for the loop's log
@@ -68,6 +69,18 @@ def asked_weight(weight: int, asked: tuple[int | None, int | None]) -> int:
     if percent is not None and weight:
         return min(MAX_WEIGHT, max(1, (weight * percent + 50) // 100)) if percent else 0
     return weight
+
+
+def ramped(weights: list[int], ramps: list[float | None]) -> list[int]:
+    """A VIP's weights during a slow start (``ramps``: how far along each backend's
+    ramp is, 0..1, None when it does not ramp): everyone's scaled up, a ramping
+    backend's linearly from 1 to its full weight. Equal weights scaled alike build
+    the same Maglev table, so only the ramping backend's slots move, step by step
+    (HASH.md)."""
+    if all(r is None for r in ramps):
+        return weights
+    scale = max(1, min(RAMP_SCALE, MAX_WEIGHT // max(max(weights), 1)))
+    return [w * scale if r is None or not w else max(1, round(w * scale * r)) for w, r in zip(weights, ramps)]
 
 
 def _live(vip: Vip, states: Mapping[Key, str], macs: Mapping[str, str], memory: Memory,
