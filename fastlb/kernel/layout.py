@@ -80,8 +80,6 @@ class MapSpec:
 MAP_SPECS = (
     MapSpec("vips", "hash", structs.VipKey, ctypes.c_uint32),
     MapSpec("vip_table", "array", ctypes.c_uint32, structs.VipMeta),
-    MapSpec("vip_persist", "array", ctypes.c_uint32, structs.VipPersist),
-    MapSpec("persist", "lru_hash", structs.PersistKey, structs.PersistValue),
     MapSpec("backends", "array", ctypes.c_uint32, structs.Backend),
     MapSpec("ring", "array", ctypes.c_uint32, ctypes.c_uint32),
     MapSpec("seq", "array", ctypes.c_uint32, ctypes.c_uint32),
@@ -89,6 +87,8 @@ MAP_SPECS = (
     MapSpec("backend_active", "array", ctypes.c_uint32, ctypes.c_uint32),
     MapSpec("conntrack", "lru_hash", structs.FlowKey, structs.CtValue),
     MapSpec("nat_rev", "lru_hash", structs.FlowKey, structs.NatRev),
+    MapSpec("vip_persist", "array", ctypes.c_uint32, structs.VipPersist),
+    MapSpec("persist", "lru_hash", structs.PersistKey, structs.PersistValue),
     MapSpec("settings", "array", ctypes.c_uint32, structs.Settings),
     MapSpec("flood", "percpu_array", ctypes.c_uint32, structs.Flood, percpu=True),
     MapSpec("tx_ports", "devmap", ctypes.c_uint32, ctypes.c_int32),
