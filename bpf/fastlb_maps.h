@@ -42,9 +42,11 @@ FL_MAP("array", __u32, struct vip_persist, vip_persist, FASTLB_MAX_VIPS, 0);
 
 /* (VIP, masked client) -> backend: persistence bindings. Written by the
  * program (a recorded new flow binds; packets refresh), the controller
- * (a removed or failed backend's bindings are deleted). One LRU shared by
- * all CPUs: a client's connections arrive on any RX queue. */
-FL_MAP("lru_hash", struct persist_key, struct persist_value, persist, FASTLB_CT_SIZE, 0);
+ * (a removed or failed backend's bindings are deleted). One hash table that
+ * every CPU reads (a client's connections arrive on any RX queue), with
+ * per-CPU LRU lists: an insert takes no global lock, as in conntrack. */
+FL_MAP("lru_hash", struct persist_key, struct persist_value, persist, FASTLB_CT_SIZE,
+       BPF_F_NO_COMMON_LRU);
 
 /* Backend id -> address, MAC, weight. Written by the loader/controller. */
 FL_MAP("array", __u32, struct backend, backends, FASTLB_MAX_BACKENDS, 0);
