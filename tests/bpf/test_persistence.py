@@ -116,3 +116,16 @@ def test_a_binding_ends_after_persistence_seconds_without_packets(bed):
     assert not row["live"] and row["expires_in_s"] == 0
     picked = {backend_of(bed, CLIENTS[0], 40100 + n) for n in range(6)}   # rr picks, and binds again
     assert len(picked) == 1 and live_bindings(bed)[0]["live"]
+
+
+def test_a_multi_port_vip_s_backends_keep_their_slots_when_one_is_removed(bed):
+    """A multi-port VIP's backends hold port 0 in the map; placing them again must find those slots,
+    or a rebuild (a reload, a removal) would renumber them and their flows and bindings would end."""
+    from fastlb.dataplane import tables
+    ports = 'ports = [21, "30000-30010"]'
+    cfg = bed.apply(config(3, ports=ports))
+    before = tables.place(cfg, bed.maps, bed.sizes).backend_ids
+    first = f'[[vip.backend]]\naddress = "{cfg.vips[0].backends[0].address}"\n'
+    cfg2 = bed.apply(config(3, ports=ports).replace(first, ""))
+    after = tables.place(cfg2, bed.maps, bed.sizes).backend_ids
+    assert [after[(cfg2.vips[0].name, p)] for p in (0, 1)] == [before[(cfg.vips[0].name, p)] for p in (1, 2)]
