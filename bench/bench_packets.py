@@ -14,6 +14,7 @@ Run alone: sudo .venv/bin/python bench/bench_packets.py [--quick]
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def run(quick: bool = False) -> str:
     swap_bpf, swap_fd = load_plain("xdp_macswap.c", "xdp_macswap")
     sizes = Sizes(conntrack_size=1_048_576)
     try:
-        with Testbed(sizes, name="bench") as bed:
+        with Testbed(sizes, name=f"bench-{os.getpid()}") as bed:  # two benches at once must not share pins
             bed.apply(CONFIG)
             base4 = packet(4, "tcp")
             empty, v = measure(pass_fd, base4, calls, runs)

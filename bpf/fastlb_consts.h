@@ -40,6 +40,10 @@
 #define FL_VIP_ADDR_PROTO 0         /* key.proto of an address-only VIP marker */
 #define FL_VIP_ID_ADDR_ONLY 0xffffffff /* vips value of an address-only marker */
 #define FL_VIP_ID_ANNOUNCE 0xfffffffe  /* ... of one whose address fastlb answers ARP/ND for */
+#define FL_NAT_PORT_MIN 1024        /* remapped NAT source ports: 1024 .. 65535 */
+#define FL_NAT_PORT_SPAN 64512
+#define FL_NAT_PORT_TRIES 8         /* remapped ports tried before a clash is dropped */
+#define FL_NAT_SALT 0x6e617470      /* mixed into the seed for the remapped port */
 
 /* IP protocol numbers fastlb writes or recognises. */
 #define FL_IPPROTO_IPIP 4           /* IPv4 inside */
@@ -132,6 +136,10 @@ enum fl_reason {
 	                             * icmp_source; IPv4 without DF, or with options) */
 	FL_DROP_ENCAP_FAILED,       /* the frame could not grow for the outer header */
 	FL_DROP_NO_EGRESS,          /* the backend's interface is not one of the attachment's */
+	FL_DROP_ICMP_RATE_LIMITED,  /* too big once tunnelled, and this CPU's ICMP error budget
+	                             * (icmp_rate, icmp_burst) is spent: dropped, no error sent */
+	FL_DROP_NAT_NO_PORT,        /* NAT: the tuple toward the backend is another connection's,
+	                             * and no remapped source port was free */
 	FL_REASON_MAX,
 };
 
@@ -147,6 +155,13 @@ enum fl_event {
 #ifndef FASTLB_DECAP_MAX_ADDRS
 #define FASTLB_DECAP_MAX_ADDRS 256  /* VIPs plus local addresses */
 #endif
+#define FASTLB_DECAP_MAX_SOURCES 64 /* outer source prefixes (decap --from) */
+
+/* ECN codepoints (the low 2 bits of the TOS / traffic class). */
+#define FL_ECN_NOT_ECT 0
+#define FL_ECN_ECT1 1
+#define FL_ECN_ECT0 2
+#define FL_ECN_CE 3
 
 enum fl_decap_reason {
 	FL_DECAP_OK = 0,            /* outer header stripped, inner packet passed to the stack */
@@ -154,6 +169,9 @@ enum fl_decap_reason {
 	FL_DECAP_NOT_LOCAL,         /* tunnelled to another host: passed untouched */
 	FL_DECAP_NOT_VIP,           /* tunnelled here, but not for a configured VIP: passed untouched */
 	FL_DECAP_MALFORMED,         /* truncated outer or inner header: dropped */
+	FL_DECAP_SOURCE_REFUSED,    /* tunnelled here for a VIP from an outer source outside
+	                             * the balancers' prefixes (decap --from): dropped */
+	FL_DECAP_ECN_DROP,          /* outer CE on a Not-ECT inner packet (RFC 6040): dropped */
 	FL_DECAP_REASON_MAX,
 };
 

@@ -86,6 +86,29 @@ static __always_inline int over_new_flow_rate(__u64 now)
 	return ++st->new_flows > cfg->new_flow_rate;
 }
 
+/* True when this CPU may generate one more ICMP error: GCRA, a token bucket
+ * of icmp_burst tokens refilled at icmp_rate a second, kept as the time the
+ * next error is due (RFC 1812 4.3.2.8, RFC 4443 2.4(f)). */
+static __always_inline int icmp_allowed(const struct fl_settings *cfg)
+{
+	__u32 zero = 0;
+	__u64 now, interval, *due;
+
+	if (!cfg->icmp_rate)
+		return 1;
+	due = icmp_bucket.lookup(&zero);
+	if (!due)
+		return 0;
+	now = bpf_ktime_get_ns();
+	interval = FL_NS_PER_SEC / cfg->icmp_rate;
+	if (*due < now)
+		*due = now;
+	if (*due - now > (__u64)(cfg->icmp_burst ? cfg->icmp_burst - 1 : 0) * interval)
+		return 0;
+	*due += interval;
+	return 1;
+}
+
 /* The backend id in ring slot `hash % M` of a VIP, or FL_RING_EMPTY. */
 static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 vip_id, __u32 hash)
 {
@@ -269,7 +292,9 @@ static __always_inline __u32 egress(struct xdp_md *ctx, struct fl_pkt *pkt, __u3
 	struct ethhdr *eth = data;
 	struct fl_iface *ifc;
 
-	if (!ifindex || ifindex == ctx->ingress_ifindex)
+	/* An answer to the sender (an ICMP error about a frame too big) leaves
+	 * where the frame came in; so does everything when the egress is the ingress. */
+	if (!ifindex || ifindex == ctx->ingress_ifindex || redirect_reason(reason) == reason)
 		return reason;
 	ifc = ifaces.lookup(&slot);
 	if (!ifc || ifc->ifindex != ifindex || (void *)(eth + 1) > data_end)
@@ -296,15 +321,52 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
 		if ((void *)(iph + 1) > data_end || !cfg->icmp_src4 || iph->ihl != 5 ||
 		    !(iph->frag_off & bpf_htons(FL_IP_DF)))
 			return FL_DROP_TOO_BIG;
+		if (!icmp_allowed(cfg))
+			return FL_DROP_ICMP_RATE_LIMITED;
 		if (icmp4_frag_needed(ctx, pkt->bytes, pkt->l2_len, cfg->icmp_src4, mtu))
 			return FL_DROP_TOO_BIG;
 		return FL_TX_ICMP_TOO_BIG;
 	}
 	if (!(cfg->icmp_src6[0] | cfg->icmp_src6[1] | cfg->icmp_src6[2] | cfg->icmp_src6[3]))
 		return FL_DROP_TOO_BIG;
+	if (!icmp_allowed(cfg))
+		return FL_DROP_ICMP_RATE_LIMITED;
 	if (icmp6_too_big(ctx, pkt->bytes, pkt->l2_len, cfg->icmp_src6, mtu))
 		return FL_DROP_TOO_BIG;
 	return FL_TX_ICMP_TOO_BIG;
+}
+
+/* 0 when the packet fits the path to `be` once tunnelled; else the reason of
+ * what was done instead (an ICMP error to the client, or a drop). The L3
+ * length once tunnelled is measured against the MTU of the device the frame
+ * leaves by (the backend's, in a two-arm attachment): mtu_len = the L3
+ * length, so VLAN tags, which are L2, do not count. */
+static __always_inline __u32 tunnel_too_big(struct xdp_md *ctx, struct fl_pkt *pkt, struct fl_settings *cfg,
+					    struct backend *be)
+{
+	__u32 outer_len, mtu_len = pkt->l3_len;
+	long ret;
+
+	outer_len = be->family == FL_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+	ret = bpf_check_mtu(ctx, be->egress_ifindex, &mtu_len, outer_len, 0);
+	if (ret < 0)
+		return FL_DROP_NO_EGRESS;
+	if (ret)
+		return too_big(ctx, pkt, cfg, mtu_len - outer_len);
+	return 0;
+}
+
+/* tunnel_too_big() for a new flow's backend, before it is recorded: a packet
+ * answered with an ICMP error opens no flow. */
+static __always_inline __u32 new_flow_too_big(struct xdp_md *ctx, struct fl_pkt *pkt, __u32 be_id)
+{
+	__u32 zero = 0;
+	struct fl_settings *cfg = settings.lookup(&zero);
+	struct backend *be = backends.lookup(&be_id);
+
+	if (!cfg || !be || !(be->flags & FL_BE_F_VALID))
+		return 0;  /* forward() drops it as it would without the check */
+	return tunnel_too_big(ctx, pkt, cfg, be);
 }
 
 /* Encapsulate towards the backend (IPv4-in-IPv4, IPv6-in-IPv6 or
@@ -312,7 +374,7 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
  * backend's RSS spreads flows, after checking the egress MTU. */
 static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, struct backend *be)
 {
-	__u32 zero = 0, mtu_len = 0, src6[4], flowbits, outer_len, inner_proto;
+	__u32 zero = 0, src6[4], flowbits, inner_proto, reason;
 	struct fl_settings *cfg = settings.lookup(&zero);
 	__u8 lb_mac[ETH_ALEN];
 	void *data, *data_end;
@@ -327,11 +389,12 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 		return FL_DROP_ENCAP_FAILED;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 
-	outer_len = be->family == FL_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
-	if (bpf_check_mtu(ctx, 0, &mtu_len, outer_len, 0))
-		return too_big(ctx, pkt, cfg, mtu_len - outer_len);
+	reason = tunnel_too_big(ctx, pkt, cfg, be);
+	if (reason)
+		return reason;
 	flowbits = fl_jhash_3words(pkt->flow.src[0] ^ pkt->flow.src[1] ^ pkt->flow.src[2] ^ pkt->flow.src[3],
-				   ((__u32)pkt->flow.dport << 16) | pkt->flow.sport, pkt->flow.proto, 0);
+				   ((__u32)pkt->flow.dport << 16) | pkt->flow.sport, pkt->flow.proto,
+				   FASTLB_HASH_SEED);
 	inner_proto = pkt->flow.family == FL_AF_INET ? FL_IPPROTO_IPIP : FL_IPPROTO_IPV6;
 	if (be->family == FL_AF_INET) {
 		if (encap_ipv4(ctx, pkt->l2_len, pkt->l3_len,
@@ -357,19 +420,20 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 
 /* ---- NAT mode ---- */
 
-/* Rewrite one end of a NAT flow to `addr`:`port`: the destination of a
- * client's packet (to the backend), or the source of a backend's reply (back
- * to the VIP). The IPv4 header and TCP/UDP checksums are updated
- * incrementally, the pseudo-header included; an IPv4 UDP checksum of 0 (none)
- * stays 0. */
+/* Rewrite one end of a NAT flow to `addr`:`port`, and the other end's port
+ * to `other_port`: the destination of a client's packet (to the backend,
+ * with the source port toward it), or the source of a backend's reply (back
+ * to the VIP, with the client's own port). The IPv4 header and TCP/UDP
+ * checksums are updated incrementally, the pseudo-header included; an IPv4
+ * UDP checksum of 0 (none) stays 0. */
 static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int destination,
-				       const __u32 *addr, __u16 port)
+				       const __u32 *addr, __u16 port, __u16 other_port)
 {
 	struct iphdr *iph = pkt->l3;
 	struct ipv6hdr *ip6h = pkt->l3;
 	struct tcphdr *tcph = pkt->l4;
 	struct udphdr *udph = pkt->l4;
-	__u16 *check = NULL, *portp;
+	__u16 *check = NULL, *portp, *otherp;
 	__u32 *field;
 	int i, nwords;
 
@@ -378,12 +442,14 @@ static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int d
 			return -1;
 		check = &tcph->check;
 		portp = destination ? &tcph->dest : &tcph->source;
+		otherp = destination ? &tcph->source : &tcph->dest;
 	} else {
 		if ((void *)(udph + 1) > data_end)
 			return -1;
 		if (udph->check || pkt->flow.family == FL_AF_INET6)
 			check = &udph->check;
 		portp = destination ? &udph->dest : &udph->source;
+		otherp = destination ? &udph->source : &udph->dest;
 	}
 	if (pkt->flow.family == FL_AF_INET) {
 		if ((void *)(iph + 1) > data_end)
@@ -407,10 +473,13 @@ static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int d
 	}
 	if (check) {
 		fl_csum_replace2(check, *portp, port);
+		if (*otherp != other_port)
+			fl_csum_replace2(check, *otherp, other_port);
 		if (pkt->flow.proto == IPPROTO_UDP && *check == 0)
 			*check = 0xffff;
 	}
 	*portp = port;
+	*otherp = other_port;
 	return 0;
 }
 
@@ -421,7 +490,8 @@ static __always_inline __u16 fl_backend_port(const struct backend *be, const str
 	return be->port ? be->port : flow->dport;
 }
 
-/* The reverse entry of a NAT flow: the backend's reply 5-tuple. */
+/* The reverse entry of a NAT flow: the backend's reply 5-tuple, to the
+ * client's own port (nat_source_port() moves it on a clash). */
 static __always_inline void nat_rev_key(struct flow_key *rkey, struct flow_key *flow, struct backend *be)
 {
 	__builtin_memcpy(rkey->src, be->addr, sizeof(rkey->src));
@@ -433,33 +503,98 @@ static __always_inline void nat_rev_key(struct flow_key *rkey, struct flow_key *
 	rkey->pad = 0;
 }
 
-/* Send a VIP packet on to its backend under NAT, keeping the reverse entry. */
+/* True when a reverse entry belongs to this client flow: same VIP address
+ * and port, same client port (the client address and protocol are in the key). */
+static __always_inline int nat_rev_is(const struct nat_rev *rev, const struct flow_key *flow)
+{
+	return rev->vip_port == flow->dport && rev->client_port == flow->sport &&
+	       rev->vip[0] == flow->dst[0] && rev->vip[1] == flow->dst[1] &&
+	       rev->vip[2] == flow->dst[2] && rev->vip[3] == flow->dst[3];
+}
+
+/* Hold the translated tuple with source port `port` for this flow: true when
+ * it is this flow's already, or was free and is now (an insert, so two CPUs
+ * cannot both take it). */
+static __always_inline int nat_claim(struct flow_key *rkey, __u16 port, struct nat_rev *rev_new,
+				     const struct flow_key *flow)
+{
+	struct nat_rev *rev;
+
+	rkey->dport = port;
+	rev = nat_rev.lookup(rkey);
+	if (rev)
+		return nat_rev_is(rev, flow);
+	return nat_rev.insert(rkey, rev_new) == 0;
+}
+
+/* The source port toward the backend, as netfilter's NAT chooses it: every
+ * translated tuple stays unique. The client's own port, unless another
+ * connection's translated tuple holds it (two NAT VIPs sharing a backend,
+ * one client port to both); then the port this flow was remapped to before
+ * (nat_port), or a free one in 1024..65535 from the flow's hash. Written to
+ * `*sport` (network order; the client's own port may be 0, so the return value
+ * says whether one was found: 0, or -1 when none is free). Leaves `rkey` as
+ * the reverse entry's key. */
+static __always_inline int nat_source_port(struct flow_key *rkey, struct nat_rev *rev_new,
+					   struct flow_key *flow, __u16 *sport)
+{
+	struct nat_rev *rev;
+	__u16 *mapped, port;
+	__u32 hash;
+	int i;
+
+	rev = nat_rev.lookup(rkey);  /* marks it used: it ages no faster than conntrack's */
+	*sport = flow->sport;
+	if (rev && nat_rev_is(rev, flow))
+		return 0;
+	mapped = nat_port.lookup(flow);
+	if (mapped) {
+		*sport = *mapped;
+		if (nat_claim(rkey, *mapped, rev_new, flow))
+			return 0;
+	} else if (!rev && nat_rev.insert(rkey, rev_new) == 0) {
+		return 0;
+	}
+	hash = flow_hash(flow, FL_HASH_5TUPLE, FASTLB_HASH_SEED ^ FL_NAT_SALT);
+	for (i = 0; i < FL_NAT_PORT_TRIES; i++) {
+		port = bpf_htons(FL_NAT_PORT_MIN + (hash + i) % FL_NAT_PORT_SPAN);
+		if (nat_claim(rkey, port, rev_new, flow)) {
+			nat_port.update(flow, &port);
+			*sport = port;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* Send a VIP packet on to its backend under NAT, keeping the connection's
+ * reverse entry (its translated tuple). */
 static __always_inline __u32 nat_out(struct ethhdr *eth, void *data_end, struct fl_pkt *pkt,
-				     struct backend *be, __u32 vip_id, int new_flow)
+				     struct backend *be, __u32 vip_id)
 {
 	struct flow_key rkey = {};
-	struct nat_rev rev = {}, *old;
+	struct nat_rev rev = {};
 	__u8 lb_mac[ETH_ALEN];
+	__u16 sport;
 
 	nat_rev_key(&rkey, &pkt->flow, be);
-	/* Reading the entry marks it used, so it ages no faster than conntrack's. */
-	old = new_flow ? NULL : nat_rev.lookup(&rkey);
-	if (!old) {
-		__builtin_memcpy(rev.vip, pkt->flow.dst, sizeof(rev.vip));
-		rev.vip_port = pkt->flow.dport;
-		__builtin_memcpy(rev.client_mac, eth->h_source, ETH_ALEN);
-		rev.vip_id = vip_id;
-		nat_rev.update(&rkey, &rev);
-	}
-	if (nat_rewrite(pkt, data_end, 1, be->addr, fl_backend_port(be, &pkt->flow)))
+	__builtin_memcpy(rev.vip, pkt->flow.dst, sizeof(rev.vip));
+	rev.vip_port = pkt->flow.dport;
+	rev.client_port = pkt->flow.sport;
+	__builtin_memcpy(rev.client_mac, eth->h_source, ETH_ALEN);
+	rev.vip_id = vip_id;
+	if (nat_source_port(&rkey, &rev, &pkt->flow, &sport))
+		return FL_DROP_NAT_NO_PORT;
+	if (nat_rewrite(pkt, data_end, 1, be->addr, fl_backend_port(be, &pkt->flow), sport))
 		return FL_DROP_L4_MALFORMED;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, be->mac, lb_mac);
 	return FL_TX_NAT;
 }
 
-/* A NAT backend's reply: restore the VIP as its source. 0 when the packet
- * is not one. */
+/* A NAT backend's reply: restore the VIP as its source and the client's own
+ * port as its destination. 0 when the packet is not the reply of a recorded
+ * connection (no reverse entry for its exact tuple): never translated. */
 static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void *data_end,
 				    struct fl_pkt *pkt)
 {
@@ -474,7 +609,7 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 	rev = nat_rev.lookup(&pkt->flow);
 	if (!rev)
 		return 0;
-	if (nat_rewrite(pkt, data_end, 0, rev->vip, rev->vip_port))
+	if (nat_rewrite(pkt, data_end, 0, rev->vip, rev->vip_port, rev->client_port))
 		return 0;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, rev->client_mac, lb_mac);
@@ -486,8 +621,7 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 
 /* Send a packet of a VIP flow to its backend in the VIP's forwarding mode. */
 static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
-					struct vip_meta *vip, __u32 vip_id, struct backend *be,
-					int new_flow)
+					struct vip_meta *vip, __u32 vip_id, struct backend *be)
 {
 	void *data_end = (void *)(long)ctx->data_end;
 	__u8 lb_mac[ETH_ALEN];
@@ -495,7 +629,7 @@ static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, 
 	if (vip->forwarding == FL_FWD_TUNNEL)
 		return tunnel_out(ctx, pkt, be);
 	if (vip->forwarding == FL_FWD_NAT)
-		return nat_out(eth, data_end, pkt, be, vip_id, new_flow);
+		return nat_out(eth, data_end, pkt, be, vip_id);
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, be->mac, lb_mac);
 	return FL_TX_DSR;
@@ -658,6 +792,11 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	}
 	if (be_id == FL_RING_EMPTY)
 		return FL_DROP_NO_BACKEND;
+	if (vip->forwarding == FL_FWD_TUNNEL) {
+		reason = new_flow_too_big(ctx, pkt, be_id);
+		if (reason)
+			return reason;
+	}
 	new_ct.backend_id = be_id;
 	new_ct.vip_id = vip_id;
 	new_ct.vip_gen = vip->gen;
@@ -691,10 +830,13 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	new_flow = 1;
 
 send:
-	reason = to_backend(ctx, eth, pkt, vip, vip_id, be, new_flow);
+	reason = to_backend(ctx, eth, pkt, vip, vip_id, be);
 	if (reason_verdict(reason) == XDP_TX)
 		reason = egress(ctx, pkt, be->egress_ifindex, be->egress_slot, reason);
-	if (reason_verdict(reason) == XDP_TX || reason_verdict(reason) == XDP_REDIRECT) {
+	/* Only a packet sent on to its backend counts for the VIP and backend: an
+	 * ICMP too-big sent back to the client instead moves its reason alone. */
+	if (reason != FL_TX_ICMP_TOO_BIG &&
+	    (reason_verdict(reason) == XDP_TX || reason_verdict(reason) == XDP_REDIRECT)) {
 		count_vip(vip_id, pkt->bytes, new_flow);
 		count_backend(be_id, pkt->bytes, new_flow);
 	}
@@ -703,10 +845,38 @@ send:
 
 /* ---- ICMP, ARP and ND ---- */
 
+/* The backend of a flow with no conntrack entry (behind ECMP the router's
+ * ICMP lands on any box; the guard leaves flows unrecorded): the ring slot of
+ * its hash, the pick its mid-flow packets get on every box (Katran's rule).
+ * NULL when the flow is for no VIP, or the slot has no valid backend. */
+static __always_inline struct backend *icmp_ring_backend(struct flow_key *flow, struct vip_meta **vip)
+{
+	struct vip_key vkey = {};
+	struct backend *be;
+	__u32 *vip_id, be_id;
+
+	__builtin_memcpy(vkey.addr, flow->dst, sizeof(vkey.addr));
+	vkey.port = flow->dport;
+	vkey.proto = flow->proto;
+	vkey.family = flow->family;
+	vip_id = vips.lookup(&vkey);
+	if (!vip_id)
+		return NULL;
+	*vip = vip_table.lookup(vip_id);
+	if (!*vip || !((*vip)->flags & FL_VIP_F_VALID))
+		return NULL;
+	be_id = ring_pick(*vip, *vip_id, flow_hash(flow, (*vip)->hash_mode, FASTLB_HASH_SEED));
+	be = backends.lookup(&be_id);
+	if (!be || !(be->flags & FL_BE_F_VALID))
+		return NULL;
+	return be;
+}
+
 /* An ICMP error about a VIP flow (too big): the quoted header was sent from
  * the VIP to the client, so the flow is its reverse; send the error to that
- * flow's backend, which owns the connection (DSR and tunnel; under NAT the
- * quote holds the VIP, which the backend does not know: passed). */
+ * flow's backend, which owns the connection: its conntrack entry's, else its
+ * ring slot's (DSR and tunnel; under NAT the quote holds the VIP, which the
+ * backend does not know: passed). */
 static __always_inline __u32 icmp_to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
 					     void *quote, void *data_end)
 {
@@ -741,9 +911,9 @@ static __always_inline __u32 icmp_to_backend(struct xdp_md *ctx, struct ethhdr *
 	flow.proto = proto;
 	flow.family = pkt->flow.family;
 	ct = conntrack.lookup(&flow);
-	if (!ct)
-		return FL_PASS_VIP_PORT;
-	be = ct_backend(ct, &vip);
+	be = ct ? ct_backend(ct, &vip) : NULL;
+	if (!be)
+		be = icmp_ring_backend(&flow, &vip);
 	if (!be || vip->forwarding == FL_FWD_NAT)
 		return FL_PASS_VIP_PORT;
 	if (vip->forwarding == FL_FWD_TUNNEL) {

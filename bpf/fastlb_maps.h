@@ -9,13 +9,7 @@
 #define FASTLB_MAPS_H
 
 #include "fastlb_structs.h"
-
-#ifndef FASTLB_PIN_DIR
-#error "FASTLB_PIN_DIR must name the bpffs folder for the maps (the loader sets it)"
-#endif
-
-#define FL_MAP(type, key, value, name, entries, flags) \
-	BPF_TABLE_PINNED7(type, key, value, name, entries, FASTLB_PIN_DIR "/" #name, flags)
+#include "fastlb_pinned.h"
 
 /* A pinned devmap with BCC's redirect_map() method (BPF_DEVMAP, pinned). */
 #define FL_DEVMAP(name, entries)                                              \
@@ -44,7 +38,8 @@ FL_MAP("array", __u32, struct vip_persist, vip_persist, FASTLB_MAX_VIPS, 0);
  * program (a recorded new flow binds; packets refresh), the controller
  * (a removed or failed backend's bindings are deleted). One hash table that
  * every CPU reads (a client's connections arrive on any RX queue), with
- * per-CPU LRU lists: an insert takes no global lock, as in conntrack. */
+ * per-CPU LRU lists: a new client's binding takes no global lock (its
+ * entries are rounded to a multiple of the possible CPUs: layout.kernel_max_entries). */
 FL_MAP("lru_hash", struct persist_key, struct persist_value, persist, FASTLB_CT_SIZE,
        BPF_F_NO_COMMON_LRU);
 
@@ -67,16 +62,24 @@ FL_MAP("percpu_array", __u32, __u32, seq_cursor, FASTLB_MAX_VIPS, 0);
 FL_MAP("array", __u32, __u32, backend_active, FASTLB_MAX_BACKENDS, 0);
 
 /* 5-tuple -> backend and state. Written by the program (new flows) and the
- * controller (flush). Per-CPU LRU lists: a flow stays on one RX queue. */
-FL_MAP("lru_hash", struct flow_key, struct ct_value, conntrack, FASTLB_CT_SIZE,
-       BPF_F_NO_COMMON_LRU);
+ * controller (flush). One LRU for the box, not per-CPU lists: a per-CPU LRU
+ * splits its entries over the possible CPUs, and CPUs without an RX queue
+ * would hold capacity no flow can use. conntrack_size established flows,
+ * plus as many again for the new flows the default guard admits in a second
+ * (docs/CONFIG.md). */
+FL_MAP("lru_hash", struct flow_key, struct ct_value, conntrack, FASTLB_CT_SIZE * 2, 0);
 
-/* NAT: a backend's reply 5-tuple -> the VIP and client to restore.
- * Written by the program with each NAT flow, and refreshed by every packet
- * of it, so it lives at least as long as the conntrack entry; twice the
- * size, so that replies outnumbering requests do not evict it first. */
-FL_MAP("lru_hash", struct flow_key, struct nat_rev, nat_rev, FASTLB_CT_SIZE * 2,
-       BPF_F_NO_COMMON_LRU);
+/* NAT: a connection's translated tuple, reversed (the backend's reply
+ * 5-tuple) -> the VIP and client to restore. Written by the program with
+ * each NAT flow, and refreshed by every packet of it, so it lives at least
+ * as long as the conntrack entry (same size, same LRU flavour). */
+FL_MAP("lru_hash", struct flow_key, struct nat_rev, nat_rev, FASTLB_CT_SIZE * 2, 0);
+
+/* NAT: a client's 5-tuple (as it arrived) -> the source port it was remapped
+ * to toward the backend (network order), for the few flows whose own tuple
+ * toward the backend was held by another connection (netfilter's clash rule).
+ * Written by the program. */
+FL_MAP("lru_hash", struct flow_key, __u16, nat_port, FASTLB_CT_SIZE, 0);
 
 /* 0 -> global settings (ICMP source, tunnel source prefixes, the LB's MAC).
  * Written by the loader. */
@@ -84,6 +87,10 @@ FL_MAP("array", __u32, struct fl_settings, settings, 1, 0);
 
 /* 0 -> this CPU's new-flow guard window. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_flood, flood, 1, 0);
+
+/* 0 -> this CPU's generated-ICMP budget: the theoretical arrival time (ns) of
+ * the next error (GCRA, a token bucket in one word). Written by the program. */
+FL_MAP("percpu_array", __u32, __u64, icmp_bucket, 1, 0);
 
 /* enum fl_event -> packets/bytes. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_counter, event_stats, FL_EVENT_MAX, 0);

@@ -86,12 +86,26 @@ struct ct_value {
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns: creation for TCP, last packet for UDP */
 };
 
-/* Value of nat_rev: how to turn a backend's reply back into the VIP's. */
+/* Value of nat_rev: how to turn a backend's reply back into the VIP's. Its
+ * key (the translated tuple, reversed) and this value together are the whole
+ * NAT connection: client address (key.dst) and port, VIP address and port,
+ * backend address and port (key.src, key.sport). */
 struct nat_rev {
 	__u32 vip[4];               /* the VIP address the client sent to */
 	__u16 vip_port;             /* network byte order */
 	__u8 client_mac[6];         /* next hop towards the client */
 	__u32 vip_id;
+	__u16 client_port;          /* the client's own source port (network order); key.dport
+	                             * differs from it when the source port was remapped */
+	__u16 pad;
+};
+
+/* Key of the decap program's sources LPM trie: an outer source prefix.
+ * prefixlen counts the family word too (32 + the prefix's length). */
+struct fl_src_key {
+	__u32 prefixlen;
+	__u32 family;               /* FL_AF_INET / FL_AF_INET6 */
+	__u32 addr[4];
 };
 
 /* The one entry of the settings array. Written by the loader. */
@@ -106,6 +120,8 @@ struct fl_settings {
 	__u8 lb_mac[6];             /* the attach interface's MAC (ARP/ND answers) */
 	__u16 pad;
 	__u32 new_flow_rate;        /* new flows per CPU per second recorded; 0: no limit */
+	__u32 icmp_rate;            /* ICMP errors generated per CPU per second; 0: no limit */
+	__u32 icmp_burst;           /* ... and at most this many at once */
 	__u32 pad2;
 };
 

@@ -73,6 +73,12 @@ class NeighbourError(FastlbError):
     """A backend's MAC address could not be resolved."""
 
 
+def require_root(command: str, needs: str = "CAP_BPF and CAP_NET_ADMIN") -> None:
+    """Refuse ``fastlb COMMAND`` (e.g. ``"attach"``, ``"lab up"``) unless run as root."""
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"{command} needs root ({needs})", fix=f"run it as root: sudo fastlb {command}")
+
+
 def os_error(exc: OSError) -> str:
     """Render an OSError as ``ENOENT (No such file or directory)``."""
     code = exc.errno or 0

@@ -112,6 +112,19 @@ if ! awk -v p="$bpffs" '$5 == p { for (i = 6; i <= NF; i++) if ($i == "-") { if 
   say "mounted fastlb's bpffs at $bpffs"
 fi
 
+# 5b. fastlb's runtime folders at every boot (/run is empty after one): BIRD's include
+#     folder, without which BIRD refuses to start (systemd/fastlb.tmpfiles says why).
+tmpfiles_rule=/usr/lib/tmpfiles.d/fastlb.conf
+if ! cmp -s "$top/systemd/fastlb.tmpfiles" "$tmpfiles_rule"; then
+  install -D -m 0644 "$top/systemd/fastlb.tmpfiles" "$tmpfiles_rule"
+  say "installed $tmpfiles_rule"
+fi
+if command -v systemd-tmpfiles >/dev/null 2>&1; then
+  systemd-tmpfiles --create "$tmpfiles_rule" || die "systemd-tmpfiles --create $tmpfiles_rule failed. Fix: run it by hand to see why"
+else
+  mkdir -p -m 0755 /run/fastlb-bird
+fi
+
 # 6. The command on root's PATH -----------------------------------------------
 if [ "$(readlink /usr/local/bin/fastlb 2>/dev/null)" != "$venv/bin/fastlb" ]; then
   ln -sfn "$venv/bin/fastlb" /usr/local/bin/fastlb

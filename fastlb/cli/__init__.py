@@ -14,7 +14,7 @@ import sys
 import click
 
 from fastlb import __version__
-from fastlb.errors import FastlbError
+from fastlb.errors import FastlbError, require_root
 
 XDP_MODES = ("auto", "native", "generic")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -57,12 +57,16 @@ def _load_config(path: str):
               type=click.Path(dir_okay=False), help="TOML config to validate.")
 def check(config_path):
     """Validate a config without touching anything."""
-    from fastlb.config import warnings
     config = _load_config(config_path)
     backends = sum(len(v.backends) for v in config.vips)
-    for warning in warnings(config):
-        click.echo(f"{config_path}: warning: {warning}")
     click.echo(f"{config_path}: ok ({len(config.vips)} VIPs, {backends} backends)")
+    _warn(config)
+
+
+def _warn(config) -> None:
+    from fastlb.config import warnings
+    for text in warnings(config):
+        click.echo(f"fastlb: warning: {text}", err=True)
 
 
 def _distinct_ifaces(ctx, param, value):
@@ -104,6 +108,7 @@ def attach(iface, more_ifaces, config_path, xdp_mode, keep, metrics_listen):
     """
     from fastlb.controller.loop import Controller
     config = _load_config(config_path)
+    _warn(config)
     # Block the signals before attaching: one that arrives while attaching (or
     # just after the banner) is then taken by the controller's signal thread.
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROLLER_SIGNALS)
@@ -292,7 +297,7 @@ def _call(request: dict, iface: str | None) -> dict:
 
 def _stats(iface: str | None) -> list[dict]:
     """The controller's stats, or the maps' alone when no controller runs."""
-    from fastlb.controller import attachment, control_socket
+    from fastlb.controller import control_socket
     from fastlb.dataplane import stats
     from fastlb.kernel import pins
     from fastlb.kernel.maps import PinnedMaps
@@ -300,7 +305,7 @@ def _stats(iface: str | None) -> list[dict]:
         return [_call({"cmd": "stats"}, iface)["stats"]]
     except control_socket.NoController as exc:
         why = exc.message
-    attachment.require_root("stats")
+    require_root("stats")
     base = pins.ensure_bpffs()
     names = [iface] if iface else pins.attachments(base)
     if not names or not pins.attachment_dir(names[0], base).exists():
@@ -466,12 +471,11 @@ def _flow_filter(maps, vip_spec, backend_spec):
     names = ct.Names.read(maps)
     vip_ids = backend_ids = None
     if vip_spec:
-        from fastlb.config import parse_vip_spec
+        from fastlb.config import parse_vip_spec, vip_name
         try:
-            addr, port, proto = parse_vip_spec(vip_spec)
+            want = vip_name(*parse_vip_spec(vip_spec))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--vip") from exc
-        want = f"{ct.hostport(addr, port)}/{proto}"
         vip_ids = {i for i, n in names.vips.items() if n == want}
         if not vip_ids:
             raise FastlbError(f"no VIP {want} in the maps", fix="use one of: " + ", ".join(sorted(
@@ -489,10 +493,9 @@ def _flow_filter(maps, vip_spec, backend_spec):
 
 
 def _open_attachment(iface):
-    from fastlb.controller import attachment
     from fastlb.kernel import pins
     from fastlb.kernel.maps import PinnedMaps
-    attachment.require_root("flows")
+    require_root("flows")
     base = pins.ensure_bpffs()
     names = [iface] if iface else pins.attachments(base)
     if not names or not pins.attachment_dir(names[0], base).exists():

@@ -16,30 +16,45 @@ def decap():
     \b
     Example, on each backend of a tunnel VIP:
       sudo ip addr add 198.19.0.100/32 dev lo
-      sudo fastlb decap attach eth0 --vip 198.19.0.100
+      sudo fastlb decap attach eth0 --vip 198.19.0.100 --from 198.18.200.0/24
     """
+
+
+def _check_each(values, parse, option: str, problem: str) -> None:
+    """One clear error naming the option and the bad value."""
+    for value in values:
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"{value!r} {problem}", param_hint=option) from exc
 
 
 @decap.command("attach")
 @click.argument("iface", metavar="IFACE")
 @click.option("--vip", "vips", multiple=True, required=True, metavar="ADDR",
               help="A VIP this backend serves (repeat for several).")
+@click.option("--from", "sources", multiple=True, metavar="PREFIX",
+              help="Accept tunnels only from this outer source prefix: the balancers' tunnel_source "
+                   "(repeat for several). Others are dropped (decap status: source_refused). "
+                   "Without it, every source is accepted.")
 @click.option("--xdp-mode", type=click.Choice(XDP_MODES), default="auto", show_default=True,
               help="native, generic, or auto (native, falling back to generic).")
-def decap_attach(iface, vips, xdp_mode):
+def decap_attach(iface, vips, sources, xdp_mode):
     """Attach the decap program to IFACE and return (it stays attached)."""
     import ipaddress
 
     from fastlb.controller import decap as model
-    for v in vips:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError as exc:
-            raise click.BadParameter(f"{v!r} is not an IP address; write e.g. 198.19.0.100",
-                                     param_hint="--vip") from exc
-    result = model.attach(iface, vips, xdp_mode=xdp_mode)
+    _check_each(vips, ipaddress.ip_address, "--vip", "is not an IP address; write e.g. 198.19.0.100")
+    _check_each(sources, ipaddress.ip_network, "--from",
+                "is not a prefix without host bits; write e.g. 198.18.200.0/24")
+    result = model.attach(iface, vips, xdp_mode=xdp_mode, sources=sources)
     click.echo(f"fastlb: decap attached to {iface} ({result.mode} mode, prog id {result.prog_id}); "
-               f"outer destinations: {', '.join(result.locals)}; VIPs: {', '.join(result.vips)}")
+               f"outer destinations: {', '.join(result.locals)}; VIPs: {', '.join(result.vips)}; "
+               f"outer sources: {', '.join(result.sources)}")
+    if not sources:
+        click.echo("fastlb: warning: decap accepts tunnels from any source, so anyone who can route to "
+                   "this host reaches its VIPs around the balancer; give --from with the balancers' "
+                   "tunnel_source prefixes", err=True)
 
 
 @decap.command("detach")
@@ -68,5 +83,5 @@ def decap_status(as_json):
     for att in data:
         state = "attached" if att["attached"] else "NOT attached"
         click.echo(f"{att['interface']}: {state}; VIPs {', '.join(att['vips'])}; "
-                   f"outer destinations {', '.join(att['locals'])}")
+                   f"outer destinations {', '.join(att['locals'])}; outer sources {', '.join(att['sources'])}")
         click.echo("  " + "  ".join(f"{k} {v}" for k, v in att["counters"].items()))

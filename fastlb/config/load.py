@@ -19,7 +19,7 @@ from fastlb.config.lines import KeyLines, NoLines, toml_error
 from fastlb.config.model import (_BACKEND_KEYS, _BGP_KEYS, _HEALTH_KEYS, _HEALTH_RANGES, _KIND_ONLY, _L7_ONLY,
                                  _PEER_KEYS, _ROUTE_KEYS, _SETTINGS_ADDRESSES, _SETTINGS_KEYS, _SETTINGS_NETWORKS,
                                  _SETTINGS_RANGES, _SETTINGS_SECONDS, _VIP_HEALTH_KEYS, _VIP_KEYS, ALGORITHMS,
-                                 ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS, BUILT_FORWARDING, BUILT_SPEAKERS, CLIENT_IP,
+                                 ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS, BUILT_FORWARDING, CLIENT_IP,
                                  FORWARDING, HASHES, HEALTH_KINDS, L7_HASHES, L7_PROTOCOLS, MAX_PAYLOAD,
                                  MAX_PERSISTENCE, MAX_SLOW_START, PROTOCOLS, SPEAKERS, Backend, Bgp, BgpPeer, Config,
                                  HealthCheck, IPAddress, Route, Settings, Vip)
@@ -68,8 +68,13 @@ FTP_CONTROL = 21
 
 
 def warnings(config: Config) -> list[str]:
-    """What is valid but probably not what the operator wants (``fastlb check`` prints it)."""
+    """What a valid config still does badly, for check and attach to print."""
     out = []
+    if config.settings.hash_seed == 0:
+        out.append("settings.hash_seed is 0: anyone can compute which backend (and which of its RSS "
+                   "queues) a flow lands on, and aim a flood at one. Fix: set hash_seed to one secret "
+                   "random u32, the same on every box behind the same ECMP route "
+                   "(python3 -c 'import secrets; print(secrets.randbits(32))')")
     for vip in config.vips:
         if vip.protocol != "tcp" or not vip.serves(FTP_CONTROL):
             continue
@@ -132,7 +137,7 @@ def _settings(t: _Table) -> Settings:
     defaults = Settings()
     values = {name: (t.number if name in _SETTINGS_SECONDS else t.integer)(
                   name, *_SETTINGS_RANGES[name], default=getattr(defaults, name))
-              for name in _SETTINGS_RANGES}
+              for name in _SETTINGS_RANGES if name in t.data or getattr(defaults, name) is not None}
     for name, version in _SETTINGS_NETWORKS.items():
         values[name] = t.network(name, version) if name in t.data else None
     for name, version in _SETTINGS_ADDRESSES.items():
@@ -148,7 +153,7 @@ def _settings(t: _Table) -> Settings:
 
 def _bgp(t: _Table) -> Bgp:
     t.check_keys(_BGP_KEYS)
-    speaker = t.choice("speaker", SPEAKERS, _MISSING, built=BUILT_SPEAKERS)
+    speaker = t.choice("speaker", SPEAKERS, _MISSING)
     local_as = t.integer("local_as", 1, 2**32 - 1)
     router_id = t.address("router_id", "router id", loopback_ok=True, version=4) if "router_id" in t.data else None
     defaults = Bgp(speaker, local_as, ())

@@ -29,9 +29,8 @@ ALL_DOWN = ("drop", "keep")
 BUILT_ALGORITHMS = frozenset({"maglev", "rr", "wrr", "lc", "lrt"})
 BUILT_FORWARDING = frozenset({"dsr", "tunnel", "nat"})
 ANNOUNCE = ("none", "arp", "bgp")
-# [bgp]: the BGP speaker fastlb drives (fastlb.controller.bgp). Other values are known but not built yet.
-SPEAKERS = ("exabgp", "bird")
-BUILT_SPEAKERS = frozenset({"bird"})
+# [bgp]: the BGP speaker fastlb drives (fastlb.controller.bgp).
+SPEAKERS = ("bird",)
 
 
 def hostport(address: IPAddress, port: int) -> str:
@@ -65,9 +64,23 @@ class Settings:
     sweep_interval: float = 2.0
     # The new-flow guard: new flows per CPU per second that conntrack records; the
     # rest are forwarded by their ring slot, unrecorded (0 turns the guard off).
-    new_flow_rate: int = 125000
+    # None: guard_rate() derives it from conntrack_size.
+    new_flow_rate: int | None = None
+    # ICMP errors fastlb generates (frag-needed / packet-too-big), per CPU: at most
+    # icmp_rate a second in bursts of icmp_burst (RFC 1812 4.3.2.8, RFC 4443 2.4(f)).
+    icmp_rate: int = 1000
+    icmp_burst: int = 50
     # Multi-port VIPs: room in the vips map for the ports of their `ports` lists.
     max_vip_ports: int = 1024
+
+    def guard_rate(self, possible_cpus: int) -> int:
+        """The guard's rate per CPU: ``new_flow_rate``, or by default
+        conntrack_size new flows per second over the box's possible CPUs, so a
+        flood at the guard fills at most the conntrack map's headroom
+        (conntrack_size entries beside the established flows) in a second."""
+        if self.new_flow_rate is not None:
+            return self.new_flow_rate
+        return -(-self.conntrack_size // possible_cpus)
 
 
 @dataclass(frozen=True)
@@ -193,7 +206,7 @@ class Bgp:
     """The ``[bgp]`` table: announce ``announce = "bgp"`` VIPs through a BGP speaker (fastlb.controller.bgp).
 
     ``router_id`` None leaves the speaker's own; ``bird_include`` None means
-    ``/run/fastlb/bird/<IFACE>.conf``.
+    ``/run/fastlb-bird/<IFACE>.conf`` (bgp.DEFAULT_INCLUDE_DIR).
     """
 
     speaker: str
@@ -274,6 +287,8 @@ _SETTINGS_RANGES = {
     "sweep_interval": (0.1, 3600.0),
     "new_flow_rate": (0, 2**32 - 1),
     "max_vip_ports": (0, 1_048_576),
+    "icmp_rate": (0, 2**32 - 1),
+    "icmp_burst": (1, 2**32 - 1),
 }
 _SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not only integers
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}

@@ -144,7 +144,7 @@ class _Table:
         text = self.get(key, str)
         if not text.startswith("/") or any(c in text for c in '"\\') or not text.isprintable():
             raise self.error((key,), f"{_show(text)} is not an absolute path without quotes, backslashes "
-                                     "or control characters", fix='write it like "/run/fastlb/bird/eth0.conf"')
+                                     "or control characters", fix='write it like "/run/fastlb-bird/eth0.conf"')
         return text
 
     def network(self, key: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

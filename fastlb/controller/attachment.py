@@ -9,26 +9,18 @@ after the first change removes what this attach created.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastlb.controller import state
-from fastlb.dataplane import flows
+from fastlb.dataplane import identity, stats
 from fastlb.dataplane.tables import apply
-from fastlb.errors import FastlbError, PrivilegeError
+from fastlb.errors import FastlbError, require_root
 from fastlb.kernel import cdefs, neighbours, pins, structs, xdp
 from fastlb.kernel.layout import Sizes
 from fastlb.kernel.loader import Program
 from fastlb.kernel.maps import PinnedMaps
-
-
-def require_root(action: str) -> None:
-    if os.geteuid() != 0:
-        raise PrivilegeError(f"{action} needs root (CAP_BPF and CAP_NET_ADMIN)",
-                             fix=f"run it as root: sudo fastlb {action}")
 
 
 @dataclass
@@ -126,38 +118,25 @@ def detach(ifname: str, say=None) -> bool:
 
 def _read_vips(maps: PinnedMaps) -> list[dict]:
     vips = []
-    names = {v: k.removeprefix("FL_ALG_").lower() for k, v in cdefs.enum("fl_algorithm").items()}
-    fwd = {v: k.removeprefix("FL_FWD_").lower() for k, v in cdefs.enum("fl_forwarding").items()}
-    for vip_id, key in flows.vip_keys(maps).items():
-        meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
-        addr = structs.unpack_addr(key.addr, key.family)
-        proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
-        port = structs.port_host(key.port)
-        name = f"[{addr}]:{port}/{proto}" if addr.version == 6 else f"{addr}:{port}/{proto}"
+    for vip_id, slot in identity.vips(maps).items():
         c = maps.counter("vip_stats", vip_id)
-        vips.append({"vip": name, "vip_id": vip_id, "algorithm": names.get(meta.algorithm, "?"),
-                     "forwarding": fwd.get(meta.forwarding, "?"), "ring_size": meta.ring_size,
+        vips.append({"vip": slot.name, "vip_id": vip_id, "algorithm": slot.algorithm,
+                     "forwarding": slot.forwarding, "ring_size": slot.meta.ring_size if slot.meta else 0,
                      "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "backends": []})
     return sorted(vips, key=lambda v: v["vip_id"])
 
 
 def _read_backends(maps: PinnedMaps, vips: list[dict]) -> None:
     by_id = {v["vip_id"]: v for v in vips}
-    keys = flows.vip_keys(maps)
-    max_backends = maps.info("backends").max_entries
-    for be_id in range(max_backends):
-        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-        if entry is None or not entry.flags & cdefs.FL_BE_F_VALID:
+    for be_id, slot in identity.backends(maps).items():
+        vip = by_id.get(slot.entry.vip_id)
+        if vip is None or not slot.valid:
             continue
         c = maps.counter("backend_stats", be_id)
-        vip = by_id.get(entry.vip_id)
-        if vip is None:
-            continue
         vip["backends"].append({
-            "backend": str(structs.unpack_addr(entry.addr, entry.family)), "backend_id": be_id,
-            "port": flows.backend_port(entry, keys.get(entry.vip_id)), "weight": entry.weight,
-            "mac": structs.mac_str(entry.mac),
-            "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows})
+            "backend": str(slot.address), "backend_id": be_id, "port": slot.port, "weight": slot.entry.weight,
+            "mac": structs.mac_str(slot.entry.mac), "packets": c.packets, "bytes": c.bytes,
+            "new_flows": c.new_flows})
 
 
 def status() -> list[dict]:
@@ -182,13 +161,7 @@ def status() -> list[dict]:
             with PinnedMaps(pin_dir) as maps:
                 vips = _read_vips(maps)
                 _read_backends(maps, vips)
-                reasons = {}
-                for name, idx in cdefs.enum("fl_reason").items():
-                    if name == "FL_REASON_MAX":
-                        continue
-                    c = maps.counter("reason_stats", idx)
-                    reasons[name.removeprefix("FL_").lower()] = {
-                        "verdict": cdefs.reason_verdict(name), "packets": c.packets, "bytes": c.bytes}
+                reasons, verdicts = stats.reasons(maps)
                 events = {name.removeprefix("FL_EV_").lower(): maps.counter("event_stats", idx).packets
                           for name, idx in cdefs.enum("fl_event").items() if name != "FL_EVENT_MAX"}
                 conntrack = maps.info("conntrack").max_entries
@@ -196,9 +169,6 @@ def status() -> list[dict]:
             entry["problem"] = str(exc)
             out.append(entry)
             continue
-        verdicts: dict[str, int] = {}
-        for r in reasons.values():
-            verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + r["packets"]
         entry.update(vips=vips, reasons=reasons, verdicts=verdicts, events=events, conntrack_size=conntrack)
         from fastlb.controller import bgp
         announced = bgp.status(ifname)

@@ -51,6 +51,7 @@ from typing import Callable
 
 from fastlb.config import Bgp, BgpPeer, Config
 from fastlb.controller import state
+from fastlb.controller.files import write_atomic
 from fastlb.errors import FastlbError
 from fastlb.kernel import pins
 
@@ -189,13 +190,9 @@ def write_include(path: str, text: str) -> bool:
         raise SpeakerError(f"cannot read {path}: {exc.strerror or exc}",
                            fix="check bgp.bird_include and its folder's permissions") from exc
     directory = os.path.dirname(path)
-    tmp = f"{path}.fastlb.tmp"
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)   # BIRD reads it as its own user
-        os.replace(tmp, path)
+        write_atomic(path, text, 0o644)   # BIRD reads it as its own user
     except OSError as exc:
         raise SpeakerError(f"cannot write {path}: {exc.strerror or exc}",
                            fix="check bgp.bird_include and its folder's permissions") from exc
@@ -331,9 +328,7 @@ def save_state(ifname: str, bgp: Bgp, include: str, routes: list[str], vips: dic
     p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     body = {"version": STATE_VERSION, "interface": ifname, "bgp": _bgp_to_json(bgp), "include": include,
             "routes": routes, "vips": {name: asdict(a) for name, a in sorted(vips.items())}}
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps(body, indent=1) + "\n")
 
 
 def remove_state(ifname: str) -> None:

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from fastlb.controller.attachment import require_root
-from fastlb.errors import FastlbError
+from fastlb.errors import FastlbError, require_root
 from fastlb.kernel import cdefs, neighbours, pins, structs, xdp
 from fastlb.kernel.layout import DECAP_MAP_SPECS, Sizes
 from fastlb.kernel.loader import Program
@@ -35,6 +34,7 @@ class DecapResult:
     prog_id: int
     locals: list[str]
     vips: list[str]
+    sources: list[str]
 
 
 def interface_addresses(ifindex: int) -> list[str]:
@@ -52,10 +52,35 @@ def _addr_key(address) -> structs.VipKey:
     return structs.addr_marker_key(ipaddress.ip_address(address))
 
 
-def attach(ifname: str, vips, xdp_mode: str = "auto") -> DecapResult:
-    """Attach (or update) the decap program on ``ifname`` for ``vips``."""
+ANY_SOURCE = ("0.0.0.0/0", "::/0")
+
+
+def source_key(prefix) -> structs.SrcKey:
+    """The sources trie's key of an outer source prefix (the family word, then the prefix)."""
+    net = ipaddress.ip_network(str(prefix))
+    return structs.SrcKey(prefixlen=32 + net.prefixlen, family=structs.family_of(net.network_address),
+                          addr=structs.pack_addr(net.network_address))
+
+
+def write_sources(maps, prefixes) -> None:
+    """Accept tunnels only from ``prefixes`` (every source when empty)."""
+    want = {bytes(source_key(p)) for p in (prefixes or ANY_SOURCE)}
+    for key in list(maps.keys("sources")):
+        if bytes(key) not in want:
+            maps.delete("sources", key)
+    for raw in want:
+        maps.update("sources", structs.SrcKey.from_buffer_copy(raw), ctypes.c_uint32(1))
+
+
+def attach(ifname: str, vips, xdp_mode: str = "auto", sources=()) -> DecapResult:
+    """Attach (or update) the decap program on ``ifname`` for ``vips``, accepting
+    tunnels from the ``sources`` prefixes only (every source when empty)."""
     require_root("decap attach")
     vips = [ipaddress.ip_address(str(v)) for v in vips]
+    sources = [ipaddress.ip_network(str(p)) for p in sources]
+    if len(sources) > cdefs.FASTLB_DECAP_MAX_SOURCES:
+        raise FastlbError(f"{len(sources)} --from prefixes; decap takes at most {cdefs.FASTLB_DECAP_MAX_SOURCES}",
+                          fix="give the balancers' tunnel_source prefixes, aggregated")
     if not vips:
         raise FastlbError("decap needs at least one VIP", fix="give --vip ADDR, once per VIP")
     if len(vips) > cdefs.FASTLB_DECAP_MAX_ADDRS // 2:
@@ -86,6 +111,7 @@ def attach(ifname: str, vips, xdp_mode: str = "auto") -> DecapResult:
                     maps.delete("addrs", key)
             for raw, value in flags.items():
                 maps.update("addrs", structs.VipKey.from_buffer_copy(raw), ctypes.c_uint32(value))
+            write_sources(maps, sources)
         prog.pin()
         mode = xdp.attach(prog.fd, iface, pin_dir, xdp_mode)
         prog_id = neighbours.interface(ifname).xdp_prog_id
@@ -95,7 +121,8 @@ def attach(ifname: str, vips, xdp_mode: str = "auto") -> DecapResult:
             pins.remove_dir(pin_dir)
         raise
     prog.close()
-    return DecapResult(ifname=ifname, mode=mode, prog_id=prog_id, locals=local, vips=[str(v) for v in vips])
+    return DecapResult(ifname=ifname, mode=mode, prog_id=prog_id, locals=local, vips=[str(v) for v in vips],
+                       sources=[str(p) for p in sources] or list(ANY_SOURCE))
 
 
 def detach(ifname: str) -> bool:
@@ -131,6 +158,8 @@ def status() -> list[dict]:
                     entry["vips"].append(addr)
                 if value.value & cdefs.FL_DECAP_ADDR_LOCAL:
                     entry["locals"].append(addr)
+            entry["sources"] = sorted(str(ipaddress.ip_network(
+                (structs.unpack_addr(k.addr, k.family), k.prefixlen - 32))) for k in maps.keys("sources"))
             entry["counters"] = {name: maps.counter("decap_stats", idx).packets for idx, name in reasons.items()}
         out.append(entry)
     return out

@@ -45,11 +45,12 @@ from datetime import datetime, timezone
 
 from fastlb.config import Config, ConfigError, edits, l4_view, load_config, render_config, validate
 from fastlb.controller import attachment, bgp, control_socket, health, neighbour_watch, planner, state
+from fastlb.controller.files import write_atomic
 from fastlb.controller.planner import NO_MAC, Key, lrt_score
 from fastlb.core import PeakEwma
-from fastlb.dataplane import flows, stats, tables
-from fastlb.errors import FastlbError, NeighbourError
-from fastlb.kernel import neighbours, pins, xdp
+from fastlb.dataplane import flows, identity, stats, tables
+from fastlb.errors import FastlbError, NeighbourError, require_root
+from fastlb.kernel import neighbours, pins, structs, xdp
 from fastlb.kernel.layout import Sizes
 from fastlb.kernel.maps import PinnedMaps
 
@@ -137,7 +138,7 @@ class Controller:
 
     def start(self) -> attachment.AttachResult:
         """Attach (or adopt the attachment), then start the threads. Returns the attach result."""
-        attachment.require_root("attach")
+        require_root("attach")
         iface = neighbours.interface(self.ifname)
         pin_dir = pins.attachment_dir(self.ifname, pins.ensure_bpffs())
         self.ifaces = [iface] + [neighbours.interface(n) for n in self.extra_ifaces]
@@ -219,13 +220,8 @@ class Controller:
     def _macs_from_maps(self, pin_dir) -> None:
         """Adopting: a backend that does not resolve now keeps the MAC the maps hold."""
         with PinnedMaps(pin_dir) as maps:
-            for be_id in range(maps.info("backends").max_entries):
-                entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-                if entry is None or not entry.family:
-                    continue
-                from fastlb.kernel import structs
-                addr = str(structs.unpack_addr(entry.addr, entry.family))
-                mac = structs.mac_str(entry.mac)
+            for slot in identity.backends(maps).values():
+                addr, mac = str(slot.address), structs.mac_str(slot.entry.mac)
                 if addr in self._addresses() and addr not in self.macs and mac != NO_MAC:
                     self.macs[addr] = mac
 
@@ -338,7 +334,7 @@ class Controller:
     # ---- building the tables --------------------------------------------------
 
     def _valid_slots(self) -> set[int]:
-        return {be_id for be_id, _ in tables._valid_backends(self.maps, self.sizes)}
+        return tables.valid_slots(self.maps)
 
     def _rebuild(self) -> None:
         before = self._valid_slots()
@@ -654,16 +650,12 @@ class Controller:
     def _save(self) -> str:
         text = render_config(self.config)
         path = self.config_path
-        tmp = f"{path}.fastlb-save.tmp"
         try:
             mode = os.stat(path).st_mode & 0o7777
         except OSError:
             mode = 0o644
         try:
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
+            write_atomic(path, text, mode)
         except OSError as exc:
             raise FastlbError(f"cannot write {path}: {exc.strerror or exc}",
                               fix="check the file's folder and permissions") from exc

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from fastlb.controller.files import write_atomic
 from fastlb.kernel import pins
 
 DEFAULT_ROOT = "/run/fastlb/state"
@@ -50,11 +51,9 @@ def load(ifname: str) -> dict[tuple[str, bytes], str]:
 def save(ifname: str, states: dict[tuple[str, bytes], str]) -> None:
     p = path(ifname)
     p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
     body = {"version": VERSION,
             "backends": {_name(k): v for k, v in sorted(states.items()) if v in ("up", "down")}}
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps(body, indent=1) + "\n")
 
 
 def remove(ifname: str) -> None:

@@ -23,6 +23,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from fastlb import core
+from fastlb.dataplane import identity
 from fastlb.dataplane.tables import ring_positions, seq_positions
 from fastlb.errors import FastlbError
 from fastlb.kernel import cdefs
@@ -199,15 +200,12 @@ def binding(vip, src: str) -> str | None:
 def live_counts(vip) -> tuple[list[int], list[int], str] | None:
     """Active connections and rtt per backend of ``vip`` (config order), read
     from the attachment in this network namespace that serves it; None if none does."""
-    from fastlb.kernel import structs
     for ifname, maps, vip_id in _serving(vip):
-        by_addr = {}
-        for be_id in range(maps.info("backends").max_entries):
-            entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-            if entry is not None and entry.flags & cdefs.FL_BE_F_VALID and entry.vip_id == vip_id.value:
+        by_key = {}
+        for be_id, slot in identity.backends(maps).items():
+            if slot.valid and slot.entry.vip_id == vip_id.value:
                 active = maps.lookup("backend_active", ctypes.c_uint32(be_id)).value
-                by_addr[(bytes(entry.addr), entry.port)] = (active, entry.rtt_us)
-        figures = [by_addr.get((bytes(structs.pack_addr(b.address)), structs.port_be(b.port)), (0, 0))
-                   for b in vip.backends]
+                by_key[slot.name.encode()] = (active, slot.entry.rtt_us)
+        figures = [by_key.get(b.key, (0, 0)) for b in vip.backends]
         return [f[0] for f in figures], [f[1] for f in figures], f"live counts from {ifname}'s maps"
     return None

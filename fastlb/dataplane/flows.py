@@ -21,10 +21,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from fastlb.config.model import hostport
+from fastlb.dataplane import identity
 from fastlb.kernel import bpfsys, cdefs, structs
 from fastlb.kernel.maps import PinnedMaps
 
-PROTO_NAMES = {6: "tcp", 17: "udp"}
 CLOCK_MONOTONIC_COARSE = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)  # Linux's value; Python 3.11 lacks the name
 
 
@@ -52,12 +53,7 @@ class Slots:
             meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
             if meta is not None and meta.flags & cdefs.FL_VIP_F_VALID:
                 vip_gens[vip_id] = meta.gen
-        backends = {}
-        for be_id in range(maps.info("backends").max_entries):
-            entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-            if entry is not None and entry.flags & cdefs.FL_BE_F_VALID:
-                backends[be_id] = entry
-        return cls(vip_gens, backends)
+        return cls(vip_gens, {be_id: slot.entry for be_id, slot in identity.backends(maps).items() if slot.valid})
 
     def stands(self, value: structs.CtValue) -> bool:
         """True when the kernel would still send this flow to its recorded backend."""
@@ -186,43 +182,8 @@ class Names:
 
     @classmethod
     def read(cls, maps: PinnedMaps) -> "Names":
-        keys = vip_keys(maps)
-        vips = {vid: vip_name(key) for vid, key in keys.items()}
-        backends = {}
-        for be_id in range(maps.info("backends").max_entries):
-            entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-            if entry is not None and entry.family:
-                backends[be_id] = hostport(structs.unpack_addr(entry.addr, entry.family),
-                                           backend_port(entry, keys.get(entry.vip_id)))
-        return cls(vips, backends)
-
-
-def vip_keys(maps: PinnedMaps) -> dict[int, structs.VipKey]:
-    """Each VIP's key by vip id: a multi-port VIP has a key per port, and its lowest port names it."""
-    out: dict[int, structs.VipKey] = {}
-    for key, vip_id in maps.items("vips"):
-        vid = vip_id.value
-        if vid in (cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE):
-            continue
-        if vid not in out or structs.port_host(key.port) < structs.port_host(out[vid].port):
-            out[vid] = key
-    return out
-
-
-def backend_port(entry: structs.Backend, vip_key: structs.VipKey | None) -> int:
-    """A backend's port; 0 in the map means the client's (a multi-port VIP): shown as the VIP's lowest."""
-    port = structs.port_host(entry.port)
-    return port if port or vip_key is None else structs.port_host(vip_key.port)
-
-
-def hostport(address, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
-
-
-def vip_name(key: structs.VipKey) -> str:
-    addr = structs.unpack_addr(key.addr, key.family)
-    proto = PROTO_NAMES.get(key.proto, str(key.proto))
-    return f"{hostport(addr, structs.port_host(key.port))}/{proto}"
+        return cls({vip_id: slot.name for vip_id, slot in identity.vips(maps).items()},
+                   {be_id: slot.name for be_id, slot in identity.backends(maps).items()})
 
 
 def describe(key: structs.FlowKey, value: structs.CtValue, names: Names, slots: Slots, now: int) -> dict:
@@ -231,7 +192,7 @@ def describe(key: structs.FlowKey, value: structs.CtValue, names: Names, slots: 
     dst = structs.unpack_addr(key.dst, key.family)
     flags = [n for n, bit in (("counted", cdefs.FL_CT_F_COUNTED), ("closing", cdefs.FL_CT_F_CLOSING))
              if value.flags & bit]
-    proto = PROTO_NAMES.get(key.proto, str(key.proto))
+    proto = identity.PROTO_NAMES.get(key.proto, str(key.proto))
     clock = "idle_s" if key.proto == 17 else "age_s"
     same_vip = slots.vip_gens.get(value.vip_id) == value.vip_gen
     return {"proto": proto, "client": hostport(src, structs.port_host(key.sport)),

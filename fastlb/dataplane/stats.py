@@ -10,15 +10,9 @@ the maps alone and says so. :func:`render` is the text form.
 
 from __future__ import annotations
 
-import ctypes
-
-from fastlb.dataplane import flows
+from fastlb.dataplane import flows, identity
 from fastlb.kernel import cdefs, structs
 from fastlb.kernel.maps import PinnedMaps
-
-
-def _names(enum: str, prefix: str) -> dict[int, str]:
-    return {v: k.removeprefix(prefix).lower() for k, v in cdefs.enum(enum).items()}
 
 
 def reasons(maps: PinnedMaps) -> tuple[dict, dict]:
@@ -43,26 +37,22 @@ def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = Tr
     backend (state, weight, latency, ...); None when no controller answers.
     ``count_flows`` walks conntrack to count its entries.
     """
-    algorithms = _names("fl_algorithm", "FL_ALG_")
     vips: dict[int, dict] = {}
-    keys = flows.vip_keys(maps)
-    for vip_id, key in keys.items():
-        meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
+    for vip_id, slot in identity.vips(maps).items():
         c = maps.counter("vip_stats", vip_id)
-        vips[vip_id] = {"vip": flows.vip_name(key), "algorithm": algorithms.get(meta.algorithm, "?"),
+        vips[vip_id] = {"vip": slot.name, "algorithm": slot.algorithm,
                         "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "active": 0,
                         "healthy_backends": 0, "backends": []}
     size = maps.info("backends").max_entries
     active = maps.read_u32_slice("backend_active", 0, size)
-    for be_id in range(size):
-        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-        if entry is None or not entry.family or entry.vip_id not in vips:
+    for be_id, slot in identity.backends(maps).items():
+        entry = slot.entry
+        if entry.vip_id not in vips:
             continue
         vip = vips[entry.vip_id]
-        name = flows.hostport(structs.unpack_addr(entry.addr, entry.family),
-                              flows.backend_port(entry, keys.get(entry.vip_id)))
+        name = slot.name
         c = maps.counter("backend_stats", be_id)
-        valid = bool(entry.flags & cdefs.FL_BE_F_VALID)
+        valid = slot.valid
         be = {"backend": name, "backend_id": be_id, "weight": entry.weight, "valid": valid,
               "in_table": valid and entry.weight > 0, "mac": structs.mac_str(entry.mac), "rtt_us": entry.rtt_us,
               "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows,

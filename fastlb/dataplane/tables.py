@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from fastlb import core
 from fastlb.config import l4_view
+from fastlb.dataplane import identity
 from fastlb.errors import FastlbError
-from fastlb.kernel import cdefs, structs
+from fastlb.kernel import bpfsys, cdefs, structs
 from fastlb.kernel.layout import Sizes
 from fastlb.kernel.maps import PinnedMaps
 
@@ -48,8 +49,7 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
     its neighbours and move their established flows.
     """
     config = l4_view(config)
-    held_vips = {bytes(key): vid.value for key, vid in maps.items("vips")
-                 if vid.value not in (cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE)}
+    held_vips = {bytes(slot.key): vid for vid, slot in identity.vips(maps).items()}
     vip_ids: dict[str, int] = {}
     for vip in config.vips:
         vid = held_vips.get(bytes(_vip_key(vip)))
@@ -64,7 +64,7 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
                                   "attached program was built with",
                                   fix="raise settings.max_vips and attach again (a new build)")
 
-    held_backends = {_identity(e): be_id for be_id, e in _held_backends(maps, sizes)}
+    held_backends = {_identity(e): be_id for be_id, e in _held_backends(maps)}
     backend_ids: dict[tuple[str, int], int] = {}
     for vip in config.vips:
         for pos, b in enumerate(vip.backends):
@@ -141,7 +141,8 @@ def settings_entry(config, lb_mac: str | None) -> structs.Settings:
     """The settings map's one entry: tunnel source prefixes, ICMP sources, NAT use, the LB's MAC."""
     cfg = config.settings
     entry = structs.Settings(nat_vips=sum(1 for v in config.vips if v.forwarding == "nat"),
-                             new_flow_rate=cfg.new_flow_rate)
+                             new_flow_rate=cfg.guard_rate(bpfsys.possible_cpus()),
+                             icmp_rate=cfg.icmp_rate, icmp_burst=cfg.icmp_burst)
     if cfg.tunnel_source is not None:
         entry.tunnel_src4 = structs.pack_addr(cfg.tunnel_source.network_address)[0]
         entry.tunnel_host4 = structs.pack_addr(cfg.tunnel_source.hostmask)[0]
@@ -217,7 +218,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
                 maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
 
     used_backends = set()
-    held = dict(_held_backends(maps, sizes))
+    held = dict(_held_backends(maps))
     for vip in config.vips:
         vip_id = placement.vip_ids[vip.name]
         for pos, backend in enumerate(vip.backends):
@@ -270,7 +271,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         if held_id is None or held_id.value != value:
             maps.update("vips", key, ctypes.c_uint32(value))
             written["vips"] += 1
-    for be_id, _entry in list(_held_backends(maps, sizes)):
+    for be_id, _entry in list(_held_backends(maps)):
         if be_id not in used_backends:
             maps.update("backends", ctypes.c_uint32(be_id), structs.Backend())
             written["removed"] += 1
@@ -314,15 +315,11 @@ def _identity(entry: structs.Backend) -> tuple:
     return entry.vip_id, bytes(entry.addr), entry.port
 
 
-def _valid_backends(maps: PinnedMaps, sizes: Sizes):
-    for be_id, entry in _held_backends(maps, sizes):
-        if entry.flags & cdefs.FL_BE_F_VALID:
-            yield be_id, entry
+def valid_slots(maps: PinnedMaps) -> set[int]:
+    """The backend ids whose slot is valid (takes flows)."""
+    return {be_id for be_id, slot in identity.backends(maps).items() if slot.valid}
 
 
-def _held_backends(maps: PinnedMaps, sizes: Sizes):
+def _held_backends(maps: PinnedMaps):
     """Slots that hold a backend: valid ones, and those kept for a backend that is down."""
-    for be_id in range(sizes.max_backends):
-        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-        if entry is not None and entry.family != 0:
-            yield be_id, entry
+    return ((be_id, slot.entry) for be_id, slot in identity.backends(maps).items())

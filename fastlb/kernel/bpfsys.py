@@ -39,7 +39,7 @@ BPF_LINK_DETACH = 34
 BPF_XDP = 37
 BPF_LINK_TYPE_XDP = 6
 MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash",
-             10: "lru_percpu_hash", 14: "devmap"}
+             10: "lru_percpu_hash", 11: "lpm_trie", 14: "devmap"}
 
 # XDP attach flags (include/uapi/linux/if_link.h)
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1
@@ -48,6 +48,9 @@ XDP_FLAGS_DRV_MODE = 4
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
+
+# Map creation flags (include/uapi/linux/bpf.h)
+BPF_F_NO_COMMON_LRU = 2
 
 
 class _MapElemAttr(ctypes.Structure):

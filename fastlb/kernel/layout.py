@@ -42,6 +42,19 @@ class Sizes:
                 f"-DFASTLB_MAX_VIP_PORTS={self.max_vip_ports}"]
 
 
+def kernel_max_entries(requested: int, map_flags: int, map_type: str, ncpus: int) -> int:
+    """The max_entries the kernel gives a map asked for ``requested`` entries.
+
+    A per-CPU LRU (``BPF_F_NO_COMMON_LRU``) splits its entries over the possible
+    CPUs, so htab_map_alloc() rounds them up to a multiple of their count (down
+    when the u32 would overflow); every other map keeps what was asked.
+    """
+    if map_type not in ("lru_hash", "lru_percpu_hash") or not map_flags & bpfsys.BPF_F_NO_COMMON_LRU:
+        return requested
+    up = -(-requested // ncpus) * ncpus % 2**32
+    return up if up >= requested else requested // ncpus * ncpus
+
+
 @dataclass(frozen=True)
 class MapSpec:
     name: str
@@ -49,6 +62,7 @@ class MapSpec:
     key: type
     value: type
     percpu: bool = False
+    flags: int = 0              # map_flags, as fastlb_maps.h declares them
 
     def entries(self, sizes: Sizes) -> int:
         return {
@@ -59,16 +73,19 @@ class MapSpec:
             "seq": sizes.max_vips * sizes.seq_size,
             "seq_cursor": sizes.max_vips,
             "backend_active": sizes.max_backends,
-            "conntrack": sizes.conntrack_size,
+            "conntrack": sizes.conntrack_size * 2,  # established flows, and the guard's headroom
             "nat_rev": sizes.conntrack_size * 2,
             "vip_persist": sizes.max_vips,
             "persist": sizes.conntrack_size,
+            "nat_port": sizes.conntrack_size,
             "settings": 1,
             "flood": 1,
+            "icmp_bucket": 1,
             "tx_ports": cdefs.FASTLB_MAX_IFACES,
             "ifaces": cdefs.FASTLB_MAX_IFACES,
             "event_stats": cdefs.FL_EVENT_MAX,
             "addrs": cdefs.FASTLB_DECAP_MAX_ADDRS,
+            "sources": cdefs.FASTLB_DECAP_MAX_SOURCES,
             "decap_stats": cdefs.FL_DECAP_REASON_MAX,
             "reason_stats": cdefs.FL_REASON_MAX,
             "vip_stats": sizes.max_vips,
@@ -88,9 +105,11 @@ MAP_SPECS = (
     MapSpec("conntrack", "lru_hash", structs.FlowKey, structs.CtValue),
     MapSpec("nat_rev", "lru_hash", structs.FlowKey, structs.NatRev),
     MapSpec("vip_persist", "array", ctypes.c_uint32, structs.VipPersist),
-    MapSpec("persist", "lru_hash", structs.PersistKey, structs.PersistValue),
+    MapSpec("persist", "lru_hash", structs.PersistKey, structs.PersistValue, flags=bpfsys.BPF_F_NO_COMMON_LRU),
+    MapSpec("nat_port", "lru_hash", structs.FlowKey, ctypes.c_uint16),
     MapSpec("settings", "array", ctypes.c_uint32, structs.Settings),
     MapSpec("flood", "percpu_array", ctypes.c_uint32, structs.Flood, percpu=True),
+    MapSpec("icmp_bucket", "percpu_array", ctypes.c_uint32, ctypes.c_uint64, percpu=True),
     MapSpec("tx_ports", "devmap", ctypes.c_uint32, ctypes.c_int32),
     MapSpec("ifaces", "array", ctypes.c_uint32, structs.Iface),
     MapSpec("event_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
@@ -103,6 +122,7 @@ MAP_SPECS = (
 # The maps of bpf/fastlb_decap.c, the backends' decapsulation program.
 DECAP_MAP_SPECS = (
     MapSpec("addrs", "hash", structs.VipKey, ctypes.c_uint32),
+    MapSpec("sources", "lpm_trie", structs.SrcKey, ctypes.c_uint32),
     MapSpec("decap_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
 )
 
@@ -118,10 +138,12 @@ def check_pinned_layouts(pin_dir: Path, sizes: Sizes, specs=MAP_SPECS) -> None:
             info = bpfsys.map_info(fd)
         finally:
             os.close(fd)
-        want = (spec.type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.entries(sizes))
-        have = (info.type_name, info.key_size, info.value_size, info.max_entries)
+        entries = kernel_max_entries(spec.entries(sizes), spec.flags, spec.type, bpfsys.possible_cpus())
+        lru_flavour = bpfsys.BPF_F_NO_COMMON_LRU  # the flag that changes what a pin holds (BCC adds others)
+        want = (spec.type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), entries, spec.flags & lru_flavour)
+        have = (info.type_name, info.key_size, info.value_size, info.max_entries, info.map_flags & lru_flavour)
         if want != have:
             raise BpfError(
-                f"pinned map {path} has type/key/value/entries {have}, the program declares {want}",
+                f"pinned map {path} has type/key/value/entries/flags {have}, the program declares {want}",
                 fix=f"the config's [settings] or fastlb's version changed; run 'fastlb detach {pin_dir.name}' "
                     "to drop the old maps (this drops conntrack state), then attach again")

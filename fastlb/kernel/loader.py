@@ -9,13 +9,12 @@ compares every pin against them.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
-from fastlb.errors import BpfError, PrivilegeError, ToolchainError
+from fastlb.errors import PrivilegeError
 from fastlb.kernel import bpfsys, cdefs
+from fastlb.kernel.bcc_load import load_xdp
 from fastlb.kernel.layout import MAP_SPECS, Sizes, check_pinned_layouts
 
 PROGRAM_SOURCE = "fastlb_kern.c"
@@ -24,22 +23,6 @@ PROGRAM_FUNCTION = "xdp_fastlb"
 
 def bpf_dir() -> Path:
     return cdefs.bpf_dir()
-
-
-@contextlib.contextmanager
-def _captured_stderr():
-    """Capture the C library's stderr (BCC prints compiler messages there)."""
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        box = {"text": ""}
-        try:
-            yield box
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            box["text"] = tmp.read().decode(errors="replace")
 
 
 class Program:
@@ -68,30 +51,9 @@ class Program:
         if os.geteuid() != 0:
             raise PrivilegeError("loading an XDP program needs root (CAP_BPF, CAP_NET_ADMIN)",
                                  fix="run fastlb as root (sudo)")
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise ToolchainError("BCC's Python module (bcc) is not importable",
-                                 fix="sudo make setup (installs python3-bpfcc and the venv)") from exc
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         check_pinned_layouts(self.pin_dir, self.sizes, self.specs)
-        src = bpf_dir() / self.source
-        with _captured_stderr() as err:
-            try:
-                bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
-                fn = bpf.load_func(self.function.encode(), BPF.XDP)
-            except Exception as exc:  # BCC raises bare Exception
-                failure = exc
-            else:
-                failure = None
-        self.messages = err["text"]
-        if failure is not None:
-            detail = _last_lines(self.messages)
-            if "kernel headers" in self.messages or "modules/" in self.messages:
-                raise ToolchainError(f"BCC could not find kernel headers: {detail}",
-                                     fix="sudo make setup (links Debian's linux-headers-amd64)") from failure
-            raise BpfError(f"compiling/loading {src} failed: {failure}; {detail}",
-                           fix="run with FASTLB_DEBUG=1 for the full compiler output") from failure
+        bpf, fn, self.messages = load_xdp(bpf_dir() / self.source, self.function, self.cflags())
         self.bpf = bpf
         self.fd = fn.fd
         return self
@@ -108,12 +70,3 @@ class Program:
             self.bpf.cleanup()
             self.bpf = None
             self.fd = -1
-
-
-def _last_lines(text: str, count: int = 6) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if os.environ.get("FASTLB_DEBUG") == "1":
-        return "\n".join(lines)
-    errors = [ln for ln in lines if "error" in ln.lower()] or lines
-    return " | ".join(errors[-count:])
-

@@ -41,6 +41,17 @@ class Interface:
     xdp_mode: int             # IFLA_XDP_ATTACHED: 0 none, 1 drv, 2 skb, 3 hw, 4 multi
 
 
+# pyroute2 decodes IFLA_XDP_ATTACHED to its own names; the kernel's values are XDP_ATTACHED_*.
+_XDP_ATTACHED = {None: 0, "xdp": 1, "xdpgeneric": 2, "xdpoffload": 3, "xdpmulti": 4}
+
+
+def xdp_attached(value) -> int:
+    """IFLA_XDP_ATTACHED as the kernel's number (0 none, 1 drv, 2 skb, 3 hw, 4 multi), however pyroute2 gives it."""
+    if isinstance(value, int):
+        return value
+    return _XDP_ATTACHED.get(value, 0)
+
+
 def interface(name: str) -> Interface:
     """Look an interface up in this network namespace."""
     with IPRoute() as ipr:
@@ -53,7 +64,7 @@ def interface(name: str) -> Interface:
     xdp = link.get_attr("IFLA_XDP")
     prog_id, mode = 0, 0
     if xdp is not None:
-        mode = xdp.get_attr("IFLA_XDP_ATTACHED") or 0
+        mode = xdp_attached(xdp.get_attr("IFLA_XDP_ATTACHED"))
         prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
     return Interface(name=name, index=idx[0], mac=link.get_attr("IFLA_ADDRESS") or "",
                      mtu=link.get_attr("IFLA_MTU") or 0, xdp_prog_id=prog_id, xdp_mode=mode)

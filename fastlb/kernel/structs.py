@@ -54,7 +54,11 @@ class CtValue(ctypes.Structure):
 
 class NatRev(ctypes.Structure):
     _fields_ = [("vip", U32x4), ("vip_port", ctypes.c_uint16), ("client_mac", ctypes.c_uint8 * 6),
-                ("vip_id", ctypes.c_uint32)]
+                ("vip_id", ctypes.c_uint32), ("client_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class SrcKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("family", ctypes.c_uint32), ("addr", U32x4)]
 
 
 class PersistKey(ctypes.Structure):
@@ -75,7 +79,8 @@ class Settings(ctypes.Structure):
                 ("tunnel_src4", ctypes.c_uint32), ("tunnel_host4", ctypes.c_uint32),
                 ("tunnel_src6", U32x4), ("tunnel_host6", ctypes.c_uint32),
                 ("nat_vips", ctypes.c_uint32), ("lb_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16),
-                ("new_flow_rate", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
+                ("new_flow_rate", ctypes.c_uint32), ("icmp_rate", ctypes.c_uint32),
+                ("icmp_burst", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
 
 
 class Flood(ctypes.Structure):
@@ -99,6 +104,7 @@ C_STRUCTS = {
     "fl_settings": Settings,
     "fl_flood": Flood,
     "fl_iface": Iface,
+    "fl_src_key": SrcKey,
 }
 
 

@@ -8,12 +8,11 @@ pyroute2, rich and matplotlib load inside the commands that use them.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 
 import click
 
-from fastlb.errors import PrivilegeError
+from fastlb import errors
 
 MAX_BACKENDS = 100  # fastlb.lab.topology.MAX_BACKENDS, repeated so that --help stays light
 
@@ -82,9 +81,7 @@ def _lab_forwarding() -> tuple[str, ...]:
 
 
 def require_root(command: str) -> None:
-    if os.geteuid() != 0:
-        raise PrivilegeError(f"fastlb lab {command} needs root (network namespaces, BPF)",
-                             fix=f"run it with sudo: sudo fastlb lab {command}")
+    errors.require_root(f"lab {command}", needs="network namespaces, BPF")
 
 
 def _console():

@@ -36,7 +36,6 @@ import argparse
 import ctypes
 import ipaddress
 import json
-import os
 import socket
 import sys
 import time
@@ -266,20 +265,13 @@ class Generator:
 
     def __init__(self, frame: bytes, udp_offset: int, ifindex: int, flows: int,
                  base_port: int = BASE_PORT):
-        from bcc import BPF
-
-        from fastlb.errors import BpfError
+        from fastlb.kernel.bcc_load import load_xdp
 
         if not 1 <= flows <= MAX_FLOWS or not 0 < base_port <= 65536 - flows:
             raise ValueError(f"flows={flows} from source port {base_port} do not fit in 1..65535")
         self.frame = frame
         cflags = [f"-DTG_FRAME_LEN={len(frame)}", f"-DTG_UDP_OFFSET={udp_offset}"]
-        try:
-            self.bpf = BPF(src_file=os.fsencode(TRAFFICGEN_SRC), cflags=cflags)
-            self.fn = self.bpf.load_func(b"xdp_trafficgen", BPF.XDP)
-        except Exception as exc:  # BCC raises a bare Exception on compile/load errors
-            raise BpfError(f"cannot load {TRAFFICGEN_SRC.name}: {exc}",
-                           fix="check the kernel headers under /lib/modules/$(uname -r)") from exc
+        self.bpf, self.fn, _ = load_xdp(TRAFFICGEN_SRC, "xdp_trafficgen", cflags)
         try:
             config = self.bpf[b"tg_config"]
             leaf = config.Leaf()

@@ -37,6 +37,7 @@ from pathlib import Path
 from pyroute2 import netns as _pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from fastlb.controller.files import write_atomic
 from fastlb.errors import FastlbError, os_error
 
 NETNS_DIR = Path("/var/run/netns")
@@ -247,18 +248,11 @@ class State:
     def save(self, exclusive: bool = False) -> None:
         """Write the state file atomically; with ``exclusive``, refuse to replace one."""
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = STATE_DIR / f".{self.runid}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
         try:
-            if exclusive:
-                os.link(tmp, self.path)  # fails with EEXIST instead of replacing
-            else:
-                os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(asdict(self), indent=1) + "\n", exclusive=exclusive)
         except FileExistsError:
             raise LabError(f"lab run id {self.runid} is in use ({self.path} exists)",
                            fix="pick another run id, or leave it out for a random one") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def remove(self) -> None:
         """Remove the state file; a missing one is fine."""

@@ -37,7 +37,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from fastlb.errors import AttachError, BpfError, FastlbError, PrivilegeError, ToolchainError, os_error
+from fastlb.errors import AttachError, FastlbError, PrivilegeError, os_error
 from fastlb.kernel.cdefs import bpf_dir
 from fastlb.lab import netns
 from fastlb.lab.netns import LabError
@@ -485,20 +485,8 @@ class Lab:
     # ---- the XDP_PASS program on the LB's switch port --------------------------------
 
     def _attach_xdp_pass(self) -> None:
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise ToolchainError("BCC's Python module (bcc) is not importable",
-                                 fix="apt-get install python3-bpfcc; use a venv with "
-                                     "--system-site-packages") from exc
-        if not XDP_PASS_SRC.is_file():
-            raise BpfError(f"{XDP_PASS_SRC} is missing", fix="reinstall fastlb, or set FASTLB_BPF_DIR to the folder holding the BPF sources")
-        try:
-            self._bpf = BPF(src_file=os.fsencode(XDP_PASS_SRC))
-            fn = self._bpf.load_func(b"xdp_pass", BPF.XDP)
-        except Exception as exc:  # BCC raises a bare Exception on compile/load errors
-            raise BpfError(f"cannot load {XDP_PASS_SRC.name}: {exc}",
-                           fix="check the kernel headers under /lib/modules/$(uname -r)") from exc
+        from fastlb.kernel.bcc_load import load_xdp
+        self._bpf, fn, _ = load_xdp(XDP_PASS_SRC, "xdp_pass")
         for role in self.xdp_pass_roles:
             dev = self.switch_port(role)
             with self.ipr("switch") as sw:

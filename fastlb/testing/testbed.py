@@ -8,6 +8,7 @@ Backends get made-up MAC addresses, since nothing is resolved here.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import uuid
 
@@ -69,6 +70,18 @@ class Testbed:
     def reason_counts(self) -> dict[str, int]:
         return {name: self.maps.counter("reason_stats", idx).packets
                 for name, idx in cdefs.enum("fl_reason").items() if name != "FL_REASON_MAX"}
+
+    def forget(self) -> None:
+        """Empty the VIP and backend tables, as a fresh load has them (slots are placed anew)."""
+        from fastlb.kernel import structs
+        for key in list(self.maps.keys("vips")):
+            self.maps.delete("vips", key)
+        for vip_id in range(self.sizes.max_vips):
+            self.maps.update("vip_table", ctypes.c_uint32(vip_id), structs.VipMeta())
+        for be_id in range(self.sizes.max_backends):
+            self.maps.update("backends", ctypes.c_uint32(be_id), structs.Backend())
+        self.flush_conntrack()
+        self.config = None
 
     def flush_conntrack(self) -> int:
         keys = list(self.maps.keys("conntrack"))

@@ -31,8 +31,13 @@ VIP4, VIP6 = "198.19.0.100", "2001:db8:ffff::100"
 OUTER4, OUTER6 = "198.18.200.7", "2001:db8:200::7"
 
 
+# The balancers' tunnel source prefixes (fastlb decap attach --from).
+FROM4, FROM6 = "198.18.200.0/24", "2001:db8:200::/64"
+
+
 @pytest.fixture(scope="module")
 def decap():
+    from fastlb.controller.decap import write_sources
     pin_dir = pins.ensure_bpffs() / f"scratch-decap-{uuid.uuid4().hex[:6]}"
     prog = Program(pin_dir, Sizes(), source="fastlb_decap.c", function="xdp_fastlb_decap",
                    specs=DECAP_MAP_SPECS).load()
@@ -41,6 +46,7 @@ def decap():
         for addr, flag in ((LOCAL4, cdefs.FL_DECAP_ADDR_LOCAL), (LOCAL6, cdefs.FL_DECAP_ADDR_LOCAL),
                            (VIP4, cdefs.FL_DECAP_ADDR_VIP), (VIP6, cdefs.FL_DECAP_ADDR_VIP)):
             maps.update("addrs", structs.addr_marker_key(ipaddress.ip_address(addr)), ctypes.c_uint32(flag))
+        write_sources(maps, [FROM4, FROM6])
         yield prog, maps
     finally:
         maps.close()
@@ -106,3 +112,60 @@ def test_truncated_inner_header_is_dropped(decap):
     pkt = bytes(eth() / IP(src=OUTER4, dst=LOCAL4, proto=4, len=20 + 10) / Raw(bytes(INNER4)[:10]))
     verdict, _, moved = run(decap, pkt)
     assert verdict == XDP_VERDICTS["drop"] and moved == {"FL_DECAP_MALFORMED": 1}
+
+
+@pytest.mark.parametrize("outer", [
+    eth() / IP(src="198.18.9.9", dst=LOCAL4, proto=4) / INNER4,
+    eth() / IPv6(src="2001:db8:9::9", dst=LOCAL6, nh=41) / INNER6,
+], ids=["IPv4 outer source outside --from", "IPv6 outer source outside --from"])
+def test_a_tunnel_packet_from_outside_the_balancers_prefixes_is_dropped(decap, outer):
+    """Only the balancers may tunnel to a VIP: anyone else reaching a backend would
+    bypass the balancer and its guard. Dropped, not passed, so that no tunnel
+    device of the host decapsulates it instead."""
+    verdict, _, moved = run(decap, outer)
+    assert verdict == XDP_VERDICTS["drop"] and moved == {"FL_DECAP_SOURCE_REFUSED": 1}
+
+
+def test_no_from_accepts_every_source(decap):
+    from fastlb.controller.decap import write_sources
+    _, maps = decap
+    write_sources(maps, [])
+    try:
+        verdict, out, moved = run(decap, eth() / IP(src="198.18.9.9", dst=LOCAL4, proto=4) / INNER4)
+        assert moved == {"FL_DECAP_OK": 1} and out == bytes(eth() / INNER4)
+    finally:
+        write_sources(maps, [FROM4, FROM6])
+
+
+NOT_ECT, ECT1, ECT0, CE = 0, 1, 2, 3
+
+
+def _ecn4(tos_dscp, ecn):
+    return IP(src="198.18.0.1", dst=VIP4, tos=tos_dscp | ecn) / TCP(sport=40001, dport=80, flags="A") / Raw(b"e")
+
+
+def _ecn6(ecn):
+    return IPv6(src="2001:db8::1", dst=VIP6, tc=0x28 | ecn) / UDP(sport=40001, dport=53) / Raw(b"e")
+
+
+# RFC 6040 section 4.2 (normal mode), decapsulation: (outer, inner) -> inner after, or "drop".
+ECN_TABLE = [(NOT_ECT, NOT_ECT, NOT_ECT), (CE, NOT_ECT, "drop"), (ECT0, NOT_ECT, NOT_ECT),
+             (CE, ECT0, CE), (CE, ECT1, CE), (ECT1, ECT0, ECT1), (ECT0, ECT1, ECT1), (NOT_ECT, ECT0, ECT0),
+             (NOT_ECT, CE, CE), (ECT0, CE, CE)]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("outer_ecn,inner_ecn,want", ECN_TABLE,
+                         ids=[f"outer {o} inner {i}" for o, i, _ in ECN_TABLE])
+def test_ecn_is_propagated_on_decapsulation_as_rfc_6040_says(decap, family, outer_ecn, inner_ecn, want):
+    if family == 4:
+        inner, outer = _ecn4(0x28, inner_ecn), IP(src=OUTER4, dst=LOCAL4, proto=4, tos=0x28 | outer_ecn)
+    else:
+        inner, outer = _ecn6(inner_ecn), IPv6(src=OUTER6, dst=LOCAL6, nh=41, tc=0x28 | outer_ecn)
+    verdict, out, moved = run(decap, eth() / outer / inner)
+    if want == "drop":
+        assert verdict == XDP_VERDICTS["drop"] and moved == {"FL_DECAP_ECN_DROP": 1}
+        return
+    assert verdict == XDP_VERDICTS["pass"] and moved == {"FL_DECAP_OK": 1}
+    expect = _ecn4(0x28, want) if family == 4 else _ecn6(want)  # scapy recomputes the checksum
+    assert out == bytes(eth() / expect)

@@ -13,9 +13,7 @@ NAT-reply, ARP, ND and ICMP frames byte for byte as their rules build them.
 Every mode has VIPs (DSR, tunnel, NAT with its replies, announce = "arp"),
 and the frames arrive on a veth of the run whose MTU the tunnel's check
 measures. Then deliberately wrong oracles (at least one per mode) must be
-caught, so a silent fuzzer cannot pass. Disagreements issue 13 tracks for
-other branches are counted apart (KNOWN), and each has an xfail(strict)
-test here that turns red when its fix lands.
+caught, so a silent fuzzer cannot pass. No disagreement is excused.
 
 The other tests check the model and the generator without the kernel:
 hand-made frames against the documented rules, the checksum code against
@@ -340,15 +338,11 @@ def device():
 def campaign(bed, device):
     def make(model, seed=SEED):
         bed.flush_conntrack()
-        for key in list(bed.maps.keys("nat_rev")):
-            bed.maps.delete("nat_rev", key)
+        for table in ("nat_rev", "nat_port"):
+            for key in list(bed.maps.keys(table)):
+                bed.maps.delete(table, key)
         return oracle.Campaign(bed, model, seed, ifindex=device.ifindex)
     return make
-
-
-# Disagreements the fuzzer may meet that are tracked elsewhere (Oracle._known_defect);
-# anything else fails the campaign.
-KNOWN = ("issue 13 item 8", "too-big frames count in vip_stats/backend_stats")
 
 
 @pytest.mark.root
@@ -362,7 +356,7 @@ def test_100000_frames_agree_with_the_oracle(campaign, figures):
     REPORT.write_text(text + "\n")
     assert rep.packets >= PACKETS
     assert (rep.disagreements, rep.misforwards, rep.active_problems) == (0, 0, []), text
-    assert all(label.startswith(KNOWN) for label in rep.known), text
+    assert not rep.known, text
     # The generator must reach every rule and every mode, or a silent gap would pass.
     for reason in ("FL_TX_DSR", "FL_PASS_NOT_IP", "FL_PASS_NOT_VIP", "FL_PASS_VIP_PORT", "FL_PASS_VLAN_DEPTH",
                    "FL_PASS_L2_NOT_UNICAST", "FL_DROP_L2_TRUNCATED", "FL_DROP_L3_MALFORMED", "FL_DROP_FRAGMENT",
@@ -390,20 +384,33 @@ def _one(bed, device, frame: bytes):
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason="found by the fuzzer: forward() counts every XDP_TX reason in vip_stats and "
-                   "backend_stats, FL_TX_ICMP_TOO_BIG included (the dataplane branch owns MTU/PTB); DATAPLANE.md: "
-                   "FL_TX_ICMP_* move only their reason counter")
 def test_a_too_big_frame_moves_only_its_reason_counter(bed, device):
-    frame = bytes(eth() / IP(src=CLIENT4, dst=T4, flags="DF") / TCP(sport=4242, dport=80, flags="S")
-                  / Raw(b"x" * 1341))
+    """A new flow's too-big first packet (recorded nowhere, rule 11), then an
+    established flow's too-big packet: each moves FL_TX_ICMP_TOO_BIG alone."""
+    big = Raw(b"x" * 1341)   # L3 1381 + 20 > the MTU
+    frame = bytes(eth() / IP(src=CLIENT4, dst=T4, flags="DF") / TCP(sport=4242, dport=80, flags="S") / big)
+    verdict, out, reasons, vips, backends = _one(bed, device, frame)
+    assert reasons == {"FL_TX_ICMP_TOO_BIG": (1, len(frame), 0)}
+    assert (vips, backends) == ({}, {})
+    syn = bytes(eth() / IP(src=CLIENT4, dst=T4, flags="DF") / TCP(sport=4244, dport=80, flags="S"))
+    assert _one(bed, device, syn)[2] == {"FL_TX_TUNNEL": (1, len(syn), 0)}
+    frame = bytes(eth() / IP(src=CLIENT4, dst=T4, flags="DF") / TCP(sport=4244, dport=80, flags="A") / big)
     verdict, out, reasons, vips, backends = _one(bed, device, frame)
     assert reasons == {"FL_TX_ICMP_TOO_BIG": (1, len(frame), 0)}
     assert (vips, backends) == ({}, {})
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason="issue 13 item 8 (the dataplane branch): bpf_check_mtu() measures the whole "
-                   "frame, VLAN tags included, instead of the L3 length")
+def test_a_nat_client_with_source_port_0_is_translated(bed, device):
+    """Found by the fuzzer: the client's own port is the tuple toward the backend
+    when it is free, 0 included (DATAPLANE.md), not 'no free port'."""
+    frame = bytes(eth() / IP(src=CLIENT4, dst=N4) / TCP(sport=0, dport=80, flags="S"))
+    verdict, out, reasons, vips, backends = _one(bed, device, frame)
+    assert reasons == {"FL_TX_NAT": (1, len(frame), 0)}
+    assert IP(out[14:])[TCP].sport == 0
+
+
+@pytest.mark.root
 def test_a_vlan_tagged_frame_that_fits_the_mtu_once_tunnelled_is_tunnelled(bed, device):
     frame = bytes(eth() / Dot1Q(vlan=7) / IP(src=CLIENT4, dst=T4, flags="DF") / TCP(sport=4243, dport=80, flags="S")
                   / Raw(b"x" * 1340))   # L3 1380 + 20 = the MTU

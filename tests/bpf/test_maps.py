@@ -39,3 +39,43 @@ def test_percpu_counter_sums_cpus(loaded):
     n = loaded.maps.ncpus
     assert (total.packets, total.bytes, total.new_flows) == (n * (n + 1) // 2, 10 * n * (n + 1) // 2, n)
     bpfsys.map_update(loaded.maps.fds["vip_stats"], ctypes.c_uint32(7), (structs.Counter * n)())
+
+
+ARP_AND_PLAIN = """
+[[vip]]
+address = "198.18.0.100"
+port = 80
+announce = "arp"
+[[vip.backend]]
+address = "198.18.0.11"
+[[vip]]
+address = "198.19.0.100"
+port = 53
+protocol = "udp"
+algorithm = "rr"
+[[vip.backend]]
+address = "198.18.0.12"
+"""
+
+
+def test_one_reader_skips_every_address_marker_for_every_command(loaded):
+    """An arp VIP's address marker is no VIP to stats, metrics, status or flows (issue 13 item 3)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fastlb.controller import attachment
+    from fastlb.controller.metrics import StatsCollector
+    from fastlb.dataplane import flows, identity, stats
+    loaded.apply(ARP_AND_PLAIN)
+    try:
+        names = {"198.18.0.100:80/tcp", "198.19.0.100:53/udp"}
+        assert {s.name for s in identity.vips(loaded.maps).values()} == names
+        data = stats.collect(loaded.maps)
+        assert {v["vip"]: v["algorithm"] for v in data["vips"]} == {"198.18.0.100:80/tcp": "maglev",
+                                                                    "198.19.0.100:53/udp": "rr"}
+        assert set(flows.Names.read(loaded.maps).vips.values()) == names
+        assert {v["vip"] for v in attachment._read_vips(loaded.maps)} == names
+        registry = CollectorRegistry()
+        registry.register(StatsCollector(lambda: dict(data, interface="eth0", controller=False)))
+        assert b'vip="198.18.0.100:80/tcp"' in generate_latest(registry)
+    finally:
+        loaded.forget()   # the next module places its slots from scratch

@@ -27,10 +27,13 @@ pytestmark = pytest.mark.root
 
 TUN4, TUN6, TUN46 = "198.19.1.1", "2001:db8:ffff::1:1", "198.19.1.2"
 NAT4, NAT6 = "198.19.2.1", "2001:db8:ffff::2:1"
+# Two NAT VIPs per family that share one backend address and port.
+SHARED4, SHARED6 = ("198.19.2.3", "198.19.2.4"), ("2001:db8:ffff::2:3", "2001:db8:ffff::2:4")
+SHARED_BACKEND4, SHARED_BACKEND6 = "198.18.2.21", "2001:db8:2::21"
 TUNNEL_NET4 = ipaddress.ip_network("198.18.200.0/24")
 TUNNEL_NET6 = ipaddress.ip_network("2001:db8:200::/64")
 
-CONFIG = f"""
+BASE_CONFIG = f"""
 [settings]
 max_vips = 16
 max_backends = 64
@@ -51,7 +54,13 @@ icmp_source6 = "2001:db8::2"
         (NAT4, 53, "udp", "nat", ["198.18.2.11", "198.18.2.12"], 5353),
         (NAT6, 80, "tcp", "nat", ["2001:db8:2::11", "2001:db8:2::12"], 8080),
         (NAT6, 53, "udp", "nat", ["2001:db8:2::11"], 5353),
-    ]) + f"""
+        (SHARED4[0], 80, "tcp", "nat", [SHARED_BACKEND4], 8080),
+        (SHARED4[1], 80, "tcp", "nat", [SHARED_BACKEND4], 8080),
+        (SHARED6[0], 80, "tcp", "nat", [SHARED_BACKEND6], 8080),
+        (SHARED6[1], 80, "tcp", "nat", [SHARED_BACKEND6], 8080),
+    ])
+# The testbed holds 16 VIPs: the multi-port one here, the ICMP section's four below (on BASE_CONFIG).
+CONFIG = BASE_CONFIG + f"""
 [[vip]]
 address = "{NAT4}"
 ports = [21, "30000-30010"]
@@ -207,6 +216,86 @@ def test_nat_forward_and_reply(prog, desc, make):
     assert back == bytes(recompute(want))
 
 
+def nat_reply_to(fwd, flags="SA"):
+    """The backend's answer to a NAT-forwarded packet, sent to the LB as its gateway."""
+    ipl = IP(src=ip_of(fwd).dst, dst=ip_of(fwd).src) if IP in fwd else IPv6(src=ip_of(fwd).dst, dst=ip_of(fwd).src)
+    return recompute(Ether(src=fake_mac(ip_of(fwd).dst), dst=LB_MAC) / ipl /
+                     TCP(sport=fwd[TCP].dport, dport=fwd[TCP].sport, flags=flags) / Raw(b"answer"))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_two_nat_vips_sharing_a_backend_keep_one_client_port_apart(prog, family):
+    """One client, one source port, two NAT VIPs with the same backend address:port
+    (Linux allows it toward different destinations). Netfilter's rule: the tuple
+    toward the backend stays unique; on a clash the source port toward the backend
+    is remapped, and the reply gets the client's own port back."""
+    client, (vip_a, vip_b) = (CLIENT4, SHARED4) if family == 4 else (CLIENT6, SHARED6)
+    ipc = IP if family == 4 else IPv6
+    sport = 40100
+    syn_a = recompute(eth() / ipc(src=client, dst=vip_a) / TCP(sport=sport, dport=80, flags="S"))
+    syn_b = recompute(eth() / ipc(src=client, dst=vip_b) / TCP(sport=sport, dport=80, flags="S"))
+    fwd_a = Ether(run_row(prog, syn_a, "FL_TX_NAT"))
+    assert bytes(fwd_a) == nat_forward_expected(prog, syn_a)  # no clash: the client's own port
+    fwd_b = Ether(run_row(prog, syn_b, "FL_TX_NAT"))
+    remapped = fwd_b[TCP].sport
+    assert remapped != sport
+    # The rule for the clashing one: as any NAT forward, and the source port remapped.
+    want_b = Ether(nat_forward_expected(prog, syn_b))
+    want_b[TCP].sport = remapped
+    assert bytes(fwd_b) == bytes(recompute(want_b))
+    # Later packets of each flow keep their tuple toward the backend.
+    ack_b = recompute(eth() / ipc(src=client, dst=vip_b) / TCP(sport=sport, dport=80, flags="A"))
+    assert Ether(run_row(prog, ack_b, "FL_TX_NAT"))[TCP].sport == remapped
+    ack_a = recompute(eth() / ipc(src=client, dst=vip_a) / TCP(sport=sport, dport=80, flags="A"))
+    assert Ether(run_row(prog, ack_a, "FL_TX_NAT"))[TCP].sport == sport
+    # Each reply leaves from the VIP its connection was made to, to the client's own port.
+    for fwd, vip in ((fwd_a, vip_a), (fwd_b, vip_b)):
+        reply = nat_reply_to(fwd)
+        back = run_row(prog, reply, "FL_TX_NAT_REPLY")
+        want = reply.copy()
+        want[Ether].src, want[Ether].dst = LB_MAC, CLIENT_MAC
+        ip_of(want).src = vip
+        want[TCP].sport, want[TCP].dport = 80, sport
+        assert back == bytes(recompute(want))
+    # A "reply" to a port no recorded connection was translated to is not translated.
+    stray = nat_reply_to(fwd_b)
+    stray[TCP].dport = 1 + (remapped % 65535)
+    stray = recompute(stray)
+    assert run_row(prog, stray, "FL_PASS_NOT_VIP") == bytes(stray)
+
+
+def test_a_nat_clash_with_no_free_port_is_dropped(prog):
+    """When the client's own tuple toward the backend and every remapped port the
+    flow may take (1024 + (hash + i) mod 64512, i < FL_NAT_PORT_TRIES; hash: the
+    flow hash seeded with hash_seed ^ FL_NAT_SALT) belong to other connections,
+    the packet is dropped, counted, never sent with a tuple another connection owns."""
+    import ctypes
+
+    from fastlb import core
+    from fastlb.kernel import structs
+    from helpers.packets import flow_of
+    client, backend, sport = ipaddress.ip_address(CLIENT4), ipaddress.ip_address(SHARED_BACKEND4), 40200
+    syn = recompute(eth() / IP(src=CLIENT4, dst=SHARED4[1]) / TCP(sport=sport, dport=80, flags="S"))
+    h = core.flow_hash(*flow_of(syn), prog.sizes.hash_seed ^ cdefs.FL_NAT_SALT, cdefs.FL_HASH_5TUPLE)
+    ports = [sport] + [cdefs.FL_NAT_PORT_MIN + (h + i) % cdefs.FL_NAT_PORT_SPAN
+                       for i in range(cdefs.FL_NAT_PORT_TRIES)]
+    other = structs.NatRev(vip=structs.pack_addr(ipaddress.ip_address(SHARED4[0])),
+                           vip_port=structs.port_be(80), client_port=structs.port_be(sport))
+    keys = [structs.FlowKey(src=structs.pack_addr(backend), dst=structs.pack_addr(client),
+                            sport=structs.port_be(8080), dport=structs.port_be(p), proto=6,
+                            family=cdefs.FL_AF_INET) for p in ports]
+    try:
+        for key in keys:
+            prog.maps.update("nat_rev", key, other)
+        run_row(prog, syn, "FL_DROP_NAT_NO_PORT")
+        prog.maps.delete("nat_rev", keys[-1])
+        # The last candidate is free again: the flow takes it.
+        assert Ether(run_row(prog, syn, "FL_TX_NAT"))[TCP].sport == ports[-1]
+    finally:
+        for key in keys:
+            prog.maps.delete("nat_rev", key)
+
+
 def test_a_reply_with_no_nat_state_passes_untouched(prog):
     stray = recompute(Ether(src=fake_mac("198.18.2.11"), dst=LB_MAC) /
                       IP(src="198.18.2.11", dst=CLIENT4) / TCP(sport=8080, dport=45678, flags="A"))
@@ -219,7 +308,8 @@ def test_every_reason_has_a_row():
                                               "FL_TX_ICMP_TO_BACKEND", "FL_TX_ARP_REPLY", "FL_TX_ND_ADVERT",
                                               "FL_REDIRECT_DSR", "FL_REDIRECT_TUNNEL", "FL_REDIRECT_NAT",
                                               "FL_REDIRECT_NAT_REPLY", "FL_REDIRECT_ICMP_TO_BACKEND",
-                                              "FL_DROP_NO_EGRESS"} \
+                                              "FL_DROP_NO_EGRESS", "FL_DROP_NAT_NO_PORT", "FL_TX_ICMP_TOO_BIG",
+                                              "FL_DROP_ICMP_RATE_LIMITED"} \
         | COVERED_ELSEWHERE
     reasons = set(cdefs.enum("fl_reason")) - {"FL_REASON_MAX"}
     assert reasons - covered == set()
@@ -230,7 +320,7 @@ def test_every_reason_has_a_row():
 # tests/e2e/test_e2e_modes.py sends too-big frames through a real veth, and
 # tests/bpf/test_fuzz.py makes its frames arrive on a veth of MTU 1400
 # (ingress_ifindex), where the oracle checks the too-big answers byte for byte.
-COVERED_ELSEWHERE = {"FL_DROP_TOO_BIG", "FL_TX_ICMP_TOO_BIG", "FL_DROP_ENCAP_FAILED"}
+COVERED_ELSEWHERE = {"FL_DROP_TOO_BIG", "FL_DROP_ENCAP_FAILED"}
 
 
 # ---- ICMP, ARP and ND -------------------------------------------------------------
@@ -250,7 +340,7 @@ from helpers.packets import VIP4 as DSR_VIP4  # noqa: E402
 from helpers.packets import VIP6 as DSR_VIP6
 
 ANNOUNCED4, ANNOUNCED6 = "198.19.3.1", "2001:db8:ffff::3:1"
-ANNOUNCE_CONFIG = CONFIG + "".join(
+ANNOUNCE_CONFIG = BASE_CONFIG + "".join(
     f'\n[[vip]]\naddress = "{vip}"\nport = 80\nannounce = "arp"\n[[vip.backend]]\naddress = "{b}"\n'
     for vip, b in ((ANNOUNCED4, "198.18.3.11"), (ANNOUNCED6, "2001:db8:3::11"))) + \
     f'\n[[vip]]\naddress = "{DSR_VIP4}"\nport = 80\n[[vip.backend]]\naddress = "198.18.0.11"\n' + \
@@ -308,8 +398,8 @@ def test_ping6_of_a_vip_address_is_answered(icmp_prog):
      "FL_PASS_L2_NOT_UNICAST"),
     ("timestamp request to a VIP address", lambda: eth() / IP(src=CLIENT4, dst=DSR_VIP4) / ICMP(type=13), "FL_PASS_VIP_PORT"),
     ("ping of a non-VIP", lambda: eth() / IP(src=CLIENT4, dst="198.18.0.2") / ICMP(), "FL_PASS_NOT_VIP"),
-    ("frag-needed about no known flow", lambda: eth() / IP(src="198.18.9.9", dst=DSR_VIP4) / ICMP(type=3, code=4, nexthopmtu=1400)
-     / IPerror(src=DSR_VIP4, dst=CLIENT4) / TCPerror(sport=80, dport=49999), "FL_PASS_VIP_PORT"),
+    ("frag-needed about a port with no VIP", lambda: eth() / IP(src="198.18.9.9", dst=DSR_VIP4) / ICMP(type=3, code=4, nexthopmtu=1400)
+     / IPerror(src=DSR_VIP4, dst=CLIENT4) / TCPerror(sport=81, dport=49999), "FL_PASS_VIP_PORT"),
     ("ARP for a VIP that is not announced", lambda: Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") /
      ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT4, pdst=DSR_VIP4), "FL_PASS_NOT_IP"),
     ("ARP reply for an announced VIP", lambda: Ether(src=CLIENT_MAC, dst=LB_MAC) /
@@ -347,6 +437,39 @@ def test_frag_needed_about_a_tunnel_flow_is_tunnelled_to_its_backend(icmp_prog):
     out = Ether(run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND"))
     assert out[IP].dst == first[IP].dst and out[IP].src == first[IP].src and out[IP].proto == 4
     assert bytes(out[IP].payload) == bytes(err[IP])
+
+
+@pytest.mark.parametrize("sport", range(49990, 49998))
+def test_frag_needed_about_a_flow_not_in_conntrack_goes_to_its_ring_backend(icmp_prog, sport):
+    """Behind ECMP a router's ICMP lands on any box, and a flow the guard left
+    unrecorded has no entry: the backend is the VIP's consistent-hash pick for the
+    reversed quote (the flow client -> VIP), as Katran does; the same one its
+    mid-flow packets reach."""
+    icmp_prog.flush_conntrack()
+    flow = eth() / IP(src=CLIENT4, dst=TUN4) / TCP(sport=sport, dport=80, flags="A")
+    backend = expected_backend(icmp_prog.config, icmp_prog.sizes, flow)
+    err = frag_needed_about(flow, TUN4)
+    out = Ether(run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND"))
+    assert out[IP].dst == backend and out[IP].proto == 4
+    assert bytes(out[IP].payload) == bytes(err[IP])
+    assert not list(icmp_prog.maps.keys("conntrack"))  # nothing recorded
+    dsr_flow = eth() / IP(src=CLIENT4, dst=DSR_VIP4) / TCP(sport=sport, dport=80, flags="A")
+    err = frag_needed_about(dsr_flow, DSR_VIP4)
+    out = run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND")
+    want = err.copy()
+    want[Ether].src, want[Ether].dst = LB_MAC, fake_mac(expected_backend(icmp_prog.config, icmp_prog.sizes, dsr_flow))
+    assert out == bytes(want)
+
+
+def test_packet_too_big_about_an_ipv6_flow_not_in_conntrack_goes_to_its_ring_backend(icmp_prog):
+    icmp_prog.flush_conntrack()
+    flow = eth() / IPv6(src=CLIENT6, dst=DSR_VIP6) / TCP(sport=46100, dport=80, flags="A")
+    quote = IPv6(src=DSR_VIP6, dst=CLIENT6) / TCP(sport=80, dport=46100, flags="A")
+    err = Ether(bytes(eth() / IPv6(src="2001:db8:9::9", dst=DSR_VIP6) / ICMPv6PacketTooBig(mtu=1400) / quote))
+    out = run_row(icmp_prog, err, "FL_TX_ICMP_TO_BACKEND")
+    want = err.copy()
+    want[Ether].src, want[Ether].dst = LB_MAC, fake_mac(expected_backend(icmp_prog.config, icmp_prog.sizes, flow))
+    assert out == bytes(want)
 
 
 def test_frag_needed_about_a_nat_flow_passes(icmp_prog):
@@ -390,20 +513,35 @@ def test_neighbour_solicitation_for_an_announced_vip_is_answered(icmp_prog, with
 
 # ---- two-arm: out of another interface ---------------------------------------------
 
-BACKEND_SIDE_IFINDEX = 999          # the backends' interface, as the maps name it
 BACKEND_SIDE_MAC = "02:00:00:00:0b:0b"
+BACKEND_SIDE_MTU = 1500
+NOT_A_DEVICE = 999                  # an ifindex no interface has
+
+
+@pytest.fixture(scope="module")
+def backend_side(runid):
+    """The backends' interface: a veth of this run (down, no address, MTU 1500),
+    so that the program's MTU check has a real egress device to consult."""
+    import subprocess
+    name = f"flm{runid}"
+    subprocess.run(["ip", "link", "add", name, "mtu", str(BACKEND_SIDE_MTU), "type", "veth",
+                    "peer", "name", f"flm{runid}p"], check=True)
+    try:
+        yield int(open(f"/sys/class/net/{name}/ifindex").read())
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
 
 
 @pytest.fixture
-def two_arm(prog):
+def two_arm(prog, backend_side):
     """Backends of the modes' VIPs behind another interface (slot 1). The devmap
-    slot points at lo, the one device test runs may name: nothing is sent."""
+    slot points at lo, the one device test runs may send to: nothing is sent."""
     import ctypes
 
     from fastlb.kernel import structs
     maps = prog.maps
     saved = {}
-    iface = structs.Iface(ifindex=BACKEND_SIDE_IFINDEX)
+    iface = structs.Iface(ifindex=backend_side)
     ctypes.memmove(iface.mac, structs.mac_bytes(BACKEND_SIDE_MAC), 6)
     clients = structs.Iface(ifindex=1)  # slot 0: the clients' side, where test frames arrive (lo)
     ctypes.memmove(clients.mac, structs.mac_bytes(LB_MAC), 6)
@@ -414,7 +552,7 @@ def two_arm(prog):
         entry = maps.lookup("backends", ctypes.c_uint32(be_id))
         if entry is not None and entry.flags:
             saved[be_id] = structs.Backend.from_buffer_copy(entry)
-            entry.egress_ifindex, entry.egress_slot = BACKEND_SIDE_IFINDEX, 1
+            entry.egress_ifindex, entry.egress_slot = backend_side, 1
             maps.update("backends", ctypes.c_uint32(be_id), entry)
     prog.flush_conntrack()
     yield prog
@@ -445,7 +583,7 @@ def test_two_arm_nat_replies_leave_by_the_clients_interface(icmp_prog, two_arm):
     # The reply comes in on the backends' side: make that the clients' slot's "other" interface.
     pkt = recompute(eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=47001, dport=80, flags="S"))
     fwd = Ether(two_arm.run(bytes(pkt))[1])
-    clients = structs.Iface(ifindex=BACKEND_SIDE_IFINDEX + 1)  # not lo: the reply must be redirected
+    clients = structs.Iface(ifindex=NOT_A_DEVICE)  # not lo: the reply must be redirected
     ctypes.memmove(clients.mac, structs.mac_bytes(LB_MAC), 6)
     two_arm.maps.update("ifaces", ctypes.c_uint32(0), clients)
     two_arm.maps.update("tx_ports", ctypes.c_uint32(0), ctypes.c_int32(1))
@@ -483,3 +621,84 @@ def test_a_reapply_without_the_mac_keeps_the_interface_mac(icmp_prog):
     pkt = Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=CLIENT_MAC, psrc=CLIENT4, pdst=ANNOUNCED4)
     out = Ether(run_row(icmp_prog, pkt, "FL_TX_ARP_REPLY"))
     assert out[ARP].hwsrc == LB_MAC and out.src == LB_MAC
+
+
+# ---- the tunnel's MTU check: the L3 length against the egress device -------------
+
+def too_big_reply4(pkt, mtu):
+    """The rule: an ICMP frag-needed from icmp_source to the client, quoting the IP
+    header and 8 bytes, next-hop MTU = the egress MTU minus the outer header; the
+    L2 header (VLAN tags kept) turned around."""
+    quote = bytes(pkt[IP])[:28]
+    l2 = pkt.copy()
+    l2[Ether].src, l2[Ether].dst = pkt[Ether].dst, pkt[Ether].src
+    l2_bytes = bytes(l2)[:len(bytes(pkt)) - len(bytes(pkt[IP]))]
+    icmp = IP(src="198.18.0.2", dst=pkt[IP].src, ttl=64, id=0) / ICMP(type=3, code=4, nexthopmtu=mtu) / Raw(quote)
+    return l2_bytes + bytes(IP(bytes(icmp)))
+
+
+@pytest.mark.parametrize("tags", [0, 1, 2], ids=["untagged", "one VLAN tag", "two VLAN tags"])
+@pytest.mark.parametrize("l3_len,fits", [(1480, True), (1481, False)], ids=["1480 fits", "1481 too big"])
+def test_tunnel_mtu_is_the_egress_devices_l3_mtu(icmp_prog, two_arm, tags, l3_len, fits):
+    """IPv4-in-IPv4 adds 20 bytes: an inner packet of 1480 bytes fits a 1500 MTU
+    egress, VLAN tags or not (tags are L2: they do not count against the MTU);
+    1481 does not, and the client gets frag-needed with MTU 1480."""
+    l2 = eth()
+    for vlan in range(tags):
+        l2 = l2 / Dot1Q(vlan=7 + vlan)
+    payload = l3_len - 20 - 20
+    pkt = Ether(bytes(l2 / IP(src=CLIENT4, dst=TUN4, flags="DF") / TCP(sport=48000 + tags, dport=80, flags="A")
+                      / Raw(b"m" * payload)))
+    if fits:
+        out = run_row(two_arm, pkt, "FL_REDIRECT_TUNNEL")
+        assert len(out) == len(bytes(pkt)) + 20
+    else:
+        out = run_row(two_arm, pkt, "FL_TX_ICMP_TOO_BIG")
+        assert out == too_big_reply4(pkt, BACKEND_SIDE_MTU - 20)
+
+
+def test_a_too_big_first_packet_records_no_flow(icmp_prog, two_arm):
+    """The flow is recorded only once its packet passed the MTU check: a datagram
+    that gets frag-needed instead opened nothing on the backend."""
+    pkt = Ether(bytes(eth() / IP(src=CLIENT4, dst=TUN4, flags="DF") / UDP(sport=48100, dport=53) / Raw(b"u" * 1470)))
+    run_row(two_arm, pkt, "FL_TX_ICMP_TOO_BIG")
+    assert not list(two_arm.maps.keys("conntrack"))
+
+
+@pytest.fixture
+def icmp_limit(two_arm):
+    """The generated-ICMP token bucket set to `burst` errors, refilled at 1 a second."""
+    import ctypes
+    zero = ctypes.c_uint32(0)
+    saved = two_arm.maps.lookup("settings", zero)
+    saved = type(saved).from_buffer_copy(saved)
+    limited = type(saved).from_buffer_copy(saved)
+    limited.icmp_rate, limited.icmp_burst = 1, 4
+    two_arm.maps.update("settings", zero, limited)
+    yield limited.icmp_burst
+    two_arm.maps.update("settings", zero, saved)
+
+
+def test_generated_icmp_errors_are_rate_limited_per_cpu(icmp_prog, two_arm, icmp_limit):
+    """RFC 1812 4.3.2.8 / RFC 4443 2.4(f): a token bucket per CPU (icmp_rate a
+    second, icmp_burst deep). Within the burst every too-big packet gets its
+    frag-needed; beyond it they are dropped, counted as FL_DROP_ICMP_RATE_LIMITED.
+    The 1-a-second refill can add one token per second the loop took."""
+    import os
+    import time
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: one bucket
+    try:
+        before = two_arm.reason_counts()
+        start = time.monotonic()
+        for i in range(icmp_limit * 3):
+            pkt = eth() / IP(src=CLIENT4, dst=TUN4, flags="DF") / TCP(sport=48200 + i, dport=80, flags="A") / \
+                Raw(b"b" * 1470)
+            two_arm.run(bytes(pkt))
+        elapsed = time.monotonic() - start
+        after = two_arm.reason_counts()
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+    sent = after["FL_TX_ICMP_TOO_BIG"] - before["FL_TX_ICMP_TOO_BIG"]
+    limited = after["FL_DROP_ICMP_RATE_LIMITED"] - before["FL_DROP_ICMP_RATE_LIMITED"]
+    assert sent + limited == icmp_limit * 3
+    assert icmp_limit <= sent <= icmp_limit + int(elapsed) + 1

@@ -28,11 +28,29 @@ def layout(ctype) -> list[tuple[str, int, int]]:
     return out
 
 
-def bcc_types(loaded):
+@pytest.fixture(scope="module")
+def decap_program():
+    """The backends' decap program, for the structs only its maps use."""
+    import uuid
+
+    from fastlb.kernel import pins
+    from fastlb.kernel.layout import DECAP_MAP_SPECS, Sizes
+    from fastlb.kernel.loader import Program
+    pin_dir = pins.ensure_bpffs() / f"scratch-decap-{uuid.uuid4().hex[:6]}"
+    prog = Program(pin_dir, Sizes(), source="fastlb_decap.c", function="xdp_fastlb_decap",
+                   specs=DECAP_MAP_SPECS).load()
+    try:
+        yield prog
+    finally:
+        prog.close()
+        pins.remove_dir(pin_dir)
+
+
+def bcc_types(*programs):
     """C struct name -> the ctypes class BCC generated for it, found through the maps."""
     found = {}
-    for spec in MAP_SPECS:
-        table = loaded.program.bpf[spec.name.encode()]
+    for program, spec in ((p, s) for p in programs for s in p.specs):
+        table = program.bpf[spec.name.encode()]
         for ctype in (table.Key, table.Leaf):
             found[ctype.__name__] = ctype
             elem = getattr(ctype, "_type_", None)  # per-CPU leaves are arrays of the struct
@@ -42,8 +60,8 @@ def bcc_types(loaded):
 
 
 @pytest.mark.parametrize("c_name", sorted(structs.C_STRUCTS))
-def test_struct_matches_bcc(loaded, c_name):
-    generated = bcc_types(loaded)
+def test_struct_matches_bcc(loaded, decap_program, c_name):
+    generated = bcc_types(loaded.program, decap_program)
     assert c_name in generated, f"struct {c_name} is not used by any map"
     ours, theirs = structs.C_STRUCTS[c_name], generated[c_name]
     assert ctypes.sizeof(ours) == ctypes.sizeof(theirs)

@@ -1,14 +1,16 @@
 """fastlb.controller.bgp: what is announced, the include BIRD reads, and a real BIRD taking it.
 
-The first tests need nothing: the plan of announcements and the include's
-text (which ``bird -p`` must parse). The others start a real BIRD inside a
+``bird -p`` parses the include first (tests/unit/test_bgp.py checks its
+text and the plan without BIRD). The others start a real BIRD inside a
 namespace of their own (fastlb.lab.bird), with its control socket in the
 run's folder, and drive it through the Announcer as the controller does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -16,103 +18,10 @@ from fastlb.config import parse_config
 from fastlb.controller import bgp
 from fastlb.lab import bird as labbird
 from fastlb.lab import netns
-
-VIPS = """
-[[vip]]
-address = "198.19.0.100"
-port = 80
-announce = "bgp"
-[[vip.backend]]
-address = "198.18.0.11"
-
-[[vip]]
-address = "198.19.0.100"
-port = 9000
-protocol = "udp"
-announce = "bgp"
-[[vip.backend]]
-address = "198.18.0.11"
-
-[[vip]]
-address = "198.19.0.101"
-port = 80
-announce = "bgp"
-[[vip.backend]]
-address = "198.18.0.11"
-
-[[vip]]
-address = "198.19.0.102"
-port = 80
-[[vip.backend]]
-address = "198.18.0.11"
-
-[[vip]]
-address = "2001:db8:ffff::100"
-port = 80
-announce = "bgp"
-[[vip.backend]]
-address = "2001:db8::11"
-"""
-
-
-def bgp_table(include: str = "/run/fastlb-bird/eth0.conf", socket: str = "/run/bird/bird.ctl",
-              extra: str = "") -> str:
-    return f"""
-[bgp]
-speaker = "bird"
-local_as = 65001
-router_id = "198.18.0.2"
-bird_socket = "{socket}"
-bird_include = "{include}"
-{extra}
-[[bgp.peer]]
-address = "198.18.0.254"
-as = 65000
-[[bgp.peer]]
-address = "2001:db8::fe"
-as = 65000
-"""
-
+from helpers.bgp import VIPS, bgp_table
 
 CONFIG = parse_config(VIPS + bgp_table())
 ALL = {v.name for v in CONFIG.vips}
-
-
-# ---- the plan ---------------------------------------------------------------------------------
-
-
-def test_an_address_is_announced_while_one_of_its_vips_is_healthy():
-    routes, vips = bgp.plan(CONFIG, ALL)
-    assert routes == ["198.19.0.100/32", "198.19.0.101/32", "2001:db8:ffff::100/128"]
-    assert "198.19.0.102:80/tcp" not in vips   # announce = "none": not ours to announce
-    assert {v.state for v in vips.values()} == {bgp.ANNOUNCED}
-
-    routes, vips = bgp.plan(CONFIG, ALL - {"198.19.0.100:9000/udp", "198.19.0.101:80/tcp"})
-    assert routes == ["198.19.0.100/32", "2001:db8:ffff::100/128"]
-    assert vips["198.19.0.100:9000/udp"].state == bgp.KEPT
-    assert "198.19.0.100:80/tcp" in vips["198.19.0.100:9000/udp"].why
-    assert (vips["198.19.0.101:80/tcp"].state, vips["198.19.0.101:80/tcp"].why) == (bgp.WITHDRAWN,
-                                                                                      "no healthy backend")
-
-
-def test_nothing_is_announced_while_detached():
-    routes, vips = bgp.plan(CONFIG, ALL, attached=False)
-    assert routes == [] and {v.why for v in vips.values()} == {"fastlb is not attached"}
-
-
-# ---- the include ---------------------------------------------------------------------------------
-
-
-def test_the_include_names_everything_after_the_interface_and_announces_by_family():
-    text = bgp.render(CONFIG.bgp, "eth0.10", ["198.19.0.100/32", "2001:db8:ffff::100/128"])
-    assert "ipv4 table fastlb_eth0_10_4;" in text and "ipv6 table fastlb_eth0_10_6;" in text
-    v4 = text[text.index("protocol static fastlb_eth0_10_vips4"):text.index("protocol static fastlb_eth0_10_vips6")]
-    assert "route 198.19.0.100/32 blackhole;" in v4 and "2001:db8" not in v4
-    peer0 = text[text.index("protocol bgp fastlb_eth0_10_peer0"):text.index("protocol bgp fastlb_eth0_10_peer1")]
-    assert "neighbor 198.18.0.254 as 65000;" in peer0 and "table fastlb_eth0_10_4;" in peer0
-    assert "graceful restart off;" in peer0 and "import none;" in peer0 and "router id 198.18.0.2;" in peer0
-    assert "hold time 9;" in peer0 and "keepalive time 3;" in peer0 and "bfd" not in text
-    assert bgp.render(CONFIG.bgp, "eth0.10", ["198.19.0.100/32", "2001:db8:ffff::100/128"]) == text
 
 
 def test_bird_parses_the_include(tmp_path):
@@ -133,12 +42,11 @@ def test_bird_parses_the_include(tmp_path):
 # ---- a real BIRD ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bird(monkeypatch, tmp_path):
-    """A BIRD in a namespace of its own, its files in the run's folder; our state files in tmp_path."""
+@contextlib.contextmanager
+def bird_box():
+    """A namespace of this run with lo up, and a BIRD (not started) whose files are in the run's folder."""
     if not labbird.available():
         pytest.fail("BIRD is not installed: sudo make setup installs bird2")
-    monkeypatch.setenv("FASTLB_STATE_ROOT", str(tmp_path / "state"))
     runid = netns.new_runid()
     name = netns.ns_name(runid, "bird")
     run_dir = netns.run_dir_of(runid)
@@ -146,14 +54,21 @@ def bird(monkeypatch, tmp_path):
     st.save(exclusive=True)
     try:
         run_dir.mkdir(mode=0o755)
-        (run_dir / "fastlb.d").mkdir()
         netns.create(name)
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        b = labbird.Bird(name, run_dir, "box")
-        b.start(f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{run_dir}/fastlb.d/*.conf";\n')
-        yield b
+        yield labbird.Bird(name, run_dir, "box")
     finally:
         netns.remove_lab(st)
+
+
+@pytest.fixture
+def bird(monkeypatch, tmp_path):
+    """A BIRD in a namespace of its own, its files in the run's folder; our state files in tmp_path."""
+    monkeypatch.setenv("FASTLB_STATE_ROOT", str(tmp_path / "state"))
+    with bird_box() as b:
+        (b.run_dir / "fastlb.d").mkdir()
+        b.start(f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{b.run_dir}/fastlb.d/*.conf";\n')
+        yield b
 
 
 def config_for(b: labbird.Bird, extra: str = ""):
@@ -269,3 +184,44 @@ def test_an_include_that_cannot_be_written_is_retried(bird):
     ann.retry()
     assert not ann.pending and log.events("bgp_speaker_ok")
     assert routes_in(bird) == {"198.19.0.100/32", "198.19.0.101/32", "2001:db8:ffff::100/128"}
+
+
+# ---- after a reboot: the include folder --------------------------------------------------------
+
+TMPFILES = Path(__file__).resolve().parents[2] / "systemd" / "fastlb.tmpfiles"
+
+
+def test_one_default_include_path_everywhere():
+    """The tmpfiles rule, bgp.py's default and every text that names the default agree."""
+    top = TMPFILES.parent.parent
+    rules = [ln.split() for ln in TMPFILES.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert [r[:2] for r in rules] == [["d", bgp.DEFAULT_INCLUDE_DIR]]
+    for doc in ("docs/CONFIG.md", "docs/SCALEOUT.md", "fastlb/config/__init__.py", "fastlb/controller/bgp.py"):
+        text = (top / doc).read_text()
+        assert "/run/fastlb/bird" not in text, doc
+        assert bgp.DEFAULT_INCLUDE_DIR in text, doc
+    assert "fastlb.tmpfiles" in (top / "scripts" / "setup.sh").read_text()
+
+
+@pytest.mark.root
+def test_bird_needs_the_include_folder_and_the_shipped_tmpfiles_rule_makes_it():
+    """BIRD 2 refuses to start when the folder of its include pattern is missing, as
+    it is after a reboot (/run is empty); the tmpfiles.d rule fastlb ships, applied
+    as systemd-tmpfiles does at boot (here under --root), creates what it needs."""
+    with bird_box() as b:
+        root = b.run_dir / "root"        # the booted box's file system, as tmpfiles sees it
+        config = f'router id 198.18.0.2;\nprotocol device {{ }}\ninclude "{root}{bgp.DEFAULT_INCLUDE_DIR}/*.conf";\n'
+        b.conf.write_text(config)
+        # The daemon itself, not only bird -p: it exits at once, naming the pattern.
+        res = subprocess.run(netns.exec_argv(b.ns, ["bird", "-f", "-c", str(b.conf), "-s", str(b.socket)]),
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode != 0 and "Unable to match pattern" in res.stderr + res.stdout
+        with pytest.raises(netns.LabError, match="pattern"):  # bird -p, as Debian's bird.service runs first
+            b.start(config)
+        res = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(TMPFILES)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        folder = root / bgp.DEFAULT_INCLUDE_DIR.lstrip("/")
+        assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o755 and not any(folder.iterdir())
+        b.start(config)                  # an empty folder: BIRD starts and answers
+        assert b.proc.poll() is None

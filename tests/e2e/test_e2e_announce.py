@@ -7,11 +7,13 @@ LB as it would to any neighbour. Pings of the VIP are answered by the LB.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fastlb.lab.clients import tcp_requests
 from fastlb.lab.topology import Lab
-from helpers.e2e import attached
+from helpers.e2e import attached, run_fastlb, status
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -55,3 +57,28 @@ def test_the_lb_answers_pings_of_the_vip(lab, vip):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "3 received" in res.stdout
 
+
+
+# ---- what reads the maps: an arp VIP's address marker is no VIP (issue 13 item 3) ----
+
+def test_stats_json_and_metrics_show_arp_vips(lab):
+    tcp_requests(lab, vip=VIP4, count=10)
+    text = run_fastlb(lab, "lb", "stats")
+    assert text.returncode == 0, text.stderr
+    assert f"VIP {VIP4}:80/tcp  maglev" in text.stdout and f"VIP [{VIP6}]:80/tcp  maglev" in text.stdout
+    res = run_fastlb(lab, "lb", "stats", "--json")
+    assert res.returncode == 0, res.stderr
+    (att,) = json.loads(res.stdout)
+    vips = {v["vip"]: v for v in att["vips"]}
+    assert set(vips) == {f"{VIP4}:80/tcp", f"[{VIP6}]:80/tcp"}     # the address markers are no VIPs
+    assert vips[f"{VIP4}:80/tcp"]["new_flows"] >= 10 and len(vips[f"{VIP4}:80/tcp"]["backends"]) == 3
+    scrape = lab.run("lb", ["curl", "-s", "-w", "\n%{http_code}", "http://127.0.0.1:9469/metrics"], check=False)
+    assert scrape.stdout.rstrip().endswith("200"), scrape.stdout[-300:]
+    assert any(line.startswith("fastlb_vip_packets_total{") and f'vip="{VIP4}:80/tcp"' in line
+               for line in scrape.stdout.splitlines()), scrape.stdout[-1000:]
+
+
+def test_status_names_the_mode_of_a_link_attached_program(lab):
+    (att,) = status(lab)
+    assert att["attached"] and att["mode"] in ("native", "generic"), att["mode"]
+    assert {v["vip"] for v in att["vips"]} == {f"{VIP4}:80/tcp", f"[{VIP6}]:80/tcp"}

@@ -2,7 +2,7 @@
 
 100 keep-alive connections to an `rr` VIP are held open; then the lab's
 line-rate generator sends more than 100,000 distinct new UDP flows through
-fastlb, whose conntrack holds 4,096 entries (2,048 per CPU list). With the
+fastlb, whose conntrack_size is 4,096 (a map of 8,192 entries, one LRU list). With the
 new-flow guard on, the flood is forwarded but not recorded, and every held
 connection still works. With the guard off (the control run), the flood
 evicts the held connections' entries; their next packets are mid-flow and go

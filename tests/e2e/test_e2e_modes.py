@@ -21,9 +21,10 @@ from helpers.e2e import attached, run_fastlb
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 COUNT = 300
-SETTINGS = """[settings]
-tunnel_source = "198.18.200.0/24"
-tunnel_source6 = "2001:db8:200::/64"
+TUNNEL_SOURCES = ("198.18.200.0/24", "2001:db8:200::/64")
+SETTINGS = f"""[settings]
+tunnel_source = "{TUNNEL_SOURCES[0]}"
+tunnel_source6 = "{TUNNEL_SOURCES[1]}"
 """
 
 
@@ -41,8 +42,8 @@ def reason_packets(lab, name) -> int:
 
 @contextlib.contextmanager
 def decap_on(lab, *vips):
-    """`fastlb decap` on every backend for the block, for ``vips``."""
-    args = [a for v in vips for a in ("--vip", v)]
+    """`fastlb decap` on every backend for the block, for ``vips``, from the LB's tunnel sources."""
+    args = [a for v in vips for a in ("--vip", v)] + [a for p in TUNNEL_SOURCES for a in ("--from", p)]
     for b in lab.backend_names:
         run_fastlb(lab, b, "decap", "attach", "eth0", *args, check=True)
     try:
@@ -127,8 +128,45 @@ def nat_lab(tmp_path_factory):
             backends = [lab.addr(b, fam) for b in lab.backend_names]
             config += vip_block(vip, 80, "tcp", "nat", backends, bport=8080)
             config += vip_block(vip, lab.udp_port, "udp", "nat", backends)
+        for vip in SHARED_NAT_VIPS:  # two NAT VIPs, one backend address:port
+            config += vip_block(vip, 80, "tcp", "nat", [lab.addr(lab.backend_names[0])], bport=8080)
         with attached(lab, tmp_path_factory.mktemp("nat"), config):
             yield lab
+
+
+SHARED_NAT_VIPS = ("198.19.0.110", "198.19.0.111")
+
+# Run in the client's namespace: one local port, a connection to each VIP from it
+# (SO_REUSEADDR on both, as Linux allows toward different destinations), then a
+# request on each; prints what each connection got, or its error.
+SAME_PORT_CLIENT = """
+import json, socket, sys
+port, vips, out = int(sys.argv[1]), sys.argv[2:], {}
+socks = {}
+for vip in vips:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.settimeout(3)
+    try:
+        s.connect((vip, 80))
+        socks[vip] = s
+    except OSError as exc:
+        out[vip] = "connect: " + str(exc)
+for vip, s in socks.items():
+    try:
+        s.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        out[vip] = data.decode(errors="replace").split("\\r\\n")[0] + " " + data.decode(errors="replace").split("\\r\\n\\r\\n", 1)[-1].strip()
+    except OSError as exc:
+        out[vip] = "request: " + str(exc)
+print(json.dumps(out))
+"""
 
 
 class TestNat:
@@ -143,6 +181,16 @@ class TestNat:
     @pytest.mark.parametrize("family", [4, 6])
     def test_udp(self, lab, family):
         spread_ok(lab, udp_requests(lab, port=lab.udp_port, family=family, count=COUNT), COUNT)
+
+    def test_one_client_port_to_two_vips_sharing_a_backend(self, lab):
+        """Issue 13 item 2: both connections work, each answered from the VIP it was
+        made to (the client's kernel matches replies by the whole 4-tuple), and the
+        backend told them apart (netfilter's rule: a clash remaps the source port)."""
+        import sys
+        res = lab.run("client", [sys.executable, "-c", SAME_PORT_CLIENT, "40555", *SHARED_NAT_VIPS], timeout=30)
+        got = json.loads(res.stdout)
+        backend = lab.backend_names[0]
+        assert got == {vip: f"HTTP/1.1 200 OK {backend}" for vip in SHARED_NAT_VIPS}
 
     def test_replies_went_back_through_the_lb(self, lab):
         assert reason_packets(lab, "tx_nat_reply") >= 4 * COUNT

@@ -99,6 +99,8 @@ def test_explain_rejects_a_source_of_the_other_family(tmp_path):
 
 
 FTP = """
+[settings]
+hash_seed = 3141592653
 [[vip]]
 address = "198.19.0.100"
 {ports}
@@ -119,5 +121,20 @@ def test_check_warns_for_ftp_through_nat_and_for_ftp_without_its_passive_range(t
     good = CliRunner().invoke(main, ["check", "-c", write(tmp_path, FTP.format(
         ports='ports = [21, "30000-30100"]', forwarding="dsr", more="persistence = 600"))])
     assert good.exit_code == 0 and "warning" not in good.output
-    plain = CliRunner().invoke(main, ["check", "-c", write(tmp_path)])
+    plain = CliRunner().invoke(main, ["check", "-c", write(tmp_path, "[settings]\nhash_seed = 3141592653\n" + CONFIG)])
     assert "warning" not in plain.output
+
+
+def test_check_warns_when_hash_seed_is_0_and_not_when_set(tmp_path):
+    """With seed 0 anyone can compute where a flow lands and aim a flood at one
+    backend (issue 13 item 16): check and attach say so, and how to fix it."""
+    res = CliRunner().invoke(main, ["check", "-c", write(tmp_path)])
+    assert res.exit_code == 0
+    assert "warning" in res.output and "hash_seed" in res.output and "secret" in res.output
+    res = CliRunner().invoke(main, ["check", "-c", write(tmp_path, "[settings]\nhash_seed = 3141592653\n" + CONFIG)])
+    assert res.exit_code == 0 and "hash_seed" not in res.output
+
+
+def test_decap_attach_names_a_bad_from_prefix(tmp_path):
+    res = CliRunner().invoke(main, ["decap", "attach", "eth0", "--vip", "198.19.0.100", "--from", "198.18.200.1/24"])
+    assert res.exit_code != 0 and "--from" in res.output and "198.18.200.1/24" in res.output

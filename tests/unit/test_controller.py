@@ -1,13 +1,8 @@
-"""The controller's parts without a lab: health config, --save rendering, metrics, the control socket, conntrack."""
+"""The controller's parts without root: health config, --save rendering, metrics, the CLI with no controller."""
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
-import os
-import stat
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +10,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from fastlb.cli import main
 from fastlb.config import HealthCheck, parse_config, render_config
-from fastlb.controller import control_socket
 from fastlb.config.edits import parse_backend_spec
 from fastlb.controller.metrics import StatsCollector, parse_listen
 from fastlb.errors import ConfigError, FastlbError
@@ -214,126 +208,3 @@ def test_no_controller_is_one_clear_line(ctl_root):
     assert res.output.strip().splitlines() == [
         "fastlb: error: no fastlb controller is running in this network namespace. Fix: start one: "
         "fastlb attach IFACE -c CONFIG (the changes are made through it)"]
-
-
-@pytest.mark.root
-def test_the_socket_answers_refuses_and_is_root_only(ctl_root):
-    def handle(request):
-        if request["cmd"] == "boom":
-            raise FastlbError("VIP 1.2.3.4:80/tcp is not here", fix="use one of: x")
-        return {"echo": request["cmd"]}
-
-    server = control_socket.Server("eth9", handle)
-    server.start()
-    try:
-        path = control_socket.socket_path("eth9")
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == 0
-        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-        assert control_socket.call({"cmd": "hello"})["echo"] == "hello"
-        with pytest.raises(control_socket.ControlError) as info:
-            control_socket.call({"cmd": "boom"}, "eth9")
-        assert str(info.value) == "VIP 1.2.3.4:80/tcp is not here. Fix: use one of: x"
-        with pytest.raises(control_socket.ControlError, match="another fastlb controller is running on eth9"):
-            control_socket.Server("eth9", handle)
-        nobody = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-             "import os, socket; s = socket.socket(socket.AF_UNIX); s.connect(os.environ['P'])"],
-            env=dict(os.environ, P=str(path)), capture_output=True, text=True)
-        assert nobody.returncode != 0 and "PermissionError" in nobody.stderr
-    finally:
-        server.close()
-    assert not control_socket.socket_path("eth9").exists()
-    with pytest.raises(control_socket.NoController):
-        control_socket.call({"cmd": "hello"}, "eth9")
-
-
-@pytest.mark.root
-def test_a_stale_socket_of_a_killed_controller_is_replaced(ctl_root):
-    import socket
-    path = control_socket.socket_path("eth9")
-    path.parent.mkdir(parents=True)
-    dead = socket.socket(socket.AF_UNIX)
-    dead.bind(str(path))
-    dead.close()  # the file stays, nobody listens: what kill -9 leaves
-    with pytest.raises(control_socket.NoController, match="no fastlb controller answers on eth9"):
-        control_socket.call({"cmd": "x"})
-    server = control_socket.Server("eth9", lambda r: {})
-    server.start()
-    try:
-        assert control_socket.call({"cmd": "x"}) == {"ok": True}
-    finally:
-        server.close()
-
-
-# ---- conntrack: sweeps and batch walks, on the loaded program ----
-
-@pytest.fixture
-def bed(loaded):
-    loaded.apply(VIP + BACKENDS + '\n[[vip]]\naddress = "198.19.0.100"\nport = 53\nprotocol = "udp"\n'
-                 '[[vip.backend]]\naddress = "198.18.0.13"\n')
-    loaded.flush_conntrack()
-    yield loaded
-    loaded.flush_conntrack()
-
-
-def _slots(maps):
-    from fastlb.dataplane import flows
-    return flows.Slots.read(maps)
-
-
-def _flow(n: int, proto: int = 6):
-    from fastlb.kernel import structs
-    return structs.FlowKey(src=structs.pack_addr(ipaddress.ip_address(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")),
-                           dst=structs.pack_addr(ipaddress.ip_address("198.19.0.100")), sport=n & 0xFFFF,
-                           dport=structs.port_be(80 if proto == 6 else 53), proto=proto, family=2)
-
-
-@pytest.mark.root
-def test_reconcile_counts_live_counted_flows_only(bed):
-    from fastlb.dataplane import flows
-    from fastlb.kernel import cdefs, structs
-    maps = bed.maps
-    slots = _slots(maps)
-    (vip_id, gen), = [(v, g) for v, g in slots.vip_gens.items()
-                      if any(be.vip_id == v and be.family for be in slots.backends.values())][:1]
-    be_ids = sorted(b for b, e in slots.backends.items() if e.vip_id == vip_id)
-    a, b = be_ids[:2]
-    flags = [cdefs.FL_CT_F_COUNTED, cdefs.FL_CT_F_COUNTED, cdefs.FL_CT_F_COUNTED | cdefs.FL_CT_F_CLOSING, 0]
-    for n, (be, f) in enumerate(zip([a, a, a, b], flags)):
-        maps.update("conntrack", _flow(n), structs.CtValue(backend_id=be, vip_id=vip_id, vip_gen=gen, flags=f))
-    maps.update("conntrack", _flow(9), structs.CtValue(backend_id=b, vip_id=vip_id, vip_gen=gen + 1,
-                                                       flags=cdefs.FL_CT_F_COUNTED))  # an old VIP generation
-    for be in (a, b):
-        maps.update("backend_active", ctypes.c_uint32(be), ctypes.c_uint32(50))
-    fixed = flows.reconcile_active(maps)
-    assert fixed[a] == (50, 2) and fixed[b] == (50, 0)
-    assert flows.reconcile_active(maps) == {}
-
-
-@pytest.mark.root
-def test_udp_flows_idle_past_the_timeout_go_and_tcp_ones_stay(bed):
-    from fastlb.dataplane import flows
-    from fastlb.kernel import structs
-    maps = bed.maps
-    now = flows.now_ns()
-    for n, (proto, idle_s) in enumerate([(17, 10), (17, 1), (6, 10)]):
-        maps.update("conntrack", _flow(n, proto), structs.CtValue(last_seen_ns=now - int(idle_s * 1e9)))
-    assert flows.expire_udp(maps, timeout_s=5) == 1
-    left = {(k.proto, k.sport) for k, _ in flows.read(maps)}
-    assert left == {(17, 1), (6, 2)}
-
-
-@pytest.mark.root
-def test_batch_walk_and_delete_cover_every_entry(bed):
-    from fastlb.dataplane import flows
-    from fastlb.kernel import bpfsys, structs
-    maps = bed.maps
-    keys = [_flow(n) for n in range(1500)]
-    for k in keys:
-        maps.update("conntrack", k, structs.CtValue(backend_id=k.sport % 7))
-    got = bpfsys.map_lookup_batch(maps.fds["conntrack"], structs.FlowKey, structs.CtValue, chunk=64)
-    assert sorted(k.sport for k, _ in got) == list(range(1500))
-    assert all(v.backend_id == k.sport % 7 for k, v in got)
-    assert flows.delete(maps, keys[:10] + keys[:10]) == 10  # absent keys are skipped, not fatal
-    assert flows.purge_backends(maps, {3}, before_ns=1 << 62) == sum(1 for n in range(10, 1500) if n % 7 == 3)
-    assert len(flows.read(maps)) == 1490 - sum(1 for n in range(10, 1500) if n % 7 == 3)

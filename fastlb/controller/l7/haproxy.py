@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fastlb.kernel import pins
 from fastlb.errors import ConfigError, FastlbError
+from fastlb.controller.files import write_atomic
 from fastlb.controller.l7.render import Paths, Rendered
 
 DEFAULT_ROOT = "/run/fastlb/l7"
@@ -142,10 +143,7 @@ class Runtime:
         text = self("show servers state")
         if not text.startswith("1"):
             raise HaproxyError(f"unexpected 'show servers state' answer: {text[:100]!r}", fix="see haproxy.out")
-        tmp = self.paths.state_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.paths.state_file)
+        write_atomic(self.paths.state_file, text)
 
 
 # ---- the process ----------------------------------------------------------------

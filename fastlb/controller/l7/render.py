@@ -163,6 +163,11 @@ def _host(vip: Vip) -> str:
     return str(vip.address)
 
 
+def _at(line: int) -> str:
+    """Where in the file a section came from; nothing for a Config changed live (it has no lines)."""
+    return f" (line {line})" if line else ""
+
+
 def _describe(route: Route) -> str:
     parts = []
     if route.host is not None:
@@ -178,7 +183,7 @@ def _bind_address(vip: Vip) -> str:
 
 def _vip(out: _Out, vip: Vip, key: str) -> None:
     out.add("")
-    out.add(f"# {key}: {vip.name} (line {vip.line}), algorithm {vip.algorithm}", key)
+    out.add(f"# {key}: {vip.name}{_at(vip.line)}, algorithm {vip.algorithm}", key)
     out.add(f"frontend {frontend_name(vip)}", key)
     bind = f"    bind {_bind_address(vip)}"
     if vip.protocol == "https":
@@ -189,7 +194,7 @@ def _vip(out: _Out, vip: Vip, key: str) -> None:
         out.add("    option forwardfor", f"{key}.client_ip")
     for i, route in enumerate(vip.routes):
         rkey = f"{key}.route[{i}]"
-        out.add(f"    # {rkey} (line {route.line}): {_describe(route)}", rkey)
+        out.add(f"    # {rkey}{_at(route.line)}: {_describe(route)}", rkey)
         conditions = []
         if route.host is not None:
             if route.host.startswith("*."):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import shutil
 import threading
 import time
@@ -23,6 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastlb.config import Config, Vip
+from fastlb.controller.files import write_atomic
 from fastlb.controller.l7 import haproxy, logstream, render
 from fastlb.controller.l7.haproxy import HaproxyError
 from fastlb.controller.l7.steering import Steering
@@ -37,9 +37,13 @@ def l7_vips(config: Config) -> list[Vip]:
 
 
 def _shape(config: Config) -> str:
-    """The rendered config without servers: equal shapes differ only in backends and weights."""
+    """The rendered config without servers: equal shapes differ only in backends and weights.
+
+    Line numbers are left out too: a Config changed live and validated without
+    text has none, and the same VIPs must still compare equal."""
     bare = dataclasses.replace(config, path=None, vips=tuple(
-        dataclasses.replace(v, backends=(), routes=tuple(dataclasses.replace(r, backends=()) for r in v.routes))
+        dataclasses.replace(v, line=0, backends=(),
+                            routes=tuple(dataclasses.replace(r, line=0, backends=()) for r in v.routes))
         for v in config.vips))
     return render.render(bare, render.Paths("/")).text
 
@@ -107,9 +111,7 @@ class Tier:
         return "reloaded"
 
     def _write(self, rendered: render.Rendered) -> None:
-        tmp = f"{self.paths.config}.tmp"
-        Path(tmp).write_text(rendered.text)
-        os.replace(tmp, self.paths.config)
+        write_atomic(self.paths.config, rendered.text)
 
     # ---- live backend changes through the runtime API ---------------------------------
 
