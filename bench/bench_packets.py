@@ -36,6 +36,8 @@ VIP4, VIP6 = "198.19.0.100", "2001:db8:ffff::100"
 MODE_VIPS = {("dsr", 4): VIP4, ("dsr", 6): VIP6,
              ("tunnel", 4): "198.19.0.101", ("tunnel", 6): "2001:db8:ffff::101",
              ("nat", 4): "198.19.0.102", ("nat", 6): "2001:db8:ffff::102"}
+PERSIST_VIP4 = "198.19.0.103"   # DSR, TCP, persistence = 600: the persistence rows
+GROUPED_VIP4 = "198.19.0.104"   # the same with persistence_prefix = 16
 CONFIG = """
 [settings]
 conntrack_size = 1048576
@@ -49,16 +51,31 @@ protocol = "{proto}"
 forwarding = "{mode}"
 """ + "".join(f"""[[vip.backend]]
 address = "{'198.18.0.' if family == 4 else '2001:db8::'}{n}"
-""" for n in (11, 12, 13)) for (mode, family), vip in MODE_VIPS.items() for proto in ("tcp", "udp"))
+""" for n in (11, 12, 13)) for (mode, family), vip in MODE_VIPS.items() for proto in ("tcp", "udp")) + f"""
+[[vip]]
+address = "{PERSIST_VIP4}"
+port = 80
+persistence = 600
+""" + "".join(f"""[[vip.backend]]
+address = "198.18.0.{n}"
+""" for n in (11, 12, 13)) + f"""
+[[vip]]
+address = "{GROUPED_VIP4}"
+port = 80
+persistence = 600
+persistence_prefix = 16
+""" + "".join(f"""[[vip.backend]]
+address = "198.18.0.{n}"
+""" for n in (11, 12, 13))
 
 ETH = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 # Offset of a 4-byte counter inside the source address (bumped per call for new flows).
 SRC_OFFSET = {4: 14 + 12, 6: 14 + 8 + 12}
 
 
-def packet(family: int, proto: str, mode: str = "dsr") -> bytes:
-    """A 64-byte frame (60 on the wire before the FCS) for the mode's VIP, port 80."""
-    vip = MODE_VIPS[(mode, family)]
+def packet(family: int, proto: str, mode: str = "dsr", vip: str | None = None) -> bytes:
+    """A 64-byte frame (60 on the wire before the FCS) for the mode's VIP (or ``vip``), port 80."""
+    vip = vip or MODE_VIPS[(mode, family)]
     ip = IP(src="198.18.0.1", dst=vip) if family == 4 else IPv6(src="2001:db8::1", dst=vip)
     l4 = TCP(sport=40000, dport=80, flags="A") if proto == "tcp" else UDP(sport=40000, dport=80)
     frame = Ether(**ETH) / ip / l4
@@ -118,10 +135,35 @@ def run(quick: bool = False) -> str:
                 assert v == XDP_VERDICTS["tx"], f"new flow {mode} {label}: verdict {v}"
                 rows.append((f"fastlb {name}, new flow each packet", label, new, v))
                 bed.flush_conntrack()
+            rows += persistence_rows(bed, calls, runs)
     finally:
         pass_bpf.cleanup()
         swap_bpf.cleanup()
     return render(rows, empty, swap, calls, runs)
+
+
+def persistence_rows(bed: Testbed, calls: int, runs: int) -> list[tuple]:
+    """The DSR IPv4 TCP rows again, on a VIP with persistence (compare with the plain DSR rows above).
+
+    "Bound client": a VIP with persistence_prefix = 16, where the counter in
+    the source address changes the /16 only every 65,536 packets, so nearly
+    every new flow finds its binding.
+    """
+    data = packet(4, "tcp", vip=PERSIST_VIP4)
+    label = "IPv4 TCP"
+    bed.run(data)
+    est, v = measure(bed.fd, data, calls, runs)
+    assert v == XDP_VERDICTS["tx"]
+    rows = [("fastlb DSR + persistence, established flow", label, est, v)]
+    new, v = measure(bed.fd, data, calls, runs, vary_offset=SRC_OFFSET[4])
+    assert v == XDP_VERDICTS["tx"]
+    rows.append(("fastlb DSR + persistence, new flow each packet (new client: binds)", label, new, v))
+    bed.flush_conntrack()
+    bound, v = measure(bed.fd, packet(4, "tcp", vip=GROUPED_VIP4), calls, runs, vary_offset=SRC_OFFSET[4])
+    assert v == XDP_VERDICTS["tx"]
+    rows.append(("fastlb DSR + persistence /16, new flow each packet (bound client)", label, bound, v))
+    bed.flush_conntrack()
+    return rows
 
 
 def render(rows, empty: float, swap: float, calls: int, runs: int) -> str:

@@ -35,6 +35,7 @@ SECTIONS = [
     ("l7", "bench_l7", True),
     ("control", "bench_control", True),
     ("scale", "bench_scale", True),
+    ("health", "bench_health", True),
 ]
 
 

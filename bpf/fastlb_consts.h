@@ -9,6 +9,9 @@
 #define FASTLB_CONSTS_H
 
 /* ---- Sizes (the loader passes -D values taken from the config) ---- */
+#ifndef FASTLB_MAX_VIP_PORTS
+#define FASTLB_MAX_VIP_PORTS 1024   /* vips map room for the ports of multi-port VIPs */
+#endif
 #ifndef FASTLB_MAX_VIPS
 #define FASTLB_MAX_VIPS 16          /* VIP slots: ring and stats arrays are this many deep */
 #endif
@@ -82,6 +85,7 @@ enum fl_hash_mode {
 enum fl_vip_flags {
 	FL_VIP_F_VALID = 1,         /* slot in use */
 	FL_VIP_F_L7 = 2,            /* http/https: passed to the local stack, where HAProxy listens */
+	FL_VIP_F_PERSIST = 4,       /* persistence on: see vip_persist and persist */
 };
 
 enum fl_backend_flags {

@@ -483,13 +483,20 @@ static __always_inline int nat_rewrite(struct fl_pkt *pkt, void *data_end, int d
 	return 0;
 }
 
+/* The port a NAT flow goes to on its backend: the backend's, or the one the
+ * client used when it is 0 (the backends of a multi-port VIP). */
+static __always_inline __u16 fl_backend_port(const struct backend *be, const struct flow_key *flow)
+{
+	return be->port ? be->port : flow->dport;
+}
+
 /* The reverse entry of a NAT flow: the backend's reply 5-tuple, to the
  * client's own port (nat_source_port() moves it on a clash). */
 static __always_inline void nat_rev_key(struct flow_key *rkey, struct flow_key *flow, struct backend *be)
 {
 	__builtin_memcpy(rkey->src, be->addr, sizeof(rkey->src));
 	__builtin_memcpy(rkey->dst, flow->src, sizeof(rkey->dst));
-	rkey->sport = be->port;
+	rkey->sport = fl_backend_port(be, flow);
 	rkey->dport = flow->sport;
 	rkey->proto = flow->proto;
 	rkey->family = flow->family;
@@ -578,7 +585,7 @@ static __always_inline __u32 nat_out(struct ethhdr *eth, void *data_end, struct 
 	rev.vip_id = vip_id;
 	if (nat_source_port(&rkey, &rev, &pkt->flow, &sport))
 		return FL_DROP_NAT_NO_PORT;
-	if (nat_rewrite(pkt, data_end, 1, be->addr, be->port, sport))
+	if (nat_rewrite(pkt, data_end, 1, be->addr, fl_backend_port(be, &pkt->flow), sport))
 		return FL_DROP_L4_MALFORMED;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
 	set_macs(eth, be->mac, lb_mac);
@@ -628,6 +635,94 @@ static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, 
 	return FL_TX_DSR;
 }
 
+/* ---- Persistence ----
+ *
+ * A VIP with FL_VIP_F_PERSIST looks its new flows' client (address masked
+ * to persistence_prefix) up in `persist` before its algorithm picks: a
+ * binding younger than the VIP's timeout, to a backend that still serves the
+ * VIP with weight > 0, decides. A recorded new flow that was not bound binds
+ * its client; every packet of a bound client's flows keeps the binding alive
+ * (written at most once a second). Here, not in a header: BCC rewrites map
+ * calls only in the main file.
+ */
+
+#define FL_PERSIST_REFRESH_NS 1000000000ULL  /* last_seen is written at most this often */
+
+/* The binding key of `flow`'s client for `vip_id`; the VIP's settings, or NULL without persistence. */
+static __always_inline struct vip_persist *persist_key_of(const struct vip_meta *vip, __u32 vip_id,
+							  const struct flow_key *flow, struct persist_key *key)
+{
+	struct vip_persist *conf;
+
+	if (!(vip->flags & FL_VIP_F_PERSIST))
+		return NULL;
+	conf = vip_persist.lookup(&vip_id);
+	if (!conf || !conf->timeout_ns)
+		return NULL;
+	key->addr[0] = flow->src[0] & conf->mask[0];
+	key->addr[1] = flow->src[1] & conf->mask[1];
+	key->addr[2] = flow->src[2] & conf->mask[2];
+	key->addr[3] = flow->src[3] & conf->mask[3];
+	key->vip_id = vip_id;
+	key->family = flow->family;
+	return conf;
+}
+
+/* The backend `flow`'s client is bound to, or FL_RING_EMPTY; refreshes the binding. */
+static __always_inline __u32 persist_lookup(const struct vip_meta *vip, __u32 vip_id,
+					    const struct flow_key *flow, __u64 now)
+{
+	struct persist_key key = {};
+	struct vip_persist *conf = persist_key_of(vip, vip_id, flow, &key);
+	struct persist_value *bound;
+	struct backend *be;
+
+	if (!conf)
+		return FL_RING_EMPTY;
+	bound = persist.lookup(&key);
+	if (!bound || bound->vip_gen != vip->gen || now - bound->last_seen_ns > conf->timeout_ns)
+		return FL_RING_EMPTY;
+	be = backends.lookup(&bound->backend_id);
+	if (!be || !(be->flags & FL_BE_F_VALID) || be->vip_id != vip_id || !be->weight)
+		return FL_RING_EMPTY;
+	if (now - bound->last_seen_ns > FL_PERSIST_REFRESH_NS)
+		bound->last_seen_ns = now;
+	return bound->backend_id;
+}
+
+/* Bind `flow`'s client to `be_id` (a recorded new flow of a VIP with persistence). */
+static __always_inline void persist_bind(const struct vip_meta *vip, __u32 vip_id,
+					 const struct flow_key *flow, __u32 be_id, __u64 now)
+{
+	struct persist_key key = {};
+	struct persist_value value = {};
+
+	if (!persist_key_of(vip, vip_id, flow, &key))
+		return;
+	value.backend_id = be_id;
+	value.vip_gen = vip->gen;
+	value.last_seen_ns = now;
+	persist.update(&key, &value);
+}
+
+/* A packet of a known flow keeps its client's binding alive. */
+static __always_inline void persist_touch(const struct vip_meta *vip, __u32 vip_id,
+					  const struct flow_key *flow)
+{
+	struct persist_key key = {};
+	struct persist_value *bound;
+	__u64 now;
+
+	if (!persist_key_of(vip, vip_id, flow, &key))
+		return;
+	bound = persist.lookup(&key);
+	if (!bound)
+		return;
+	now = bpf_ktime_get_coarse_ns();
+	if (now - bound->last_seen_ns > FL_PERSIST_REFRESH_NS)
+		bound->last_seen_ns = now;
+}
+
 /* A packet to a VIP address, or a NAT reply: find its flow's backend in
  * conntrack (one lookup on the hot path), or look the VIP up and pick one
  * from its table; then send it on and count. */
@@ -639,7 +734,7 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct vip_meta *vip;
 	struct ct_value *ct, new_ct = {};
 	struct backend *be;
-	__u32 *vip_id_p, vip_id, be_id, hash, reason;
+	__u32 *vip_id_p, vip_id, be_id, hash, reason, bound;
 	int new_flow = 0;
 
 	if (eth->h_dest[0] & 1)
@@ -655,6 +750,7 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 		be = ct_backend(ct, &vip);
 		if (be) {
 			ct_touch(ct, flow, pkt->tcp_flags);
+			persist_touch(vip, ct->vip_id, flow);
 			vip_id = ct->vip_id;
 			be_id = ct->backend_id;
 			goto send;
@@ -681,7 +777,11 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 		return FL_PASS_L7;
 	}
 	hash = flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED);
-	if (flow->proto != IPPROTO_TCP || (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN) {
+	new_ct.last_seen_ns = bpf_ktime_get_coarse_ns();
+	bound = persist_lookup(vip, vip_id, flow, new_ct.last_seen_ns);
+	if (bound != FL_RING_EMPTY) {
+		be_id = bound;   /* persistence: the client's backend, on any port, whatever the algorithm says */
+	} else if (flow->proto != IPPROTO_TCP || (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN) {
 		be_id = select_backend(vip, vip_id, hash);
 	} else {
 		/* Mid-flow with no entry (evicted, not recorded, or moved here from
@@ -700,7 +800,6 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	new_ct.backend_id = be_id;
 	new_ct.vip_id = vip_id;
 	new_ct.vip_gen = vip->gen;
-	new_ct.last_seen_ns = bpf_ktime_get_coarse_ns();
 	/* Only a connection seen from its SYN counts as active: a mid-flow one
 	 * (re-picked, evicted, or moved here) may be reset by its new backend
 	 * behind our back (DSR replies bypass us), and would never be uncounted. */
@@ -712,13 +811,17 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	 * packet of the flow must then reach the same backend, which only the
 	 * ring slot of its hash gives. */
 	if (over_new_flow_rate(new_ct.last_seen_ns)) {
-		be_id = ring_pick(vip, vip_id, hash);
+		if (bound == FL_RING_EMPTY)   /* a binding is as stable as the ring; nothing new is bound */
+			be_id = ring_pick(vip, vip_id, hash);
 		count_event(FL_EV_GUARD_UNRECORDED, pkt->bytes);
 	} else if (conntrack.update(flow, &new_ct) == 0) {
 		if (new_ct.flags & FL_CT_F_COUNTED)
 			active_add(be_id, 1);
+		if (bound == FL_RING_EMPTY)
+			persist_bind(vip, vip_id, flow, be_id, new_ct.last_seen_ns);
 	} else {
-		be_id = ring_pick(vip, vip_id, hash);
+		if (bound == FL_RING_EMPTY)
+			be_id = ring_pick(vip, vip_id, hash);
 		count_event(FL_EV_CT_FULL, pkt->bytes);
 	}
 	be = backends.lookup(&be_id);

@@ -23,11 +23,25 @@
 	struct name##_table_t name = { .max_entries = (entries) }
 
 /* VIPs -> vip id; VIP addresses (port 0, proto 0) -> FL_VIP_ID_ADDR_ONLY.
- * Written by the loader. Read for packets with no conntrack entry. */
-FL_MAP("hash", struct vip_key, __u32, vips, FASTLB_MAX_VIPS * 2, 0);
+ * A multi-port VIP has one key per port, all with its vip id (one O(1)
+ * lookup per packet, no range walk). Written by the loader. Read for
+ * packets with no conntrack entry. */
+FL_MAP("hash", struct vip_key, __u32, vips, FASTLB_MAX_VIPS * 2 + FASTLB_MAX_VIP_PORTS, 0);
 
 /* vip id -> per-VIP settings. Written by the loader. */
 FL_MAP("array", __u32, struct vip_meta, vip_table, FASTLB_MAX_VIPS, 0);
+
+/* vip id -> persistence timeout and client mask. Written by the loader. */
+FL_MAP("array", __u32, struct vip_persist, vip_persist, FASTLB_MAX_VIPS, 0);
+
+/* (VIP, masked client) -> backend: persistence bindings. Written by the
+ * program (a recorded new flow binds; packets refresh), the controller
+ * (a removed or failed backend's bindings are deleted). One hash table that
+ * every CPU reads (a client's connections arrive on any RX queue), with
+ * per-CPU LRU lists: a new client's binding takes no global lock (its
+ * entries are rounded to a multiple of the possible CPUs: layout.kernel_max_entries). */
+FL_MAP("lru_hash", struct persist_key, struct persist_value, persist, FASTLB_CT_SIZE,
+       BPF_F_NO_COMMON_LRU);
 
 /* Backend id -> address, MAC, weight. Written by the loader/controller. */
 FL_MAP("array", __u32, struct backend, backends, FASTLB_MAX_BACKENDS, 0);

@@ -50,7 +50,7 @@ struct backend {
 	__u8 mac[6];                /* next hop: the backend itself under DSR */
 	__u8 family;
 	__u8 flags;                 /* enum fl_backend_flags */
-	__u16 port;                 /* network byte order */
+	__u16 port;                 /* network byte order; 0: the client's (multi-port NAT VIPs) */
 	__u16 weight;
 	__u32 vip_id;               /* the VIP this backend serves */
 	__u32 rtt_us;               /* lrt: response-time score in microseconds */
@@ -129,6 +129,27 @@ struct fl_settings {
 struct fl_flood {
 	__u64 window_start_ns;
 	__u64 new_flows;
+};
+
+/* Persistence (a VIP's `persistence`): a client, its address masked to the
+ * VIP's persistence_prefix, bound to a backend of that VIP. */
+struct persist_key {
+	__u32 addr[4];              /* the client's address & the VIP's mask */
+	__u32 vip_id;
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct persist_value {
+	__u32 backend_id;
+	__u32 vip_gen;              /* vip_meta.gen when bound: a slot's new VIP misses */
+	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns of the client's last packet (1 s steps) */
+};
+
+/* Value of the vip_persist array, indexed by vip id. Written by the loader. */
+struct vip_persist {
+	__u64 timeout_ns;           /* 0: no persistence */
+	__u32 mask[4];              /* the client address mask (persistence_prefix), network order */
 };
 
 /* A packet and byte counter (per CPU). */

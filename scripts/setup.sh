@@ -33,6 +33,8 @@ packages+=(haproxy nginx libnginx-mod-stream wrk nftables)
 packages+=(bird2)
 # The metrics scraper the Prometheus test runs in a lab namespace (tests/e2e/test_e2e_prometheus.py).
 packages+=(prometheus)
+# FTP through a VIP (docs/FTP.md): the tests run vsftpd in the backends' namespaces, and curl is the client.
+packages+=(vsftpd curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -65,8 +67,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Installing bird2 enables and (under systemd) starts the host's BIRD on Debian's sample config.
   # Stop what this run's install started: a box that is to announce VIPs sets BIRD up itself
   # (docs/SCALEOUT.md), and the tests start their own BIRDs in namespaces.
-  # Installing prometheus does the same with the host's Prometheus (on :9090).
-  for pair in bird2:bird prometheus:prometheus; do
+  # Installing prometheus does the same with the host's Prometheus (on :9090), and vsftpd with the
+  # host's FTP server (on port 21).
+  for pair in bird2:bird prometheus:prometheus vsftpd:vsftpd; do
     pkg=${pair%%:*} svc=${pair#*:}
     [[ " ${missing[*]} " == *" $pkg "* ]] || continue
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

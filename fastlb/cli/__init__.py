@@ -198,6 +198,9 @@ def explain(vip_spec, src, host, req_path, config_path, no_live, as_json):
         return
     if src is None:
         raise click.BadParameter("a tcp/udp VIP needs the client's ADDR:PORT", param_hint="--src")
+    if vip.multi_port:   # the flow's own port goes into its hash
+        from fastlb.config import parse_vip_spec
+        vip = dataclasses.replace(vip, port=parse_vip_spec(vip_spec)[1])
     active = rtt = None
     source = "no attachment serves this VIP here: counts taken as 0"
     if vip.algorithm in ("lc", "lrt") and not no_live:
@@ -210,10 +213,11 @@ def explain(vip_spec, src, host, req_path, config_path, no_live, as_json):
         result = model.explain(config, vip, src[0], src[1], active, rtt, counts_source=source)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--src") from exc
+    bound = None if no_live else model.binding(vip, src[0])
     if as_json:
-        click.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        click.echo(json.dumps(dataclasses.asdict(result) | ({"persistence": bound} if bound else {}), indent=2))
     else:
-        click.echo("\n".join(result.lines()))
+        click.echo("\n".join(([bound] if bound else []) + result.lines()))
 
 
 @main.command()
@@ -507,15 +511,26 @@ def _open_attachment(iface):
 @click.option("--vip", "vip_spec", metavar="VIP", help="Only this VIP's flows (ADDR:PORT/PROTO).")
 @click.option("--backend", "backend_spec", metavar="BACKEND", help="Only this backend's (ADDR or ADDR:PORT).")
 @click.option("--limit", default=0, type=click.IntRange(0), help="Show at most this many (0: all).")
+@click.option("--persistent", is_flag=True, help="List persistence bindings (client prefix -> backend) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @iface_option
-def flows_list(vip_spec, backend_spec, limit, as_json, iface):
-    """List conntrack entries: client, VIP, backend, state and age (TCP) or idle time (UDP)."""
+def flows_list(vip_spec, backend_spec, limit, persistent, as_json, iface):
+    """List conntrack entries: client, VIP, backend, state and age (TCP) or idle time (UDP).
+
+    With --persistent: the persistence bindings of VIPs with `persistence`,
+    each client prefix with its backend, idle time and time left.
+    """
     from fastlb.dataplane import flows as ct
     with _open_attachment(iface) as maps:
         names, vip_ids, backend_ids = _flow_filter(maps, vip_spec, backend_spec)
         slots = ct.Slots.read(maps)
         now = ct.now_ns()
+        if persistent:
+            conf = ct.persistence(maps)
+            rows = [ct.describe_binding(k, v, names, slots, conf, now) for k, v in ct.bindings(maps)
+                    if (vip_ids is None or k.vip_id in vip_ids) and (backend_ids is None or v.backend_id in backend_ids)]
+            _print_bindings(rows, limit, as_json)
+            return
         rows = [ct.describe(k, v, names, slots, now) for k, v in ct.select(ct.read(maps), vip_ids, backend_ids)]
     rows.sort(key=lambda r: (r["vip"], r["backend"], r["client"]))
     total = len(rows)
@@ -530,6 +545,20 @@ def flows_list(vip_spec, backend_spec, limit, as_json, iface):
         live = "" if r["live"] else "  (stale: its next packet picks again)"
         click.echo(f"{r['proto']} {r['client']} -> {r['vip']}  backend {r['backend']}  {state}  {clock}{live}")
     click.echo(f"{total} flow(s)" + (f", {len(rows)} shown" if len(rows) < total else ""))
+
+
+def _print_bindings(rows: list[dict], limit: int, as_json: bool) -> None:
+    rows.sort(key=lambda r: (r["vip"], r["client"]))
+    total = len(rows)
+    rows = rows[:limit] if limit else rows
+    if as_json:
+        click.echo(json.dumps({"total": total, "bindings": rows}, indent=2))
+        return
+    for r in rows:
+        live = "" if r["live"] else "  (ended: the next connection picks again)"
+        click.echo(f"{r['client']} -> {r['vip']}  backend {r['backend']}  idle {r['idle_s']:.1f} s  "
+                   f"expires in {r['expires_in_s']:.0f} s{live}")
+    click.echo(f"{total} binding(s)" + (f", {len(rows)} shown" if len(rows) < total else ""))
 
 
 @flows.command("flush")

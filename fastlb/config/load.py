@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import tomllib
 from typing import Any
 
@@ -18,9 +20,9 @@ from fastlb.config.model import (_BACKEND_KEYS, _BGP_KEYS, _HEALTH_KEYS, _HEALTH
                                  _PEER_KEYS, _ROUTE_KEYS, _SETTINGS_ADDRESSES, _SETTINGS_KEYS, _SETTINGS_NETWORKS,
                                  _SETTINGS_RANGES, _SETTINGS_SECONDS, _VIP_HEALTH_KEYS, _VIP_KEYS, ALGORITHMS,
                                  ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS, BUILT_FORWARDING, CLIENT_IP,
-                                 FORWARDING, HASHES, HEALTH_KINDS, L7_HASHES, L7_PROTOCOLS, MAX_PAYLOAD, PROTOCOLS,
-                                 SPEAKERS, Backend, Bgp, BgpPeer, Config, HealthCheck, IPAddress, Route, Settings,
-                                 Vip)
+                                 FORWARDING, HASHES, HEALTH_KINDS, L7_HASHES, L7_PROTOCOLS, MAX_PAYLOAD,
+                                 MAX_PERSISTENCE, MAX_SLOW_START, PROTOCOLS, SPEAKERS, Backend, Bgp, BgpPeer, Config,
+                                 HealthCheck, IPAddress, Route, Settings, Vip)
 from fastlb.config.render import config_data
 from fastlb.config.table import _MISSING, _Source, _Table, _show
 from fastlb.errors import ConfigError, os_error
@@ -62,6 +64,30 @@ def validate(config: Config) -> Config:
     return _config(_Table(config_data(config), (), _Source(config.path, NoLines())))
 
 
+FTP_CONTROL = 21
+
+
+def warnings(config: Config) -> list[str]:
+    """What a valid config still does badly, for check and attach to print."""
+    out = []
+    if config.settings.hash_seed == 0:
+        out.append("settings.hash_seed is 0: anyone can compute which backend (and which of its RSS "
+                   "queues) a flow lands on, and aim a flood at one. Fix: set hash_seed to one secret "
+                   "random u32, the same on every box behind the same ECMP route "
+                   "(python3 -c 'import secrets; print(secrets.randbits(32))')")
+    for vip in config.vips:
+        if vip.protocol != "tcp" or not vip.serves(FTP_CONTROL):
+            continue
+        if vip.forwarding == "nat":
+            out.append(f"{vip.name}: nat forwarding on FTP's port 21: fastlb does not rewrite FTP payloads, so the "
+                       "server's PASV/EPSV answers name the backend's address and its data connections miss the "
+                       "VIP; use dsr or tunnel with ports = [21, \"PASV range\"] and persistence (docs/FTP.md)")
+        elif not vip.multi_port or not vip.persistence:
+            out.append(f"{vip.name}: FTP's port 21 without ports = [21, \"PASV range\"] and persistence: passive "
+                       "data connections may reach another backend than their control connection (docs/FTP.md)")
+    return out
+
+
 def _config(root: _Table) -> Config:
     path = root.source.path
     root.check_keys(("settings", "vip", "bgp"))
@@ -72,8 +98,9 @@ def _config(root: _Table) -> Config:
         raise root.error(("vip",), "no VIPs defined",
                          fix="add a [[vip]] with an address, a port and at least one [[vip.backend]]")
     vips: list[Vip] = []
-    seen: dict[tuple[IPAddress, int, int], _Table] = {}
+    seen: dict[tuple[IPAddress, int, int], tuple[Vip, _Table]] = {}
     backend_count = 0
+    vip_ports = 0
     for index, table in enumerate(vip_tables):
         if index >= settings.max_vips:
             raise table.error((), f"VIP number {index + 1} is over settings.max_vips = {settings.max_vips}",
@@ -81,10 +108,24 @@ def _config(root: _Table) -> Config:
         vip = _vip(table, settings, backend_count)
         if vip.announce == "bgp":
             _check_bgp_vip(table, vip, bgp)
-        first = seen.setdefault((vip.address, vip.port, vip.proto_number), table)
-        if first is not table:
-            raise table.error((), f"duplicate VIP {vip.name}: already defined as {first.where()}",
-                              fix="remove one of them or change its address, port or protocol")
+        for port in vip.listens():
+            other, first = seen.setdefault((vip.address, port, vip.proto_number), (vip, table))
+            if first is table:
+                continue
+            if not vip.multi_port and not other.multi_port:
+                raise table.error((), f"duplicate VIP {vip.name}: already defined as {first.where()}",
+                                  fix="remove one of them or change its address, port or protocol")
+            raise table.error(("ports" if vip.multi_port else "port",),
+                              f"port {port} of VIP {vip.name} is also a port of VIP {other.name} "
+                              f"({first.where()})", fix="a port of an address and protocol belongs to one VIP: "
+                                                        "take it out of one of them")
+        if vip.multi_port:
+            vip_ports += len(vip.listens())
+            if vip_ports > settings.max_vip_ports:
+                raise table.error(("ports",), f"the multi-port VIPs list {vip_ports} ports, over "
+                                              f"settings.max_vip_ports = {settings.max_vip_ports}",
+                                  fix=f"raise settings.max_vip_ports to at least {vip_ports} (each port is one "
+                                      "entry of the vips map)")
         backend_count += len(vip.backends)
         vips.append(vip)
     return Config(settings=settings, vips=tuple(vips), path=path, bgp=bgp)
@@ -160,14 +201,36 @@ def _check_bgp_vip(t: _Table, vip: Vip, bgp: Bgp | None) -> None:
 def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
     t.check_keys(_VIP_KEYS)
     address = t.address("address", "VIP", loopback_ok=True)
-    port = t.integer("port", 1, 65535)
+    if "ports" in t.data:
+        if "port" in t.data:
+            raise t.error(("ports",), "a VIP has port or ports, not both",
+                          fix="remove port, or remove ports and keep the single port")
+        ports = _port_ranges(t)
+        port = ports[0][0]
+    else:
+        ports, port = (), t.integer("port", 1, 65535)
     protocol = t.choice("protocol", tuple(PROTOCOLS), "tcp")
     if protocol in L7_PROTOCOLS:
+        if ports:
+            raise t.error(("ports",), f"'ports' is for tcp and udp VIPs, and this VIP is {protocol}",
+                          fix="use one port; an http VIP listens on one port")
+        for key in ("persistence", "persistence_prefix", "slow_start"):
+            if key in t.data:
+                raise t.error((key,), f"'{key}' is for tcp and udp VIPs: on an {protocol} VIP (HAProxy's stick "
+                                      "tables, slowstart) it is not built yet",
+                              fix='remove it (hash = "src" keeps a client on its backend)')
         return _l7_vip(t, address, port, protocol)
     for key in _L7_ONLY:
         if key in t.data:
             raise t.error((key,), f"'{key}' is only read on http and https VIPs, and this VIP is {protocol}",
                           fix='remove it, or set protocol = "http"')
+    persistence = t.integer("persistence", 0, MAX_PERSISTENCE, default=0)
+    bits = address.max_prefixlen
+    prefix = t.integer("persistence_prefix", 0, bits, default=bits)
+    if "persistence_prefix" in t.data and not persistence:
+        raise t.error(("persistence_prefix",), "persistence_prefix without persistence",
+                      fix="set persistence = SECONDS (e.g. 600), or remove persistence_prefix")
+    slow_start = t.integer("slow_start", 0, MAX_SLOW_START, default=0)
     algorithm = t.choice("algorithm", ALGORITHMS, "maglev", built=BUILT_ALGORITHMS)
     forwarding = t.choice("forwarding", FORWARDING, "dsr", built=BUILT_FORWARDING)
     hash_ = t.choice("hash", HASHES, "5tuple")
@@ -198,6 +261,9 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
             raise table.error((), f"backend number {index + 1} does not fit in settings.ring_size = "
                                   f"{settings.ring_size}: Maglev needs at least one ring slot per backend",
                               fix="raise settings.ring_size to a prime at least 100 times the number of backends")
+        if ports and "port" in table.data:
+            raise table.error(("port",), "a backend of a multi-port VIP takes the port each client used",
+                              fix="remove the backend's port (port remapping is for single-port VIPs)")
         backend = _backend(table, address, port, forwarding, health)
         if forwarding == "tunnel" and backend.address.version == 4 and address.version == 6:
             raise table.error(("address",), "IPv4 backend on an IPv6 tunnel VIP: fastlb tunnels IPv4 in IPv4 "
@@ -213,7 +279,35 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
         backends.append(backend)
     return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding=forwarding,
                hash=hash_, backends=tuple(backends), line=t.line, announce=announce, health=health,
-               all_down=all_down, expire_nodest_conn=expire)
+               all_down=all_down, expire_nodest_conn=expire, ports=ports, persistence=persistence,
+               persistence_prefix=prefix, slow_start=slow_start)
+
+
+def _range(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _port_ranges(t: _Table) -> tuple[tuple[int, int], ...]:
+    """``ports = [21, "30000-30100"]`` -> ((21, 21), (30000, 30100)), sorted; overlaps are errors."""
+    items = t.get("ports", list)
+    if not items:
+        raise t.error(("ports",), "ports is empty", fix='list ports or ranges, e.g. ports = [21, "30000-30100"]')
+    ranges = []
+    for item in items:
+        text = str(item) if isinstance(item, (int, str)) and not isinstance(item, bool) else None
+        match = re.fullmatch(r"\s*([0-9]{1,5})\s*(?:-\s*([0-9]{1,5})\s*)?", text) if text is not None else None
+        lo, hi = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
+        if match is None or isinstance(item, int) and match.group(2) or not 1 <= lo <= hi <= 65535:
+            raise t.error(("ports",), f"bad port or range {_show(item)}",
+                          fix='write a port (21) or a range "LOW-HIGH" with 1 <= LOW <= HIGH <= 65535, '
+                              'e.g. "30000-30100"')
+        ranges.append((lo, hi))
+    ranges.sort()
+    for (lo1, hi1), (lo2, hi2) in zip(ranges, ranges[1:]):
+        if lo2 <= hi1:
+            raise t.error(("ports",), f"ports {_range(lo1, hi1)} and {_range(lo2, hi2)} overlap",
+                          fix="list each port once")
+    return tuple(ranges)
 
 
 def _health(t: _Table, base: HealthCheck, allowed: tuple[str, ...]) -> HealthCheck:
@@ -242,7 +336,28 @@ def _health(t: _Table, base: HealthCheck, allowed: tuple[str, ...]) -> HealthChe
         if key in t.data and kind != only:
             raise t.error((key,), f"'{key}' is only read by {only} checks, and this check is kind '{kind}'",
                           fix=f'remove it, or set kind = "{only}"')
-    return HealthCheck(path=path, payload=payload, **values)
+    command = t.get("command", str, base.command if kind == "exec" else "")
+    if kind == "exec":
+        _exec_command(t, command)
+    if kind == "agent" and not values["port"]:
+        raise t.error(("port",), "an agent check needs the agent's port",
+                      fix="add port = N, the TCP port the backend's agent listens on")
+    return HealthCheck(path=path, payload=payload, command=command, **values)
+
+
+def _exec_command(t: _Table, command: str) -> None:
+    """An exec check's command must split into words and name a program that exists and runs."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise t.error(("command",), f"command {_show(command)} does not split into words: {exc}",
+                      fix="balance the quotes, e.g. command = \"/usr/local/bin/replica-lag-check --max 5\"") from None
+    if not argv:
+        raise t.error(("command",), "an exec check needs a command",
+                      fix='add command = "/usr/local/bin/replica-lag-check" (exit 0 = up)')
+    if shutil.which(argv[0]) is None:
+        raise t.error(("command",), f"{argv[0]} is not an executable file here (nor on PATH)",
+                      fix="give the full path of an existing program, and make it executable (chmod +x)")
 
 
 def _backend(t: _Table, vip_address: IPAddress, vip_port: int, forwarding: str,
@@ -297,7 +412,7 @@ def _l7_vip(t: _Table, address: IPAddress, port: int, protocol: str) -> Vip:
     announce = t.choice("announce", ANNOUNCE, "none")
     health_table = t.table("health")
     health = _health(health_table, HealthCheck(), _VIP_HEALTH_KEYS)
-    if health.kind == "udp":
+    if health.kind in ("udp", "exec", "agent"):
         raise health_table.error(("kind",), "an http VIP's backends are checked by HAProxy over TCP or HTTP",
                                  fix='use kind = "http" or "tcp"')
     for key in ("all_down", "expire_nodest_conn"):
@@ -378,14 +493,3 @@ def _nearest_primes(n: int) -> tuple[int, int]:
     below = next(p for p in range(n - 1, 1, -1) if _is_prime(p))
     above = next(p for p in range(n + 1, 2 * n + 2) if _is_prime(p))
     return below, above
-
-
-def warnings(config: Config) -> list[str]:
-    """What a valid config still does badly, for check and attach to print."""
-    out = []
-    if config.settings.hash_seed == 0:
-        out.append("settings.hash_seed is 0: anyone can compute which backend (and which of its RSS "
-                   "queues) a flow lands on, and aim a flood at one. Fix: set hash_seed to one secret "
-                   "random u32, the same on every box behind the same ECMP route "
-                   "(python3 -c 'import secrets; print(secrets.randbits(32))')")
-    return out

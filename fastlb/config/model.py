@@ -7,6 +7,7 @@ built in code), fastlb.config.render writes them back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ FORWARDING = ("dsr", "tunnel", "nat")
 HASHES = ("5tuple", "src")
 L7_HASHES = ("src", "uri")         # http maglev's key, besides "header:NAME"
 CLIENT_IP = ("xff", "proxy", "none")
-HEALTH_KINDS = ("none", "tcp", "http", "udp")
+HEALTH_KINDS = ("none", "tcp", "http", "udp", "exec", "agent")
 ALL_DOWN = ("drop", "keep")
 
 # What this build can run. Other values are known but rejected as "not built yet".
@@ -69,6 +70,8 @@ class Settings:
     # icmp_rate a second in bursts of icmp_burst (RFC 1812 4.3.2.8, RFC 4443 2.4(f)).
     icmp_rate: int = 1000
     icmp_burst: int = 50
+    # Multi-port VIPs: room in the vips map for the ports of their `ports` lists.
+    max_vip_ports: int = 1024
 
     def guard_rate(self, possible_cpus: int) -> int:
         """The guard's rate per CPU: ``new_flow_rate``, or by default
@@ -97,6 +100,7 @@ class HealthCheck:
     path: str = "/"
     expect: int = 200
     payload: str = "fastlb health check\n"
+    command: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ class Backend:
     line: int = field(default=0, compare=False)
     health: HealthCheck | None = None   # None: the VIP's check
 
-    @property
+    @functools.cached_property     # computed once: the controller asks for it for every health result
     def key(self) -> bytes:
         """The backend's Maglev identity: ``b"198.18.0.11:80"``, ``b"[2001:db8::11]:80"``."""
         return hostport(self.address, self.port).encode("ascii")
@@ -149,11 +153,26 @@ class Vip:
     certificate: str | None = None
     client_ip: str = "xff"
     routes: tuple[Route, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()   # `ports`: its ranges, lowest first; () for a `port` VIP
+    persistence: int = 0                # seconds a client keeps its backend after its last packet; 0: off
+    persistence_prefix: int = 32        # clients grouped by this prefix (/32 IPv4, /128 IPv6 unless set)
+    slow_start: int = 0                 # seconds over which an added or recovered backend ramps up; 0: off
 
     @property
     def is_l7(self) -> bool:
         """Served by the HAProxy tier: XDP passes its packets to the local stack."""
         return self.protocol in L7_PROTOCOLS
+
+    @property
+    def multi_port(self) -> bool:
+        return bool(self.ports)
+
+    def listens(self) -> list[int]:
+        """Every port the VIP serves: ``port``, or each port of its ``ports`` ranges."""
+        return [p for lo, hi in self.ports for p in range(lo, hi + 1)] if self.ports else [self.port]
+
+    def serves(self, port: int) -> bool:
+        return any(lo <= port <= hi for lo, hi in self.ports) if self.ports else port == self.port
 
     def check_of(self, backend: Backend) -> HealthCheck:
         """The health check that applies to ``backend``: its own, else the VIP's."""
@@ -167,7 +186,7 @@ class Vip:
     def proto_number(self) -> int:
         return PROTOCOLS[self.protocol]
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """``198.19.0.100:80/tcp`` or ``[2001:db8::1]:80/udp``; ``parse_vip_spec`` reads it back."""
         return vip_name(self.address, self.port, self.protocol)
@@ -214,8 +233,8 @@ class Config:
         """The VIP named by ``ADDR:PORT[/PROTO]``, or None. A malformed spec raises ValueError."""
         address, port, protocol = parse_vip_spec(spec)
         for vip in self.vips:
-            if (vip.address, vip.port, vip.protocol) == (address, port, protocol):
-                return vip
+            if (vip.address, vip.protocol) == (address, protocol) and vip.serves(port):
+                return vip   # a multi-port VIP answers to any of its ports
         return None
 
 
@@ -267,6 +286,7 @@ _SETTINGS_RANGES = {
     "udp_timeout": (1.0, 86400.0),
     "sweep_interval": (0.1, 3600.0),
     "new_flow_rate": (0, 2**32 - 1),
+    "max_vip_ports": (0, 1_048_576),
     "icmp_rate": (0, 2**32 - 1),
     "icmp_burst": (1, 2**32 - 1),
 }
@@ -274,17 +294,19 @@ _SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}
 _SETTINGS_ADDRESSES = {"icmp_source": 4, "icmp_source6": 6}
 _SETTINGS_KEYS = (*_SETTINGS_RANGES, *_SETTINGS_NETWORKS, *_SETTINGS_ADDRESSES)
-_VIP_KEYS = ("address", "port", "protocol", "algorithm", "forwarding", "hash", "announce", "health", "backend",
-             "certificate", "client_ip", "route")
+_VIP_KEYS = ("address", "port", "ports", "protocol", "algorithm", "forwarding", "hash", "announce", "persistence",
+             "persistence_prefix", "slow_start", "health", "backend", "certificate", "client_ip", "route")
 _L7_ONLY = ("certificate", "client_ip", "route")  # keys only http/https VIPs read
 _ROUTE_KEYS = ("host", "path_prefix", "algorithm", "backend")
 _BACKEND_KEYS = ("address", "weight", "port", "health")
-_HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "port", "path", "expect", "payload")
+_HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "port", "path", "expect", "payload", "command")
 _VIP_HEALTH_KEYS = _HEALTH_KEYS + ("all_down", "expire_nodest_conn")
 _HEALTH_RANGES = {"interval": (0.05, 3600.0), "timeout": (0.01, 60.0), "rise": (1, 100), "fall": (1, 100),
                   "port": (1, 65535), "expect": (100, 599)}
-_KIND_ONLY = {"path": "http", "expect": "http", "payload": "udp"}  # keys that only one kind reads
+_KIND_ONLY = {"path": "http", "expect": "http", "payload": "udp", "command": "exec"}  # keys that only one kind reads
 MAX_PAYLOAD = 1400
+MAX_PERSISTENCE = 7 * 86400   # seconds: a week
+MAX_SLOW_START = 3600
 _BGP_KEYS = ("speaker", "local_as", "router_id", "hold_time", "bfd", "bfd_interval", "bfd_multiplier",
              "detach_delay", "bird_socket", "bird_include", "peer")
 _PEER_KEYS = ("address", "as")

@@ -31,7 +31,12 @@ def config_data(config: Config) -> dict:
 
 
 def _vip(vip: Vip) -> dict:
-    out = {"address": str(vip.address), "port": vip.port, "protocol": vip.protocol, "algorithm": vip.algorithm}
+    out = {"address": str(vip.address)}
+    if vip.ports:
+        out["ports"] = [lo if lo == hi else f"{lo}-{hi}" for lo, hi in vip.ports]
+    else:
+        out["port"] = vip.port
+    out.update(protocol=vip.protocol, algorithm=vip.algorithm)
     if vip.is_l7:
         if vip.algorithm == "maglev":
             out["hash"] = vip.hash
@@ -42,6 +47,12 @@ def _vip(vip: Vip) -> dict:
         out.update(forwarding=vip.forwarding, hash=vip.hash)
     if vip.announce != "none":
         out["announce"] = vip.announce
+    if vip.slow_start:
+        out["slow_start"] = vip.slow_start
+    if vip.persistence:
+        out["persistence"] = vip.persistence
+        if vip.persistence_prefix != vip.address.max_prefixlen:
+            out["persistence_prefix"] = vip.persistence_prefix
     health = _changed(vip.health, HealthCheck())
     if vip.all_down != "drop":
         health["all_down"] = vip.all_down
@@ -96,10 +107,15 @@ def _table(out: list[str], path: tuple[str, ...], value: dict | list) -> None:
                          else [(v, f"[[{'.'.join(path)}]]") for v in value]):
         out += [""] if out else []
         out.append(header)
-        out += [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, (dict, list))]
+        out += [f"{k} = {_toml(v)}" for k, v in data.items() if not _is_table(v)]
         for k, v in data.items():
-            if isinstance(v, (dict, list)):
+            if _is_table(v):
                 _table(out, path + (k,), v)
+
+
+def _is_table(value: object) -> bool:
+    """A table, or an array of tables (a list of plain values, like ``ports``, is a value)."""
+    return isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, dict) for v in value)
 
 
 def _toml(value: object) -> str:
@@ -107,4 +123,6 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(str(value))  # strings, addresses, prefixes: a JSON string is a TOML basic string

@@ -55,6 +55,8 @@ from fastlb.kernel.layout import Sizes
 from fastlb.kernel.maps import PinnedMaps
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+RAMP_STEP = 0.5         # seconds between two weight steps of a slow start
+PUBLISH_EVERY = 0.5     # seconds: how stale the health counters that stats and metrics read may get
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 COMMAND_TIMEOUT = 60.0
 
@@ -62,10 +64,12 @@ COMMAND_TIMEOUT = 60.0
 class View:
     """What the controller knows of one backend of one VIP."""
 
-    __slots__ = ("verdict", "ewma", "passed", "failed", "rtt_written")
+    __slots__ = ("verdict", "ewma", "passed", "failed", "rtt_written", "asked", "ramp_from")
 
     def __init__(self, st: str):
         self.verdict = health.Verdict(st)
+        self.ramp_from: float | None = None   # slow start: time.monotonic() when it (re)entered the table
+        self.asked: tuple[int | None, int | None] = (None, None)  # exec's weight, agent's percent
         self.ewma = PeakEwma()
         self.passed = 0
         self.failed = 0
@@ -115,6 +119,8 @@ class Controller:
         self.metrics = None
         self.watcher: neighbour_watch.Watcher | None = None
         self.public: dict = {}
+        self.published = 0.0                            # time.monotonic() of the last _publish
+        self._members: tuple[Config | None, dict] = (None, {})
         self.conntrack_entries: int | None = None
         self.reloads = {"ok": 0, "failed": 0}
         self.udp_expired = 0
@@ -151,7 +157,7 @@ class Controller:
             if adopting:
                 self._macs_from_maps(pin_dir)
             self._require_macs_for_unchecked()
-            self.prober = health.Prober(self._on_result)
+            self.prober = health.Prober(self._on_results)
             self._first_probes()
             self.announcer = bgp.Announcer(self.ifname, self.log)
             self._l7_apply(self.config, reload=True)   # HAProxy listens before XDP passes it packets
@@ -240,6 +246,12 @@ class Controller:
 
     # ---- views, targets and the effective config ------------------------------
 
+    def _member(self, key: Key) -> tuple[Vip | None, object]:
+        """(VIP, backend) of a view's key, from an index of the running config (one lookup a result)."""
+        if self._members[0] is not self.config:
+            self._members = (self.config, {k: (vip, b) for vip, b, k in self._backends()})
+        return self._members[1].get(key, (None, None))
+
     def _backends(self):
         for vip in l4_view(self.config).vips:
             for b in vip.backends:
@@ -253,8 +265,12 @@ class Controller:
             if view is None:
                 st = health.UP if vip.check_of(b).kind == "none" else known.get(key, health.UNKNOWN)
                 view = View(st)
+                if st == health.UP and vip.slow_start and self.maps is not None:
+                    view.ramp_from = time.monotonic()   # added while running, with no check to pass first
             elif vip.check_of(b).kind == "none":
                 view.verdict.state = health.UP
+            if vip.check_of(b).kind not in ("exec", "agent"):
+                view.asked = (None, None)   # only these kinds ask for a weight
             wanted[key] = view
         self.views = wanted
 
@@ -266,10 +282,50 @@ class Controller:
                 out[key] = health.Target(key, str(b.address), check.port or b.port, check)
         return out
 
+    def _weights(self) -> dict[planner.Key, int]:
+        """Each backend's weight where it differs from its configured one: as its check asks
+        (exec's ``weight N``, the agent's share), and stepped by a slow start."""
+        now = time.monotonic()
+        out = {}
+        for vip in self.config.vips:
+            views = [self.views.get((vip.name, b.key)) for b in vip.backends]
+            weights = [b.weight if v is None else planner.asked_weight(b.weight, v.asked)
+                       for b, v in zip(vip.backends, views)]
+            ramps = self._ramps(vip, now)
+            if ramps:
+                weights = planner.ramped(weights, [ramps.get(b.key) for b in vip.backends])
+            for b, weight in zip(vip.backends, weights):
+                if weight != b.weight:
+                    out[(vip.name, b.key)] = weight
+        return out
+
+    def _ramps(self, vip: Vip, now: float) -> dict[bytes, float]:
+        """Slow start: the VIP's ramping backends and how far along (0..1); finished ramps are cleared."""
+        out = {}
+        for b in vip.backends:
+            view = self.views.get((vip.name, b.key))
+            if view is None or view.ramp_from is None:
+                continue
+            done = (now - view.ramp_from) / vip.slow_start if vip.slow_start else 1.0
+            if done >= 1.0:
+                view.ramp_from = None
+                self.log("slow_start_done", vip=vip.name, backend=b.key.decode())
+            else:
+                out[b.key] = max(0.0, done)
+        return out
+
+    def _start_ramp(self, vip: Vip, backend) -> None:
+        if vip.slow_start and self.maps is not None:   # not at the first start: nothing ramps against
+            self.views[(vip.name, backend.key)].ramp_from = time.monotonic()
+            self.log("slow_start_begins", vip=vip.name, backend=backend.key.decode(), seconds=vip.slow_start)
+
+    def ramping(self) -> bool:
+        return any(v.ramp_from is not None for v in self.views.values())
+
     def _plan(self) -> planner.Plan:
         """Ask the planner once, remember what it remembers, log its transitions."""
         plan = planner.plan(self.config, {k: v.verdict.state for k, v in self.views.items()}, self.macs,
-                            self.memory)
+                            self.memory, self._weights())
         self.memory = plan.memory
         for event, fields in plan.transitions:
             self.log(event, **fields)
@@ -302,6 +358,10 @@ class Controller:
         left = before - self._valid_slots()
         if left and not first:
             moved = flows.purge_backends(self.maps, left, started_ns)
+            unbound = flows.unbind_backends(self.maps, left)
+            if unbound:
+                self.log("clients_unbound", backend_slots=",".join(map(str, sorted(left))), bindings=unbound,
+                         why="persistence ends with its backend: their next connections pick again")
             self.log("flows_moved", backend_slots=",".join(map(str, sorted(left))), flows=moved,
                      why="their backend failed or was removed (expire_nodest_conn)")
         if written.get("removed"):
@@ -325,7 +385,7 @@ class Controller:
 
     def _write_rtt(self, key: Key, force: bool = False) -> None:
         """lrt VIPs: write the backend's peak-EWMA score when it moved enough."""
-        vip = self.config.find_vip(key[0])
+        vip = self._member(key)[0]
         be_id = self.slots.get(key)
         view = self.views.get(key)
         if vip is None or vip.algorithm != "lrt" or be_id is None or view is None or not view.ewma.has_sample:
@@ -344,18 +404,15 @@ class Controller:
 
     # ---- events ------------------------------------------------------------------
 
-    def _on_result(self, result: health.Result) -> None:
-        self.events.put(("result", result))
+    def _on_results(self, results: list[health.Result]) -> None:
+        self.events.put(("results", results))
 
     def _on_result_main(self, result: health.Result) -> bool:
         """Count a probe result; True when the backend's state changed."""
         view = self.views.get(result.key)
-        if view is None:
+        vip, backend = self._member(result.key)
+        if view is None or backend is None:
             return False  # a result for a backend that has since gone
-        vip = self.config.find_vip(result.key[0])
-        backend = next((b for b in vip.backends if b.key == result.key[1]), None) if vip else None
-        if backend is None:
-            return False
         if result.ok:
             view.passed += 1
             if result.latency_s is not None:
@@ -363,13 +420,24 @@ class Controller:
         else:
             view.failed += 1
         check = vip.check_of(backend)
+        reweighted = False
+        if result.ok and (result.weight, result.percent) != view.asked:
+            self.log("backend_weight_asked", vip=vip.name, backend=backend.key.decode(), check=check.kind,
+                     weight="-" if result.weight is None else result.weight,
+                     percent="-" if result.percent is None else result.percent, detail=result.detail)
+            view.asked = (result.weight, result.percent)
+            reweighted = True
         was = view.verdict.state
         new = view.verdict.feed(result, check.rise, check.fall)
         if new is None:
-            if self.maps is not None:
+            if self.maps is not None and not reweighted:
                 self._write_rtt(result.key)
-            return False
+            return reweighted
         in_a_row = view.verdict.successes if new == health.UP else view.verdict.failures
+        if new == health.UP:
+            self._start_ramp(vip, backend)
+        else:
+            view.ramp_from = None
         self.log(f"backend_{new}", vip=vip.name, backend=backend.key.decode(), was=was,
                  checks_in_a_row=in_a_row, check=check.kind, detail=result.detail)
         return True
@@ -390,9 +458,11 @@ class Controller:
         """Handle events until SIGINT or SIGTERM."""
         sweep_every = self.config.settings.sweep_interval
         next_sweep = time.monotonic() + sweep_every
+        next_ramp = time.monotonic()
         while True:
+            wake = min(next_sweep, next_ramp) if self.ramping() else next_sweep
             try:
-                batch = [self.events.get(timeout=max(0.0, next_sweep - time.monotonic()))]
+                batch = [self.events.get(timeout=max(0.0, wake - time.monotonic()))]
             except queue.Empty:
                 batch = []
             while True:
@@ -408,16 +478,21 @@ class Controller:
                         return
                     self._reload()  # applied, or logged and ignored
                     sweep_every = self.config.settings.sweep_interval
-                elif kind == "result":
-                    dirty = self._on_result_main(event[1]) or dirty
+                elif kind == "results":
+                    for result in event[1]:
+                        dirty = self._on_result_main(result) or dirty
                 elif kind == "neigh":
                     dirty = self._on_neigh(event[1], event[2]) or dirty
                 elif kind == "call":
                     self._run_call(event[1])
+            if self.ramping() and time.monotonic() >= next_ramp:
+                dirty = True            # slow start: the next weight step (only changed slots are written)
+                next_ramp = time.monotonic() + RAMP_STEP
             if dirty:
                 self._rebuild()
-            elif batch:
-                self._publish()
+            elif batch and (time.monotonic() - self.published >= PUBLISH_EVERY
+                            or any(event[0] != "results" for event in batch)):
+                self._publish()   # results alone: at most every PUBLISH_EVERY (1,000 backends send 1,000 a second)
             if time.monotonic() >= next_sweep:
                 self._sweep()
                 if self.announcer is not None:
@@ -462,7 +537,7 @@ class Controller:
     def _check_same_sizes(self, new: Config) -> None:
         if Sizes.from_settings(new.settings) != self.sizes:
             raise FastlbError("the [settings] that size the maps or seed the hash changed (ring_size, "
-                              "conntrack_size, max_vips, max_backends, hash_seed, swrr_size)",
+                              "conntrack_size, max_vips, max_backends, hash_seed, swrr_size, max_vip_ports)",
                               fix=f"these need a new attach: fastlb detach {self.ifname}, then attach "
                                   "(this drops conntrack)")
 
@@ -598,12 +673,15 @@ class Controller:
             last = view.verdict.last
             out[key] = {"health": view.verdict.state, "check": vip.check_of(b).kind,
                         "configured_weight": b.weight, "drained": b.weight == 0,
+                        "weight_asked": planner.asked_weight(b.weight, view.asked) if any(
+                            x is not None for x in view.asked) else None,
                         "latency_ms": round(last.latency_s * 1000, 3) if last and last.ok and
                         last.latency_s is not None else None,
                         "last_check_s_ago": round(now - last.at, 3) if last else None,
                         "last_detail": last.detail if last else None,
                         "checks_passed": view.passed, "checks_failed": view.failed}
         self.public = out
+        self.published = now
 
     def stats(self, count_flows: bool = True) -> dict:
         data = stats.collect(self.maps, self.public, count_flows=count_flows)

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from fastlb.config import Config, Vip, l4_view
-from fastlb.controller.health import UP
+from fastlb.controller.health import MAX_WEIGHT, UP
 
 NO_MAC = "00:00:00:00:00:00"
 LRT_FLOOR_US = 2000         # lrt: scores below this are equal (probe noise on a LAN) ...
 LRT_STEP = 1.5              # ... and above it, scores in the same step of this ratio are equal
+RAMP_SCALE = 100            # during a VIP's slow start its weights are scaled up so that a ramp has steps
 
 Key = tuple[str, bytes]     # (VIP name, backend key)
 Transition = tuple[str, dict]   # (event, fields) for the loop's log
@@ -58,6 +59,30 @@ class Plan:
         return sum(1 for b in vip.backends if (vip.name, b.key) not in self.down and b.weight > 0)
 
 
+def asked_weight(weight: int, asked: tuple[int | None, int | None]) -> int:
+    """A backend's weight as its check asks: exec's ``weight N``, else the agent's
+    percent of the configured ``weight``, else ``weight``. A share that rounds to 0
+    keeps weight 1: only drain (0 %) is 0."""
+    fixed, percent = asked
+    if fixed is not None:
+        return fixed
+    if percent is not None and weight:
+        return min(MAX_WEIGHT, max(1, (weight * percent + 50) // 100)) if percent else 0
+    return weight
+
+
+def ramped(weights: list[int], ramps: list[float | None]) -> list[int]:
+    """A VIP's weights during a slow start (``ramps``: how far along each backend's
+    ramp is, 0..1, None when it does not ramp): everyone's scaled up, a ramping
+    backend's linearly from 1 to its full weight. Equal weights scaled alike build
+    the same Maglev table, so only the ramping backend's slots move, step by step
+    (HASH.md)."""
+    if all(r is None for r in ramps):
+        return weights
+    scale = max(1, min(RAMP_SCALE, MAX_WEIGHT // max(max(weights), 1)))
+    return [w * scale if r is None or not w else max(1, round(w * scale * r)) for w, r in zip(weights, ramps)]
+
+
 def _live(vip: Vip, states: Mapping[Key, str], macs: Mapping[str, str], memory: Memory,
           kept: dict, empty: set, log: list) -> set[bytes]:
     """Keys of the VIP's backends that belong in its table (health, MAC, all_down policy)."""
@@ -78,8 +103,12 @@ def _live(vip: Vip, states: Mapping[Key, str], macs: Mapping[str, str], memory: 
     return set()
 
 
-def plan(config: Config, states: Mapping[Key, str], macs: Mapping[str, str], memory: Memory = Memory()) -> Plan:
+def plan(config: Config, states: Mapping[Key, str], macs: Mapping[str, str], memory: Memory = Memory(),
+         weights: Mapping[Key, int] | None = None) -> Plan:
     """The tables ``config`` asks for, given each backend's health state and its next hop's MAC.
+
+    ``weights`` overrides a backend's configured weight (what its exec or
+    agent check asks, a slow start's step); backends not in it keep theirs.
 
     A backend is in its VIP's table when it is up and its MAC is known. One
     that is not keeps its slot without the valid flag when the VIP expires
@@ -98,6 +127,9 @@ def plan(config: Config, states: Mapping[Key, str], macs: Mapping[str, str], mem
         live = _live(vip, states, macs, memory, kept, empty, log)
         backends = []
         for b in vip.backends:
+            weight = weights.get((vip.name, b.key), b.weight) if weights else b.weight
+            if weight != b.weight:
+                b = dataclasses.replace(b, weight=weight)
             if b.key not in live:
                 if vip.expire_nodest_conn:
                     down.add((vip.name, b.key))

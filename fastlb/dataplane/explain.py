@@ -17,6 +17,7 @@ may be read from an attachment's pinned maps; conntrack is never read.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import functools
 import ipaddress
 from dataclasses import dataclass, field
@@ -151,14 +152,13 @@ def _second_slot(h: int, ring, seed: int, a: int, b: int) -> int:
     return start
 
 
-def live_counts(vip) -> tuple[list[int], list[int], str] | None:
-    """Active connections and rtt per backend of ``vip`` (config order), read
-    from the attachment in this network namespace that serves it; None if none does."""
+def _serving(vip):
+    """(interface, its open maps, the VIP's id) of each attachment in this network namespace serving ``vip``."""
     from fastlb.kernel import pins, structs
     from fastlb.kernel.maps import PinnedMaps
     base = pins.root()
     if not pins.is_bpffs(base):
-        return None
+        return
     key = structs.vip_key(vip.address, vip.port, vip.proto_number)
     for ifname in pins.attachments(base):
         try:
@@ -167,13 +167,45 @@ def live_counts(vip) -> tuple[list[int], list[int], str] | None:
             continue
         with maps:
             vip_id = maps.lookup("vips", key)
-            if vip_id is None:
-                continue
-            by_key = {}
-            for be_id, slot in identity.backends(maps).items():
-                if slot.valid and slot.entry.vip_id == vip_id.value:
-                    active = maps.lookup("backend_active", ctypes.c_uint32(be_id)).value
-                    by_key[slot.name.encode()] = (active, slot.entry.rtt_us)
-            figures = [by_key.get(b.key, (0, 0)) for b in vip.backends]
-            return [f[0] for f in figures], [f[1] for f in figures], f"live counts from {ifname}'s maps"
+            if vip_id is not None:
+                yield ifname, maps, vip_id
+
+
+def binding(vip, src: str) -> str | None:
+    """What persistence says of client ``src`` on ``vip``, from the attachment serving it; None if none does."""
+    from fastlb.dataplane import flows
+    from fastlb.kernel import structs
+    if not vip.persistence:
+        return None
+    for ifname, maps, vip_id in _serving(vip):
+        timeout_ns, prefix = flows.persistence(maps).get(vip_id.value, (vip.persistence * 10**9, 0))
+        client = ipaddress.ip_network(f"{src}/{vip.persistence_prefix}", strict=False)
+        key = structs.PersistKey(addr=structs.pack_addr(client.network_address), vip_id=vip_id.value,
+                                 family=structs.family_of(client.network_address))
+        value = maps.lookup("persist", key)
+        if value is None:
+            return f"persistence: {client} is not bound on {ifname}: its next connection picks as below"
+        names, slots = flows.Names.read(maps), flows.Slots.read(maps)
+        row = flows.describe_binding(key, value, names, slots, {vip_id.value: (timeout_ns, prefix)}, flows.now_ns())
+        if not row["live"]:
+            return (f"persistence: {client} was bound to {row['backend']} on {ifname}, which has ended "
+                    "(expired, or its backend is gone, down or drained): its next connection picks as below")
+        until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=row["expires_in_s"])
+        return (f"persistence: {client} is bound to {row['backend']} on {ifname} until {until:%H:%M:%S} UTC "
+                f"({row['expires_in_s']:.0f} s after its last packet, idle {row['idle_s']:.0f} s; each packet "
+                "extends it): its new connections go there, whatever the pick below says")
+    return None
+
+
+def live_counts(vip) -> tuple[list[int], list[int], str] | None:
+    """Active connections and rtt per backend of ``vip`` (config order), read
+    from the attachment in this network namespace that serves it; None if none does."""
+    for ifname, maps, vip_id in _serving(vip):
+        by_key = {}
+        for be_id, slot in identity.backends(maps).items():
+            if slot.valid and slot.entry.vip_id == vip_id.value:
+                active = maps.lookup("backend_active", ctypes.c_uint32(be_id)).value
+                by_key[slot.name.encode()] = (active, slot.entry.rtt_us)
+        figures = [by_key.get(b.key, (0, 0)) for b in vip.backends]
+        return [f[0] for f in figures], [f[1] for f in figures], f"live counts from {ifname}'s maps"
     return None

@@ -131,6 +131,46 @@ def purge_backends(maps: PinnedMaps, backend_ids: set[int], before_ns: int) -> i
     return delete(maps, keys)
 
 
+# ---- persistence bindings ----
+
+def bindings(maps: PinnedMaps) -> list[tuple[structs.PersistKey, structs.PersistValue]]:
+    """Every persistence binding (client prefix of a VIP -> backend), by batch lookups."""
+    return bpfsys.map_lookup_batch(maps.fds["persist"], structs.PersistKey, structs.PersistValue)
+
+
+def unbind_backends(maps: PinnedMaps, backend_ids: set[int]) -> int:
+    """Delete the bindings to these backend slots (removed or failed): their clients pick again."""
+    keys = [k for k, v in bindings(maps) if v.backend_id in backend_ids] if backend_ids else []
+    if not keys:
+        return 0
+    return bpfsys.map_delete_batch(maps.fds["persist"], (structs.PersistKey * len(keys))(*keys), len(keys))
+
+
+def persistence(maps: PinnedMaps) -> dict[int, tuple[int, int]]:
+    """vip id -> (timeout in ns, client prefix length) of the VIPs with persistence."""
+    out = {}
+    for vip_id in range(maps.info("vip_persist").max_entries):
+        conf = maps.lookup("vip_persist", ctypes.c_uint32(vip_id))
+        if conf is not None and conf.timeout_ns:
+            out[vip_id] = (conf.timeout_ns, sum(bin(w).count("1") for w in conf.mask))
+    return out
+
+
+def describe_binding(key: structs.PersistKey, value: structs.PersistValue, names: "Names", slots: Slots,
+                     conf: dict[int, tuple[int, int]], now: int) -> dict:
+    """One binding as a dict (``fastlb flows list --persistent --json``)."""
+    timeout_ns, prefix = conf.get(key.vip_id, (0, 0))
+    idle = max(0, now - value.last_seen_ns)
+    be = slots.backends.get(value.backend_id)
+    live = (slots.vip_gens.get(key.vip_id) == value.vip_gen and idle <= timeout_ns and be is not None
+            and be.vip_id == key.vip_id and be.weight > 0)
+    return {"client": f"{structs.unpack_addr(key.addr, key.family)}/{prefix}",
+            "vip": names.vips.get(key.vip_id, f"vip#{key.vip_id}"),
+            "backend": names.backends.get(value.backend_id, f"backend#{value.backend_id}"),
+            "idle_s": round(idle / 1e9, 3), "expires_in_s": round(max(0, timeout_ns - idle) / 1e9, 3),
+            "live": live}
+
+
 # ---- listing and flushing (fastlb flows) ----
 
 @dataclass(frozen=True)

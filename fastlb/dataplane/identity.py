@@ -69,23 +69,35 @@ def vips(maps: PinnedMaps) -> dict[int, VipSlot]:
     """The attachment's VIPs by vip id (address markers left out)."""
     algorithms = _names("fl_algorithm", "FL_ALG_")
     forwarding = _names("fl_forwarding", "FL_FWD_")
-    out = {}
+    keys: dict[int, structs.VipKey] = {}
     for key, vip_id in maps.items("vips"):
-        if is_marker(vip_id.value):
+        vid = vip_id.value
+        if is_marker(vid):
             continue
-        meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id.value))
-        out[vip_id.value] = VipSlot(vip_id.value, key_name(key), key, meta,
-                                    algorithms.get(meta.algorithm, "?") if meta is not None else "?",
-                                    forwarding.get(meta.forwarding, "?") if meta is not None else "?")
+        if vid not in keys or structs.port_host(key.port) < structs.port_host(keys[vid].port):
+            keys[vid] = key      # a multi-port VIP has a key per port: its lowest port names it
+    out = {}
+    for vid, key in keys.items():
+        meta = maps.lookup("vip_table", ctypes.c_uint32(vid))
+        out[vid] = VipSlot(vid, key_name(key), key, meta,
+                           algorithms.get(meta.algorithm, "?") if meta is not None else "?",
+                           forwarding.get(meta.forwarding, "?") if meta is not None else "?")
     return out
 
 
 def backends(maps: PinnedMaps) -> dict[int, BackendSlot]:
-    """Every slot that holds a backend (valid, or kept for one that is down), by backend id."""
-    out = {}
+    """Every slot that holds a backend (valid, or kept for one that is down), by backend id.
+
+    A multi-port VIP's backends hold port 0 (the kernel's "the port the client
+    used"): their ``port`` is the VIP's lowest, as the config names them."""
+    out, vip_ports = {}, None
     for be_id in range(maps.info("backends").max_entries):
         entry = maps.lookup("backends", ctypes.c_uint32(be_id))
         if entry is not None and entry.family:
-            out[be_id] = BackendSlot(be_id, structs.unpack_addr(entry.addr, entry.family),
-                                     structs.port_host(entry.port), entry)
+            port = structs.port_host(entry.port)
+            if not port:
+                if vip_ports is None:
+                    vip_ports = {vid: structs.port_host(slot.key.port) for vid, slot in vips(maps).items()}
+                port = vip_ports.get(entry.vip_id, 0)
+            out[be_id] = BackendSlot(be_id, structs.unpack_addr(entry.addr, entry.family), port, entry)
     return out

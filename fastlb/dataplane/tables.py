@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import ipaddress
 from dataclasses import dataclass
 
 from fastlb import core
@@ -68,7 +69,7 @@ def place(config, maps: PinnedMaps, sizes: Sizes) -> Placement:
     for vip in config.vips:
         for pos, b in enumerate(vip.backends):
             be_id = held_backends.get((vip_ids[vip.name], bytes(structs.pack_addr(b.address)),
-                                       structs.port_be(b.port)))
+                                       0 if vip.multi_port else structs.port_be(b.port)))  # as backend_entry
             if be_id is not None:
                 backend_ids[(vip.name, pos)] = be_id
     used = set(backend_ids.values())
@@ -108,13 +109,25 @@ def vip_meta(vip, gen: int, seq_len: int, sizes: Sizes) -> structs.VipMeta:
     return structs.VipMeta(
         gen=gen, algorithm=cdefs.defs()[ALGORITHMS[vip.algorithm]],
         forwarding=cdefs.defs()[FORWARDING[vip.forwarding]],
-        hash_mode=cdefs.defs()[HASH_MODES[vip.hash]], flags=cdefs.FL_VIP_F_VALID, seq_len=seq_len,
+        hash_mode=cdefs.defs()[HASH_MODES[vip.hash]],
+        flags=cdefs.FL_VIP_F_VALID | (cdefs.FL_VIP_F_PERSIST if vip.persistence else 0), seq_len=seq_len,
         ring_size=sizes.ring_size)
 
 
-def backend_entry(vip_id: int, backend, mac: str) -> structs.Backend:
+def vip_persist(vip) -> structs.VipPersist:
+    """The VIP's persistence timeout and client mask (all zero without persistence)."""
+    if not vip.persistence:
+        return structs.VipPersist()
+    kind = ipaddress.IPv4Address if vip.address.version == 4 else ipaddress.IPv6Address
+    bits = vip.address.max_prefixlen
+    mask = kind(((1 << bits) - 1) ^ ((1 << (bits - vip.persistence_prefix)) - 1))
+    return structs.VipPersist(timeout_ns=vip.persistence * 1_000_000_000, mask=structs.pack_addr(mask))
+
+
+def backend_entry(vip_id: int, backend, mac: str, multi_port: bool = False) -> structs.Backend:
+    """``multi_port``: port 0, the kernel's "the port the client used" (NAT rewrites nothing else)."""
     entry = structs.Backend(addr=structs.pack_addr(backend.address), family=structs.family_of(backend.address),
-                            flags=cdefs.FL_BE_F_VALID, port=structs.port_be(backend.port),
+                            flags=cdefs.FL_BE_F_VALID, port=0 if multi_port else structs.port_be(backend.port),
                             weight=backend.weight, vip_id=vip_id, rtt_us=0)
     ctypes.memmove(entry.mac, structs.mac_bytes(mac), 6)
     return entry
@@ -186,7 +199,8 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
 
     wanted_keys: dict[bytes, int] = {}
     for vip in config.vips:
-        wanted_keys[bytes(_vip_key(vip))] = placement.vip_ids[vip.name]
+        for port in vip.listens():   # a multi-port VIP: one key per port, each with its vip id
+            wanted_keys[bytes(structs.vip_key(vip.address, port, vip.proto_number))] = placement.vip_ids[vip.name]
         marker = bytes(structs.addr_marker_key(vip.address))
         if vip.announce == "arp":  # one announcing VIP makes fastlb answer ARP/ND for the address
             wanted_keys[marker] = cdefs.FL_VIP_ID_ANNOUNCE
@@ -209,7 +223,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         vip_id = placement.vip_ids[vip.name]
         for pos, backend in enumerate(vip.backends):
             be_id = placement.backend_ids[(vip.name, pos)]
-            entry = backend_entry(vip_id, backend, macs[str(backend.address)])
+            entry = backend_entry(vip_id, backend, macs[str(backend.address)], vip.multi_port)
             if (vip.name, backend.key) in down:
                 entry.flags &= ~cdefs.FL_BE_F_VALID
             old = held.get(be_id)
@@ -244,6 +258,10 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         old = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
         gen = old.gen if same_vip else (old.gen + 1) & 0xFFFFFFFF
         meta = vip_meta(vip, gen, len(seq_ids), sizes)
+        persist = vip_persist(vip)
+        held_persist = maps.lookup("vip_persist", ctypes.c_uint32(vip_id))
+        if held_persist is None or bytes(held_persist) != bytes(persist):
+            maps.update("vip_persist", ctypes.c_uint32(vip_id), persist)   # before the flag that reads it
         if bytes(meta) != bytes(old):
             maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
 

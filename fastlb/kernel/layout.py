@@ -26,17 +26,20 @@ class Sizes:
     conntrack_size: int = 65536
     seq_size: int = 1024
     hash_seed: int = 0
+    max_vip_ports: int = 1024
 
     @classmethod
     def from_settings(cls, settings) -> "Sizes":
         return cls(max_vips=settings.max_vips, max_backends=settings.max_backends,
                    ring_size=settings.ring_size, conntrack_size=settings.conntrack_size,
-                   seq_size=settings.swrr_size, hash_seed=settings.hash_seed)
+                   seq_size=settings.swrr_size, hash_seed=settings.hash_seed,
+                   max_vip_ports=settings.max_vip_ports)
 
     def cflags(self) -> list[str]:
         return [f"-DFASTLB_MAX_VIPS={self.max_vips}", f"-DFASTLB_MAX_BACKENDS={self.max_backends}",
                 f"-DFASTLB_RING_SIZE={self.ring_size}", f"-DFASTLB_CT_SIZE={self.conntrack_size}",
-                f"-DFASTLB_SEQ_SIZE={self.seq_size}", f"-DFASTLB_HASH_SEED={self.hash_seed}u"]
+                f"-DFASTLB_SEQ_SIZE={self.seq_size}", f"-DFASTLB_HASH_SEED={self.hash_seed}u",
+                f"-DFASTLB_MAX_VIP_PORTS={self.max_vip_ports}"]
 
 
 def kernel_max_entries(requested: int, map_flags: int, map_type: str, ncpus: int) -> int:
@@ -63,7 +66,7 @@ class MapSpec:
 
     def entries(self, sizes: Sizes) -> int:
         return {
-            "vips": sizes.max_vips * 2,
+            "vips": sizes.max_vips * 2 + sizes.max_vip_ports,
             "vip_table": sizes.max_vips,
             "backends": sizes.max_backends,
             "ring": sizes.max_vips * sizes.ring_size,
@@ -72,6 +75,8 @@ class MapSpec:
             "backend_active": sizes.max_backends,
             "conntrack": sizes.conntrack_size * 2,  # established flows, and the guard's headroom
             "nat_rev": sizes.conntrack_size * 2,
+            "vip_persist": sizes.max_vips,
+            "persist": sizes.conntrack_size,
             "nat_port": sizes.conntrack_size,
             "settings": 1,
             "flood": 1,
@@ -99,6 +104,8 @@ MAP_SPECS = (
     MapSpec("backend_active", "array", ctypes.c_uint32, ctypes.c_uint32),
     MapSpec("conntrack", "lru_hash", structs.FlowKey, structs.CtValue),
     MapSpec("nat_rev", "lru_hash", structs.FlowKey, structs.NatRev),
+    MapSpec("vip_persist", "array", ctypes.c_uint32, structs.VipPersist),
+    MapSpec("persist", "lru_hash", structs.PersistKey, structs.PersistValue, flags=bpfsys.BPF_F_NO_COMMON_LRU),
     MapSpec("nat_port", "lru_hash", structs.FlowKey, ctypes.c_uint16),
     MapSpec("settings", "array", ctypes.c_uint32, structs.Settings),
     MapSpec("flood", "percpu_array", ctypes.c_uint32, structs.Flood, percpu=True),

@@ -61,6 +61,19 @@ class SrcKey(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("family", ctypes.c_uint32), ("addr", U32x4)]
 
 
+class PersistKey(ctypes.Structure):
+    _fields_ = [("addr", U32x4), ("vip_id", ctypes.c_uint32), ("family", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
+
+
+class PersistValue(ctypes.Structure):
+    _fields_ = [("backend_id", ctypes.c_uint32), ("vip_gen", ctypes.c_uint32), ("last_seen_ns", ctypes.c_uint64)]
+
+
+class VipPersist(ctypes.Structure):
+    _fields_ = [("timeout_ns", ctypes.c_uint64), ("mask", U32x4)]
+
+
 class Settings(ctypes.Structure):
     _fields_ = [("icmp_src4", ctypes.c_uint32), ("icmp_src6", U32x4),
                 ("tunnel_src4", ctypes.c_uint32), ("tunnel_host4", ctypes.c_uint32),

@@ -33,7 +33,7 @@ SHARED_BACKEND4, SHARED_BACKEND6 = "198.18.2.21", "2001:db8:2::21"
 TUNNEL_NET4 = ipaddress.ip_network("198.18.200.0/24")
 TUNNEL_NET6 = ipaddress.ip_network("2001:db8:200::/64")
 
-CONFIG = f"""
+BASE_CONFIG = f"""
 [settings]
 max_vips = 16
 max_backends = 64
@@ -59,6 +59,17 @@ icmp_source6 = "2001:db8::2"
         (SHARED6[0], 80, "tcp", "nat", [SHARED_BACKEND6], 8080),
         (SHARED6[1], 80, "tcp", "nat", [SHARED_BACKEND6], 8080),
     ])
+# The testbed holds 16 VIPs: the multi-port one here, the ICMP section's four below (on BASE_CONFIG).
+CONFIG = BASE_CONFIG + f"""
+[[vip]]
+address = "{NAT4}"
+ports = [21, "30000-30010"]
+forwarding = "nat"
+[[vip.backend]]
+address = "198.18.2.11"
+[[vip.backend]]
+address = "198.18.2.12"
+"""
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +174,9 @@ def nat_forward_expected(prog, pkt) -> bytes:
     """The rule: destination address and port become the backend's, MACs become
     (backend's next hop, the LB's), checksums valid, all else unchanged."""
     backend = expected_backend(prog.config, prog.sizes, pkt)
-    vip = next(v for v in prog.config.vips if str(v.address) == ip_of(pkt).dst and v.port == pkt.dport)
-    bport = next(b.port for b in vip.backends if str(b.address) == backend)
+    vip = next(v for v in prog.config.vips if str(v.address) == ip_of(pkt).dst and v.serves(pkt.dport))
+    # A multi-port VIP's backends take the port the client used; a single-port VIP's, their own.
+    bport = pkt.dport if vip.multi_port else next(b.port for b in vip.backends if str(b.address) == backend)
     out = pkt.copy()
     out[Ether].src, out[Ether].dst = LB_MAC, fake_mac(backend)
     ip_of(out).dst = backend
@@ -179,6 +191,8 @@ NAT_ROWS = [
     ("IPv4 UDP without checksum", lambda: eth() / IP(src=CLIENT4, dst=NAT4) / UDP(sport=40003, dport=53, chksum=0) / Raw(b"q")),
     ("IPv6 TCP", lambda: eth() / IPv6(src=CLIENT6, dst=NAT6) / TCP(sport=40001, dport=80, flags="S")),
     ("IPv6 UDP", lambda: eth() / IPv6(src=CLIENT6, dst=NAT6) / UDP(sport=40001, dport=53) / Raw(b"query")),
+    ("multi-port VIP, first port", lambda: eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=40011, dport=21, flags="S")),
+    ("multi-port VIP, a ranged port", lambda: eth() / IP(src=CLIENT4, dst=NAT4) / TCP(sport=40012, dport=30007, flags="S")),
 ]
 
 
@@ -326,7 +340,7 @@ from helpers.packets import VIP4 as DSR_VIP4  # noqa: E402
 from helpers.packets import VIP6 as DSR_VIP6
 
 ANNOUNCED4, ANNOUNCED6 = "198.19.3.1", "2001:db8:ffff::3:1"
-ANNOUNCE_CONFIG = CONFIG + "".join(
+ANNOUNCE_CONFIG = BASE_CONFIG + "".join(
     f'\n[[vip]]\naddress = "{vip}"\nport = 80\nannounce = "arp"\n[[vip.backend]]\naddress = "{b}"\n'
     for vip, b in ((ANNOUNCED4, "198.18.3.11"), (ANNOUNCED6, "2001:db8:3::11"))) + \
     f'\n[[vip]]\naddress = "{DSR_VIP4}"\nport = 80\n[[vip.backend]]\naddress = "198.18.0.11"\n' + \

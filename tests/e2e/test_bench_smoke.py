@@ -44,3 +44,5 @@ def test_bench_quick_writes_every_section(tmp_path):
     for dim in ("VIPs", "backends of the VIP", "conntrack entries"):
         assert f"### As {dim} grow" in text
         assert f"![fastlb as {dim} grow](" in text
+    assert "## Health checks at scale" in text
+    assert "| `tcp` | 1,000 | 1 s |" in text

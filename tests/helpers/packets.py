@@ -121,7 +121,7 @@ def flow_of(pkt):
 def expected_backend(config, sizes, pkt) -> str:
     src, dst, sport, dport, proto = flow_of(pkt)
     for vip in config.vips:
-        if vip.address.packed == dst and vip.port == dport and vip.proto_number == proto:
+        if vip.address.packed == dst and vip.serves(dport) and vip.proto_number == proto:
             mode = cdefs.FL_HASH_SRC if vip.hash == "src" else cdefs.FL_HASH_5TUPLE
             h = core.flow_hash(src, dst, sport, dport, proto, sizes.hash_seed, mode)
             pos = ring_positions(vip, sizes)[h % sizes.ring_size]

@@ -98,14 +98,41 @@ def test_explain_rejects_a_source_of_the_other_family(tmp_path):
     assert res.exit_code == 2 and "family" in res.output
 
 
+FTP = """
+[settings]
+hash_seed = 3141592653
+[[vip]]
+address = "198.19.0.100"
+{ports}
+forwarding = "{forwarding}"
+{more}
+[[vip.backend]]
+address = "198.18.0.11"
+"""
+
+
+def test_check_warns_for_ftp_through_nat_and_for_ftp_without_its_passive_range(tmp_path):
+    nat = CliRunner().invoke(main, ["check", "-c", write(tmp_path, FTP.format(ports="port = 21", forwarding="nat",
+                                                                              more=""))])
+    assert nat.exit_code == 0 and "198.19.0.100:21/tcp: nat forwarding on FTP's port 21" in nat.output
+    bare = CliRunner().invoke(main, ["check", "-c", write(tmp_path, FTP.format(ports="port = 21", forwarding="dsr",
+                                                                               more=""))])
+    assert bare.exit_code == 0 and "without ports = [21" in bare.output
+    good = CliRunner().invoke(main, ["check", "-c", write(tmp_path, FTP.format(
+        ports='ports = [21, "30000-30100"]', forwarding="dsr", more="persistence = 600"))])
+    assert good.exit_code == 0 and "warning" not in good.output
+    plain = CliRunner().invoke(main, ["check", "-c", write(tmp_path, "[settings]\nhash_seed = 3141592653\n" + CONFIG)])
+    assert "warning" not in plain.output
+
+
 def test_check_warns_when_hash_seed_is_0_and_not_when_set(tmp_path):
     """With seed 0 anyone can compute where a flow lands and aim a flood at one
     backend (issue 13 item 16): check and attach say so, and how to fix it."""
     res = CliRunner().invoke(main, ["check", "-c", write(tmp_path)])
     assert res.exit_code == 0
-    assert "warning" in res.stderr and "hash_seed" in res.stderr and "secret" in res.stderr
+    assert "warning" in res.output and "hash_seed" in res.output and "secret" in res.output
     res = CliRunner().invoke(main, ["check", "-c", write(tmp_path, "[settings]\nhash_seed = 3141592653\n" + CONFIG)])
-    assert res.exit_code == 0 and "hash_seed" not in res.stderr
+    assert res.exit_code == 0 and "hash_seed" not in res.output
 
 
 def test_decap_attach_names_a_bad_from_prefix(tmp_path):

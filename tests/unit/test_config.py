@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastlb import config
-from fastlb.config import Backend, Config, Settings, Vip, _KeyLines, load_config, parse_config, parse_vip_spec
+from fastlb.config import (Backend, Config, Settings, Vip, _KeyLines, load_config, parse_config, render_config,
+                           parse_vip_spec)
 from fastlb.errors import ConfigError
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -192,7 +193,7 @@ port = 80
 address = "198.18.0.11"
 [vip.tls]
 interval = 5
-""", "vip[0].tls", 6, "unknown table 'tls'. Fix: remove it; valid here: address, port, protocol"),
+""", "vip[0].tls", 6, "unknown table 'tls'. Fix: remove it; valid here: address, port, ports, protocol"),
     ("vip without address", """
 [[vip]]
 port = 80
@@ -577,6 +578,106 @@ local_as = 65001
 address = "198.18.1.254"
 as = 65000
 """, "vip[0].announce", 4, "no [[bgp.peer]] is IPv6"),
+    ("an exec check without a command", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "exec"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.command", 4, "an exec check needs a command"),
+    ("an exec check whose program does not exist", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "exec"
+command = "/nonexistent/replica-lag-check --max 5"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.command", 6, "/nonexistent/replica-lag-check is not an executable file"),
+    ("an exec command with unbalanced quotes", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "exec"
+command = "/bin/true 'x"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.command", 6, "does not split into words"),
+    ("command on a tcp check", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "tcp"
+command = "/bin/true"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.command", 6, "'command' is only read by exec checks"),
+    ("an agent check without the agent's port", """
+[[vip]]
+address = "198.19.0.100"
+port = 80
+[vip.health]
+kind = "agent"
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].health.port", 4, "an agent check needs the agent's port"),
+    ("port and ports both", """
+[[vip]]
+address = "198.19.0.100"
+port = 21
+ports = [21, "30000-30100"]
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].ports", 4, "a VIP has port or ports, not both"),
+    ("a bad port range", """
+[[vip]]
+address = "198.19.0.100"
+ports = [21, "30100-30000"]
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].ports", 3, "bad port or range '30100-30000'"),
+    ("overlapping ranges in one VIP", """
+[[vip]]
+address = "198.19.0.100"
+ports = ["9000-9010", 9005]
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].ports", 3, "ports 9000-9010 and 9005 overlap"),
+    ("ports of two VIPs of one address and protocol overlap", """
+[[vip]]
+address = "198.19.0.100"
+ports = [21, "30000-30100"]
+[[vip.backend]]
+address = "198.18.0.11"
+[[vip]]
+address = "198.19.0.100"
+ports = ["30100-30200"]
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[1].ports", 8, "port 30100 of VIP 198.19.0.100:30100/tcp is also a port of VIP 198.19.0.100:21/tcp"),
+    ("a backend port on a multi-port VIP", """
+[[vip]]
+address = "198.19.0.100"
+ports = [21, "30000-30100"]
+forwarding = "nat"
+[[vip.backend]]
+address = "198.18.0.11"
+port = 2121
+""", "vip[0].backend[0].port", 7, "a backend of a multi-port VIP takes the port each client used"),
+    ("more multi-port ports than the vips map has room for", """
+[settings]
+max_vip_ports = 100
+[[vip]]
+address = "198.19.0.100"
+ports = [21, "30000-30100"]
+[[vip.backend]]
+address = "198.18.0.11"
+""", "vip[0].ports", 5, "the multi-port VIPs list 102 ports, over settings.max_vip_ports = 100"),
     ("a multi-line string does not fool the line locator", """
 [[vip]]
 address = "198.19.0.100"
@@ -957,3 +1058,26 @@ def test_validate_names_a_duplicate_vip_without_a_line() -> None:
     cfg = parse_config(MINIMAL)
     with pytest.raises(ConfigError, match=r"^vip\[1\]: duplicate VIP .*: already defined as vip\[0\]\. Fix"):
         config.validate(dataclasses.replace(cfg, vips=cfg.vips * 2))
+
+
+def test_a_multi_port_vip_is_one_vip_on_every_listed_port() -> None:
+    cfg = parse_config(toml("""
+[[vip]]
+address = "198.19.0.100"
+ports = ["30000-30100", 21]
+protocol = "tcp"
+[[vip.backend]]
+address = "198.18.0.11"
+[[vip]]
+address = "198.19.0.100"
+port = 30050
+protocol = "udp"
+[[vip.backend]]
+address = "198.18.0.11"
+"""), "fastlb.toml")
+    vip = cfg.vips[0]
+    assert vip.ports == ((21, 21), (30000, 30100)) and vip.port == 21 and vip.name == "198.19.0.100:21/tcp"
+    assert len(vip.listens()) == 102 and vip.backends[0].port == 21
+    assert cfg.find_vip("198.19.0.100:30042/tcp") is vip and cfg.find_vip("198.19.0.100:30101/tcp") is None
+    assert cfg.find_vip("198.19.0.100:30050/udp") is cfg.vips[1]
+    assert parse_config(render_config(cfg), "fastlb.toml") == cfg

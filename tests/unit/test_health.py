@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import http.server
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -139,7 +141,7 @@ def test_udp_wants_a_reply_and_an_unreachable_port_fails_at_once():
 def test_the_prober_probes_every_interval_and_stops_probing_a_removed_target(http_server):
     port = http_server()
     seen: list[Result] = []
-    prober = Prober(seen.append)
+    prober = Prober(seen.extend)
     prober.start()
     fast = HealthCheck(kind="tcp", interval=0.05, timeout=0.05)
     a, b = ("v", b"a"), ("v", b"b")
@@ -156,3 +158,119 @@ def test_the_prober_probes_every_interval_and_stops_probing_a_removed_target(htt
     finally:
         prober.stop()
     assert not prober.thread.is_alive()
+
+
+# ---- exec: the operator's command decides ------------------------------------------------
+
+def script(tmp_path, body: str, name="check.sh") -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def exec_target(command: str, address="198.18.0.11", timeout=0.5) -> Target:
+    return Target(("198.19.0.100:80/tcp", b"b"), address, 5432, check("exec", command=command, timeout=timeout))
+
+
+def test_exec_exit_0_is_up_and_its_environment_names_the_backend(tmp_path):
+    cmd = script(tmp_path, 'echo "$FASTLB_BACKEND_ADDRESS $FASTLB_BACKEND_PORT $FASTLB_VIP"\n')
+    res = run(exec_target(cmd))
+    assert res.ok and res.weight is None and res.detail == "exit 0: 198.18.0.11 5432 198.19.0.100:80/tcp"
+
+
+def test_exec_a_lagging_replica_is_down_and_weight_n_sets_the_weight(tmp_path):
+    cmd = script(tmp_path, '[ "$FASTLB_BACKEND_ADDRESS" = 198.18.0.12 ] && { echo "lagging 42 s"; exit 1; }\n'
+                           'echo "weight 7"\n')
+    lagging = run(exec_target(cmd, "198.18.0.12"))
+    assert not lagging.ok and lagging.detail == "exit 1: lagging 42 s"
+    fine = run(exec_target(cmd, "198.18.0.11"))
+    assert fine.ok and fine.weight == 7 and fine.percent is None
+
+
+def test_exec_a_hanging_command_is_killed_with_its_children_at_the_timeout(tmp_path):
+    pids = tmp_path / "pids"
+    cmd = script(tmp_path, f'sleep 60 & echo $! > {pids}; echo $$ >> {pids}; wait\n')
+    started = time.monotonic()
+    res = run(exec_target(cmd, timeout=0.3))
+    assert not res.ok and res.detail == "no answer within 0.3 s"
+    assert time.monotonic() - started < 1.0
+    time.sleep(0.2)
+    for pid in map(int, pids.read_text().split()):
+        state = Path(f"/proc/{pid}/stat")
+        assert not state.exists() or state.read_text().split(")")[1].split()[0] == "Z", pid
+
+
+def test_a_hanging_exec_check_does_not_slow_the_other_checks(tmp_path, http_server):
+    port = http_server()
+    seen: list[Result] = []
+    prober = Prober(seen.extend)
+    prober.start()
+    fast = HealthCheck(kind="tcp", interval=0.1, timeout=0.1)
+    hang = HealthCheck(kind="exec", interval=0.1, timeout=0.1, command=script(tmp_path, "sleep 60\n"))
+    a, h = ("v", b"a"), ("v", b"h")
+    try:
+        prober.set_targets({a: Target(a, "127.0.0.2", port, fast), h: Target(h, "198.18.0.12", 80, hang)},
+                           now=frozenset({a, h}))
+        time.sleep(1.05)
+    finally:
+        prober.stop()
+    fast_results = [r for r in seen if r.key == a]
+    hung = [r for r in seen if r.key == h]
+    assert len(fast_results) >= 9 and all(r.ok for r in fast_results), len(fast_results)
+    assert len(hung) >= 5 and not any(r.ok for r in hung)
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout == b""
+
+
+# ---- agent: HAProxy's agent-check protocol -----------------------------------------------
+
+@pytest.fixture
+def agent_server():
+    """An agent on 127.0.0.2 that answers the next line of ``replies`` to each connection."""
+    srv = socket.create_server(("127.0.0.2", 0))
+    replies: list[bytes] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                if replies:
+                    conn.sendall(replies.pop(0))
+    threading.Thread(target=serve, daemon=True).start()
+    yield srv.getsockname()[1], replies
+    srv.close()
+
+
+def test_agent_words_set_the_share_and_the_state_and_unsaid_ones_stay(agent_server):
+    port, replies = agent_server
+    from fastlb.controller.health import AgentState
+    state = AgentState()
+    target = Target(("v", b"b"), "127.0.0.2", port, check("agent", port=port))
+
+    def ask(reply: bytes) -> Result:
+        replies.append(reply)
+        return asyncio.run(probe(target, state))
+    half = ask(b"50%\n")
+    assert half.ok and half.percent == 50 and half.detail == "agent: 50%"
+    assert ask(b"up ready\r\n").percent == 50            # the share it said before stays
+    assert ask(b"drain").percent == 0                    # no newline: the end of the stream ends it
+    assert ask(b"75%,up\n").percent == 0                 # still draining
+    down = ask(b"down #replica lagging\n")
+    assert not down.ok and down.detail == "agent: down #replica lagging"
+    assert not ask(b"75%\n").ok                          # down until it says up
+    back = ask(b"up ready maxconn:30\n")
+    assert back.ok and back.percent == 75
+    assert not ask(b"maint\n").ok
+    assert not ask(b"what?\n").ok
+    assert ask(b"ready\n").ok
+
+
+def test_agent_no_reply_or_no_agent_is_a_failed_check(agent_server):
+    port, _ = agent_server
+    silent = asyncio.run(probe(Target(("v", b"b"), "127.0.0.2", port, check("agent", port=port))))
+    assert not silent.ok and "without a reply" in silent.detail
+    res = asyncio.run(probe(Target(("v", b"b"), "127.0.0.2", closed_port(), check("agent", port=1))))
+    assert not res.ok and res.detail.startswith("ECONNREFUSED")

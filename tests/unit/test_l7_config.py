@@ -122,3 +122,25 @@ def test_tcp_and_http_on_one_port_collide() -> None:
     text = HEAD + POOL + '[[vip]]\naddress = "198.19.0.100"\nport = 80\n[[vip.backend]]\naddress = "198.18.0.11"\n'
     with pytest.raises(ConfigError, match="duplicate VIP"):
         parse_config(text)
+
+
+@pytest.mark.parametrize("line, field, words", [
+    ('ports = [80, "8080-8081"]', "vip[0].ports", "'ports' is for tcp and udp VIPs"),
+    ("persistence = 600", "vip[0].persistence", "not built yet"),
+    ("slow_start = 10", "vip[0].slow_start", "not built yet"),
+])
+def test_the_stateful_l4_keys_are_one_line_errors_on_an_http_vip(line, field, words) -> None:
+    text = f'[[vip]]\naddress = "198.19.0.100"\nprotocol = "http"\n{line}\n'
+    text += "" if line.startswith("ports") else "port = 80\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text + '[[vip.backend]]\naddress = "198.18.0.11"\n')
+    assert info.value.field == field and words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["exec", "agent"])
+def test_exec_and_agent_checks_are_refused_on_an_http_vip(kind) -> None:
+    text = ('[[vip]]\naddress = "198.19.0.100"\nport = 80\nprotocol = "http"\n[vip.health]\n'
+            f'kind = "{kind}"\n' + ('command = "/bin/true"\n' if kind == "exec" else "port = 5555\n") +
+            '[[vip.backend]]\naddress = "198.18.0.11"\n')
+    with pytest.raises(ConfigError, match="checked by HAProxy over TCP or HTTP"):
+        parse_config(text)

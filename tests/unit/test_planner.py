@@ -93,3 +93,22 @@ def test_lrt_scores_round_so_that_equal_latencies_tie_and_slow_ones_lose():
     assert lrt_score(3900) == lrt_score(4100)          # within one step: a tie
     assert lrt_score(55_000) > 5 * lrt_score(3900)     # 50 ms slower still loses every pair
     assert lrt_score(10**12) == 2**32 - 1              # the kernel's u32
+
+
+def test_a_weight_a_check_asks_for_replaces_the_configured_one_in_the_plan():
+    cfg, vip = _config()
+    assert planner.asked_weight(10, (None, None)) == 10
+    assert planner.asked_weight(10, (3, None)) == 3            # exec: "weight 3"
+    assert planner.asked_weight(10, (None, 50)) == 5           # agent: "50%"
+    assert planner.asked_weight(10, (None, 1)) == 1            # a share that rounds to 0 keeps 1 ...
+    assert planner.asked_weight(10, (None, 0)) == 0            # ... only drain (0 %) is 0
+    p = plan(cfg, _states(vip, "up", "up"), MACS, weights={(vip.name, B12): 7})
+    assert [b.weight for b in p.effective.vips[0].backends] == [1, 7] and p.in_table(p.effective.vips[0]) == 2
+
+
+def test_a_slow_start_scales_the_vip_and_ramps_one_backend_linearly():
+    assert planner.ramped([1, 1, 1], [None, None, None]) == [1, 1, 1]        # no ramp: untouched
+    steps = [planner.ramped([1, 1, 1], [None, None, r]) for r in (0.0, 0.25, 0.5, 1.0)]
+    assert [s[:2] for s in steps] == [[100, 100]] * 4                         # the others: scaled alike
+    assert [s[2] for s in steps] == [1, 25, 50, 100]                          # the ramp: from 1 to its share
+    assert planner.ramped([60000, 1], [None, 0.5]) == [60000, 1]              # scale bounded by the u16 weight
