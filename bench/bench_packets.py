@@ -35,6 +35,7 @@ VIP4, VIP6 = "198.19.0.100", "2001:db8:ffff::100"
 MODE_VIPS = {("dsr", 4): VIP4, ("dsr", 6): VIP6,
              ("tunnel", 4): "198.19.0.101", ("tunnel", 6): "2001:db8:ffff::101",
              ("nat", 4): "198.19.0.102", ("nat", 6): "2001:db8:ffff::102"}
+LC_VIP = "198.19.0.103"     # an lc VIP (DSR, IPv4 TCP): the new-flow rows of a non-maglev algorithm
 CONFIG = """
 [settings]
 conntrack_size = 1048576
@@ -48,18 +49,26 @@ protocol = "{proto}"
 forwarding = "{mode}"
 """ + "".join(f"""[[vip.backend]]
 address = "{'198.18.0.' if family == 4 else '2001:db8::'}{n}"
-""" for n in (11, 12, 13)) for (mode, family), vip in MODE_VIPS.items() for proto in ("tcp", "udp"))
+""" for n in (11, 12, 13)) for (mode, family), vip in MODE_VIPS.items() for proto in ("tcp", "udp")) + f"""
+[[vip]]
+address = "{LC_VIP}"
+port = 80
+protocol = "tcp"
+algorithm = "lc"
+""" + "".join(f"""[[vip.backend]]
+address = "198.18.0.{n}"
+""" for n in (11, 12, 13))
 
 ETH = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 # Offset of a 4-byte counter inside the source address (bumped per call for new flows).
 SRC_OFFSET = {4: 14 + 12, 6: 14 + 8 + 12}
 
 
-def packet(family: int, proto: str, mode: str = "dsr") -> bytes:
-    """A 64-byte frame (60 on the wire before the FCS) for the mode's VIP, port 80."""
-    vip = MODE_VIPS[(mode, family)]
+def packet(family: int, proto: str, mode: str = "dsr", flags: str = "A", vip: str | None = None) -> bytes:
+    """A 64-byte frame (60 on the wire before the FCS) for the mode's VIP (or ``vip``), port 80."""
+    vip = vip or MODE_VIPS[(mode, family)]
     ip = IP(src="198.18.0.1", dst=vip) if family == 4 else IPv6(src="2001:db8::1", dst=vip)
-    l4 = TCP(sport=40000, dport=80, flags="A") if proto == "tcp" else UDP(sport=40000, dport=80)
+    l4 = TCP(sport=40000, dport=80, flags=flags) if proto == "tcp" else UDP(sport=40000, dport=80)
     frame = Ether(**ETH) / ip / l4
     pad = max(0, 60 - len(frame))
     return bytes(frame / Raw(b"\0" * pad))
@@ -117,6 +126,14 @@ def run(quick: bool = False) -> str:
                 assert v == XDP_VERDICTS["tx"], f"new flow {mode} {label}: verdict {v}"
                 rows.append((f"fastlb {name}, new flow each packet", label, new, v))
                 bed.flush_conntrack()
+            # A new flow opened by a SYN beside one met mid-flow (ACK): maglev, and lc (a pick by load).
+            for algorithm, vip in (("maglev", VIP4), ("lc", LC_VIP)):
+                for flags, what in (("S", "SYN"), ("A", "ACK")):
+                    data = packet(4, "tcp", flags=flags, vip=vip)
+                    new, v = measure(bed.fd, data, calls, runs, vary_offset=SRC_OFFSET[4])
+                    assert v == XDP_VERDICTS["tx"], f"new flow {algorithm} {what}: verdict {v}"
+                    rows.append((f"fastlb DSR {algorithm}, new flow each packet, {what}", "IPv4 TCP", new, v))
+                    bed.flush_conntrack()
     finally:
         pass_bpf.cleanup()
         swap_bpf.cleanup()

@@ -153,6 +153,7 @@ def _second_slot(h: int, ring, seed: int, a: int, b: int) -> int:
 def live_counts(vip) -> tuple[list[int], list[int], str] | None:
     """Active connections and rtt per backend of ``vip`` (config order), read
     from the attachment in this network namespace that serves it; None if none does."""
+    from fastlb.dataplane import flows
     from fastlb.kernel import pins, structs
     from fastlb.kernel.maps import PinnedMaps
     base = pins.root()
@@ -169,10 +170,11 @@ def live_counts(vip) -> tuple[list[int], list[int], str] | None:
             if vip_id is None:
                 continue
             by_addr = {}
+            counts = flows.active_counts(maps)
             for be_id in range(maps.info("backends").max_entries):
                 entry = maps.lookup("backends", ctypes.c_uint32(be_id))
                 if entry is not None and entry.flags & cdefs.FL_BE_F_VALID and entry.vip_id == vip_id.value:
-                    active = maps.lookup("backend_active", ctypes.c_uint32(be_id)).value
+                    active = counts[be_id]
                     by_addr[(bytes(entry.addr), entry.port)] = (active, entry.rtt_us)
             figures = [by_addr.get((bytes(structs.pack_addr(b.address)), structs.port_be(b.port)), (0, 0))
                        for b in vip.backends]

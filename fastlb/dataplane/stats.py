@@ -55,7 +55,7 @@ def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = Tr
                         "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "active": 0,
                         "healthy_backends": 0, "backends": []}
     size = maps.info("backends").max_entries
-    active = maps.read_u32_slice("backend_active", 0, size)
+    active = flows.active_counts(maps)
     for be_id in range(size):
         entry = maps.lookup("backends", ctypes.c_uint32(be_id))
         if entry is None or not entry.family or entry.vip_id not in vips:
