@@ -373,3 +373,21 @@ def test_a_maglev_syn_on_a_live_entry_keeps_its_backend_after_the_ring_changed(f
                                f'port = {MAGLEV_TCP}\nprotocol = "tcp"\nalgorithm = "maglev"\n'
                                f'[[vip.backend]]\naddress = "{A}"\nweight = 5\n'))
     assert {s: pick(bed, frame("198.18.11.2", s, MAGLEV_TCP, flags="S")) for s in firsts} == firsts
+
+
+# ---- issue 14.1: stats by batch reads ----
+
+def test_counters_read_by_one_batch_equal_the_per_slot_sums(fresh):
+    bed = fresh
+    for sport in range(15000, 15040):
+        pick(bed, frame("198.18.12.1", sport, MAGLEV_TCP, flags="S"))
+    for name, count in (("vip_stats", bed.sizes.max_vips), ("backend_stats", bed.sizes.max_backends),
+                        ("reason_stats", cdefs.FL_REASON_MAX)):
+        batch = bed.maps.counters(name, count)
+        single = [bed.maps.counter(name, i) for i in range(count)]
+        assert [bytes(c) for c in batch] == [bytes(c) for c in single]
+    assert sum(c.new_flows for c in bed.maps.counters("vip_stats", bed.sizes.max_vips)) >= 40
+    from fastlb import stats
+    data = stats.collect(bed.maps, count_flows=False)
+    vip = next(v for v in data["vips"] if v["vip"].endswith(f":{MAGLEV_TCP}/tcp"))
+    assert vip["new_flows"] == vip_new_flows(bed, MAGLEV_TCP) and len(vip["backends"]) == 3

@@ -10,7 +10,7 @@ the maps alone and says so. :func:`render` is the text form.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 
 from fastlb.dataplane import flows
 from fastlb.kernel import cdefs, structs
@@ -21,13 +21,27 @@ def _names(enum: str, prefix: str) -> dict[int, str]:
     return {v: k.removeprefix(prefix).lower() for k, v in cdefs.enum(enum).items()}
 
 
+# Names are a pure function of the slot's bytes: cached between reads, so a
+# scrape formats no address it has formatted before.
+@functools.lru_cache(maxsize=8192)
+def _vip_name(raw_key: bytes) -> str:
+    return flows.vip_name(structs.VipKey.from_buffer_copy(raw_key))
+
+
+@functools.lru_cache(maxsize=65536)
+def _backend_name(addr: bytes, family: int, port: int) -> str:
+    return flows.hostport(structs.unpack_addr(structs.U32x4.from_buffer_copy(addr), family),
+                          structs.port_host(port))
+
+
 def reasons(maps: PinnedMaps) -> tuple[dict, dict]:
     """({reason: {verdict, packets, bytes}}, {verdict: packets}) over every reason counter."""
     out = {}
+    counters = maps.counters("reason_stats", cdefs.FL_REASON_MAX)
     for name, idx in cdefs.enum("fl_reason").items():
         if name == "FL_REASON_MAX":
             continue
-        c = maps.counter("reason_stats", idx)
+        c = counters[idx]
         out[name.removeprefix("FL_").lower()] = {"verdict": cdefs.reason_verdict(name), "packets": c.packets,
                                                  "bytes": c.bytes}
     verdicts: dict[str, int] = {}
@@ -45,24 +59,26 @@ def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = Tr
     """
     algorithms = _names("fl_algorithm", "FL_ALG_")
     vips: dict[int, dict] = {}
+    metas = maps.array("vip_table")
+    vip_counters = maps.counters("vip_stats", len(metas))
     for key, vip_id in maps.items("vips"):
         vip_id = vip_id.value
-        if vip_id == cdefs.FL_VIP_ID_ADDR_ONLY:
+        if vip_id >= len(metas):   # the address-only and announce markers
             continue
-        meta = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
-        c = maps.counter("vip_stats", vip_id)
-        vips[vip_id] = {"vip": flows.vip_name(key), "algorithm": algorithms.get(meta.algorithm, "?"),
+        meta = metas[vip_id]
+        c = vip_counters[vip_id]
+        vips[vip_id] = {"vip": _vip_name(bytes(key)), "algorithm": algorithms.get(meta.algorithm, "?"),
                         "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "active": 0,
                         "healthy_backends": 0, "backends": []}
-    size = maps.info("backends").max_entries
+    entries = maps.array("backends")
     active = flows.active_counts(maps)
-    for be_id in range(size):
-        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-        if entry is None or not entry.family or entry.vip_id not in vips:
+    be_counters = maps.counters("backend_stats", len(entries))
+    for be_id, entry in enumerate(entries):
+        if not entry.family or entry.vip_id not in vips:
             continue
         vip = vips[entry.vip_id]
-        name = flows.hostport(structs.unpack_addr(entry.addr, entry.family), structs.port_host(entry.port))
-        c = maps.counter("backend_stats", be_id)
+        name = _backend_name(bytes(entry.addr), entry.family, entry.port)
+        c = be_counters[be_id]
         valid = bool(entry.flags & cdefs.FL_BE_F_VALID)
         be = {"backend": name, "backend_id": be_id, "weight": entry.weight, "valid": valid,
               "in_table": valid and entry.weight > 0, "mac": structs.mac_str(entry.mac), "rtt_us": entry.rtt_us,
