@@ -80,6 +80,19 @@ def load_plain(source: str, function: str):
     return bpf, bpf.load_func(function.encode(), BPF.XDP).fd
 
 
+def load_floor(vip: str, backend_mac: str):
+    """bench/xdp_floor.c for ``vip``, sending its packets to ``backend_mac`` (the lab's floor)."""
+    import ipaddress
+    import socket
+
+    from bcc import BPF
+    vip_be = int.from_bytes(ipaddress.IPv4Address(vip).packed, "little" if socket.htons(1) != 1 else "big")
+    mac = ",".join(f"0x{b}" for b in backend_mac.split(":"))
+    bpf = BPF(src_file=str(Path(__file__).resolve().parent / "xdp_floor.c").encode(),
+              cflags=[f"-DFLOOR_VIP={vip_be}u", f"-DFLOOR_MAC={mac}"])
+    return bpf, bpf.load_func(b"xdp_floor", BPF.XDP).fd
+
+
 def measure(fd: int, data: bytes, calls: int, runs: int, vary_offset: int = -1) -> tuple[float, int]:
     """Median kernel ns per call over ``runs`` runs, and the last verdict.
 
@@ -101,6 +114,7 @@ def run(quick: bool = False) -> str:
     rows = []
     pass_bpf, pass_fd = load_plain("xdp_pass.c", "xdp_pass")
     swap_bpf, swap_fd = load_plain("xdp_macswap.c", "xdp_macswap")
+    floor_bpf, floor_fd = load_floor(VIP4, "02:00:00:00:00:0b")
     sizes = Sizes(conntrack_size=1_048_576)
     try:
         with Testbed(sizes, name="bench") as bed:
@@ -112,6 +126,10 @@ def run(quick: bool = False) -> str:
             swap, v = measure(swap_fd, base4, calls, runs)
             assert v == XDP_VERDICTS["tx"]
             rows.append(("MAC swap (XDP_TX)", "IPv4 TCP", swap, v))
+            floor, v = measure(floor_fd, base4, calls, runs)
+            assert v == XDP_VERDICTS["tx"]
+            rows.append(("floor: VIP packets to one backend's MAC (bench/xdp_floor.c, XDP_TX)", "IPv4 TCP",
+                         floor, v))
             cases = [("dsr", f, p) for f in (4, 6) for p in ("tcp", "udp")]
             cases += [(m, f, "tcp") for m in ("tunnel", "nat") for f in (4, 6)]
             for mode, family, proto in cases:
@@ -137,6 +155,7 @@ def run(quick: bool = False) -> str:
     finally:
         pass_bpf.cleanup()
         swap_bpf.cleanup()
+        floor_bpf.cleanup()
     return render(rows, empty, swap, calls, runs)
 
 

@@ -34,6 +34,7 @@ SECTIONS = [
     ("tcp", "bench_tcp", True),
     ("l7", "bench_l7", True),
     ("control", "bench_control", True),
+    ("controller", "bench_controller", True),
     ("scale", "bench_scale", True),
 ]
 
