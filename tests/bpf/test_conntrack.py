@@ -10,6 +10,7 @@ are set to their 1 s minimum and the tests sleep past them (expiry is
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import time
 
@@ -17,8 +18,10 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from fastlb import cdefs, flows, structs
-from fastlb.testbed import XDP_VERDICTS, fake_mac
+from fastlb.config import parse_config
+from fastlb.dataplane import flows
+from fastlb.kernel import cdefs, structs
+from fastlb.testing.testbed import XDP_VERDICTS, fake_mac
 
 pytestmark = pytest.mark.root
 
@@ -59,8 +62,8 @@ MAC_TO_BACKEND = {fake_mac(b): b for b in (A, X, B, Y)}
 
 @pytest.fixture(scope="module")
 def bed():
-    from fastlb.program import Sizes
-    from fastlb.testbed import Testbed
+    from fastlb.kernel.layout import Sizes
+    from fastlb.testing.testbed import Testbed
     sizes = Sizes(max_vips=8, max_backends=64, conntrack_size=4096, hash_seed=777, ring_size=1021)
     with Testbed(sizes, name=f"ct-{os.getpid()}") as tb:
         tb.apply(config())
@@ -101,7 +104,7 @@ def slot_of(bed, port, address) -> int:
     for be_id in range(bed.sizes.max_backends):
         e = bed.maps.lookup("backends", ctypes.c_uint32(be_id))
         if e is not None and e.family and e.vip_id == vip_id and \
-                bytes(e.addr) == bytes(structs.pack_addr(__import__("ipaddress").ip_address(address))):
+                bytes(e.addr) == bytes(structs.pack_addr(ipaddress.ip_address(address))):
             return be_id
     raise AssertionError(f"no slot for {address} in VIP port {port}")
 
@@ -214,10 +217,10 @@ def test_tcp_timeouts_are_per_state(fresh):
 def test_a_backend_replaced_at_a_reload_does_not_inherit_its_predecessors_flows(fresh):
     """lc VIP A, X, B; a connection on X; the config replaces X by Y at the same position."""
     bed = fresh
-    from fastlb.tables import ring_positions
-    from fastlb import explain
+    from fastlb.dataplane import explain
+    from fastlb.dataplane.tables import ring_positions
     replaced = config(lc_backends=(A, Y, B))
-    new_vip = next(v for v in __import__("fastlb.config", fromlist=["x"]).parse_config(replaced).vips
+    new_vip = next(v for v in parse_config(replaced).vips
                    if v.port == LC_TCP)
     ring = ring_positions(new_vip, bed.sizes)
 
@@ -355,7 +358,7 @@ def test_rr_cursors_start_staggered_across_cpus(fresh):
 def test_a_maglev_syn_records_its_ring_pick_and_a_retransmit_lands_on_the_same_slot(fresh):
     bed = fresh
     vip = next(v for v in bed.config.vips if v.port == MAGLEV_TCP)
-    from fastlb import explain
+    from fastlb.dataplane import explain
     for sport in range(14000, 14050):
         want = explain.explain(bed.config, vip, "198.18.11.1", sport).backend
         assert pick(bed, frame("198.18.11.1", sport, MAGLEV_TCP, flags="S")) == want
@@ -387,7 +390,7 @@ def test_counters_read_by_one_batch_equal_the_per_slot_sums(fresh):
         single = [bed.maps.counter(name, i) for i in range(count)]
         assert [bytes(c) for c in batch] == [bytes(c) for c in single]
     assert sum(c.new_flows for c in bed.maps.counters("vip_stats", bed.sizes.max_vips)) >= 40
-    from fastlb import stats
+    from fastlb.dataplane import stats
     data = stats.collect(bed.maps, count_flows=False)
     vip = next(v for v in data["vips"] if v["vip"].endswith(f":{MAGLEV_TCP}/tcp"))
     assert vip["new_flows"] == vip_new_flows(bed, MAGLEV_TCP) and len(vip["backends"]) == 3
