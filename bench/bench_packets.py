@@ -14,6 +14,7 @@ Run alone: sudo .venv/bin/python bench/bench_packets.py [--quick]
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -109,15 +110,15 @@ def measure(fd: int, data: bytes, calls: int, runs: int, vary_offset: int = -1) 
     return statistics.median(results), verdict
 
 
-def run(quick: bool = False) -> str:
-    calls, runs = (2_000, 3) if quick else (1_000_000, 7)
+def run(quick: bool = False, calls: int | None = None, runs: int | None = None) -> str:
+    calls, runs = (calls or 2_000, runs or 3) if quick else (calls or 1_000_000, runs or 7)
     rows = []
     pass_bpf, pass_fd = load_plain("xdp_pass.c", "xdp_pass")
     swap_bpf, swap_fd = load_plain("xdp_macswap.c", "xdp_macswap")
     floor_bpf, floor_fd = load_floor(VIP4, "02:00:00:00:00:0b")
     sizes = Sizes(conntrack_size=1_048_576)
     try:
-        with Testbed(sizes, name="bench") as bed:
+        with Testbed(sizes, name=f"bench-{os.getpid()}") as bed:  # parallel runs never share maps
             bed.apply(CONFIG)
             base4 = packet(4, "tcp")
             empty, v = measure(pass_fd, base4, calls, runs)
@@ -175,4 +176,10 @@ def render(rows, empty: float, swap: float, calls: int, runs: int) -> str:
 
 
 if __name__ == "__main__":
-    print(run(quick="--quick" in sys.argv))
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--calls", type=int, help="calls per run (default 1,000,000)")
+    ap.add_argument("--runs", type=int, help="runs per figure, the median is kept (default 7)")
+    args = ap.parse_args()
+    print(run(quick=args.quick, calls=args.calls, runs=args.runs))
