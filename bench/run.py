@@ -88,6 +88,8 @@ def merge(old: str, new: str, command: str) -> str:
     for title, lines in fresh.items():
         blocks[title] = lines
     head = [line for line in head if not line.startswith("Command: ")]
+    while len(head) > 1 and head[-1] == head[-2] == "":
+        head.pop()
     note = f"Command: sections {', '.join(t[3:] for t in fresh if t != '## Machine')} by `{command}`; the others " \
            "by an earlier run (each section says its own method)."
     out = head + [note, ""] + [line for lines in blocks.values() for line in lines]
