@@ -47,9 +47,10 @@ from datetime import datetime, timezone
 
 from fastlb.config import Config, ConfigError, edits, l4_view, load_config, render_config, validate
 from fastlb.controller import attachment, bgp, control_socket, health, neighbour_watch, planner, state
-from fastlb.controller.planner import NO_MAC, Key, lrt_score
+from fastlb.controller.planner import NO_MAC, Key
 from fastlb.core import PeakEwma
 from fastlb.dataplane import stats, tables
+from fastlb.dataplane.tables import lrt_score
 from fastlb.errors import FastlbError, NeighbourError
 from fastlb.kernel import neighbours, pins, xdp
 from fastlb.kernel.layout import Sizes

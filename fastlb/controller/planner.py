@@ -17,7 +17,6 @@ from typing import Mapping
 
 from fastlb.config import Config, Vip, l4_view
 from fastlb.controller.health import UP
-from fastlb.dataplane.tables import LRT_FLOOR_US, lrt_score  # noqa: F401 (the loop's and the tests' name)
 
 NO_MAC = "00:00:00:00:00:00"
 

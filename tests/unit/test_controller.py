@@ -330,3 +330,11 @@ def test_batch_walk_and_delete_cover_every_entry(bed):
     assert all(v.backend_id == k.sport % 7 for k, v in got)
     assert flows.delete(maps, keys[:10] + keys[:10]) == 10  # absent keys are skipped, not fatal
     assert len(flows.read(maps)) == 1490
+
+
+def test_lrt_scores_round_so_that_equal_latencies_tie_and_slow_ones_lose():
+    from fastlb.dataplane.tables import LRT_FLOOR_US, lrt_score
+    assert lrt_score(300) == lrt_score(900) == lrt_score(LRT_FLOOR_US) == LRT_FLOOR_US
+    assert lrt_score(3900) == lrt_score(4100)          # within one step: a tie
+    assert lrt_score(55_000) > 5 * lrt_score(3900)     # 50 ms slower still loses every pair
+    assert lrt_score(10**12) == 2**32 - 1              # the kernel's u32
