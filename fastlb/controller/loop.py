@@ -14,19 +14,21 @@ never writes. Other threads only put events on the queue:
 Events are taken in batches; when a batch changed anything, the planner
 (fastlb.controller.planner, pure) says once what the tables should hold, and
 only their differences are written (fastlb.dataplane.tables.apply). Live
-config changes are pure functions in fastlb.config.edits. A timer runs the conntrack sweep (fastlb.dataplane.flows):
-active-connection counts recounted, idle UDP flows expired.
+config changes are pure functions in fastlb.config.edits. The controller does no
+work per conntrack entry: the data plane expires entries and keeps the active
+counts itself (docs/DATAPLANE.md); a timer only retries an unreachable BIRD.
 
 Each transition is logged as one line of ``key=value`` pairs on stderr:
 ``backend_up``, ``backend_down``, ``table_rebuilt`` (with the slots
 changed), ``flows_moved``, ``vip_no_healthy_backend``, ``config_reloaded``,
-``config_reload_failed``, ``neighbour_changed``, ``active_reconciled``;
+``config_reload_failed``, ``neighbour_changed``;
 with ``[bgp]`` (fastlb.controller.bgp): ``route_announced``, ``route_withdrawn``,
 ``bgp_speaker_error``, ``bgp_speaker_ok``, ``bgp_withdrawn_for_detach``.
 
 A failed backend of a VIP with ``expire_nodest_conn`` (the default) keeps
-its slot but loses the slot's valid flag, and its flows are deleted from
-conntrack: their next packets go to a live backend. Without it, it only
+its slot but loses the slot's valid flag: its flows' next packets go to a
+live backend, and when it comes back up its slot gets a new generation, so
+that none of them returns to it. Without it, it only
 leaves the tables (weight 0), and its flows stay on it.
 """
 
@@ -46,9 +48,10 @@ from datetime import datetime, timezone
 from fastlb.config import Config, ConfigError, edits, l4_view, load_config, render_config, validate
 from fastlb.controller import attachment, bgp, control_socket, health, neighbour_watch, planner, state
 from fastlb.controller.files import write_atomic
-from fastlb.controller.planner import NO_MAC, Key, lrt_score
+from fastlb.controller.planner import NO_MAC, Key
 from fastlb.core import PeakEwma
-from fastlb.dataplane import flows, identity, stats, tables
+from fastlb.dataplane import identity, stats, tables
+from fastlb.dataplane.tables import lrt_score
 from fastlb.errors import FastlbError, NeighbourError, require_root
 from fastlb.kernel import neighbours, pins, structs, xdp
 from fastlb.kernel.layout import Sizes
@@ -115,9 +118,7 @@ class Controller:
         self.metrics = None
         self.watcher: neighbour_watch.Watcher | None = None
         self.public: dict = {}
-        self.conntrack_entries: int | None = None
         self.reloads = {"ok": 0, "failed": 0}
-        self.udp_expired = 0
         self.announcer: bgp.Announcer | None = None   # [bgp]: the VIPs' routes in BIRD
         self.l7 = None                                 # http/https VIPs: fastlb.controller.l7.tier.Tier
 
@@ -282,14 +283,12 @@ class Controller:
 
     def _rebuild(self) -> None:
         before = self._valid_slots()
-        started = flows.now_ns()
         plan = self._plan()
         written = tables.apply(self.maps, plan.effective, plan.macs, self.sizes, down=plan.down,
                                **self._two_arm(plan.effective))
-        self._after_build(plan, written, before, started_ns=started)
+        self._after_build(plan, written, before)
 
-    def _after_build(self, plan: planner.Plan, written: dict, before: set[int], first: bool = False,
-                     started_ns: int = 0) -> None:
+    def _after_build(self, plan: planner.Plan, written: dict, before: set[int], first: bool = False) -> None:
         effective = plan.effective
         placement = tables.place(effective, self.maps, self.sizes)
         self.slots = {(vip.name, b.key): placement.backend_ids[(vip.name, pos)]
@@ -301,11 +300,10 @@ class Controller:
                          backends=len(vip.backends))
         left = before - self._valid_slots()
         if left and not first:
-            moved = flows.purge_backends(self.maps, left, started_ns)
-            self.log("flows_moved", backend_slots=",".join(map(str, sorted(left))), flows=moved,
+            # The kernel re-picks their flows at their next packet (the slot is no longer
+            # valid, or holds a new generation); nothing walks conntrack.
+            self.log("flows_moved", backend_slots=",".join(map(str, sorted(left))),
                      why="their backend failed or was removed (expire_nodest_conn)")
-        if written.get("removed"):
-            flows.reconcile_active(self.maps)
         for key in self.views:
             self._write_rtt(key, force=True)
         self._save_state()
@@ -328,8 +326,8 @@ class Controller:
         vip = self.config.find_vip(key[0])
         be_id = self.slots.get(key)
         view = self.views.get(key)
-        if vip is None or vip.algorithm != "lrt" or be_id is None or view is None or not view.ewma.has_sample:
-            return
+        if vip is None or vip.algorithm != "lrt" or be_id is None or view is None:
+            return   # with no sample yet, score_us is default_us: load counts from the first connection
         score = lrt_score(view.ewma.score_us(time.monotonic()))
         old = view.rtt_written
         if not force and score == old:
@@ -419,21 +417,9 @@ class Controller:
             elif batch:
                 self._publish()
             if time.monotonic() >= next_sweep:
-                self._sweep()
                 if self.announcer is not None:
                     self.announcer.retry()   # BIRD was unreachable: try again
                 next_sweep = time.monotonic() + sweep_every
-
-    def _sweep(self) -> None:
-        entries = flows.read(self.maps)
-        fixed = flows.reconcile_active(self.maps, entries)
-        if fixed:
-            names = {slot: key[1].decode() for key, slot in self.slots.items()}
-            self.log("active_reconciled", backends=" ".join(
-                f"{names.get(be, be)}:{old}->{new}" for be, (old, new) in sorted(fixed.items())))
-        expired = flows.expire_udp(self.maps, self.config.settings.udp_timeout, entries)
-        self.udp_expired += expired
-        self.conntrack_entries = len(entries) - expired
 
     # ---- config changes --------------------------------------------------------------
 
@@ -607,10 +593,8 @@ class Controller:
 
     def stats(self, count_flows: bool = True) -> dict:
         data = stats.collect(self.maps, self.public, count_flows=count_flows)
-        if not count_flows and self.conntrack_entries is not None:
-            data["conntrack"]["entries"] = self.conntrack_entries
         data.update(interface=self.ifname, controller=True, pid=os.getpid(), config=self.config_path,
-                    reloads=dict(self.reloads), udp_expired=self.udp_expired)
+                    reloads=dict(self.reloads))
         if self.l7 is not None:
             data["l7"] = self.l7.stats()
             # the maps know an http VIP by its TCP key: give it its config name
