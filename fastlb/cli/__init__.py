@@ -108,13 +108,13 @@ def attach(iface, more_ifaces, config_path, xdp_mode, keep, metrics_listen):
     """
     from fastlb.controller.loop import Controller
     config = _load_config(config_path)
-    _warn(config)
     # Block the signals before attaching: one that arrives while attaching (or
     # just after the banner) is then taken by the controller's signal thread.
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROLLER_SIGNALS)
     ctl = Controller(iface, config_path, config, xdp_mode=xdp_mode, keep=keep, metrics=metrics_listen,
                      extra_ifaces=more_ifaces)
     result = ctl.start()
+    _warn(config)   # after the attach: a refused attach says one thing, its error
     for note in result.notes:
         click.echo(f"fastlb: note: {note}", err=True)
     vips = ", ".join(v.name for v in config.vips)
