@@ -210,20 +210,6 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
     else:
         ports, port = (), t.integer("port", 1, 65535)
     protocol = t.choice("protocol", tuple(PROTOCOLS), "tcp")
-    if protocol in L7_PROTOCOLS:
-        if ports:
-            raise t.error(("ports",), f"'ports' is for tcp and udp VIPs, and this VIP is {protocol}",
-                          fix="use one port; an http VIP listens on one port")
-        for key in ("persistence", "persistence_prefix", "slow_start"):
-            if key in t.data:
-                raise t.error((key,), f"'{key}' is for tcp and udp VIPs: on an {protocol} VIP (HAProxy's stick "
-                                      "tables, slowstart) it is not built yet",
-                              fix='remove it (hash = "src" keeps a client on its backend)')
-        return _l7_vip(t, address, port, protocol)
-    for key in _L7_ONLY:
-        if key in t.data:
-            raise t.error((key,), f"'{key}' is only read on http and https VIPs, and this VIP is {protocol}",
-                          fix='remove it, or set protocol = "http"')
     persistence = t.integer("persistence", 0, MAX_PERSISTENCE, default=0)
     bits = address.max_prefixlen
     prefix = t.integer("persistence_prefix", 0, bits, default=bits)
@@ -231,6 +217,16 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
         raise t.error(("persistence_prefix",), "persistence_prefix without persistence",
                       fix="set persistence = SECONDS (e.g. 600), or remove persistence_prefix")
     slow_start = t.integer("slow_start", 0, MAX_SLOW_START, default=0)
+    if protocol in L7_PROTOCOLS:
+        if ports:
+            raise t.error(("ports",), f"'ports' is for tcp and udp VIPs, and this VIP is {protocol}",
+                          fix="use one port; an http VIP listens on one port")
+        return _l7_vip(t, address, port, protocol, persistence=persistence, persistence_prefix=prefix,
+                       slow_start=slow_start)
+    for key in _L7_ONLY:
+        if key in t.data:
+            raise t.error((key,), f"'{key}' is only read on http and https VIPs, and this VIP is {protocol}",
+                          fix='remove it, or set protocol = "http"')
     algorithm = t.choice("algorithm", ALGORITHMS, "maglev", built=BUILT_ALGORITHMS)
     forwarding = t.choice("forwarding", FORWARDING, "dsr", built=BUILT_FORWARDING)
     hash_ = t.choice("hash", HASHES, "5tuple")
@@ -384,7 +380,8 @@ _HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _HOST_PATTERN = re.compile(rf"(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*")
 
 
-def _l7_vip(t: _Table, address: IPAddress, port: int, protocol: str) -> Vip:
+def _l7_vip(t: _Table, address: IPAddress, port: int, protocol: str, **stateful: int) -> Vip:
+    """``stateful``: persistence, persistence_prefix and slow_start, read as for any VIP."""
     if "forwarding" in t.data:
         raise t.error(("forwarding",), f"'forwarding' has no meaning on an {protocol} VIP: HAProxy proxies "
                                        "its requests to the backends", fix="remove it")
@@ -444,7 +441,7 @@ def _l7_vip(t: _Table, address: IPAddress, port: int, protocol: str) -> Vip:
                             path_prefix=prefix, line=table.line))
     return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding="proxy",
                hash=hash_, backends=backends, line=t.line, announce=announce, health=health,
-               certificate=certificate, client_ip=client_ip, routes=tuple(routes))
+               certificate=certificate, client_ip=client_ip, routes=tuple(routes), **stateful)
 
 
 def _l7_hash(t: _Table, algorithm: str) -> str:

@@ -358,6 +358,81 @@ def test_a_killed_backend_is_out_within_fall_times_interval_plus_1s(l7):
     wait_up(lab)
 
 
+# ---- persistence (stick tables) and slow start --------------------------------------------------
+
+CLIENTS = [f"198.18.0.{220 + i}" for i in range(12)]
+NEWCOMERS = [f"198.18.0.{240 + i}" for i in range(4)]
+
+
+def by_client(lab, sources, requests: int = 4) -> dict[str, set[str]]:
+    """Each source address's ``requests`` GETs (new requests on one connection: HAProxy picks per
+    request): which backends answered."""
+    out = {}
+    for src in sources:
+        res = lab.run("client", ["curl", "-sS", "--max-time", "5", "--interface", src,
+                                 f"http://{lab.vip4}/whoami?[1-{requests}]"], timeout=30)
+        out[src] = {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
+    return out
+
+
+def test_persistence_keeps_each_client_on_its_server_across_a_backend_add(l7):
+    """rr with persistence = 600 on b1, b2; b3 added by `fastlb reload`, which reloads HAProxy (a new
+    worker, whose stick tables fastlb refills): every client keeps its server, and new clients reach b3.
+    The control, without persistence, spreads each client's requests."""
+    lab = l7["lab"]
+    for src in CLIENTS + NEWCOMERS:
+        lab.run("client", ["ip", "addr", "replace", f"{src}/24", "dev", "eth0"])
+    use(l7, http_config(lab, backends=("b1", "b2")))
+    control = by_client(lab, CLIENTS[:3])
+    assert all(len(names) == 2 for names in control.values()), control     # rr alternates
+    use(l7, http_config(lab, backends=("b1", "b2"), head="persistence = 600\n"))
+    before = by_client(lab, CLIENTS)
+    assert all(len(names) == 1 for names in before.values()), before
+    assert {n for names in before.values() for n in names} == {"b1", "b2"}
+    worker = pids(lab)[1]
+    use(l7, http_config(lab, head="persistence = 600\n"))
+    assert pids(lab)[1] != worker
+    after = by_client(lab, CLIENTS)
+    kept = sum(after[src] == before[src] for src in CLIENTS)
+    print(f"l7 persistence: {kept} of {len(CLIENTS)} clients kept their server when b3 was added")
+    assert kept == len(CLIENTS), (before, after)
+    newcomers = by_client(lab, NEWCOMERS)
+    assert all(len(names) == 1 for names in newcomers.values()), newcomers
+    assert {"b3"} in newcomers.values(), newcomers      # new clients do reach the new server
+
+
+def b3_share(lab, samples: int, every: float = 1.0) -> list[float]:
+    """b3's share of 40 requests, sampled ``samples`` times ``every`` seconds apart."""
+    out = []
+    for _ in range(samples):
+        started = time.monotonic()
+        out.append(round(shares(counts(lab, 40)).get("b3", 0.0), 1))
+        time.sleep(max(0.0, every - (time.monotonic() - started)))
+    return out
+
+
+def test_slow_start_ramps_an_added_servers_share(l7):
+    """rr with slow_start = 8: b3, added by `fastlb backend add` (the runtime API), and then again by a
+    reload that restarts HAProxy's worker (a new route), rises from a small share to a third."""
+    lab = l7["lab"]
+    use(l7, http_config(lab, backends=("b1", "b2"), head="slow_start = 8\n"))
+    res = run_fastlb(lab, "lb", "backend", "add", vip_spec(lab), f"{lab.addr('b3')}:80", check=False)
+    assert res.returncode == 0 and "runtime API, no reload" in res.stdout, res.stdout + res.stderr
+    ramp = b3_share(lab, 10)
+    print(f"l7 slow start (runtime add): b3's share each second: {ramp} % (full share 33 %)")
+    assert ramp[0] < 15 and ramp[-1] >= 25, ramp
+    assert sum(ramp[:4]) / 4 < sum(ramp[-4:]) / 4 - 8, ramp
+    use(l7, http_config(lab, backends=("b1", "b2"), head="slow_start = 8\n"))
+    route = f'[[vip.route]]\nhost = "x.example.com"\n[[vip.route.backend]]\naddress = "{lab.addr("b1")}"\n'
+    master, worker = pids(lab)
+    l7["path"].write_text(http_config(lab, route, head="slow_start = 8\n"))
+    assert run_fastlb(lab, "lb", "reload", check=False).returncode == 0
+    assert pids(lab)[1] != worker                 # a new worker: HAProxy itself never slow-starts here
+    start = b3_share(lab, 2)
+    print(f"l7 slow start (HAProxy reload): b3's share in its first 2 s: {start} %")
+    assert max(start) < 20, start
+
+
 # ---- client address, TLS ------------------------------------------------------------------------
 
 def test_backends_see_the_client_via_xff_and_via_proxy_v2(l7):

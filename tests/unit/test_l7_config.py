@@ -126,15 +126,25 @@ def test_tcp_and_http_on_one_port_collide() -> None:
 
 @pytest.mark.parametrize("line, field, words", [
     ('ports = [80, "8080-8081"]', "vip[0].ports", "'ports' is for tcp and udp VIPs"),
-    ("persistence = 600", "vip[0].persistence", "not built yet"),
-    ("slow_start = 10", "vip[0].slow_start", "not built yet"),
+    ("persistence = -1", "vip[0].persistence", "persistence"),
+    ("persistence_prefix = 24", "vip[0].persistence_prefix", "persistence_prefix without persistence"),
+    ("persistence = 60\npersistence_prefix = 33", "vip[0].persistence_prefix", "persistence_prefix"),
+    ("slow_start = -1", "vip[0].slow_start", "slow_start"),
 ])
-def test_the_stateful_l4_keys_are_one_line_errors_on_an_http_vip(line, field, words) -> None:
+def test_the_stateful_keys_get_one_line_errors_on_an_http_vip(line, field, words) -> None:
     text = f'[[vip]]\naddress = "198.19.0.100"\nprotocol = "http"\n{line}\n'
     text += "" if line.startswith("ports") else "port = 80\n"
     with pytest.raises(ConfigError) as info:
         parse_config(text + '[[vip.backend]]\naddress = "198.18.0.11"\n')
     assert info.value.field == field and words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_persistence_and_slow_start_are_read_on_an_http_vip() -> None:
+    """HAProxy serves them (stick tables, slowstart: fastlb.controller.l7.render)."""
+    text = ('[[vip]]\naddress = "198.19.0.100"\nport = 80\nprotocol = "http"\npersistence = 600\n'
+            'persistence_prefix = 24\nslow_start = 10\n[[vip.backend]]\naddress = "198.18.0.11"\n')
+    vip = parse_config(text).vips[0]
+    assert (vip.persistence, vip.persistence_prefix, vip.slow_start) == (600, 24, 10)
 
 
 @pytest.mark.parametrize("kind", ["exec", "agent"])

@@ -113,6 +113,38 @@ def test_health_client_ip_and_tls(tmp_path) -> None:
     assert "server 198.18.0.12:8080 198.18.0.12:8080 weight 1 check inter 500ms rise 2 fall 3 send-proxy-v2" in be
 
 
+@pytest.mark.parametrize("head,keys,stick", [
+    (HEAD, "persistence = 600\n", "stick on src"),
+    (HEAD, "persistence = 60\npersistence_prefix = 24\n", "stick on src,ipmask(24)"),
+    (HEAD.replace("198.19.0.100", "2001:db8::100"), "persistence = 60\npersistence_prefix = 64\n",
+     "stick on src,ipmask(32,64)"),
+])
+def test_persistence_is_a_stick_table_per_pool(head: str, keys: str, stick: str) -> None:
+    """Every pool (the default one and each route's) keeps its own table of client -> server."""
+    config = parse_config(head + keys + POOL + ROUTES, "fastlb.toml")
+    result = render.render(config, PATHS)
+    seconds = config.vips[0].persistence
+    kind = "ip" if config.vips[0].address.version == 4 else "ipv6"
+    name = render.pool_name(config.vips[0])
+    for pool in (name, f"{name}_route0", f"{name}_route1"):
+        lines = block(result.text, f"backend {pool}")
+        assert f"stick-table type {kind} size {render.STICK_TABLE_SIZE} expire {seconds}s srvkey name" in lines
+        assert stick in lines
+    line = result.text.splitlines().index(f"    {stick}") + 1
+    assert result.field_of(line) in ("vip[0].persistence", "vip[0].persistence_prefix")
+    assert "stick" not in rendered(POOL).text
+
+
+def test_slow_start_is_every_servers_slowstart() -> None:
+    config = parse_config(HEAD + "slow_start = 10\n" + POOL + ROUTES, "fastlb.toml")
+    text = render.render(config, PATHS).text
+    servers = [line for line in text.splitlines() if line.strip().startswith("server ")]
+    assert len(servers) == 4 and all(" slowstart 10s" in s for s in servers)
+    vip = config.vips[0]
+    assert " slowstart 10s" in render.server_options(vip, vip.backends[0], vip.algorithm)   # also `add server`
+    assert "slowstart" not in rendered(POOL).text
+
+
 def test_only_http_vips_are_rendered() -> None:
     text = rendered(POOL + '[[vip]]\naddress = "198.19.0.101"\nport = 80\n[[vip.backend]]\naddress = "198.18.0.11"\n').text
     assert "198.19.0.101" not in text
@@ -126,8 +158,10 @@ needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None and not os.pa
 def test_haproxy_accepts_the_rendered_config(tmp_path) -> None:
     paths = render.Paths(str(tmp_path))
     (tmp_path / "server-state").touch()
-    result = render.render(parse_config(HEAD + 'algorithm = "lrt"\n[vip.health]\nkind = "http"\n' + POOL + ROUTES),
-                           paths)
+    result = render.render(parse_config(HEAD + 'algorithm = "lrt"\npersistence = 600\npersistence_prefix = 24\n'
+                                        'slow_start = 30\n[vip.health]\nkind = "http"\n' + POOL + ROUTES +
+                                        HEAD.replace("198.19.0.100", "2001:db8::100") +
+                                        "persistence = 60\npersistence_prefix = 64\n" + POOL), paths)
     (tmp_path / "haproxy.cfg").write_text(result.text)
     haproxy.check(result, str(tmp_path / "haproxy.cfg"), "fastlb.toml")
 

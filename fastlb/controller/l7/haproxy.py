@@ -56,6 +56,9 @@ def binary() -> str:
 
 # ---- the config check --------------------------------------------------------
 
+_TABLE_HEADER = re.compile(r"^# table: ([^,\s]+),", re.M)
+_STICK_ROW = re.compile(r"^0x[0-9a-f]+: key=(\S+) .*?server_key=(\S+)", re.M)
+STICK_BATCH = 100          # `set table` commands per runtime API call (one line, ';'-separated)
 _ALERT_LINE = re.compile(r"\[ALERT\].*?parsing \[[^\]]*?:(\d+)\] : (.*)")
 
 
@@ -144,6 +147,30 @@ class Runtime:
         if not text.startswith("1"):
             raise HaproxyError(f"unexpected 'show servers state' answer: {text[:100]!r}", fix="see haproxy.out")
         write_atomic(self.paths.state_file, text)
+
+    def stick_entries(self) -> dict[str, list[tuple[str, str]]]:
+        """Every stick table's bindings: table (= pool) -> [(client key, server name)]."""
+        out = {}
+        for name in _TABLE_HEADER.findall(self("show table")):
+            rows = _STICK_ROW.findall(self(f"show table {name}"))
+            if rows:
+                out[name] = rows
+        return out
+
+    def restore_sticks(self, entries: dict[str, list[tuple[str, str]]]) -> int:
+        """Write bindings saved before a reload into the new worker's tables, by server name (the
+        new worker numbers its servers afresh); bindings whose pool or server is gone are dropped.
+        Returns how many were written. Each gets the table's full expiry again."""
+        ids: dict[tuple[str, str], str] = {}
+        for line in self("show servers state").splitlines()[2:]:
+            f = line.split()
+            if len(f) > 4:
+                ids[(f[1], f[3])] = f[2]          # be_name, srv_name -> srv_id
+        commands = [f"set table {table} key {key} data.server_id {ids[(table, server)]}"
+                    for table, rows in entries.items() for key, server in rows if (table, server) in ids]
+        for i in range(0, len(commands), STICK_BATCH):
+            self(";".join(commands[i:i + STICK_BATCH]))
+        return len(commands)
 
 
 # ---- the process ----------------------------------------------------------------
@@ -267,8 +294,10 @@ class Supervisor:
         """Seamless reload: save the servers' state, have the master re-read the config, wait for the new worker."""
         with self._lock:
             old = self.worker_pid()
+            sticks: dict[str, list[tuple[str, str]]] = {}
             try:
                 self.runtime.save_state()
+                sticks = self.runtime.stick_entries()   # a new worker starts with empty stick tables
             except HaproxyError as exc:
                 self.log("haproxy_state_not_saved", error=str(exc))
             try:
@@ -276,8 +305,9 @@ class Supervisor:
             except OSError:
                 os.kill(self.pid, signal.SIGUSR2)   # the master CLI is gone (adopted from an older run?)
             self._wait_ready(old_worker=old)
+            kept = self.runtime.restore_sticks(sticks) if sticks else 0
             self.reloads += 1
-            self.log("haproxy_reloaded", pid=self.pid, worker=self.worker_pid())
+            self.log("haproxy_reloaded", pid=self.pid, worker=self.worker_pid(), persistence_kept=kept)
 
     def _watch(self) -> None:
         backoff = BACKOFF_FIRST

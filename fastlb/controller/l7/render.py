@@ -20,6 +20,7 @@ BALANCE = {"rr": "roundrobin", "wrr": "roundrobin", "lc": "leastconn", "lrt": "l
 LRT_START_WEIGHT = 128     # lrt's weights before fastlb has measured anything (fastlb.controller.l7.steering)
 HARD_STOP_AFTER = "30s"    # old workers left after a reload finish their requests within this
 MAXCONN = 8000             # the machine's hard fd limit is 20000 (two fds per proxied connection)
+STICK_TABLE_SIZE = "1m"    # persistence: clients per pool (about 50 bytes each, allocated as they come)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,8 @@ def _pool(out: _Out, vip: Vip, pool: Pool, vkey: str) -> None:
         out.add("    hash-type consistent", pool.algorithm_key)
     else:
         out.add(f"    balance {BALANCE[pool.algorithm]}", pool.algorithm_key)
+    if vip.persistence:
+        _stick(out, vip, vkey)
     hkey = f"{vkey}.health"
     check = vip.health
     if check.kind == "http":
@@ -235,6 +238,20 @@ def _pool(out: _Out, vip: Vip, pool: Pool, vkey: str) -> None:
                 pool.backend_key(i))
 
 
+def _stick(out: _Out, vip: Vip, vkey: str) -> None:
+    """``persistence``: a stick table of client addresses (masked to ``persistence_prefix``) -> server,
+    each entry kept ``persistence`` seconds after its client's last request. Servers are named in it
+    (``srvkey name``), so an entry still finds its server when servers are added or removed."""
+    kind = "ip" if vip.address.version == 4 else "ipv6"
+    out.add(f"    stick-table type {kind} size {STICK_TABLE_SIZE} expire {vip.persistence}s srvkey name",
+            f"{vkey}.persistence")
+    key = "src"
+    if vip.persistence_prefix < vip.address.max_prefixlen:
+        key += f",ipmask({vip.persistence_prefix})" if vip.address.version == 4 else \
+            f",ipmask(32,{vip.persistence_prefix})"
+    out.add(f"    stick on {key}", f"{vkey}.persistence_prefix")
+
+
 def server_address(b: Backend) -> str:
     return f"[{b.address}]:{b.port}" if b.address.version == 6 else f"{b.address}:{b.port}"
 
@@ -246,6 +263,8 @@ def server_options(vip: Vip, b: Backend, algorithm: str) -> str:
         opts.append(f"check inter {_ms(check.interval)} rise {check.rise} fall {check.fall}")
         if check.port:
             opts.append(f"port {check.port}")
+    if vip.slow_start:
+        opts.append(f"slowstart {vip.slow_start}s")
     if vip.client_ip == "proxy":
         opts.append("send-proxy-v2")
     return " " + " ".join(opts)

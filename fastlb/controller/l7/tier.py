@@ -108,7 +108,25 @@ class Tier:
         self.config = config
         self._steer_pools(config)
         self._set_lo(config)
+        if old is not None:
+            self._slow_start_added(old, config)
         return "reloaded"
+
+    def _slow_start_added(self, old: Config, new: Config) -> None:
+        """HAProxy never slow-starts a server it starts with, so after a reload the servers that
+        are new to a ``slow_start`` pool pass through maintenance: leaving it starts their ramp."""
+        before = {(p.name, render.server_name(b)) for v in l7_vips(old) for p in render.pools(v)
+                  for b in p.backends}
+        for vip in l7_vips(new):
+            if not vip.slow_start:
+                continue
+            for pool in render.pools(vip):
+                for b in pool.backends:
+                    name = render.server_name(b)
+                    if (pool.name, name) not in before and b.weight > 0:
+                        self.runtime.checked(f"set server {pool.name}/{name} state maint")
+                        self.runtime.checked(f"set server {pool.name}/{name} state ready")
+                        self.log("l7_slow_start", server=f"{pool.name}/{name}", seconds=vip.slow_start)
 
     def _write(self, rendered: render.Rendered) -> None:
         write_atomic(self.paths.config, rendered.text)
