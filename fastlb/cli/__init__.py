@@ -471,12 +471,17 @@ def _flow_filter(maps, vip_spec, backend_spec):
     names = ct.Names.read(maps)
     vip_ids = backend_ids = None
     if vip_spec:
-        from fastlb.config import parse_vip_spec, vip_name
+        from fastlb.config import PROTOCOLS, parse_vip_spec, vip_name
+        from fastlb.dataplane.identity import is_marker
+        from fastlb.kernel import structs
         try:
-            want = vip_name(*parse_vip_spec(vip_spec))
+            address, port, protocol = parse_vip_spec(vip_spec)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--vip") from exc
-        vip_ids = {i for i, n in names.vips.items() if n == want}
+        want = vip_name(address, port, protocol)
+        # the vips map has a key per port, so any port of a multi-port VIP finds its slot
+        found = maps.lookup("vips", structs.vip_key(address, port, PROTOCOLS[protocol]))
+        vip_ids = {found.value} if found is not None and not is_marker(found.value) else set()
         if not vip_ids:
             raise FastlbError(f"no VIP {want} in the maps", fix="use one of: " + ", ".join(sorted(
                 names.vips.values())))

@@ -71,7 +71,7 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 
 from fastlb.lab.topology import python_env  # noqa: E402
-from helpers.controller import lab, run  # noqa: E402,F401 (fixtures)
+from helpers.controller import fastlb, lab, run  # noqa: E402,F401 (fixtures)
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -122,3 +122,12 @@ def test_a_multi_port_vip_serves_tcp_and_udp_on_every_listed_port_and_not_the_ne
         assert tcp in names and udp in names, (port, seen[port])
     assert {seen[p][0] for p in PORTS} == names            # rr spreads the ports' flows over the one pool
     assert seen[OUTSIDE][0] not in names and seen[OUTSIDE][1] not in names, seen[OUTSIDE]
+    # `flows list --vip` names the VIP by any of its ports, and lists the flows of all of them
+    for port in (80, 9005, 9010):
+        res = fastlb(lab, "flows", "list", "--vip", f"{lab.vip4}:{port}/udp", "--json", check=False)
+        assert res.returncode == 0, res.stderr
+        flows = json.loads(res.stdout)["flows"]
+        assert {int(f["dst"].rpartition(":")[2]) for f in flows} == set(PORTS), flows
+        assert {f["vip"] for f in flows} == {f"{lab.vip4}:80/udp"}
+    res = fastlb(lab, "flows", "list", "--vip", f"{lab.vip4}:{OUTSIDE}/udp", check=False)
+    assert res.returncode != 0 and f"no VIP {lab.vip4}:{OUTSIDE}/udp" in res.stderr, res.stderr
