@@ -47,6 +47,7 @@ import select
 import shlex
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -58,9 +59,11 @@ from fastlb.config import HealthCheck
 UNKNOWN, UP, DOWN = "unknown", "up", "down"
 JITTER = 0.05          # later probes start up to this share of an interval early
 REPORT_EVERY = 0.05    # seconds: results are handed to the controller in batches this often
-TICK = 0.002           # TCP checks start on this grid of loop time (TcpChecks): at most 500 wake-ups a second
+TICK = 0.02            # TCP checks start and end on this grid of loop time (TcpChecks): at most 50 wake-ups a second
 MAX_REPLY = 4096       # bytes of an HTTP status line / UDP reply that are read
 LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"   # struct linger {on, 0 s}: close with RST, no TIME_WAIT
+TCPI_RTT = 68          # offset of struct tcp_info's tcpi_rtt (u32, microseconds; linux/tcp.h)
+TCP_INFO_LEN = 72
 
 
 @dataclass(frozen=True)
@@ -361,11 +364,16 @@ async def probe(target: Target, agent: AgentState | None = None) -> Result:
 class TcpChecks:
     """Every TCP check of a prober, run by plain loop callbacks: no task, future or timer per check.
 
-    One heap holds each target's next start; one timer, on a TICK grid, starts
-    what is due and fails connects past their timeout. A start is a
-    non-blocking ``connect``; the socket's writability ends it (``SO_ERROR``
-    says how), and it closes with a reset (no TIME_WAIT), as HAProxy's checks
-    do. This keeps 1,000 backends checked every second cheap (bench/bench_health.py).
+    One heap holds each target's next start, and one timer on a TICK grid
+    does all the work of a tick at once: it collects the connects that ended
+    (one ``epoll_wait`` on our own epoll), fails those past their timeout and
+    starts what is due. So 1,000 backends checked every second wake the loop
+    1/TICK times a second, not once per start and once per end. A start is a
+    non-blocking ``connect``; a connect that ended is read from its epoll
+    event (``SO_ERROR`` only on an error), its latency is the kernel's own
+    measure of the handshake (``TCP_INFO``'s RTT, so the tick's lateness does
+    not count), and it closes with a reset (no TIME_WAIT), as HAProxy's checks
+    do. bench/bench_health.py measures it.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_result: Callable[[Result], None]):
@@ -377,9 +385,8 @@ class TcpChecks:
         self.pending: dict[tuple[str, bytes], tuple[socket.socket, float, float, float]] = {}
         self.timer: asyncio.TimerHandle | None = None
         self.order = itertools.count()
-        self.connecting = select.epoll()      # our own epoll of pending connects, one fd in the loop's
+        self.connecting = select.epoll()      # our own epoll of pending connects, polled at each tick
         self.by_fd: dict[int, tuple[str, bytes]] = {}
-        loop.add_reader(self.connecting.fileno(), self._ready)
 
     def add(self, target: Target, delay: float) -> None:
         self.targets[target.key] = target
@@ -401,16 +408,15 @@ class TcpChecks:
             self.remove(key)
         if self.timer is not None:
             self.timer.cancel()
-        self.loop.remove_reader(self.connecting.fileno())
         self.connecting.close()
 
     def _arm(self) -> None:
-        times = [p[2] for p in self.pending.values()]
-        if self.due:
-            times.append(self.due[0][0])
-        if not times:
+        """Wake at the first tick where something is due; every tick while connects are pending."""
+        now = self.loop.time()
+        wake = now + TICK if self.pending else self.due[0][0] if self.due else None
+        if wake is None:
             return
-        wake = math.ceil(min(times) / TICK) * TICK
+        wake = math.ceil(wake / TICK) * TICK
         if self.timer is not None:
             if self.timer.when() <= wake:
                 return
@@ -419,6 +425,8 @@ class TcpChecks:
 
     def _tick(self) -> None:
         self.timer = None
+        if self.pending:
+            self._ended()
         now = self.loop.time()
         for key in [k for k, p in self.pending.items() if p[2] <= now]:
             self._finish(key, TimeoutError())
@@ -430,8 +438,7 @@ class TcpChecks:
 
     def _start(self, target: Target, when: float) -> None:
         family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self.pending[target.key] = (sock, time.perf_counter(), self.loop.time() + target.check.timeout, when)
         err = sock.connect_ex((target.address, target.port))
         if err == errno.EINPROGRESS:
@@ -440,18 +447,25 @@ class TcpChecks:
         else:
             self._finish(target.key, OSError(err, os.strerror(err)) if err else None)
 
-    def _ready(self) -> None:
-        for fd, _ in self.connecting.poll(0):
+    def _ended(self) -> None:
+        for fd, events in self.connecting.poll(0):
             key = self.by_fd.get(fd)
-            if key is not None:
-                err = self.pending[key][0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                self._finish(key, OSError(err, os.strerror(err)) if err else None)
+            if key is None:
+                continue
+            if events & (select.EPOLLERR | select.EPOLLHUP):
+                err = self.pending[key][0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+                self._finish(key, OSError(err, os.strerror(err)))
+            else:
+                self._finish(key, None)
 
     def _finish(self, key: tuple[str, bytes], exc: BaseException | None) -> None:
         sock, started, _, when = self.pending.pop(key)
-        latency = time.perf_counter() - started
         self.by_fd.pop(sock.fileno(), None)
+        latency = None
         if exc is None:
+            rtt_us = struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN),
+                                        TCPI_RTT)[0]
+            latency = rtt_us / 1e6 if rtt_us else time.perf_counter() - started
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         sock.close()
         target = self.targets[key]

@@ -56,7 +56,6 @@ from fastlb.kernel.maps import PinnedMaps
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 RAMP_STEP = 0.5         # seconds between two weight steps of a slow start
-PUBLISH_EVERY = 0.5     # seconds: how stale the health counters that stats and metrics read may get
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 COMMAND_TIMEOUT = 60.0
 
@@ -118,8 +117,6 @@ class Controller:
         self.server: control_socket.Server | None = None
         self.metrics = None
         self.watcher: neighbour_watch.Watcher | None = None
-        self.public: dict = {}
-        self.published = 0.0                            # time.monotonic() of the last _publish
         self._members: tuple[Config | None, dict] = (None, {})
         self.conntrack_entries: int | None = None
         self.reloads = {"ok": 0, "failed": 0}
@@ -370,7 +367,6 @@ class Controller:
             self._write_rtt(key, force=True)
         self._save_state()
         self._announce()
-        self._publish()
 
     def _announce(self) -> None:
         """BGP: announce the VIPs that have a healthy backend, withdraw the others (fastlb.controller.bgp)."""
@@ -490,9 +486,6 @@ class Controller:
                 next_ramp = time.monotonic() + RAMP_STEP
             if dirty:
                 self._rebuild()
-            elif batch and (time.monotonic() - self.published >= PUBLISH_EVERY
-                            or any(event[0] != "results" for event in batch)):
-                self._publish()   # results alone: at most every PUBLISH_EVERY (1,000 backends send 1,000 a second)
             if time.monotonic() >= next_sweep:
                 self._sweep()
                 if self.announcer is not None:
@@ -664,12 +657,18 @@ class Controller:
 
     # ---- what others read -----------------------------------------------------------
 
-    def _publish(self) -> None:
-        """A snapshot of the health views for the socket and metrics threads."""
+    def _health_view(self) -> dict:
+        """The health views, read on the socket or metrics thread when one asks: the loop publishes
+        nothing itself (1,000 backends send 1,000 results a second). The loop swaps ``config`` and
+        ``views`` whole and changes a view's fields one by one, so a reader sees each field as of
+        some moment, never a torn value."""
         now = time.monotonic()
         out = {}
+        views = self.views
         for vip, b, key in self._backends():
-            view = self.views[key]
+            view = views.get(key)
+            if view is None:
+                continue
             last = view.verdict.last
             out[key] = {"health": view.verdict.state, "check": vip.check_of(b).kind,
                         "configured_weight": b.weight, "drained": b.weight == 0,
@@ -680,11 +679,10 @@ class Controller:
                         "last_check_s_ago": round(now - last.at, 3) if last else None,
                         "last_detail": last.detail if last else None,
                         "checks_passed": view.passed, "checks_failed": view.failed}
-        self.public = out
-        self.published = now
+        return out
 
     def stats(self, count_flows: bool = True) -> dict:
-        data = stats.collect(self.maps, self.public, count_flows=count_flows)
+        data = stats.collect(self.maps, self._health_view(), count_flows=count_flows)
         if not count_flows and self.conntrack_entries is not None:
             data["conntrack"]["entries"] = self.conntrack_entries
         data.update(interface=self.ifname, controller=True, pid=os.getpid(), config=self.config_path,

@@ -482,8 +482,10 @@ def test_a_killed_haproxy_is_restarted_logged_and_counted(l7):
 
 
 def our_haproxy_pids(lab) -> set[int]:
-    """haproxy processes in the LB's namespace running fastlb's config."""
-    out = lab.run("lb", ["pgrep", "-f", "haproxy.*/run/fastlb/l7/"], check=False).stdout
+    """haproxy processes running fastlb's config for the LB's namespace (its run folder is named after
+    the namespace's inode: other runs' on this machine are not ours)."""
+    inode = lab.run("lb", ["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
+    out = lab.run("lb", ["pgrep", "-f", f"haproxy.*/run/fastlb/l7/net{inode}/"], check=False).stdout
     return {int(p) for p in out.split()}
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastlb.config import HealthCheck
+from fastlb.controller import health
 from fastlb.controller.health import DOWN, UNKNOWN, UP, Prober, Result, Target, Verdict, probe
 
 
@@ -138,14 +141,23 @@ def test_udp_wants_a_reply_and_an_unreachable_port_fails_at_once():
     assert not res.ok and res.detail.startswith("ECONNREFUSED") and time.monotonic() - started < 0.3
 
 
-def test_the_prober_probes_every_interval_and_stops_probing_a_removed_target(http_server):
-    port = http_server()
+@contextlib.contextmanager
+def running_prober():
+    """A started Prober and the list its results go to; stopped at the end."""
     seen: list[Result] = []
     prober = Prober(seen.extend)
     prober.start()
+    try:
+        yield prober, seen
+    finally:
+        prober.stop()
+
+
+def test_the_prober_probes_every_interval_and_stops_probing_a_removed_target(http_server):
+    port = http_server()
     fast = HealthCheck(kind="tcp", interval=0.05, timeout=0.05)
     a, b = ("v", b"a"), ("v", b"b")
-    try:
+    with running_prober() as (prober, seen):
         prober.set_targets({a: Target(a, "127.0.0.2", port, fast), b: Target(b, "127.0.0.2", port, fast)},
                            now=frozenset({a}))
         time.sleep(0.5)
@@ -155,9 +167,31 @@ def test_the_prober_probes_every_interval_and_stops_probing_a_removed_target(htt
         time.sleep(0.3)
         assert sum(r.key == b for r in seen) == count_b  # b is no longer probed
         assert count_b >= 6 and sum(r.key == a for r in seen) >= 14 and all(r.ok for r in seen)
-    finally:
-        prober.stop()
     assert not prober.thread.is_alive()
+
+
+def test_tcp_info_layout_gives_the_handshake_rtt(http_server):
+    """TcpChecks reads a check's latency at TCPI_RTT of struct tcp_info (linux/tcp.h): state first
+    (1: ESTABLISHED), then the RTT in microseconds at offset 68."""
+    port = http_server()
+    with socket.create_connection(("127.0.0.2", port)) as sock:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, health.TCP_INFO_LEN)
+    assert info[0] == 1
+    assert 0 < struct.unpack_from("I", info, health.TCPI_RTT)[0] < 10_000_000
+
+
+def test_the_prober_ends_tcp_checks_on_its_ticks_and_says_why_one_failed(http_server):
+    """TCP checks (TcpChecks): a connect that ended is read at the next tick, its latency from TCP_INFO."""
+    port, closed = http_server(), closed_port()
+    fast = HealthCheck(kind="tcp", interval=0.1, timeout=0.1)
+    up, refused = ("v", b"up"), ("v", b"refused")
+    with running_prober() as (prober, seen):
+        prober.set_targets({up: Target(up, "127.0.0.2", port, fast),
+                            refused: Target(refused, "127.0.0.2", closed, fast)}, now=frozenset({up, refused}))
+        time.sleep(0.5)
+    ups, fails = [r for r in seen if r.key == up], [r for r in seen if r.key == refused]
+    assert len(ups) >= 3 and all(r.ok and r.detail == "connected" and 0 < r.latency_s < 0.1 for r in ups), ups
+    assert len(fails) >= 3 and all(not r.ok and r.detail.startswith("ECONNREFUSED") for r in fails), fails
 
 
 # ---- exec: the operator's command decides ------------------------------------------------
