@@ -481,11 +481,16 @@ def test_a_killed_haproxy_is_restarted_logged_and_counted(l7):
     assert sum(counts(lab, 20).values()) == 20
 
 
-def our_haproxy_pids(lab) -> set[int]:
-    """haproxy processes running fastlb's config for the LB's namespace (its run folder is named after
-    the namespace's inode: other runs' on this machine are not ours)."""
+def our_run_root(lab) -> str:
+    """The L7 run folder of the LB's namespace: /run is shared by every namespace, and other runs on
+    this machine (other tests, other engineers) have folders of their own beside it."""
     inode = lab.run("lb", ["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
-    out = lab.run("lb", ["pgrep", "-f", f"haproxy.*/run/fastlb/l7/net{inode}/"], check=False).stdout
+    return f"/run/fastlb/l7/net{inode}"
+
+
+def our_haproxy_pids(lab) -> set[int]:
+    """haproxy processes running fastlb's config for the LB's namespace."""
+    out = lab.run("lb", ["pgrep", "-f", f"haproxy.*{our_run_root(lab)}/"], check=False).stdout
     return {int(p) for p in out.split()}
 
 
@@ -499,7 +504,7 @@ def test_detach_removes_haproxy_the_vip_on_lo_and_its_files_but_not_a_foreign_ha
                        stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        run_dir = lb(lab, "sh", "-c", "ls -d /run/fastlb/l7/*/eth0").split()
+        run_dir = lb(lab, "sh", "-c", f"ls -d {our_run_root(lab)}/eth0").split()
         assert len(run_dir) == 1 and our_haproxy_pids(lab)
         code, out, err = l7["att"].stop()
         assert code == 0 and "detached from eth0" in out, err
@@ -540,7 +545,7 @@ def test_bad_configs_start_nothing(l7, tmp_path):
             assert our_haproxy_pids(lab) == set()
             assert lab.vip4 not in lb(lab, "ip", "-o", "addr", "show", "dev", "lo")
             assert "xdp" not in lb(lab, "ip", "-o", "link", "show", "dev", "eth0")
-            assert lb(lab, "sh", "-c", "ls /run/fastlb/l7/*/ 2>/dev/null | grep -x eth0 || true").strip() == ""
+            assert lb(lab, "sh", "-c", f"ls {our_run_root(lab)}/ 2>/dev/null | grep -x eth0 || true").strip() == ""
 
 
 def test_keep_leaves_haproxy_serving_and_the_next_attach_adopts_it(l7):

@@ -63,7 +63,9 @@ def test_an_added_backend_ramps_up_over_slow_start_seconds(lab, run, tmp_path):
     early = [s for t, s in samples if t < 2]
     late = [s for t, s in samples if t >= SLOW_START - 1]
     assert early and max(early) <= 0.15, samples
-    assert late and min(late) >= 0.2, samples
+    # 40 maglev picks per sample: one sample's share swings by +-7 points (12 % at 8.1 s was seen
+    # where the ramp gives 29 %), so the end of the ramp is judged on the mean of its samples
+    assert late and sum(late) / len(late) >= 0.2, samples
     firsts, seconds = samples[:len(samples) // 2], samples[len(samples) // 2:]
     assert sum(s for _, s in seconds) / len(seconds) > sum(s for _, s in firsts) / len(firsts) + 0.1, samples
     assert weights is not None and 1 < weights["b3"] < weights["b1"] == weights["b2"], weights
