@@ -203,9 +203,14 @@ def array_lookup_batch(fd: int, start: int, count: int, value_type) -> list:
             pass
         if attr.count == 0:
             raise OSError(5, "BPF_MAP_LOOKUP_BATCH read nothing before the requested end")
-        out.extend(values[i] for i in range(attr.count))
+        # Copies: the next call reuses the buffer that ctypes structures would point into.
+        out.extend(_owned(values[i]) for i in range(attr.count))
         token = ctypes.c_uint32(out_token.value)
     return out
+
+
+def _owned(value):
+    return value if isinstance(value, int) else type(value).from_buffer_copy(value)
 
 
 def map_lookup_batch(fd: int, key_type, value_type, chunk: int = 4096) -> list[tuple]:

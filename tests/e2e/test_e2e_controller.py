@@ -151,7 +151,7 @@ class TestLiveChanges:
             res = json.loads(fastlb(lab, "flows", "list", "--json", "--backend", lab.addr("b1")).stdout)
             mine = [f for f in res["flows"] if f["client"] in ports]
             assert len(mine) == len(ports) and all(f["backend"] == f"{lab.addr('b1')}:80" for f in mine)
-            assert all(f["vip"] == f"{lab.vip4}:80/tcp" and f["live"] and f["flags"] == ["counted"] for f in mine)
+            assert all(f["vip"] == f"{lab.vip4}:80/tcp" and f["live"] and f["flags"] == ["counted", "syn", "established"] for f in mine)
             gone = fastlb(lab, "flows", "flush", "--backend", lab.addr("b1")).stdout
             assert f"flushed {res['total']} flow(s)" in gone
             assert json.loads(fastlb(lab, "flows", "list", "--json", "--backend", lab.addr("b1")).stdout)["total"] == 0

@@ -94,10 +94,12 @@ OTHER4 = ("198.19.0.102", "198.18.0.2", "10.0.0.1", "0.0.1.0", "255.255.255.255"
 OTHER6 = ("2001:db8:ffff::101", "::ffff:198.19.0.100", "c613:64::", "2001:db8::2", "ff02::1", "::")
 CLIENT_NETS = {4: ipaddress.ip_network("198.18.128.0/17"), 6: ipaddress.ip_network("2001:db8:1::/64")}
 
+# The model has no clock: conntrack timeouts far beyond a run, so no entry expires under it;
 # icmp_rate / icmp_burst: an ICMP error budget (a million deep, refilled at a million
 # a second per CPU) no fuzz run can spend, so the oracle need not model the bucket's
 # clock; tests/bpf/test_packets_modes.py provokes FL_DROP_ICMP_RATE_LIMITED.
 CONFIG_SETTINGS = {"ring_size": 1021, "max_vips": 24, "max_backends": 64, "conntrack_size": 1 << 18,
+                   "udp_timeout": 86400, "tcp_syn_timeout": 86400, "tcp_timeout": 86400, "tcp_fin_timeout": 86400,
                    "icmp_rate": 1_000_000, "icmp_burst": 1_000_000}
 # The tunnel and ICMP sources (strings in the config).
 SOURCE_SETTINGS = {"tunnel_source": "198.18.96.0/24", "tunnel_source6": "2001:db8:96::/64",

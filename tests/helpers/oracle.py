@@ -244,6 +244,8 @@ class FlowState:
     vip: Vip
     counted: bool        # TCP, counted in the backend's active connections
     closing: bool        # a FIN or RST has been seen
+    syn: bool = False    # TCP, recorded from its SYN: counts from its first ACK
+    established: bool = False  # TCP, an ACK without SYN seen (or recorded mid-flow)
 
 
 MODES = ("dsr", "tunnel", "nat", "nat-reply", "arp/nd", "icmp", "other")
@@ -846,12 +848,12 @@ class Oracle:
         ``mac`` is None when no packet shows the backend (rule 12 sent none)."""
         fin_rst = bool(pred.parsed.tcp_flags & (TCP_FIN | TCP_RST)) if pred.parsed.proto == IPPROTO_TCP else False
         state = self.flows.get(pred.flow)
+        tcp = pred.parsed.proto == IPPROTO_TCP
+        syn_only = tcp and pred.parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        ack_only = tcp and pred.parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
         if state is None or not pred.hit:  # a new flow, or a SYN that reopened a closed flow's entry
-            syn_only = pred.parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-            counted = pred.parsed.proto == IPPROTO_TCP and not fin_rst and syn_only
-            self.flows[pred.flow] = FlowState(mac, pred.vip, counted, fin_rst)
-            if counted:
-                self.active[self._active_key(mac, pred.vip)] += 1
+            self.flows[pred.flow] = FlowState(mac, pred.vip, False, fin_rst, syn=syn_only and not fin_rst,
+                                              established=tcp and not fin_rst and not syn_only)
             return
         if mac is not None:
             self._learn(pred.flow, mac)
@@ -859,6 +861,11 @@ class Oracle:
             state.closing = True
             if state.counted:
                 self.active[self._active_key(state.mac, state.vip)] -= 1
+        elif ack_only and not fin_rst and not state.established and not state.closing:
+            state.established = True
+            if state.syn:  # a flow seen from its SYN counts from its first ACK
+                state.counted = True
+                self.active[self._active_key(state.mac, state.vip)] += 1
 
     @staticmethod
     def _active_key(mac: bytes | None, vip: Vip):
