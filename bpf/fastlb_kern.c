@@ -730,8 +730,8 @@ static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, 
  *
  * A VIP with FL_VIP_F_PERSIST looks its new flows' client (address masked
  * to persistence_prefix) up in `persist` before its algorithm picks: a
- * binding younger than the VIP's timeout, to a backend that still serves the
- * VIP with weight > 0, decides. A recorded new flow that was not bound binds
+ * binding younger than the VIP's timeout, to the backend it was made with
+ * (same slot generation) that still serves the VIP with weight > 0, decides. A recorded new flow that was not bound binds
  * its client; every packet of a bound client's flows keeps the binding alive
  * (written at most once a second). A binding has its own clock: a conntrack
  * entry that expires (udp_timeout, the TCP timeouts) leaves it standing, so
@@ -776,16 +776,18 @@ static __always_inline __u32 persist_lookup(const struct vip_meta *vip, __u32 vi
 	if (!bound || bound->vip_gen != vip->gen || now - bound->last_seen_ns > conf->timeout_ns)
 		return FL_RING_EMPTY;
 	be = backends.lookup(&bound->backend_id);
-	if (!be || !(be->flags & FL_BE_F_VALID) || be->vip_id != vip_id || !be->weight)
+	if (!be || !(be->flags & FL_BE_F_VALID) || be->vip_id != vip_id || be->gen != bound->backend_gen ||
+	    !be->weight)
 		return FL_RING_EMPTY;
 	if (now - bound->last_seen_ns > FL_PERSIST_REFRESH_NS)
 		bound->last_seen_ns = now;
 	return bound->backend_id;
 }
 
-/* Bind `flow`'s client to `be_id` (a recorded new flow of a VIP with persistence). */
+/* Bind `flow`'s client to backend `be` in slot `be_id` (a recorded new flow of a VIP with persistence). */
 static __always_inline void persist_bind(const struct vip_meta *vip, __u32 vip_id,
-					 const struct flow_key *flow, __u32 be_id, __u64 now)
+					 const struct flow_key *flow, __u32 be_id, const struct backend *be,
+					 __u64 now)
 {
 	struct persist_key key = {};
 	struct persist_value value = {};
@@ -794,6 +796,7 @@ static __always_inline void persist_bind(const struct vip_meta *vip, __u32 vip_i
 		return;
 	value.backend_id = be_id;
 	value.vip_gen = vip->gen;
+	value.backend_gen = be->gen;
 	value.last_seen_ns = now;
 	persist.update(&key, &value);
 }
@@ -936,7 +939,7 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 			goto send;
 		}
 		if (bound == FL_RING_EMPTY)
-			persist_bind(vip, vip_id, flow, be_id, now);
+			persist_bind(vip, vip_id, flow, be_id, be, now);
 		goto send;
 	}
 	if (syn) {
@@ -994,7 +997,7 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 		ct_new(&new_ct, pkt, vip, vip_id, be_id, be, now);
 		if (conntrack.update(flow, &new_ct) == 0) {
 			if (bound == FL_RING_EMPTY)
-				persist_bind(vip, vip_id, flow, be_id, now);
+				persist_bind(vip, vip_id, flow, be_id, be, now);
 		} else if (bound == FL_RING_EMPTY) {
 			be_id = ring_pick(vip, vip_id, hash);
 			count_event(FL_EV_CT_FULL, pkt->bytes);

@@ -163,6 +163,9 @@ struct persist_value {
 	__u32 backend_id;
 	__u32 vip_gen;              /* vip_meta.gen when bound: a slot's new VIP misses */
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns of the client's last packet (1 s steps) */
+	__u32 backend_gen;          /* backend.gen when bound: the slot's next backend (a
+	                             * replacement, or this one back up) misses, as conntrack does */
+	__u32 pad;
 };
 
 /* Value of the vip_persist array, indexed by vip id. Written by the loader. */

@@ -156,7 +156,7 @@ def describe_binding(key: structs.PersistKey, value: structs.PersistValue, names
     idle = max(0, now - value.last_seen_ns)
     be = slots.backends.get(value.backend_id)
     live = (slots.vip_gens.get(key.vip_id) == value.vip_gen and idle <= timeout_ns and be is not None
-            and be.vip_id == key.vip_id and be.weight > 0)
+            and be.vip_id == key.vip_id and be.gen == value.backend_gen and be.weight > 0)
     return {"client": f"{structs.unpack_addr(key.addr, key.family)}/{prefix}",
             "vip": names.vips.get(key.vip_id, f"vip#{key.vip_id}"),
             "backend": names.backends.get(value.backend_id, f"backend#{value.backend_id}"),

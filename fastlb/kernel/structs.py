@@ -73,7 +73,8 @@ class PersistKey(ctypes.Structure):
 
 
 class PersistValue(ctypes.Structure):
-    _fields_ = [("backend_id", ctypes.c_uint32), ("vip_gen", ctypes.c_uint32), ("last_seen_ns", ctypes.c_uint64)]
+    _fields_ = [("backend_id", ctypes.c_uint32), ("vip_gen", ctypes.c_uint32), ("last_seen_ns", ctypes.c_uint64),
+                ("backend_gen", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class VipPersist(ctypes.Structure):
