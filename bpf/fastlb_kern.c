@@ -731,9 +731,10 @@ static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, 
  * A VIP with FL_VIP_F_PERSIST looks its new flows' client (address masked
  * to persistence_prefix) up in `persist` before its algorithm picks: a
  * binding younger than the VIP's timeout, to the backend it was made with
- * (same slot generation) that still serves the VIP with weight > 0, decides. A recorded new flow that was not bound binds
- * its client; every packet of a bound client's flows keeps the binding alive
- * (written at most once a second). A binding has its own clock: a conntrack
+ * (same slot generation) that still serves the VIP with weight > 0,
+ * decides. A recorded new flow that was not bound binds its client; every
+ * packet of a bound client's flows keeps the binding alive (written at most
+ * once a second). A binding has its own clock: a conntrack
  * entry that expires (udp_timeout, the TCP timeouts) leaves it standing, so
  * the client's next flow finds its backend again. Here, not in a header: BCC
  * rewrites map calls only in the main file.

@@ -62,6 +62,7 @@ from fastlb.kernel.maps import PinnedMaps
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 RAMP_STEP = 0.5         # seconds between two weight steps of a slow start
 PUBLISH_EVERY = 0.5     # seconds: how stale the health counters that stats and metrics read may get
+COUNT_BUDGET = 0.005    # metrics: the share of a core that counting conntrack may take
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 COMMAND_TIMEOUT = 60.0
 
@@ -126,6 +127,8 @@ class Controller:
         self.public: dict = {}
         self.published = 0.0                            # time.monotonic() of the last _publish
         self._members: tuple[Config | None, dict] = (None, {})
+        self._counted: int | None = None                 # metrics: conntrack's entries at the last count
+        self._count_due = 0.0                            # time.monotonic() when they may be counted again
         self.reloads = {"ok": 0, "failed": 0}
         self.announcer: bgp.Announcer | None = None   # [bgp]: the VIPs' routes in BIRD
         self.l7 = None                                 # http/https VIPs: fastlb.controller.l7.tier.Tier
@@ -684,7 +687,18 @@ class Controller:
         return data
 
     def _metrics_source(self) -> dict:
-        return self.stats(count_flows=False)
+        """What a scrape reports. Conntrack's entries are counted by batch lookups (kernel
+        work per entry, none in Python), at most as often as keeps that under
+        COUNT_BUDGET of a core: a count that took 0.26 s (1M entries) waits 52 s."""
+        data = self.stats(count_flows=False)
+        now = time.monotonic()
+        if now >= self._count_due:
+            started = time.thread_time()
+            self._counted = flows.count(self.maps)
+            self._count_due = now + (time.thread_time() - started) / COUNT_BUDGET
+        if self._counted is not None:
+            data["conntrack"]["entries"] = self._counted
+        return data
 
     # ---- stop --------------------------------------------------------------------------
 

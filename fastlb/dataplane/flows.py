@@ -44,6 +44,12 @@ def read(maps: PinnedMaps) -> list[tuple[structs.FlowKey, structs.CtValue]]:
     return bpfsys.map_lookup_batch(maps.fds["conntrack"], structs.FlowKey, structs.CtValue)
 
 
+def count(maps: PinnedMaps) -> int:
+    """How many entries conntrack holds (stale ones too, until the LRU reclaims them), by
+    batch lookups into one buffer: what ``fastlb stats`` and the metrics show."""
+    return bpfsys.map_count(maps.fds["conntrack"], structs.FlowKey, structs.CtValue)
+
+
 @dataclass(frozen=True)
 class Slots:
     """What the kernel's conntrack-hit test needs: the live VIP generations and backend slots."""
