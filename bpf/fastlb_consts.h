@@ -102,6 +102,12 @@ enum fl_ct_flags {
 	FL_CT_F_COUNTED = 2,        /* counted in the backend's active connections */
 	FL_CT_F_SYN = 4,            /* TCP, recorded from its SYN: counts once established */
 	FL_CT_F_ESTABLISHED = 8,    /* TCP, an ACK without SYN seen (or recorded mid-flow) */
+	FL_CT_F_REQ = 16,           /* NAT: the client's first payload passed (ct_value.req_us) */
+};
+
+/* ---- NAT reverse entries (struct nat_rev.flags) ---- */
+enum fl_nat_flags {
+	FL_NAT_F_TIMED = 1,         /* the backend's first payload passed: the response is timed */
 };
 
 /* ---- Verdict reasons: one per-CPU counter each.

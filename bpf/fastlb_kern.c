@@ -221,6 +221,7 @@ struct fl_pkt {
 	__u32 l2_len;               /* Ethernet and VLAN tags: 14, 18 or 22 */
 	__u32 l3_len;               /* IP header and payload */
 	__u32 l4_len;               /* IP payload */
+	__u32 payload_len;          /* TCP/UDP payload */
 	__u32 redirect_slot;        /* FL_REDIRECT_ reasons: the tx_ports slot to send out of */
 	__u8 tcp_flags;
 	__u8 tos;                   /* IPv4 TOS, copied to an outer IPv4 header */
@@ -327,6 +328,54 @@ static __always_inline void ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_f
 	}
 }
 
+/* ---- Response time (lrt under NAT) ----
+ *
+ * A NAT connection's first response is timed from the client's first payload
+ * (ct_value.req_us, written once, FL_CT_F_REQ) to the backend's first payload
+ * (nat_in, once: FL_NAT_F_TIMED), and added to the backend's per-CPU sums in
+ * backend_resp, which the controller turns into lrt's estimate. Other packets
+ * pay one flag test on each path.
+ */
+
+static __always_inline __u32 now_us(void)
+{
+	return bpf_ktime_get_ns() / 1000;   /* wraps every 71 minutes: only differences are used */
+}
+
+/* The client's first payload of a NAT flow (`ct`): remember when. */
+static __always_inline void time_request(struct fl_pkt *pkt, struct ct_value *ct, const struct vip_meta *vip)
+{
+	if (pkt->payload_len && !(ct->flags & FL_CT_F_REQ) && vip->forwarding == FL_FWD_NAT) {
+		ct->req_us = now_us();
+		ct->flags |= FL_CT_F_REQ;
+	}
+}
+
+/* The backend's first payload of a NAT connection (`rev`): its response time, from the
+ * connection's conntrack entry (the client's tuple, rebuilt from the reply and `rev`). */
+static __always_inline void time_response(struct fl_pkt *pkt, struct nat_rev *rev)
+{
+	struct flow_key fkey = {};
+	struct ct_value *ct;
+	struct fl_resp *resp;
+
+	rev->flags |= FL_NAT_F_TIMED;
+	__builtin_memcpy(fkey.src, pkt->flow.dst, sizeof(fkey.src));
+	__builtin_memcpy(fkey.dst, rev->vip, sizeof(fkey.dst));
+	fkey.sport = rev->client_port;
+	fkey.dport = rev->vip_port;
+	fkey.proto = pkt->flow.proto;
+	fkey.family = pkt->flow.family;
+	ct = conntrack.lookup(&fkey);
+	if (!ct || !(ct->flags & FL_CT_F_REQ))
+		return;   /* the server spoke first (FTP, SMTP): nothing to time */
+	resp = backend_resp.lookup(&ct->backend_id);
+	if (!resp)
+		return;
+	resp->sum_us += (__u32)(now_us() - ct->req_us);
+	resp->count += 1;
+}
+
 /* The conntrack entry of a packet, if it holds a live flow: not past its
  * timeout, not a closed flow's entry met by a new SYN (a client reusing
  * its port), and its VIP and backend still stand. Touches it. */
@@ -348,6 +397,7 @@ static __always_inline struct backend *ct_hit(struct fl_pkt *pkt, const struct f
 	if (!be)
 		return NULL;
 	ct_touch(ct, pkt->flow.proto, pkt->tcp_flags, now);
+	time_request(pkt, ct, *vip);
 	*vip_id = ct->vip_id;
 	*be_id = ct->backend_id;
 	return be;
@@ -700,6 +750,8 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 	rev = nat_rev.lookup(&pkt->flow);
 	if (!rev)
 		return 0;
+	if (pkt->payload_len && !(rev->flags & FL_NAT_F_TIMED))
+		time_response(pkt, rev);
 	if (nat_rewrite(pkt, data_end, 0, rev->vip, rev->vip_port, rev->client_port))
 		return 0;
 	__builtin_memcpy(lb_mac, eth->h_dest, ETH_ALEN);
@@ -848,6 +900,7 @@ static __always_inline void ct_new(struct ct_value *ct, struct fl_pkt *pkt, cons
 		ct->flags = FL_CT_F_SYN;
 	else
 		ct->flags = FL_CT_F_ESTABLISHED;
+	time_request(pkt, ct, vip);   /* UDP: the first datagram is the request */
 }
 
 /* A packet to a VIP address, or a NAT reply: find its flow's backend in
@@ -1204,11 +1257,13 @@ static __always_inline __u32 process_l4(struct xdp_md *ctx, struct hdr_cursor *n
 		flow->sport = tcph->source;
 		flow->dport = tcph->dest;
 		pkt->tcp_flags = ((__u8 *)tcph)[13];
+		pkt->payload_len = pkt->l4_len - tcph->doff * 4;
 	} else if (l4proto == IPPROTO_UDP) {
 		if (parse_udphdr(nh, data_end, pkt->l4_len, &udph) < 0)
 			return miss_reason(flow, FL_DROP_L4_MALFORMED);
 		flow->sport = udph->source;
 		flow->dport = udph->dest;
+		pkt->payload_len = pkt->l4_len - sizeof(*udph);
 	} else {
 		return miss_reason(flow, FL_PASS_VIP_PORT);
 	}

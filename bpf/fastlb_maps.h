@@ -121,6 +121,11 @@ FL_MAP("percpu_array", __u32, struct fl_counter, reason_stats, FL_REASON_MAX, 0)
 /* vip_id -> packets/bytes/new flows. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_counter, vip_stats, FASTLB_MAX_VIPS, 0);
 
+/* backend id -> NAT connections' first-response times (client's first payload to the
+ * backend's first payload), per CPU. Written by the program; the controller sums
+ * them for lrt; the loader zeroes a slot it gives to a new backend. */
+FL_MAP("percpu_array", __u32, struct fl_resp, backend_resp, FASTLB_MAX_BACKENDS, 0);
+
 /* backend id -> packets/bytes/new flows. Written by the program. */
 FL_MAP("percpu_array", __u32, struct fl_counter, backend_stats, FASTLB_MAX_BACKENDS, 0);
 

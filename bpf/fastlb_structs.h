@@ -89,7 +89,8 @@ struct ct_value {
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns of its last packet, written
 	                             * at most once per FL_CT_REFRESH_NS */
 	__u32 backend_gen;          /* backend.gen when the flow was recorded */
-	__u32 pad;
+	__u32 req_us;               /* NAT: when the client's first payload passed (µs, wrapping;
+	                             * FL_CT_F_REQ), for the first response's time */
 };
 
 /* Value of the unrecorded array (per CPU, by flow hash): a UDP flow the
@@ -112,7 +113,7 @@ struct nat_rev {
 	__u32 vip_id;
 	__u16 client_port;          /* the client's own source port (network order); key.dport
 	                             * differs from it when the source port was remapped */
-	__u16 pad;
+	__u16 flags;                /* enum fl_nat_flags */
 };
 
 /* Key of the decap program's sources LPM trie: an outer source prefix.
@@ -175,6 +176,12 @@ struct vip_persist {
 };
 
 /* A packet and byte counter (per CPU). */
+/* Value of backend_resp (per CPU): the first responses timed under NAT. */
+struct fl_resp {
+	__u64 sum_us;               /* their response times, summed */
+	__u64 count;
+};
+
 struct fl_counter {
 	__u64 packets;
 	__u64 bytes;

@@ -52,7 +52,7 @@ from fastlb.controller import attachment, bgp, control_socket, health, neighbour
 from fastlb.controller.files import write_atomic
 from fastlb.controller.planner import NO_MAC, Key
 from fastlb.core import PeakEwma
-from fastlb.dataplane import flows, identity, stats, tables
+from fastlb.dataplane import flows, identity, response, stats, tables
 from fastlb.dataplane.tables import lrt_score
 from fastlb.errors import FastlbError, NeighbourError, require_root
 from fastlb.kernel import neighbours, pins, structs, xdp
@@ -61,9 +61,16 @@ from fastlb.kernel.maps import PinnedMaps
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 RAMP_STEP = 0.5         # seconds between two weight steps of a slow start
+RESPONSES_EVERY = 0.25  # seconds between two reads of the response times the data plane measured (NAT lrt)
 COUNT_BUDGET = 0.005    # metrics: the share of a core that counting conntrack may take
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 COMMAND_TIMEOUT = 60.0
+
+
+def measures_responses(vip: Vip) -> bool:
+    """lrt under nat: replies cross this box, so the data plane times responses and lrt uses those
+    (fastlb.dataplane.response); elsewhere (dsr, tunnel) lrt uses the health checks' RTT."""
+    return vip.algorithm == "lrt" and vip.forwarding == "nat"
 
 
 class View:
@@ -118,6 +125,7 @@ class Controller:
         self.hops: dict[str, str] = {}                 # backend address -> next hop
         self.memory = planner.Memory()                   # what the last plan remembers (all_down)
         self.slots: dict[Key, int] = {}
+        self.responses = response.Meter()               # NAT lrt: response times the data plane measured
         self.maps: PinnedMaps | None = None
         self.prober: health.Prober | None = None
         self.server: control_socket.Server | None = None
@@ -414,7 +422,7 @@ class Controller:
             return False  # a result for a backend that has since gone
         if result.ok:
             view.passed += 1
-            if result.latency_s is not None:
+            if result.latency_s is not None and not measures_responses(vip):   # then those, not the RTT
                 view.ewma.observe(result.latency_s * 1e6, result.at)
         else:
             view.failed += 1
@@ -457,9 +465,11 @@ class Controller:
         """Handle events until SIGINT or SIGTERM."""
         retry_every = self.config.settings.sweep_interval   # the key's name from when it timed a conntrack sweep
         next_retry = time.monotonic() + retry_every
-        next_ramp = time.monotonic()
+        next_ramp = next_responses = time.monotonic()
         while True:
             wake = min(next_retry, next_ramp) if self.ramping() else next_retry
+            if self._measured_vips():
+                wake = min(wake, next_responses)
             try:
                 batch = [self.events.get(timeout=max(0.0, wake - time.monotonic()))]
             except queue.Empty:
@@ -487,12 +497,31 @@ class Controller:
             if self.ramping() and time.monotonic() >= next_ramp:
                 dirty = True            # slow start: the next weight step (only changed slots are written)
                 next_ramp = time.monotonic() + RAMP_STEP
+            if time.monotonic() >= next_responses and self._measured_vips():
+                self._read_responses()
+                next_responses = time.monotonic() + RESPONSES_EVERY
             if dirty:
                 self._rebuild()
             if time.monotonic() >= next_retry:
                 if self.announcer is not None:
                     self.announcer.retry()   # BIRD was unreachable: try again
                 next_retry = time.monotonic() + retry_every
+
+    def _measured_vips(self) -> list[Vip]:
+        """lrt VIPs whose replies cross this box (nat): the data plane times their responses."""
+        return [v for v in self.config.vips if measures_responses(v)] if self.maps is not None else []
+
+    def _read_responses(self) -> None:
+        """Feed each NAT lrt backend's new first-response times (their mean) to its lrt estimate,
+        in place of its health check's RTT, and write the score where it moved."""
+        keys = {self.slots[(v.name, b.key)]: (v.name, b.key) for v in self._measured_vips() for b in v.backends
+                if (v.name, b.key) in self.slots}
+        now = time.monotonic()
+        for be_id, (mean_us, _) in self.responses.update(response.read(self.maps, keys)).items():
+            view = self.views.get(keys[be_id])
+            if view is not None:
+                view.ewma.observe(mean_us, now)
+                self._write_rtt(keys[be_id])
 
     # ---- config changes --------------------------------------------------------------
 

@@ -276,6 +276,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
                 maps.update("backend_active_fix", ctypes.c_uint32(be_id), ctypes.c_int32(0))
                 if old is None or _identity(old) != _identity(entry):
                     maps.update("backend_stats", ctypes.c_uint32(be_id), (structs.Counter * maps.ncpus)())
+                    maps.update("backend_resp", ctypes.c_uint32(be_id), (structs.Resp * maps.ncpus)())
     config = dataclasses.replace(config, vips=tuple(without_down(v, down) for v in config.vips))
 
     for vip in config.vips:

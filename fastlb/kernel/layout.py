@@ -92,6 +92,7 @@ class MapSpec:
             "reason_stats": cdefs.FL_REASON_MAX,
             "vip_stats": sizes.max_vips,
             "backend_stats": sizes.max_backends,
+            "backend_resp": sizes.max_backends,
         }[self.name]
 
 
@@ -120,6 +121,7 @@ MAP_SPECS = (
     MapSpec("reason_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
     MapSpec("vip_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
     MapSpec("backend_stats", "percpu_array", ctypes.c_uint32, structs.Counter, percpu=True),
+    MapSpec("backend_resp", "percpu_array", ctypes.c_uint32, structs.Resp, percpu=True),
 )
 
 

@@ -51,7 +51,7 @@ class CtValue(ctypes.Structure):
     _fields_ = [("backend_id", ctypes.c_uint32), ("vip_id", ctypes.c_uint32),
                 ("vip_gen", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("last_seen_ns", ctypes.c_uint64), ("backend_gen", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+                ("req_us", ctypes.c_uint32)]
 
 
 class Unrecorded(ctypes.Structure):
@@ -60,7 +60,7 @@ class Unrecorded(ctypes.Structure):
 
 class NatRev(ctypes.Structure):
     _fields_ = [("vip", U32x4), ("vip_port", ctypes.c_uint16), ("client_mac", ctypes.c_uint8 * 6),
-                ("vip_id", ctypes.c_uint32), ("client_port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+                ("vip_id", ctypes.c_uint32), ("client_port", ctypes.c_uint16), ("flags", ctypes.c_uint16)]
 
 
 class SrcKey(ctypes.Structure):
@@ -96,6 +96,10 @@ class Flood(ctypes.Structure):
     _fields_ = [("window_start_ns", ctypes.c_uint64), ("new_flows", ctypes.c_uint64)]
 
 
+class Resp(ctypes.Structure):
+    _fields_ = [("sum_us", ctypes.c_uint64), ("count", ctypes.c_uint64)]
+
+
 class Counter(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("new_flows", ctypes.c_uint64)]
@@ -109,6 +113,7 @@ C_STRUCTS = {
     "flow_key": FlowKey,
     "ct_value": CtValue,
     "fl_counter": Counter,
+    "fl_resp": Resp,
     "nat_rev": NatRev,
     "fl_settings": Settings,
     "fl_flood": Flood,

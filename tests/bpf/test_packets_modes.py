@@ -17,6 +17,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
+from fastlb.dataplane import response
 from fastlb.kernel import cdefs
 from fastlb.testing.testbed import LB_MAC, fake_mac
 from fastlb.testing.testbed import XDP_VERDICTS as VERDICT_CODES
@@ -214,6 +215,41 @@ def test_nat_forward_and_reply(prog, desc, make):
     ip_of(want).src = ip_of(pkt).dst
     (want[TCP] if TCP in want else want[UDP]).sport = pkt.dport
     assert back == bytes(recompute(want))
+
+
+def responses(prog) -> tuple[int, int]:
+    """(µs, count) of every backend's timed first responses (backend_resp, all CPUs)."""
+    sums = response.read(prog.maps, range(prog.maps.info("backend_resp").max_entries))
+    return sum(t for t, _ in sums.values()), sum(c for _, c in sums.values())
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_nat_times_each_connections_first_response_once(prog, proto):
+    """lrt under NAT: from the client's first payload to the backend's first payload, once per
+    connection; a SYN-ACK (no payload) and later payloads in either direction are not timed."""
+    port, sport = (80, 40200) if proto == "tcp" else (53, 40200)
+    l4 = (lambda **kw: TCP(sport=sport, dport=port, **kw)) if proto == "tcp" else \
+        (lambda **kw: UDP(sport=sport, dport=port))
+    before = responses(prog)
+    if proto == "tcp":
+        fwd = Ether(run_row(prog, recompute(eth() / IP(src=CLIENT4, dst=NAT4) / l4(flags="S")), "FL_TX_NAT"))
+        synack = recompute(Ether(src=fake_mac(ip_of(fwd).dst), dst=LB_MAC) / IP(src=ip_of(fwd).dst, dst=CLIENT4) /
+                           TCP(sport=fwd[TCP].dport, dport=sport, flags="SA"))
+        run_row(prog, synack, "FL_TX_NAT_REPLY")
+        assert responses(prog) == before          # no payload yet
+    request = recompute(eth() / IP(src=CLIENT4, dst=NAT4) / l4(**({"flags": "PA"} if proto == "tcp" else {})) /
+                        Raw(b"GET / HTTP/1.0\r\n\r\n"))
+    fwd = Ether(run_row(prog, request, "FL_TX_NAT"))
+    back = (TCP(sport=fwd[TCP].dport, dport=sport, flags="PA") if proto == "tcp"
+            else UDP(sport=fwd[UDP].dport, dport=sport))
+    reply = recompute(Ether(src=fake_mac(ip_of(fwd).dst), dst=LB_MAC) / IP(src=ip_of(fwd).dst, dst=CLIENT4) /
+                      back / Raw(b"answer"))
+    run_row(prog, reply, "FL_TX_NAT_REPLY")
+    total, count = responses(prog)
+    assert count == before[1] + 1 and total - before[0] < 10_000_000     # one, and under 10 s
+    run_row(prog, request, "FL_TX_NAT")
+    run_row(prog, reply, "FL_TX_NAT_REPLY")
+    assert responses(prog)[1] == count           # the connection's later payloads: not timed again
 
 
 def nat_reply_to(fwd, flags="SA"):

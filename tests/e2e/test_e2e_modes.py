@@ -130,11 +130,15 @@ def nat_lab(tmp_path_factory):
             config += vip_block(vip, lab.udp_port, "udp", "nat", backends)
         for vip in SHARED_NAT_VIPS:  # two NAT VIPs, one backend address:port
             config += vip_block(vip, 80, "tcp", "nat", [lab.addr(lab.backend_names[0])], bport=8080)
+        # lrt with no health checks: only the response times the data plane measures steer it
+        config += vip_block(LRT_NAT_VIP, 80, "tcp", "nat", [lab.addr(b) for b in lab.backend_names],
+                            bport=8080).replace('forwarding = "nat"\n', 'forwarding = "nat"\nalgorithm = "lrt"\n', 1)
         with attached(lab, tmp_path_factory.mktemp("nat"), config):
             yield lab
 
 
 SHARED_NAT_VIPS = ("198.19.0.110", "198.19.0.111")
+LRT_NAT_VIP = "198.19.0.112"
 
 # Run in the client's namespace: one local port, a connection to each VIP from it
 # (SO_REUSEADDR on both, as Linux allows toward different destinations), then a
@@ -194,6 +198,19 @@ class TestNat:
 
     def test_replies_went_back_through_the_lb(self, lab):
         assert reason_packets(lab, "tx_nat_reply") >= 4 * COUNT
+
+    def test_lrt_steers_by_the_response_times_it_measures(self, lab):
+        """Issue 16 item 5: nat + lrt and no health checks; b3's server waits 50 ms before it
+        answers. The data plane times each connection's first response (request to answer),
+        the controller feeds it to lrt, and b3 gets < 15 % of new connections."""
+        lab.set_latency("b3", 50)
+        try:
+            warm = tcp_requests(lab, vip=LRT_NAT_VIP, count=30)   # every backend answers a few
+            counts = tcp_requests(lab, vip=LRT_NAT_VIP, count=200)
+        finally:
+            lab.set_latency("b3", 0)
+        print(f"\nnat lrt, b3 50 ms slower, no health checks: warm-up {dict(warm)}, then {dict(counts)}")
+        assert sum(counts.values()) == 200 and counts["b3"] < 0.15 * 200, counts
 
 
 @pytest.fixture(scope="class")
