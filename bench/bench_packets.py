@@ -171,6 +171,7 @@ def run(quick: bool = False, calls: int | None = None, runs: int | None = None) 
                     rows.append((f"fastlb DSR {algorithm}, new flow each packet, {what}", "IPv4 TCP", new, v))
                     bed.flush_conntrack()
             rows += persistence_rows(bed, calls, runs)
+            rows += response_rows(bed, calls, runs)
     finally:
         pass_bpf.cleanup()
         swap_bpf.cleanup()
@@ -198,6 +199,39 @@ def persistence_rows(bed: Testbed, calls: int, runs: int) -> list[tuple]:
     bound, v = measure(bed.fd, packet(4, "tcp", vip=GROUPED_VIP4), calls, runs, vary_offset=SRC_OFFSET[4])
     assert v == XDP_VERDICTS["tx"]
     rows.append(("fastlb DSR + persistence /16, new flow each packet (bound client)", label, bound, v))
+    bed.flush_conntrack()
+    return rows
+
+
+def response_rows(bed: Testbed, calls: int, runs: int) -> list[tuple]:
+    """NAT IPv4 TCP with and without payload: the cost of lrt's response timing (issue 16 item 5).
+
+    A client packet with payload stamps its flow's first request (once per flow: the new-flow
+    row pays it on every packet); the backend's first payload of a connection is timed once (a
+    conntrack lookup and a per-CPU add), which a repeated call cannot show: the reply rows time
+    the later replies, which pay one flag test. "No payload" frames carry the same 6 bytes as
+    Ethernet padding instead (IP total length 40)."""
+    with_payload = packet(4, "tcp", "nat")
+    bare = Ether(**ETH) / IP(src="198.18.0.1", dst=MODE_VIPS[("nat", 4)]) / TCP(sport=40000, dport=80, flags="A")
+    no_payload = bytes(bare) + b"\0" * (len(with_payload) - len(bare))
+    rows = []
+    for name, data in (("no payload", no_payload), ("payload", with_payload)):
+        new, v = measure(bed.fd, data, calls, runs, vary_offset=SRC_OFFSET[4])
+        assert v == XDP_VERDICTS["tx"]
+        rows.append((f"fastlb NAT, new flow each packet, {name}", "IPv4 TCP", new, v))
+        bed.flush_conntrack()
+    # a connection, then its backend's replies (the first one is timed by this untimed call)
+    _, out = bed.run(with_payload)
+    fwd = Ether(out)
+    for name, pad in (("no payload", False), ("payload", True)):
+        ip = IP(src=fwd[IP].dst, dst=fwd[IP].src) / TCP(sport=fwd[TCP].dport, dport=fwd[TCP].sport, flags="A")
+        reply = Ether(src=fwd.dst, dst=fwd.src) / ip
+        reply = bytes(reply / Raw(b"\0" * 6)) if pad else bytes(reply) + b"\0" * 6
+        verdict, _ = bed.run(reply)
+        assert verdict != XDP_VERDICTS["pass"], "the reply was not translated"
+        est, v = measure(bed.fd, reply, calls, runs)
+        assert v == verdict
+        rows.append((f"fastlb NAT reply, established, {name}", "IPv4 TCP", est, v))
     bed.flush_conntrack()
     return rows
 

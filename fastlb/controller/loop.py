@@ -390,14 +390,17 @@ class Controller:
         except OSError as exc:
             self.log("state_not_saved", error=f"{exc.strerror or exc}", path=state.path(self.ifname))
 
-    def _write_rtt(self, key: Key, force: bool = False) -> None:
-        """lrt VIPs: write the backend's peak-EWMA score when it moved enough."""
+    def _write_rtt(self, key: Key, force: bool = False, unmeasured_us: float | None = None) -> None:
+        """lrt VIPs: write the backend's peak-EWMA score when it moved enough; ``unmeasured_us``: the
+        score of a backend with no sample yet, in place of the estimate's default."""
         vip = self._member(key)[0]
         be_id = self.slots.get(key)
         view = self.views.get(key)
         if vip is None or vip.algorithm != "lrt" or be_id is None or view is None:
             return   # with no sample yet, score_us is default_us: load counts from the first connection
-        score = lrt_score(view.ewma.score_us(time.monotonic()))
+        now = time.monotonic()
+        score = lrt_score(view.ewma.score_us(now) if view.ewma.has_sample or unmeasured_us is None
+                          else unmeasured_us)
         old = view.rtt_written
         if not force and score == old:
             return
@@ -522,6 +525,14 @@ class Controller:
             if view is not None:
                 view.ewma.observe(mean_us, now)
                 self._write_rtt(keys[be_id])
+        # A backend no connection has measured yet scores as its VIP's mean: it gets tried (and
+        # measured) alongside the others, where the default (1 s) would keep it out.
+        for vip in self._measured_vips():
+            views = [(k, self.views.get(k)) for k in ((vip.name, b.key) for b in vip.backends)]
+            scores = [v.ewma.score_us(now) for _, v in views if v is not None and v.ewma.has_sample]
+            for key, view in views if scores else ():
+                if view is not None and not view.ewma.has_sample:
+                    self._write_rtt(key, unmeasured_us=sum(scores) / len(scores))
 
     # ---- config changes --------------------------------------------------------------
 
