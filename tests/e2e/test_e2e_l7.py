@@ -293,6 +293,37 @@ def test_live_add_weight_drain_remove_without_reload_or_failed_request(l7):
     assert set(counts(lab, 30)) == {"b3"}
 
 
+def test_live_changes_reach_a_routes_pool_through_the_runtime_api(l7):
+    """`fastlb backend ... --route N`: route N's pool changes live; the default pool is left alone."""
+    lab = l7["lab"]
+    api = "api.example.com"
+    route = (f'[[vip.route]]\nhost = "{api}"\nalgorithm = "wrr"\n'
+             f'[[vip.route.backend]]\naddress = "{lab.addr("b2")}"\nport = 80\n')
+    use(l7, http_config(lab, route, backends=("b1",)))
+    before = pids(lab)
+    assert counts(lab, 10, host=api) == {"b2": 10}
+
+    def change(*args):
+        res = run_fastlb(lab, "lb", "backend", *args, "--route", "0", check=False)
+        assert res.returncode == 0 and "runtime API, no reload" in res.stdout, res.stdout + res.stderr
+        assert "route[0]" in res.stdout, res.stdout
+
+    change("add", vip_spec(lab), f"{lab.addr('b3')}:80", "--weight", "3")
+    wait_up(lab)
+    got = counts(lab, 40, host=api)
+    assert set(got) == {"b2", "b3"} and got["b3"] > got["b2"], got        # 3:1
+    change("weight", vip_spec(lab), f"{lab.addr('b2')}:80", "3")
+    change("drain", vip_spec(lab), f"{lab.addr('b3')}:80")
+    assert counts(lab, 20, host=api) == {"b2": 20}
+    change("remove", vip_spec(lab), f"{lab.addr('b3')}:80")
+    pool = next(p for p in l7_stats(lab)["vips"][0]["pools"] if p["route"] != "the default pool")
+    assert [s["backend"] for s in pool["backends"]] == [f"{lab.addr('b2')}:80"], pool
+    assert counts(lab, 10) == {"b1": 10}                                   # the default pool: untouched
+    assert pids(lab) == before                                             # no reload, no restart
+    res = run_fastlb(lab, "lb", "backend", "add", vip_spec(lab), lab.addr("b3"), "--route", "1", check=False)
+    assert res.returncode != 0 and "no route 1" in res.stderr, res.stderr
+
+
 def wrk(lab, seconds: int, connections: int = 16) -> dict:
     res = lab.run("client", ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://{lab.vip4}/"],
                   timeout=seconds + 30)
