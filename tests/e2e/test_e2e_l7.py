@@ -131,6 +131,28 @@ def test_the_xdp_tier_passes_http_vip_traffic_under_its_own_counter(l7):
     after = json.loads(run_fastlb(lab, "lb", "stats", "--json", check=True).stdout)[0]
     key = next(k for k in after["reasons"] if "l7" in k.lower())
     assert after["reasons"][key]["packets"] >= before["reasons"][key]["packets"] + 3   # SYN, request, ACKs
+    # `fastlb status` reads the maps alone: it says the VIP goes to HAProxy (no L4 forwarding)
+    (att,) = json.loads(run_fastlb(lab, "lb", "status", "--json", check=True).stdout)
+    (vip,) = [v for v in att["vips"] if v["vip"].startswith(f"{lab.vip4}:80/")]
+    assert vip["forwarding"] == "l7", vip
+    assert f"VIP {lab.vip4}:80/tcp  rr/l7  " in run_fastlb(lab, "lb", "status", check=True).stdout
+
+
+def test_announce_arp_a_client_on_the_segment_resolves_the_http_vip_by_fastlbs_arp_reply(l7):
+    lab = l7["lab"]
+    vip = "198.18.0.100"      # in the segment's subnet: the client has no route, it asks ARP
+    text = http_config(lab).replace(f'address = "{lab.vip4}"', f'address = "{vip}"\nannounce = "arp"', 1)
+    use(l7, text)
+    lab.run("client", ["ip", "neigh", "flush", "to", vip], check=False)
+    before = json.loads(run_fastlb(lab, "lb", "stats", "--json", check=True).stdout)[0]["reasons"]
+    out = curl(lab, f"http://{vip}/whoami?[1-6]")
+    names = [line.split()[0] for line in out.splitlines()]
+    assert len(names) == 6 and set(names) <= {"b1", "b2", "b3"}, out
+    after = json.loads(run_fastlb(lab, "lb", "stats", "--json", check=True).stdout)[0]["reasons"]
+    assert after["tx_arp_reply"]["packets"] > before["tx_arp_reply"]["packets"]      # fastlb's XDP answered
+    with lab.ipr("client") as ipr:
+        macs = {m.get_attr("NDA_LLADDR") for m in ipr.get_neighbours() if m.get_attr("NDA_DST") == vip}
+    assert macs == {lab.mac("lb")}, macs
 
 
 # ---- algorithms ------------------------------------------------------------------------------
