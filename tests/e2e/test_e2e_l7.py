@@ -335,8 +335,19 @@ def test_live_changes_reach_a_routes_pool_through_the_runtime_api(l7):
     got = counts(lab, 40, host=api)
     assert set(got) == {"b2", "b3"} and got["b3"] > got["b2"], got        # 3:1
     change("weight", vip_spec(lab), f"{lab.addr('b2')}:80", "3")
-    change("drain", vip_spec(lab), f"{lab.addr('b3')}:80")
-    assert counts(lab, 20, host=api) == {"b2": 20}
+    # drain: requests b3 holds finish; new ones go to b2 only
+    lab.set_latency("b3", 1500)
+    try:
+        held = lab.exec("client", ["curl", "-sS", "--fail", "--max-time", "10", "--parallel", "-H", f"Host: {api}",
+                                   f"http://{lab.vip4}/whoami?[1-6]"], stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, text=True)
+        time.sleep(0.4)
+        change("drain", vip_spec(lab), f"{lab.addr('b3')}:80")
+        assert counts(lab, 20, host=api) == {"b2": 20}
+        out, _ = held.communicate(timeout=15)
+        assert held.returncode == 0 and "b3" in out, out
+    finally:
+        lab.set_latency("b3", 0)
     change("remove", vip_spec(lab), f"{lab.addr('b3')}:80")
     pool = next(p for p in l7_stats(lab)["vips"][0]["pools"] if p["route"] != "the default pool")
     assert [s["backend"] for s in pool["backends"]] == [f"{lab.addr('b2')}:80"], pool
