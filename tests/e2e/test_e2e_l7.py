@@ -357,6 +357,23 @@ def test_live_changes_reach_a_routes_pool_through_the_runtime_api(l7):
     assert res.returncode != 0 and "no route 1" in res.stderr, res.stderr
 
 
+def test_runtime_weights_and_drains_survive_a_reload_that_adds_a_route(l7):
+    """server-state-file: a weight and a drain set through the runtime API (not saved) outlive a reload."""
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="wrr", backends=("b1", "b2", "b3")))
+    for args in (("weight", vip_spec(lab), f"{lab.addr('b1')}:80", "3"), ("drain", vip_spec(lab), f"{lab.addr('b2')}:80")):
+        res = run_fastlb(lab, "lb", "backend", *args, check=False)
+        assert res.returncode == 0 and "runtime API, no reload" in res.stdout, res.stdout + res.stderr
+    reloads = l7_stats(lab)["haproxy"]["reloads"]
+    route = f'[[vip.route]]\nhost = "api.example.com"\n[[vip.route.backend]]\naddress = "{lab.addr("b3")}"\n'
+    use(l7, http_config(lab, route, algorithm="wrr", backends=("b1", "b2", "b3")))
+    assert l7_stats(lab)["haproxy"]["reloads"] > reloads
+    weights = {s["backend"]: s["weight"] for s in l7_stats(lab)["vips"][0]["pools"][0]["backends"]}
+    assert weights == {f"{lab.addr('b1')}:80": 3, f"{lab.addr('b2')}:80": 0, f"{lab.addr('b3')}:80": 1}, weights
+    got = counts(lab, 40)
+    assert "b2" not in got and got["b1"] > got["b3"], got
+
+
 def wrk(lab, seconds: int, connections: int = 16) -> dict:
     res = lab.run("client", ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://{lab.vip4}/"],
                   timeout=seconds + 30)
