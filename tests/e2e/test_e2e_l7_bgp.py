@@ -4,7 +4,9 @@ The ECMP lab (fastlb.lab.ecmp: a router running BIRD, the client behind it)
 with one box attached: ``fastlb attach`` with an http VIP and a ``[bgp]``
 table, and the box's own BIRD that includes what fastlb writes. The client
 has no route to the VIP until the router learns it over BGP; the box's
-HAProxy answers it through the router. Detach withdraws the route.
+HAProxy answers it through the router. When HAProxy's checks find every
+server down, the route is withdrawn, and announced again when one is back;
+detach withdraws it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ BOX = "lba"
 def config(lab: EcmpLab) -> str:
     pool = "".join(f'[[vip.backend]]\naddress = "{lab.addr(b)}"\n' for b in lab.backend_names)
     return (f'[[vip]]\naddress = "{VIP}"\nport = 80\nprotocol = "http"\nalgorithm = "rr"\nannounce = "bgp"\n'
+            '[vip.health]\nkind = "http"\npath = "/health"\ninterval = 0.3\ntimeout = 0.3\nrise = 1\nfall = 2\n'
             f'{pool}\n{lab.bgp_table(BOX, detach_delay=0.5)}')
 
 
@@ -49,6 +52,16 @@ def test_bird_announces_an_http_vip_and_clients_behind_the_router_get_answers():
             out = run_fastlb(lab, BOX, "status", check=True).stdout
             assert f"announcing {VIP}/32" in out and "Established, 1 route(s) exported" in out, out
             assert f"VIP {VIP}:80/tcp  rr/l7" in out and f"bgp: announced {VIP}/32" in out, out
+            # every server down (HAProxy's checks): withdrawn; one back: announced again
+            for b in lab.backend_names:
+                lab.stop_server(b)
+            try:
+                gone = lab.wait_nexthops(VIP, set(), timeout=10, explain=bal.output)
+            finally:
+                lab.start_servers()
+            back = lab.wait_nexthops(VIP, {lab.addr(BOX)}, timeout=10, explain=bal.output)
+            print(f"bgp: withdrawn {gone:.2f} s after the last server stopped, announced again {back:.2f} s "
+                  "after they started")
         finally:
             lb_process.stop(lab, bal, role=BOX)
         lab.wait_nexthops(VIP, set(), timeout=10)                         # detach withdrew it

@@ -8,6 +8,7 @@ import pytest
 
 from fastlb.config import edits, parse_config
 from fastlb.errors import FastlbError
+from helpers.l7 import HTTP_ROUTED, HTTP_ROUTED_VIP
 
 TEXT = """
 [[vip]]
@@ -97,21 +98,7 @@ def test_the_commands_are_the_control_sockets():
 
 # ---- a route's pool of an http VIP (--route N) ----------------------------------------------
 
-HTTP_TEXT = """
-[[vip]]
-address = "198.19.0.100"
-port = 80
-protocol = "http"
-[[vip.backend]]
-address = "198.18.0.11"
-[[vip.route]]
-host = "api.example.com"
-[[vip.route.backend]]
-address = "198.18.0.21"
-[[vip.route.backend]]
-address = "198.18.0.22"
-"""
-HTTP_VIP = "198.19.0.100:80/http"
+HTTP_TEXT, HTTP_VIP = HTTP_ROUTED, HTTP_ROUTED_VIP
 
 
 def _route_keys(config, route=0):
