@@ -179,6 +179,18 @@ def test_maglev_uri_hash_keeps_a_uri_on_one_backend(l7):
         assert len(c) == 1, (path, c)
 
 
+def test_maglev_header_hash_keeps_a_header_value_on_one_backend_and_spreads_values(l7):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="maglev", head='hash = "header:X-User"\n'))
+    picked = {}
+    for user in range(12):
+        out = curl(lab, "-H", f"X-User: user{user}", f"http://{lab.vip4}/whoami?[1-4]")
+        c = Counter(line.split()[0] for line in out.splitlines())
+        assert len(c) == 1 and sum(c.values()) == 4, (user, c)
+        picked[user] = next(iter(c))
+    assert len(set(picked.values())) >= 2, picked      # 12 users on one backend of three: not a hash
+
+
 def test_lc_avoids_a_backend_busy_with_slow_requests(l7):
     lab = l7["lab"]
     use(l7, http_config(lab, algorithm="lc"))
