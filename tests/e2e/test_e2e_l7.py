@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -227,10 +228,10 @@ def test_lrt_steers_away_from_a_backend_50ms_slower_and_back(l7):
         assert slow.get("b3", 0.0) < 10.0, slow
         b3 = next(s for s in during if s["backend"].startswith(lab.addr("b3")))
         fast = [s for s in during if s is not b3]
-        # steered: b3 is estimated slower and weighted lower than each fast backend (the ratios move
-        # with the machine's load, which slows the fast ones too)
-        assert all(b3["effective_weight"] < s["effective_weight"] / 2 for s in fast), during
-        assert all(b3["latency_estimate_ms"] > 2 * s["latency_estimate_ms"] for s in fast), during
+        # steered: b3 is estimated slower and weighted lower than each fast backend (no ratio: the
+        # machine's load slows the fast ones too, by up to 47 ms against b3's 73 ms in one loaded run)
+        assert all(b3["effective_weight"] < s["effective_weight"] for s in fast), during
+        assert all(b3["latency_estimate_ms"] > s["latency_estimate_ms"] for s in fast), during
     finally:
         lab.set_latency("b3", 0)
     deadline = time.monotonic() + 20
@@ -499,6 +500,12 @@ def test_a_killed_haproxy_is_restarted_logged_and_counted(l7):
     assert sum(counts(lab, 20).values()) == 20
 
 
+def l7_run_dir(lab) -> Path:
+    """The LB's L7 run folder for eth0 (other runs' labs on this machine have folders of their own)."""
+    inode = lb(lab, "stat", "-L", "-c", "%i", "/proc/self/ns/net").strip()
+    return Path("/run/fastlb/l7") / f"net{inode}" / "eth0"
+
+
 def our_haproxy_pids(lab) -> set[int]:
     """haproxy processes in the LB's namespace running fastlb's config."""
     out = lab.run("lb", ["pgrep", "-f", "haproxy.*/run/fastlb/l7/"], check=False).stdout
@@ -515,8 +522,8 @@ def test_detach_removes_haproxy_the_vip_on_lo_and_its_files_but_not_a_foreign_ha
                        stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        run_dir = lb(lab, "sh", "-c", "ls -d /run/fastlb/l7/*/eth0").split()
-        assert len(run_dir) == 1 and our_haproxy_pids(lab)
+        run_dir = [str(l7_run_dir(lab))]
+        assert lab.run("lb", ["test", "-d", run_dir[0]], check=False).returncode == 0 and our_haproxy_pids(lab)
         code, out, err = l7["att"].stop()
         assert code == 0 and "detached from eth0" in out, err
         assert our_haproxy_pids(lab) == set()
@@ -556,7 +563,7 @@ def test_bad_configs_start_nothing(l7, tmp_path):
             assert our_haproxy_pids(lab) == set()
             assert lab.vip4 not in lb(lab, "ip", "-o", "addr", "show", "dev", "lo")
             assert "xdp" not in lb(lab, "ip", "-o", "link", "show", "dev", "eth0")
-            assert lb(lab, "sh", "-c", "ls /run/fastlb/l7/*/ 2>/dev/null | grep -x eth0 || true").strip() == ""
+            assert lab.run("lb", ["test", "-e", str(l7_run_dir(lab))], check=False).returncode != 0
 
 
 def test_keep_leaves_haproxy_serving_and_the_next_attach_adopts_it(l7):
