@@ -507,8 +507,9 @@ def l7_run_dir(lab) -> Path:
 
 
 def our_haproxy_pids(lab) -> set[int]:
-    """haproxy processes in the LB's namespace running fastlb's config."""
-    out = lab.run("lb", ["pgrep", "-f", "haproxy.*/run/fastlb/l7/"], check=False).stdout
+    """haproxy processes running the config of fastlb in the LB's namespace (pgrep sees every
+    namespace's processes: other sessions' labs run HAProxies of their own under /run/fastlb/l7)."""
+    out = lab.run("lb", ["pgrep", "-f", f"haproxy.*{l7_run_dir(lab)}/"], check=False).stdout
     return {int(p) for p in out.split()}
 
 
