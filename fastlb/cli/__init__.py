@@ -552,7 +552,7 @@ def flows_list(vip_spec, backend_spec, limit, persistent, as_json, iface):
         click.echo(json.dumps({"total": total, "flows": rows}, indent=2))
         return
     for r in rows:
-        clock = f"age {r['age_s']:.1f} s" if "age_s" in r else f"idle {r['idle_s']:.1f} s"
+        clock = f"idle {r['idle_s']:.1f} s"
         state = ",".join(r["flags"]) or "-"
         live = "" if r["live"] else "  (stale: its next packet picks again)"
         click.echo(f"{r['proto']} {r['client']} -> {r['vip']}  backend {r['backend']}  {state}  {clock}{live}")
