@@ -112,11 +112,11 @@ def toml_value(v) -> str:
 
 
 def config_text(lab, algorithm="rr", health=None, weights=None, services=(("tcp", 80),),
-                backends=None, settings="sweep_interval = 0.5\n") -> str:
+                backends=None, settings="sweep_interval = 0.5\n", address=None) -> str:
     weights = weights or {}
     lines = ["[settings]", settings]
     for proto, port in services:
-        lines += ["[[vip]]", f'address = "{lab.vip4}"', f"port = {port}", f'protocol = "{proto}"',
+        lines += ["[[vip]]", f'address = "{address or lab.vip4}"', f"port = {port}", f'protocol = "{proto}"',
                   f'algorithm = "{algorithm}"']
         if health:
             lines += ["[vip.health]"] + [f"{k} = {toml_value(v)}" for k, v in health.items()]
@@ -224,10 +224,11 @@ def pin_dir(lab) -> Path:
     return pins.root() / f"net{inode}" / lab.lb_iface
 
 
-def map_ids_and_flows(lab) -> tuple[dict, int]:
+def map_ids_and_flows(lab) -> tuple[dict, set]:
+    """The pinned maps' ids, and each conntrack entry's flow and pick (key, vip, backend)."""
     with PinnedMaps(pin_dir(lab)) as maps:
         ids = {name: maps.info(name).id for name in maps.fds}
-        return ids, len(flows.read(maps))
+        return ids, {(bytes(k), v.vip_id, v.backend_id) for k, v in flows.read(maps)}
 
 
 def stats_json(lab) -> dict:
