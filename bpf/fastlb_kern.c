@@ -391,8 +391,8 @@ static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const 
 static __always_inline __u32 egress(struct xdp_md *ctx, struct fl_pkt *pkt, __u32 ifindex, __u32 slot,
 				    __u32 reason)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	struct ethhdr *eth = data;
 	struct fl_iface *ifc;
 
@@ -419,7 +419,7 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
 				     __u32 mtu)
 {
 	struct iphdr *iph = pkt->l3;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data_end = fl_data_end(ctx);
 
 	if (pkt->flow.family == FL_AF_INET) {
 		if ((void *)(iph + 1) > data_end || !cfg->icmp_src4 || iph->ihl != 5 ||
@@ -473,8 +473,8 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 
 	if (!cfg)
 		return FL_DROP_ENCAP_FAILED;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return FL_DROP_ENCAP_FAILED;
@@ -500,8 +500,8 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 		if (encap_ipv6(ctx, pkt->l2_len, pkt->l3_len, src6, be->addr, inner_proto))
 			return FL_DROP_ENCAP_FAILED;
 	}
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return FL_DROP_ENCAP_FAILED;
@@ -714,7 +714,7 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
 					struct vip_meta *vip, __u32 vip_id, struct backend *be)
 {
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data_end = fl_data_end(ctx);
 	__u8 lb_mac[ETH_ALEN];
 
 	if (vip->forwarding == FL_FWD_TUNNEL)
@@ -858,7 +858,7 @@ static __always_inline void ct_new(struct ct_value *ct, struct fl_pkt *pkt, cons
  * flow (a retransmitted SYN then takes the entry's path). */
 static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt)
 {
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data_end = fl_data_end(ctx);
 	struct flow_key *flow = &pkt->flow;
 	struct vip_meta *vip = NULL, *ct_vip;
 	struct ct_value new_ct = {};
@@ -1277,8 +1277,8 @@ static __always_inline __u32 process_ipv6(struct xdp_md *ctx, struct hdr_cursor 
 
 int xdp_fastlb(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	struct hdr_cursor nh = { .pos = data };
 	struct fl_pkt pkt = {};
 	struct ethhdr *eth;
