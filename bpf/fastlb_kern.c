@@ -441,8 +441,8 @@ static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const 
 static __always_inline __u32 egress(struct xdp_md *ctx, struct fl_pkt *pkt, __u32 ifindex, __u32 slot,
 				    __u32 reason)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	struct ethhdr *eth = data;
 	struct fl_iface *ifc;
 
@@ -469,7 +469,7 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
 				     __u32 mtu)
 {
 	struct iphdr *iph = pkt->l3;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data_end = fl_data_end(ctx);
 
 	if (pkt->flow.family == FL_AF_INET) {
 		if ((void *)(iph + 1) > data_end || !cfg->icmp_src4 || iph->ihl != 5 ||
@@ -523,8 +523,8 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 
 	if (!cfg)
 		return FL_DROP_ENCAP_FAILED;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return FL_DROP_ENCAP_FAILED;
@@ -550,8 +550,8 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 		if (encap_ipv6(ctx, pkt->l2_len, pkt->l3_len, src6, be->addr, inner_proto))
 			return FL_DROP_ENCAP_FAILED;
 	}
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return FL_DROP_ENCAP_FAILED;
@@ -766,7 +766,7 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
 					struct vip_meta *vip, __u32 vip_id, struct backend *be)
 {
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data_end = fl_data_end(ctx);
 	__u8 lb_mac[ETH_ALEN];
 
 	if (vip->forwarding == FL_FWD_TUNNEL)
@@ -911,7 +911,7 @@ static __always_inline void ct_new(struct ct_value *ct, struct fl_pkt *pkt, cons
  * flow (a retransmitted SYN then takes the entry's path). */
 static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt)
 {
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data_end = fl_data_end(ctx);
 	struct flow_key *flow = &pkt->flow;
 	struct vip_meta *vip = NULL, *ct_vip;
 	struct ct_value new_ct = {};
@@ -1165,15 +1165,25 @@ static __always_inline __u32 icmp_to_backend(struct xdp_md *ctx, struct ethhdr *
 	return egress(ctx, pkt, be->egress_ifindex, be->egress_slot, FL_TX_ICMP_TO_BACKEND);
 }
 
-static __always_inline __u32 process_icmp4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
-					   struct ethhdr *eth, struct fl_pkt *pkt)
+/* FL_PASS_NOT_VIP or FL_PASS_L2_NOT_UNICAST for ICMP that fastlb does not
+ * answer, else 0. */
+static __always_inline __u32 icmp_not_ours(struct ethhdr *eth, struct fl_pkt *pkt)
 {
-	struct icmphdr *icmp = nh->pos;
-
 	if (!is_vip_addr(&pkt->flow))
 		return FL_PASS_NOT_VIP;
 	if (eth->h_dest[0] & 1)
 		return FL_PASS_L2_NOT_UNICAST;
+	return 0;
+}
+
+static __always_inline __u32 process_icmp4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
+					   struct ethhdr *eth, struct fl_pkt *pkt)
+{
+	struct icmphdr *icmp = nh->pos;
+	__u32 reason = icmp_not_ours(eth, pkt);
+
+	if (reason)
+		return reason;
 	if ((void *)(icmp + 1) > data_end || pkt->l4_len < sizeof(*icmp))
 		return FL_PASS_VIP_PORT;
 	if (icmp->type == FL_ICMP_ECHO_REQUEST && icmp->code == 0) {
@@ -1185,17 +1195,24 @@ static __always_inline __u32 process_icmp4(struct xdp_md *ctx, struct hdr_cursor
 	return FL_PASS_VIP_PORT;
 }
 
+/* The header check is a branch taken before anything else, not a flag kept
+ * for later: the compiler folded such a flag into one bitwise test with the
+ * multicast bit, and the 6.1 verifier then lost the packet range it proved
+ * ("invalid access to packet" at the ICMPv6 type). */
 static __always_inline __u32 process_icmp6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data_end,
 					   struct ethhdr *eth, struct fl_pkt *pkt)
 {
 	struct icmp6hdr *icmp6 = nh->pos;
 	struct ipv6hdr *ip6h = pkt->l3;
 	struct fl_nd *nd = nh->pos;
-	int whole = (void *)(icmp6 + 1) <= data_end && pkt->l4_len >= sizeof(*icmp6);
-	__u32 zero = 0;
+	__u32 zero = 0, reason;
 	struct fl_settings *cfg;
 
-	if (whole && icmp6->icmp6_type == FL_ICMP6_NS) {
+	if ((void *)(icmp6 + 1) > data_end || pkt->l4_len < sizeof(*icmp6)) {
+		reason = icmp_not_ours(eth, pkt);
+		return reason ? reason : FL_PASS_VIP_PORT;
+	}
+	if (icmp6->icmp6_type == FL_ICMP6_NS) {
 		/* To a solicited-node group, about the target: not to the VIP. */
 		if ((void *)&nd->opt_type > data_end || icmp6->icmp6_code != 0 ||
 		    ip6h->hop_limit != FL_ND_HOP_LIMIT || !is_announced(nd->target.s6_addr32, FL_AF_INET6))
@@ -1205,12 +1222,9 @@ static __always_inline __u32 process_icmp6(struct xdp_md *ctx, struct hdr_cursor
 			return FL_PASS_NOT_VIP;
 		return FL_TX_ND_ADVERT;
 	}
-	if (!is_vip_addr(&pkt->flow))
-		return FL_PASS_NOT_VIP;
-	if (eth->h_dest[0] & 1)
-		return FL_PASS_L2_NOT_UNICAST;
-	if (!whole)
-		return FL_PASS_VIP_PORT;
+	reason = icmp_not_ours(eth, pkt);
+	if (reason)
+		return reason;
 	if (icmp6->icmp6_type == FL_ICMP6_ECHO_REQUEST && icmp6->icmp6_code == 0) {
 		icmp6_echo_reply(eth, ip6h, icmp6);
 		return FL_TX_ICMP_ECHO;
@@ -1284,7 +1298,7 @@ static __always_inline __u32 process_ipv4(struct xdp_md *ctx, struct hdr_cursor 
 	pkt->flow.family = FL_AF_INET;
 	pkt->flow.src[0] = iph->saddr;
 	pkt->flow.dst[0] = iph->daddr;
-	pkt->l3_len = bpf_ntohs(iph->tot_len);
+	pkt->l3_len = fl_ntohs(iph->tot_len);
 	pkt->l4_len = pkt->l3_len - iph->ihl * 4;
 	pkt->tos = iph->tos;
 	if (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET))
@@ -1307,7 +1321,7 @@ static __always_inline __u32 process_ipv6(struct xdp_md *ctx, struct hdr_cursor 
 	pkt->flow.family = FL_AF_INET6;
 	__builtin_memcpy(pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
 	__builtin_memcpy(pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
-	pkt->l4_len = bpf_ntohs(ip6h->payload_len);
+	pkt->l4_len = fl_ntohs(ip6h->payload_len);
 	pkt->l3_len = pkt->l4_len + sizeof(*ip6h);
 	if (ipv6_is_exthdr(l4proto))
 		return miss_reason(&pkt->flow, FL_DROP_IPV6_EXTHDR);
@@ -1318,8 +1332,8 @@ static __always_inline __u32 process_ipv6(struct xdp_md *ctx, struct hdr_cursor 
 
 int xdp_fastlb(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	struct hdr_cursor nh = { .pos = data };
 	struct fl_pkt pkt = {};
 	struct ethhdr *eth;

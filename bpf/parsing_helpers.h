@@ -32,6 +32,45 @@ struct hdr_cursor {
 	void *pos;
 };
 
+/* A 16-bit big-endian field in host order, with bounds the verifier can see.
+ * The 6.1 verifier (Debian 12's kernel) keeps no bounds for a byte swap's
+ * result (BPF_END leaves the register unknown), so pkt + bpf_ntohs(field) is
+ * refused: "math between pkt pointer and register with unbounded min value".
+ * The mask gives it [0, 0xffff]; it changes no value, and the empty asm stops
+ * the compiler from dropping it as redundant. Newer verifiers track the swap
+ * themselves, so only a load in a 6.1 guest (make vm-test) catches a bare
+ * bpf_ntohs() in pointer arithmetic; tests/unit/test_bpf_source.py flags it. */
+static __always_inline __u32 fl_ntohs(__be16 field)
+{
+	__u32 value = bpf_ntohs(field);
+
+	asm volatile("" : "+r"(value));
+	return value & 0xffff;
+}
+
+/* The frame's bounds. Each is loaded from ctx itself by a single instruction:
+ * left to the compiler, a program that re-reads them after every head
+ * adjustment may keep &ctx->data_end in a spilled register, and the verifier
+ * refuses a load through a modified ctx pointer ("dereference of modified ctx
+ * ptr"). */
+static __always_inline void *fl_data(struct xdp_md *ctx)
+{
+	void *data;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(data)
+		     : "r"(ctx), "i"(__builtin_offsetof(struct xdp_md, data)));
+	return data;
+}
+
+static __always_inline void *fl_data_end(struct xdp_md *ctx)
+{
+	void *data_end;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(data_end)
+		     : "r"(ctx), "i"(__builtin_offsetof(struct xdp_md, data_end)));
+	return data_end;
+}
+
 struct vlan_hdr {
 	__be16 h_vlan_TCI;
 	__be16 h_vlan_encapsulated_proto;
@@ -81,7 +120,7 @@ static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end,
 {
 	struct iphdr *iph = nh->pos;
 	int hdrsize;
-	__u16 tot_len;
+	__u32 tot_len;
 
 	if ((void *)(iph + 1) > data_end)
 		return PARSE_TRUNCATED;
@@ -90,7 +129,7 @@ static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end,
 	hdrsize = iph->ihl * 4;
 	if (nh->pos + hdrsize > data_end)
 		return PARSE_TRUNCATED;
-	tot_len = bpf_ntohs(iph->tot_len);
+	tot_len = fl_ntohs(iph->tot_len);
 	if (tot_len < hdrsize || nh->pos + tot_len > data_end)
 		return PARSE_MALFORMED;
 	nh->pos += hdrsize;
@@ -109,7 +148,7 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 		return PARSE_TRUNCATED;
 	if (ip6h->version != 6)
 		return PARSE_MALFORMED;
-	if ((void *)(ip6h + 1) + bpf_ntohs(ip6h->payload_len) > data_end)
+	if ((void *)(ip6h + 1) + fl_ntohs(ip6h->payload_len) > data_end)
 		return PARSE_MALFORMED;
 	nh->pos = ip6h + 1;
 	*ip6hdr = ip6h;
@@ -159,11 +198,11 @@ static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end,
 					__u32 l4_len, struct udphdr **udphdr)
 {
 	struct udphdr *h = nh->pos;
-	__u16 len;
+	__u32 len;
 
 	if ((void *)(h + 1) > data_end || l4_len < sizeof(*h))
 		return PARSE_TRUNCATED;
-	len = bpf_ntohs(h->len);
+	len = fl_ntohs(h->len);
 	if (len < sizeof(*h) || len > l4_len)
 		return PARSE_MALFORMED;
 	nh->pos = h + 1;

@@ -380,9 +380,14 @@ class Controller:
         self._announce()
 
     def _announce(self) -> None:
-        """BGP: announce the VIPs that have a healthy backend, withdraw the others (fastlb.controller.bgp)."""
+        """BGP: announce the VIPs that have a healthy backend, withdraw the others (fastlb.controller.bgp).
+
+        An http VIP's backends are HAProxy's: healthy while one of its servers is up (fastlb.controller.l7)."""
         if self.announcer is not None:
-            self.announcer.update(self.config, {v.name for v in self.config.vips if v.name not in self.memory.empty})
+            healthy = {v.name for v in self.config.vips if not v.is_l7 and v.name not in self.memory.empty}
+            if self.l7 is not None:
+                healthy |= self.l7.serving_vips()
+            self.announcer.update(self.config, healthy)
 
     def _save_state(self) -> None:
         try:
@@ -497,6 +502,8 @@ class Controller:
                     dirty = self._on_neigh(event[1], event[2]) or dirty
                 elif kind == "call":
                     self._run_call(event[1])
+                elif kind == "l7_health":
+                    self._announce()     # HAProxy's servers of an http VIP all went down, or one came back
             if self.ramping() and time.monotonic() >= next_ramp:
                 dirty = True            # slow start: the next weight step (only changed slots are written)
                 next_ramp = time.monotonic() + RAMP_STEP
@@ -595,7 +602,7 @@ class Controller:
             return None
         if self.l7 is None:
             from .l7 import tier
-            self.l7 = tier.Tier(self.ifname, self.log)
+            self.l7 = tier.Tier(self.ifname, self.log, on_health=lambda: self.events.put(("l7_health",)))
             self.l7.start(new)
             return "started"
         return self.l7.apply(new, reload=reload)

@@ -20,6 +20,7 @@ from fastlb.kernel.maps import PinnedMaps
 
 # The maps know L4 protocols only (an http VIP has a TCP key: fastlb.config.l4_view).
 PROTO_NAMES = {number: name for name, number in PROTOCOLS.items() if name not in L7_PROTOCOLS}
+L7_FORWARDING = "l7"     # an http/https VIP's "forwarding": XDP passes it to the local HAProxy
 MARKERS = frozenset({cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE})
 
 
@@ -45,7 +46,7 @@ class VipSlot:
     key: structs.VipKey
     meta: structs.VipMeta | None    # its vip_table entry
     algorithm: str              # "maglev", ...; "?" for a value this build does not name
-    forwarding: str
+    forwarding: str             # "dsr", "tunnel", "nat", or "l7" (an http/https VIP)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,17 @@ def vips(maps: PinnedMaps) -> dict[int, VipSlot]:
         meta = metas[vid] if vid < len(metas) else None
         out[vid] = VipSlot(vid, _key_name(bytes(key)), key, meta,
                            algorithms.get(meta.algorithm, "?") if meta is not None else "?",
-                           forwarding.get(meta.forwarding, "?") if meta is not None else "?")
+                           _forwarding(meta, forwarding))
     return out
+
+
+def _forwarding(meta: structs.VipMeta | None, names: dict[int, str]) -> str:
+    """How the VIP's packets leave: an L4 mode, or ``l7`` for an http/https VIP (passed to HAProxy)."""
+    if meta is None:
+        return "?"
+    if meta.flags & cdefs.FL_VIP_F_L7:
+        return L7_FORWARDING
+    return names.get(meta.forwarding, "?")
 
 
 def backends(maps: PinnedMaps) -> dict[int, BackendSlot]:

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # 2-4 min: make test-slow
 
 
 def test_bench_quick_writes_every_section(tmp_path):
