@@ -2,7 +2,7 @@
 # idempotent: a few seconds when nothing changed).
 #   sudo make setup   Debian packages, kernel headers for BCC, .venv, fastlb on PATH
 #   sudo make test    set up, then the test suite but for the slow tests (what CI runs first)
-#   sudo make test-slow  set up, then the slow tests: every benchmark in smoke mode (CI runs it next)
+#   sudo make test-slow  set up, then the slow tests: the benchmarks in smoke mode, the .deb (CI runs it next)
 #   sudo make demo    set up, then a namespace lab balancing real connections
 #   sudo make bench   set up, then the benchmarks; writes docs/BENCHMARKS.md
 #   sudo make fuzz    set up, then a million fuzzed frames against the data plane's rules

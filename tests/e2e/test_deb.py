@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # builds the .deb (30-40 s): make test-slow
 
 TOP = Path(__file__).resolve().parents[2]
 REQUIRED = [
