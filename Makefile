@@ -1,7 +1,7 @@
 # fastlb: every target sets up what it needs first (scripts/setup.sh is
 # idempotent: a few seconds when nothing changed).
 #   sudo make setup   Debian packages, kernel headers for BCC, .venv, fastlb on PATH
-#   sudo make test    set up, then the whole test suite (what CI runs)
+#   sudo make test    set up, then the whole test suite (CI runs it, then vm-test)
 #   sudo make demo    set up, then a namespace lab balancing real connections
 #   sudo make bench   set up, then the benchmarks; writes docs/BENCHMARKS.md
 #   sudo make fuzz    set up, then a million fuzzed frames against the data plane's rules
