@@ -38,6 +38,7 @@ MODE_VIPS = {("dsr", 4): VIP4, ("dsr", 6): VIP6,
              ("nat", 4): "198.19.0.102", ("nat", 6): "2001:db8:ffff::102"}
 PERSIST_VIP4 = "198.19.0.103"   # DSR, TCP, persistence = 600: the persistence rows
 GROUPED_VIP4 = "198.19.0.104"   # the same with persistence_prefix = 16
+LC_VIP = "198.19.0.105"     # an lc VIP (DSR, IPv4 TCP): the new-flow rows of a non-maglev algorithm
 CONFIG = """
 [settings]
 conntrack_size = 1048576
@@ -66,6 +67,14 @@ persistence = 600
 persistence_prefix = 16
 """ + "".join(f"""[[vip.backend]]
 address = "198.18.0.{n}"
+""" for n in (11, 12, 13)) + f"""
+[[vip]]
+address = "{LC_VIP}"
+port = 80
+protocol = "tcp"
+algorithm = "lc"
+""" + "".join(f"""[[vip.backend]]
+address = "198.18.0.{n}"
 """ for n in (11, 12, 13))
 
 ETH = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
@@ -73,11 +82,11 @@ ETH = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 SRC_OFFSET = {4: 14 + 12, 6: 14 + 8 + 12}
 
 
-def packet(family: int, proto: str, mode: str = "dsr", vip: str | None = None) -> bytes:
+def packet(family: int, proto: str, mode: str = "dsr", flags: str = "A", vip: str | None = None) -> bytes:
     """A 64-byte frame (60 on the wire before the FCS) for the mode's VIP (or ``vip``), port 80."""
     vip = vip or MODE_VIPS[(mode, family)]
     ip = IP(src="198.18.0.1", dst=vip) if family == 4 else IPv6(src="2001:db8::1", dst=vip)
-    l4 = TCP(sport=40000, dport=80, flags="A") if proto == "tcp" else UDP(sport=40000, dport=80)
+    l4 = TCP(sport=40000, dport=80, flags=flags) if proto == "tcp" else UDP(sport=40000, dport=80)
     frame = Ether(**ETH) / ip / l4
     pad = max(0, 60 - len(frame))
     return bytes(frame / Raw(b"\0" * pad))
@@ -87,6 +96,19 @@ def load_plain(source: str, function: str):
     from bcc import BPF
     bpf = BPF(src_file=str(cdefs.bpf_dir() / source).encode())
     return bpf, bpf.load_func(function.encode(), BPF.XDP).fd
+
+
+def load_floor(vip: str, backend_mac: str):
+    """bench/xdp_floor.c for ``vip``, sending its packets to ``backend_mac`` (the lab's floor)."""
+    import ipaddress
+    import socket
+
+    from bcc import BPF
+    vip_be = int.from_bytes(ipaddress.IPv4Address(vip).packed, "little" if socket.htons(1) != 1 else "big")
+    mac = ",".join(f"0x{b}" for b in backend_mac.split(":"))
+    bpf = BPF(src_file=str(Path(__file__).resolve().parent / "xdp_floor.c").encode(),
+              cflags=[f"-DFLOOR_VIP={vip_be}u", f"-DFLOOR_MAC={mac}"])
+    return bpf, bpf.load_func(b"xdp_floor", BPF.XDP).fd
 
 
 def measure(fd: int, data: bytes, calls: int, runs: int, vary_offset: int = -1) -> tuple[float, int]:
@@ -105,11 +127,12 @@ def measure(fd: int, data: bytes, calls: int, runs: int, vary_offset: int = -1) 
     return statistics.median(results), verdict
 
 
-def run(quick: bool = False) -> str:
-    calls, runs = (2_000, 3) if quick else (1_000_000, 7)
+def run(quick: bool = False, calls: int | None = None, runs: int | None = None) -> str:
+    calls, runs = (calls or 2_000, runs or 3) if quick else (calls or 1_000_000, runs or 7)
     rows = []
     pass_bpf, pass_fd = load_plain("xdp_pass.c", "xdp_pass")
     swap_bpf, swap_fd = load_plain("xdp_macswap.c", "xdp_macswap")
+    floor_bpf, floor_fd = load_floor(VIP4, "02:00:00:00:00:0b")
     sizes = Sizes(conntrack_size=1_048_576)
     try:
         with Testbed(sizes, name=f"bench-{os.getpid()}") as bed:  # two benches at once must not share pins
@@ -121,6 +144,10 @@ def run(quick: bool = False) -> str:
             swap, v = measure(swap_fd, base4, calls, runs)
             assert v == XDP_VERDICTS["tx"]
             rows.append(("MAC swap (XDP_TX)", "IPv4 TCP", swap, v))
+            floor, v = measure(floor_fd, base4, calls, runs)
+            assert v == XDP_VERDICTS["tx"]
+            rows.append(("floor: VIP packets to one backend's MAC (bench/xdp_floor.c, XDP_TX)", "IPv4 TCP",
+                         floor, v))
             cases = [("dsr", f, p) for f in (4, 6) for p in ("tcp", "udp")]
             cases += [(m, f, "tcp") for m in ("tunnel", "nat") for f in (4, 6)]
             for mode, family, proto in cases:
@@ -135,10 +162,19 @@ def run(quick: bool = False) -> str:
                 assert v == XDP_VERDICTS["tx"], f"new flow {mode} {label}: verdict {v}"
                 rows.append((f"fastlb {name}, new flow each packet", label, new, v))
                 bed.flush_conntrack()
+            # A new flow opened by a SYN beside one met mid-flow (ACK): maglev, and lc (a pick by load).
+            for algorithm, vip in (("maglev", VIP4), ("lc", LC_VIP)):
+                for flags, what in (("S", "SYN"), ("A", "ACK")):
+                    data = packet(4, "tcp", flags=flags, vip=vip)
+                    new, v = measure(bed.fd, data, calls, runs, vary_offset=SRC_OFFSET[4])
+                    assert v == XDP_VERDICTS["tx"], f"new flow {algorithm} {what}: verdict {v}"
+                    rows.append((f"fastlb DSR {algorithm}, new flow each packet, {what}", "IPv4 TCP", new, v))
+                    bed.flush_conntrack()
             rows += persistence_rows(bed, calls, runs)
     finally:
         pass_bpf.cleanup()
         swap_bpf.cleanup()
+        floor_bpf.cleanup()
     return render(rows, empty, swap, calls, runs)
 
 
@@ -182,4 +218,10 @@ def render(rows, empty: float, swap: float, calls: int, runs: int) -> str:
 
 
 if __name__ == "__main__":
-    print(run(quick="--quick" in sys.argv))
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--calls", type=int, help="calls per run (default 1,000,000)")
+    ap.add_argument("--runs", type=int, help="runs per figure, the median is kept (default 7)")
+    args = ap.parse_args()
+    print(run(quick=args.quick, calls=args.calls, runs=args.runs))

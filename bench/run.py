@@ -34,6 +34,7 @@ SECTIONS = [
     ("tcp", "bench_tcp", True),
     ("l7", "bench_l7", True),
     ("control", "bench_control", True),
+    ("controller", "bench_controller", True),
     ("scale", "bench_scale", True),
     ("health", "bench_health", True),
 ]
@@ -65,11 +66,44 @@ def machine() -> str:
     ])
 
 
+def _sections(text: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(head, {"## title": lines}, tail) of a BENCHMARKS.md: the "Total" line is the tail."""
+    head, blocks, tail, current = [], {}, [], None
+    for line in text.splitlines():
+        if line.startswith("Total: "):
+            tail.append(line)
+        elif line.startswith("## "):
+            current = line
+            blocks[current] = [line]
+        elif current is None:
+            head.append(line)
+        else:
+            blocks[current].append(line)
+    return head, blocks, tail
+
+
+def merge(old: str, new: str, command: str) -> str:
+    """``old`` with the sections of ``new`` in place of (or after) its own; the machine is the new run's."""
+    head, blocks, _ = _sections(old)
+    _, fresh, _ = _sections(new)
+    for title, lines in fresh.items():
+        blocks[title] = lines
+    head = [line for line in head if not line.startswith("Command: ")]
+    while len(head) > 1 and head[-1] == head[-2] == "":
+        head.pop()
+    note = f"Command: sections {', '.join(t[3:] for t in fresh if t != '## Machine')} by `{command}`; the others " \
+           "by an earlier run (each section says its own method)."
+    out = head + [note, ""] + [line for lines in blocks.values() for line in lines]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny durations: a smoke run (figures meaningless)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"), help="Markdown file to write")
     ap.add_argument("--only", action="append", choices=[s[0] for s in SECTIONS], help="run only these sections")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: replace (or add) only these sections in --out, keeping the others")
     args = ap.parse_args(argv)
 
     command = "sudo make bench" if not args.quick and not args.only else \
@@ -91,7 +125,10 @@ def main(argv=None) -> int:
     parts.append(f"Total: {time.monotonic() - started:.0f} s.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts) + "\n")
+    text = "\n".join(parts) + "\n"
+    if args.merge and args.only and out.exists():
+        text = merge(out.read_text(), text, command)
+    out.write_text(text)
     print(f"bench: wrote {out}", file=sys.stderr)
     return 0
 

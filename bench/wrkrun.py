@@ -34,13 +34,25 @@ class Result:
     errors: int            # socket errors of all kinds, and non-2xx/3xx answers
 
 
-def argv(url: str, mode: str, seconds: float) -> list[str]:
+def argv(url: str, mode: str, seconds: float, script: str | None = None,
+         connections: int = CONNECTIONS) -> list[str]:
+    """``script``: a wrk Lua script (e.g. :func:`pace_script`'s); ``connections``: wrk's -c."""
     if mode not in MODES:
         raise ValueError(f"wrk mode {mode!r}: use one of {', '.join(MODES)}")
-    out = ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency"]
+    out = ["wrk", f"-t{THREADS}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     if mode == "close":
         out += ["-H", "Connection: close"]
+    if script is not None:
+        out += ["-s", script]
     return out + [url]
+
+
+def pace_script(delay_ms: int) -> str:
+    """A wrk Lua script that waits ``delay_ms`` before each request of a connection.
+
+    With C connections the rate is at most C × 1000 / (delay_ms + response time)
+    requests per second: a ceiling, to run two paths at about the same rate."""
+    return f"function delay()\n    return {int(delay_ms)}\nend\n"
 
 
 def _ms(text: str) -> float:
@@ -70,7 +82,8 @@ def parse(text: str) -> Result:
                   rps=rps, p50_ms=p50, p99_ms=p99, errors=errors)
 
 
-def run(lab: Lab, url: str, mode: str, seconds: float) -> Result:
+def run(lab: Lab, url: str, mode: str, seconds: float, script: str | None = None,
+        connections: int = CONNECTIONS) -> Result:
     """One wrk run from the client namespace, bounded by ``seconds`` (plus a margin)."""
-    res = lab.run("client", argv(url, mode, seconds), timeout=seconds + 30)
+    res = lab.run("client", argv(url, mode, seconds, script, connections), timeout=seconds + 30)
     return parse(res.stdout)

@@ -57,6 +57,9 @@
 #define FL_TCP_ACK 0x10
 
 #define FL_NS_PER_SEC 1000000000ULL
+#define FL_EEXIST 17                /* the kernel's EEXIST: a BPF_NOEXIST insert met an entry */
+#define FL_CT_REFRESH_NS FL_NS_PER_SEC /* a conntrack entry's last_seen_ns is written at most this often */
+#define FL_UNRECORDED_SLOTS 4096    /* per CPU: UDP flows left unrecorded by the guard, by flow hash */
 
 /* Address families in keys (the kernel's AF_INET / AF_INET6). */
 #define FL_AF_INET 2
@@ -95,8 +98,10 @@ enum fl_backend_flags {
 
 /* ---- Conntrack state (struct ct_value.flags) ---- */
 enum fl_ct_flags {
-	FL_CT_F_CLOSING = 1,        /* FIN or RST seen: active count already decremented */
+	FL_CT_F_CLOSING = 1,        /* FIN or RST seen (or expired): no longer counted */
 	FL_CT_F_COUNTED = 2,        /* counted in the backend's active connections */
+	FL_CT_F_SYN = 4,            /* TCP, recorded from its SYN: counts once established */
+	FL_CT_F_ESTABLISHED = 8,    /* TCP, an ACK without SYN seen (or recorded mid-flow) */
 };
 
 /* ---- Verdict reasons: one per-CPU counter each.
@@ -148,6 +153,7 @@ enum fl_event {
 	FL_EV_GUARD_UNRECORDED = 0, /* a new flow over new_flow_rate: forwarded by its ring slot, not recorded */
 	FL_EV_CT_FULL,              /* conntrack refused a new flow: forwarded by its ring slot */
 	FL_EV_MIDFLOW_RING,         /* a TCP packet without SYN and without conntrack entry: its ring slot */
+	FL_EV_CT_EXPIRED,           /* a conntrack entry met past its timeout: counted as absent */
 	FL_EVENT_MAX,
 };
 

@@ -115,8 +115,8 @@ static __always_inline int inner_dst(void *inner, void *data_end, int proto, __u
 
 static __always_inline __u32 decap(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	struct hdr_cursor nh = { .pos = data };
 	__u32 outer_dst[4], outer_src[4], dst[4], l2_len, outer_len;
 	struct ethhdr *eth;
@@ -179,7 +179,7 @@ static __always_inline __u32 decap(struct xdp_md *ctx)
 
 int xdp_fastlb_decap(struct xdp_md *ctx)
 {
-	__u64 bytes = (long)ctx->data_end - (long)ctx->data;
+	__u64 bytes = (long)fl_data_end(ctx) - (long)fl_data(ctx);
 	__u32 reason = decap(ctx);
 	struct fl_counter *c = decap_stats.lookup(&reason);
 

@@ -94,8 +94,8 @@ static __always_inline int encap_ipv4(struct xdp_md *ctx, __u32 l2_len, __u16 in
 
 	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct iphdr)))
 		return -1;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	if (l2_move_front(data, data_end, sizeof(struct iphdr), l2_len, bpf_htons(ETH_P_IP)))
 		return -1;
 	iph = data + (l2_len == 14 ? 14 : l2_len == 18 ? 18 : 22);
@@ -126,8 +126,8 @@ static __always_inline int encap_ipv6(struct xdp_md *ctx, __u32 l2_len, __u16 in
 
 	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct ipv6hdr)))
 		return -1;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	if (l2_move_front(data, data_end, sizeof(struct ipv6hdr), l2_len, bpf_htons(ETH_P_IPV6)))
 		return -1;
 	ip6h = data + (l2_len == 14 ? 14 : l2_len == 18 ? 18 : 22);

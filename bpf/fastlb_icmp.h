@@ -85,8 +85,8 @@ static __always_inline int icmp_make_room(struct xdp_md *ctx, __u32 frame_len, _
 		return -1;
 	if (bpf_xdp_adjust_head(ctx, -(int)extra))
 		return -1;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	return l2_move_front(data, data_end, extra, l2_len, proto);
 }
 
@@ -97,8 +97,8 @@ static __always_inline int icmp_make_room(struct xdp_md *ctx, __u32 frame_len, _
 static __always_inline int icmp4_frag_needed(struct xdp_md *ctx, __u32 frame_len, __u32 l2_len,
 					     __u32 src, __u16 mtu)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	__u32 ihl_len = sizeof(struct iphdr);
 	__u32 keep = l2_len + ihl_len + FL_ICMP_QUOTE, client, extra;
 	struct ethhdr *eth = data;
@@ -115,8 +115,8 @@ static __always_inline int icmp4_frag_needed(struct xdp_md *ctx, __u32 frame_len
 	extra = sizeof(*iph) + sizeof(*icmp);
 	if (icmp_make_room(ctx, frame_len, l2_len, keep, extra, bpf_htons(ETH_P_IP)))
 		return -1;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	iph = data + (l2_len == 14 ? 14 : l2_len == 18 ? 18 : 22);
 	icmp = (void *)(iph + 1);
 	if ((void *)icmp + FL_ICMP4_MSG_LEN > data_end)
@@ -153,8 +153,8 @@ static __always_inline __u64 icmp6_pseudo_sum(struct ipv6hdr *ip6h, __u32 len)
 static __always_inline int icmp6_too_big(struct xdp_md *ctx, __u32 frame_len, __u32 l2_len,
 					 const __u32 *src, __u32 mtu)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	__u32 keep = l2_len + sizeof(struct ipv6hdr) + FL_ICMP_QUOTE, extra, len;
 	struct ethhdr *eth = data;
 	struct ipv6hdr *ip6h, *orig;
@@ -171,8 +171,8 @@ static __always_inline int icmp6_too_big(struct xdp_md *ctx, __u32 frame_len, __
 	extra = sizeof(*ip6h) + sizeof(*icmp6);
 	if (icmp_make_room(ctx, frame_len, l2_len, keep, extra, bpf_htons(ETH_P_IPV6)))
 		return -1;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	ip6h = data + (l2_len == 14 ? 14 : l2_len == 18 ? 18 : 22);
 	icmp6 = (void *)(ip6h + 1);
 	len = sizeof(*icmp6) + sizeof(*ip6h) + FL_ICMP_QUOTE;
@@ -236,8 +236,8 @@ struct fl_nd {
 static __always_inline int nd_advert(struct xdp_md *ctx, __u32 frame_len, __u32 l2_len,
 				     const __u8 *lb_mac)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	__u32 want = l2_len + sizeof(struct ipv6hdr) + sizeof(struct fl_nd);
 	struct ethhdr *eth;
 	struct ipv6hdr *ip6h;
@@ -249,8 +249,8 @@ static __always_inline int nd_advert(struct xdp_md *ctx, __u32 frame_len, __u32 
 		return -1;
 	if (bpf_xdp_adjust_tail(ctx, (int)want - (int)frame_len))
 		return -1;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	eth = data;
 	ip6h = data + (l2_len == 14 ? 14 : l2_len == 18 ? 18 : 22);
 	nd = (void *)(ip6h + 1);

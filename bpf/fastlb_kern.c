@@ -64,17 +64,16 @@ static __always_inline void count_event(__u32 event, __u64 bytes)
 	fl_count(event_stats.lookup(&event), bytes, 0);
 }
 
-/* The new-flow guard (as Katran's): true when this CPU has seen more than
- * new_flow_rate new flows in the current second. Such flows are forwarded by
- * the ring slot of their hash but not recorded, so a flood cannot evict the
- * established flows from conntrack. */
-static __always_inline int over_new_flow_rate(__u64 now)
+/* The new-flow guard (as Katran's): true when this CPU has recorded more
+ * than new_flow_rate new flows in the current second. Such flows are
+ * forwarded by the ring slot of their hash but not recorded, so a flood
+ * cannot evict the established flows from conntrack. */
+static __always_inline int over_new_flow_rate(const struct fl_settings *cfg, __u64 now)
 {
 	__u32 zero = 0;
-	struct fl_settings *cfg = settings.lookup(&zero);
 	struct fl_flood *st;
 
-	if (!cfg || !cfg->new_flow_rate)
+	if (!cfg->new_flow_rate)
 		return 0;
 	st = flood.lookup(&zero);
 	if (!st)
@@ -138,6 +137,17 @@ static __always_inline __u32 seq_pick(const struct vip_meta *vip, __u32 vip_id)
 	return be ? *be : FL_RING_EMPTY;
 }
 
+/* A backend's active connections as P2C weighs them: the program's count
+ * plus userspace's correction, never below 0. */
+static __always_inline __u64 active_of(__u32 be_id)
+{
+	__s32 *count = backend_active.lookup(&be_id);
+	__s32 *fix = backend_active_fix.lookup(&be_id);
+	__s64 n = (count ? (__s64)*count : 0) + (fix ? (__s64)*fix : 0);
+
+	return n > 0 ? (__u64)n : 0;
+}
+
 /* Power of two choices (lc, lrt): the ring slot of the flow hash and a
  * second, distinct backend from the ring slots after the rehash; the lower
  * score wins, ties to the first. Scores compare by cross-multiplication:
@@ -145,7 +155,7 @@ static __always_inline __u32 seq_pick(const struct vip_meta *vip, __u32 vip_id)
 static __always_inline __u32 p2c_pick(const struct vip_meta *vip, __u32 vip_id, __u32 hash)
 {
 	__u32 m = vip->ring_size;
-	__u32 a, b, start, slot, idx, *c, *act_a, *act_b;
+	__u32 a, b, start, slot, idx, *c;
 	struct backend *be_a, *be_b;
 	__u64 score_a, score_b;
 	int i;
@@ -171,12 +181,10 @@ static __always_inline __u32 p2c_pick(const struct vip_meta *vip, __u32 vip_id, 
 		return a;
 	be_a = backends.lookup(&a);
 	be_b = backends.lookup(&b);
-	act_a = backend_active.lookup(&a);
-	act_b = backend_active.lookup(&b);
-	if (!be_a || !be_b || !act_a || !act_b)
+	if (!be_a || !be_b)
 		return a;
-	score_b = ((__u64)*act_b + 1) * be_a->weight;
-	score_a = ((__u64)*act_a + 1) * be_b->weight;
+	score_b = (active_of(b) + 1) * be_a->weight;
+	score_a = (active_of(a) + 1) * be_b->weight;
 	if (vip->algorithm == FL_ALG_LRT) {
 		score_b *= be_b->rtt_us;
 		score_a *= be_a->rtt_us;
@@ -196,7 +204,7 @@ static __always_inline __u32 select_backend(const struct vip_meta *vip, __u32 vi
 
 static __always_inline void active_add(__u32 be_id, int delta)
 {
-	__u32 *active = backend_active.lookup(&be_id);
+	__s32 *active = backend_active.lookup(&be_id);
 
 	if (active)
 		__sync_fetch_and_add(active, delta);
@@ -245,23 +253,9 @@ static __always_inline int is_announced(const __u32 *addr, __u8 family)
 	return v && *v == FL_VIP_ID_ANNOUNCE;
 }
 
-/* Conntrack bookkeeping for a packet of a known flow: UDP's idle clock, and
- * TCP's first FIN or RST, which ends its count as an active connection. */
-static __always_inline void ct_touch(struct ct_value *ct, struct flow_key *flow,
-				     __u8 tcp_flags)
-{
-	if (flow->proto == IPPROTO_UDP) {
-		ct->last_seen_ns = bpf_ktime_get_coarse_ns();
-	} else if ((tcp_flags & (FL_TCP_FIN | FL_TCP_RST)) && !(ct->flags & FL_CT_F_CLOSING)) {
-		ct->flags |= FL_CT_F_CLOSING;
-		if (ct->flags & FL_CT_F_COUNTED)
-			active_add(ct->backend_id, -1);
-	}
-}
-
 /* The conntrack entry's VIP and backend, if both still stand: the VIP slot
  * is valid and holds the same VIP (generation), and the backend slot is
- * valid and serves that VIP. */
+ * valid, serves that VIP and holds the same backend (generation). */
 static __always_inline struct backend *ct_backend(struct ct_value *ct, struct vip_meta **vip)
 {
 	struct backend *be;
@@ -270,9 +264,119 @@ static __always_inline struct backend *ct_backend(struct ct_value *ct, struct vi
 	if (!*vip || !((*vip)->flags & FL_VIP_F_VALID) || (*vip)->gen != ct->vip_gen)
 		return NULL;
 	be = backends.lookup(&ct->backend_id);
-	if (!be || !(be->flags & FL_BE_F_VALID) || be->vip_id != ct->vip_id)
+	if (!be || !(be->flags & FL_BE_F_VALID) || be->vip_id != ct->vip_id || be->gen != ct->backend_gen)
 		return NULL;
 	return be;
+}
+
+/* True when the entry is older than its timeout: by protocol, and for TCP
+ * by state (IPVS's SYN_RECV, ESTABLISHED and FIN_WAIT/CLOSE). last_seen_ns
+ * lags by up to FL_CT_REFRESH_NS, which the test allows for. */
+static __always_inline int ct_stale(const struct fl_settings *cfg, const struct ct_value *ct, __u8 proto,
+				    __u64 now)
+{
+	__u32 timeout_s;
+
+	if (proto == IPPROTO_UDP)
+		timeout_s = cfg->udp_timeout_s;
+	else if (ct->flags & FL_CT_F_CLOSING)
+		timeout_s = cfg->tcp_fin_timeout_s;
+	else if (ct->flags & FL_CT_F_ESTABLISHED)
+		timeout_s = cfg->tcp_timeout_s;
+	else
+		timeout_s = cfg->tcp_syn_timeout_s;
+	return timeout_s && now - ct->last_seen_ns > (__u64)timeout_s * FL_NS_PER_SEC + FL_CT_REFRESH_NS;
+}
+
+/* A stale entry counts as absent: a counted flow whose backend still
+ * stands stops counting (once: the entry is marked closing), and the new
+ * pick overwrites it, or the LRU reclaims it. */
+static __always_inline void ct_forget(struct ct_value *ct, __u64 bytes)
+{
+	struct vip_meta *vip;
+
+	if ((ct->flags & (FL_CT_F_COUNTED | FL_CT_F_CLOSING)) == FL_CT_F_COUNTED && ct_backend(ct, &vip))
+		active_add(ct->backend_id, -1);
+	ct->flags |= FL_CT_F_CLOSING;
+	count_event(FL_EV_CT_EXPIRED, bytes);
+}
+
+/* Conntrack bookkeeping for a packet of a known flow: its clock (written
+ * only when it moved by FL_CT_REFRESH_NS), and TCP's state: the first ACK
+ * of a flow recorded from its SYN makes it count as active, its first FIN
+ * or RST ends that. */
+static __always_inline void ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_flags, __u64 now)
+{
+	if (now - ct->last_seen_ns >= FL_CT_REFRESH_NS)
+		ct->last_seen_ns = now;
+	if (proto != IPPROTO_TCP)
+		return;
+	if (tcp_flags & (FL_TCP_FIN | FL_TCP_RST)) {
+		if (!(ct->flags & FL_CT_F_CLOSING)) {
+			ct->flags |= FL_CT_F_CLOSING;
+			if (ct->flags & FL_CT_F_COUNTED)
+				active_add(ct->backend_id, -1);
+		}
+	} else if ((tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_ACK &&
+		   !(ct->flags & (FL_CT_F_ESTABLISHED | FL_CT_F_CLOSING))) {
+		ct->flags |= FL_CT_F_ESTABLISHED;
+		if (ct->flags & FL_CT_F_SYN) {
+			ct->flags |= FL_CT_F_COUNTED;
+			active_add(ct->backend_id, 1);
+		}
+	}
+}
+
+/* The conntrack entry of a packet, if it holds a live flow: not past its
+ * timeout, not a closed flow's entry met by a new SYN (a client reusing
+ * its port), and its VIP and backend still stand. Touches it. */
+static __always_inline struct backend *ct_hit(struct fl_pkt *pkt, const struct fl_settings *cfg, __u64 now,
+					      int syn, struct vip_meta **vip, __u32 *vip_id, __u32 *be_id)
+{
+	struct ct_value *ct = conntrack.lookup(&pkt->flow);
+	struct backend *be;
+
+	if (!ct)
+		return NULL;
+	if (ct_stale(cfg, ct, pkt->flow.proto, now)) {
+		ct_forget(ct, pkt->bytes);
+		return NULL;
+	}
+	if (syn && (ct->flags & FL_CT_F_CLOSING))
+		return NULL;
+	be = ct_backend(ct, vip);
+	if (!be)
+		return NULL;
+	ct_touch(ct, pkt->flow.proto, pkt->tcp_flags, now);
+	*vip_id = ct->vip_id;
+	*be_id = ct->backend_id;
+	return be;
+}
+
+/* A UDP flow the guard left unrecorded on this CPU, met again within
+ * udp_timeout: its packets keep their ring slot and are no new flows. */
+static __always_inline int unrecorded_again(const struct fl_settings *cfg, __u32 hash, __u64 now)
+{
+	__u32 slot = hash % FL_UNRECORDED_SLOTS;
+	struct fl_unrecorded *u = unrecorded.lookup(&slot);
+
+	if (!u || u->hash != hash || !u->seen_ns ||
+	    now - u->seen_ns > (__u64)cfg->udp_timeout_s * FL_NS_PER_SEC + FL_CT_REFRESH_NS)
+		return 0;
+	if (now - u->seen_ns >= FL_CT_REFRESH_NS)
+		u->seen_ns = now;
+	return 1;
+}
+
+static __always_inline void remember_unrecorded(__u32 hash, __u64 now)
+{
+	__u32 slot = hash % FL_UNRECORDED_SLOTS;
+	struct fl_unrecorded *u = unrecorded.lookup(&slot);
+
+	if (u) {
+		u->hash = hash;
+		u->seen_ns = now;
+	}
 }
 
 static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const __u8 *src)
@@ -287,8 +391,8 @@ static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const 
 static __always_inline __u32 egress(struct xdp_md *ctx, struct fl_pkt *pkt, __u32 ifindex, __u32 slot,
 				    __u32 reason)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	struct ethhdr *eth = data;
 	struct fl_iface *ifc;
 
@@ -315,7 +419,7 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
 				     __u32 mtu)
 {
 	struct iphdr *iph = pkt->l3;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data_end = fl_data_end(ctx);
 
 	if (pkt->flow.family == FL_AF_INET) {
 		if ((void *)(iph + 1) > data_end || !cfg->icmp_src4 || iph->ihl != 5 ||
@@ -356,19 +460,6 @@ static __always_inline __u32 tunnel_too_big(struct xdp_md *ctx, struct fl_pkt *p
 	return 0;
 }
 
-/* tunnel_too_big() for a new flow's backend, before it is recorded: a packet
- * answered with an ICMP error opens no flow. */
-static __always_inline __u32 new_flow_too_big(struct xdp_md *ctx, struct fl_pkt *pkt, __u32 be_id)
-{
-	__u32 zero = 0;
-	struct fl_settings *cfg = settings.lookup(&zero);
-	struct backend *be = backends.lookup(&be_id);
-
-	if (!cfg || !be || !(be->flags & FL_BE_F_VALID))
-		return 0;  /* forward() drops it as it would without the check */
-	return tunnel_too_big(ctx, pkt, cfg, be);
-}
-
 /* Encapsulate towards the backend (IPv4-in-IPv4, IPv6-in-IPv6 or
  * IPv4-in-IPv6), from a source in the tunnel prefix chosen per flow so the
  * backend's RSS spreads flows, after checking the egress MTU. */
@@ -382,8 +473,8 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 
 	if (!cfg)
 		return FL_DROP_ENCAP_FAILED;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return FL_DROP_ENCAP_FAILED;
@@ -409,8 +500,8 @@ static __always_inline __u32 tunnel_out(struct xdp_md *ctx, struct fl_pkt *pkt, 
 		if (encap_ipv6(ctx, pkt->l2_len, pkt->l3_len, src6, be->addr, inner_proto))
 			return FL_DROP_ENCAP_FAILED;
 	}
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = fl_data(ctx);
+	data_end = fl_data_end(ctx);
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return FL_DROP_ENCAP_FAILED;
@@ -623,7 +714,7 @@ static __always_inline __u32 nat_in(struct xdp_md *ctx, struct ethhdr *eth, void
 static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt,
 					struct vip_meta *vip, __u32 vip_id, struct backend *be)
 {
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data_end = fl_data_end(ctx);
 	__u8 lb_mac[ETH_ALEN];
 
 	if (vip->forwarding == FL_FWD_TUNNEL)
@@ -639,11 +730,14 @@ static __always_inline __u32 to_backend(struct xdp_md *ctx, struct ethhdr *eth, 
  *
  * A VIP with FL_VIP_F_PERSIST looks its new flows' client (address masked
  * to persistence_prefix) up in `persist` before its algorithm picks: a
- * binding younger than the VIP's timeout, to a backend that still serves the
- * VIP with weight > 0, decides. A recorded new flow that was not bound binds
- * its client; every packet of a bound client's flows keeps the binding alive
- * (written at most once a second). Here, not in a header: BCC rewrites map
- * calls only in the main file.
+ * binding younger than the VIP's timeout, to the backend it was made with
+ * (same slot generation) that still serves the VIP with weight > 0,
+ * decides. A recorded new flow that was not bound binds its client; every
+ * packet of a bound client's flows keeps the binding alive (written at most
+ * once a second). A binding has its own clock: a conntrack
+ * entry that expires (udp_timeout, the TCP timeouts) leaves it standing, so
+ * the client's next flow finds its backend again. Here, not in a header: BCC
+ * rewrites map calls only in the main file.
  */
 
 #define FL_PERSIST_REFRESH_NS 1000000000ULL  /* last_seen is written at most this often */
@@ -683,16 +777,18 @@ static __always_inline __u32 persist_lookup(const struct vip_meta *vip, __u32 vi
 	if (!bound || bound->vip_gen != vip->gen || now - bound->last_seen_ns > conf->timeout_ns)
 		return FL_RING_EMPTY;
 	be = backends.lookup(&bound->backend_id);
-	if (!be || !(be->flags & FL_BE_F_VALID) || be->vip_id != vip_id || !be->weight)
+	if (!be || !(be->flags & FL_BE_F_VALID) || be->vip_id != vip_id || be->gen != bound->backend_gen ||
+	    !be->weight)
 		return FL_RING_EMPTY;
 	if (now - bound->last_seen_ns > FL_PERSIST_REFRESH_NS)
 		bound->last_seen_ns = now;
 	return bound->backend_id;
 }
 
-/* Bind `flow`'s client to `be_id` (a recorded new flow of a VIP with persistence). */
+/* Bind `flow`'s client to backend `be` in slot `be_id` (a recorded new flow of a VIP with persistence). */
 static __always_inline void persist_bind(const struct vip_meta *vip, __u32 vip_id,
-					 const struct flow_key *flow, __u32 be_id, __u64 now)
+					 const struct flow_key *flow, __u32 be_id, const struct backend *be,
+					 __u64 now)
 {
 	struct persist_key key = {};
 	struct persist_value value = {};
@@ -701,133 +797,218 @@ static __always_inline void persist_bind(const struct vip_meta *vip, __u32 vip_i
 		return;
 	value.backend_id = be_id;
 	value.vip_gen = vip->gen;
+	value.backend_gen = be->gen;
 	value.last_seen_ns = now;
 	persist.update(&key, &value);
 }
 
 /* A packet of a known flow keeps its client's binding alive. */
 static __always_inline void persist_touch(const struct vip_meta *vip, __u32 vip_id,
-					  const struct flow_key *flow)
+					  const struct flow_key *flow, __u64 now)
 {
 	struct persist_key key = {};
 	struct persist_value *bound;
-	__u64 now;
 
 	if (!persist_key_of(vip, vip_id, flow, &key))
 		return;
 	bound = persist.lookup(&key);
-	if (!bound)
-		return;
-	now = bpf_ktime_get_coarse_ns();
-	if (now - bound->last_seen_ns > FL_PERSIST_REFRESH_NS)
+	if (bound && now - bound->last_seen_ns > FL_PERSIST_REFRESH_NS)
 		bound->last_seen_ns = now;
 }
 
-/* A packet to a VIP address, or a NAT reply: find its flow's backend in
- * conntrack (one lookup on the hot path), or look the VIP up and pick one
- * from its table; then send it on and count. */
-static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt)
+/* The vip id of the flow's VIP (address, port, protocol), or NULL. */
+static __always_inline __u32 *vip_of(struct flow_key *flow)
 {
-	void *data_end = (void *)(long)ctx->data_end;
-	struct flow_key *flow = &pkt->flow;
 	struct vip_key vkey = {};
-	struct vip_meta *vip;
-	struct ct_value *ct, new_ct = {};
-	struct backend *be;
-	__u32 *vip_id_p, vip_id, be_id, hash, reason, bound;
-	int new_flow = 0;
 
-	if (eth->h_dest[0] & 1)
-		return miss_reason(flow, FL_PASS_L2_NOT_UNICAST);
-
-	ct = conntrack.lookup(flow);
-	/* A SYN on a closed flow's entry (a client reusing its port) opens a new
-	 * connection: it picks and counts afresh. */
-	if (ct && (ct->flags & FL_CT_F_CLOSING) && flow->proto == IPPROTO_TCP &&
-	    (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN)
-		ct = NULL;
-	if (ct) {
-		be = ct_backend(ct, &vip);
-		if (be) {
-			ct_touch(ct, flow, pkt->tcp_flags);
-			persist_touch(vip, ct->vip_id, flow);
-			vip_id = ct->vip_id;
-			be_id = ct->backend_id;
-			goto send;
-		}
-	}
-
-	/* A new flow, or one whose VIP or backend is gone: pick from the table. */
 	__builtin_memcpy(vkey.addr, flow->dst, sizeof(vkey.addr));
 	vkey.port = flow->dport;
 	vkey.proto = flow->proto;
 	vkey.family = flow->family;
-	vip_id_p = vips.lookup(&vkey);
-	if (!vip_id_p) {
-		reason = nat_in(ctx, eth, data_end, pkt);
-		return reason ? reason : miss_reason(flow, FL_PASS_VIP_PORT);
+	return vips.lookup(&vkey);
+}
+
+/* The entry that records a new flow on backend `be`. Only a flow seen from
+ * its SYN may count as active (from its first ACK): a mid-flow one
+ * (re-picked, evicted, or moved here) may be reset by its new backend behind
+ * our back (DSR replies bypass us), and would never be uncounted. */
+static __always_inline void ct_new(struct ct_value *ct, struct fl_pkt *pkt, const struct vip_meta *vip,
+				   __u32 vip_id, __u32 be_id, const struct backend *be, __u64 now)
+{
+	ct->backend_id = be_id;
+	ct->vip_id = vip_id;
+	ct->vip_gen = vip->gen;
+	ct->backend_gen = be->gen;
+	ct->last_seen_ns = now;
+	if (pkt->flow.proto != IPPROTO_TCP)
+		ct->flags = 0;
+	else if (pkt->tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
+		ct->flags = FL_CT_F_CLOSING;
+	else if ((pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN)
+		ct->flags = FL_CT_F_SYN;
+	else
+		ct->flags = FL_CT_F_ESTABLISHED;
+}
+
+/* A packet to a VIP address, or a NAT reply: find its flow's backend in
+ * conntrack (one lookup on the hot path), or look the VIP up and pick one
+ * from its table (the client's persistence binding first); then send it on
+ * and count. A SYN to a maglev VIP skips the lookup: its pick (the binding,
+ * else the ring slot of its hash) is recorded only if no entry holds the
+ * flow (a retransmitted SYN then takes the entry's path). */
+static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, struct fl_pkt *pkt)
+{
+	void *data_end = fl_data_end(ctx);
+	struct flow_key *flow = &pkt->flow;
+	struct vip_meta *vip = NULL, *ct_vip;
+	struct ct_value new_ct = {};
+	struct fl_settings *cfg;
+	struct backend *be, *ct_be;
+	__u32 *vip_id_p, vip_id, be_id, hash, reason, bound, zero = 0;
+	int new_flow = 0, record = 0, syn, rc;
+	__u64 now;
+
+	if (eth->h_dest[0] & 1)
+		return miss_reason(flow, FL_PASS_L2_NOT_UNICAST);
+	cfg = settings.lookup(&zero);
+	if (!cfg)
+		return FL_PASS_NOT_VIP;
+	now = bpf_ktime_get_coarse_ns();
+	syn = flow->proto == IPPROTO_TCP && (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN;
+
+	/* The hot path: a packet of a known flow costs one lookup (and, on a
+	 * VIP with persistence, keeps its client's binding alive). */
+	if (!syn) {
+		be = ct_hit(pkt, cfg, now, syn, &ct_vip, &vip_id, &be_id);
+		if (be) {
+			vip = ct_vip;
+			persist_touch(vip, vip_id, flow, now);
+			goto send;
+		}
 	}
+	vip_id_p = vip_of(flow);
+	if (!vip_id_p)
+		goto not_vip;
 	vip_id = *vip_id_p;
 	vip = vip_table.lookup(&vip_id);
 	if (!vip || !(vip->flags & FL_VIP_F_VALID))
 		return FL_DROP_NO_BACKEND;
 	if (vip->flags & FL_VIP_F_L7) {
 		/* HAProxy terminates it here: no conntrack entry, no backend. */
-		count_vip(vip_id, pkt->bytes, (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN);
+		count_vip(vip_id, pkt->bytes, syn);
 		return FL_PASS_L7;
 	}
 	hash = flow_hash(flow, vip->hash_mode, FASTLB_HASH_SEED);
-	new_ct.last_seen_ns = bpf_ktime_get_coarse_ns();
-	bound = persist_lookup(vip, vip_id, flow, new_ct.last_seen_ns);
-	if (bound != FL_RING_EMPTY) {
-		be_id = bound;   /* persistence: the client's backend, on any port, whatever the algorithm says */
-	} else if (flow->proto != IPPROTO_TCP || (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN) {
-		be_id = select_backend(vip, vip_id, hash);
-	} else {
-		/* Mid-flow with no entry (evicted, not recorded, or moved here from
-		 * another box by ECMP): the ring slot is the pick every box and
-		 * every packet agrees on. */
-		be_id = ring_pick(vip, vip_id, hash);
-		count_event(FL_EV_MIDFLOW_RING, pkt->bytes);
-	}
-	if (be_id == FL_RING_EMPTY)
-		return FL_DROP_NO_BACKEND;
-	if (vip->forwarding == FL_FWD_TUNNEL) {
-		reason = new_flow_too_big(ctx, pkt, be_id);
-		if (reason)
-			return reason;
-	}
-	new_ct.backend_id = be_id;
-	new_ct.vip_id = vip_id;
-	new_ct.vip_gen = vip->gen;
-	/* Only a connection seen from its SYN counts as active: a mid-flow one
-	 * (re-picked, evicted, or moved here) may be reset by its new backend
-	 * behind our back (DSR replies bypass us), and would never be uncounted. */
-	if (pkt->tcp_flags & (FL_TCP_FIN | FL_TCP_RST))
-		new_ct.flags = FL_CT_F_CLOSING;
-	else if (flow->proto == IPPROTO_TCP && (pkt->tcp_flags & (FL_TCP_SYN | FL_TCP_ACK)) == FL_TCP_SYN)
-		new_ct.flags = FL_CT_F_COUNTED;
-	/* Not recorded (over the guard's rate, or conntrack refused): every
-	 * packet of the flow must then reach the same backend, which only the
-	 * ring slot of its hash gives. */
-	if (over_new_flow_rate(new_ct.last_seen_ns)) {
-		if (bound == FL_RING_EMPTY)   /* a binding is as stable as the ring; nothing new is bound */
-			be_id = ring_pick(vip, vip_id, hash);
-		count_event(FL_EV_GUARD_UNRECORDED, pkt->bytes);
-	} else if (conntrack.update(flow, &new_ct) == 0) {
-		if (new_ct.flags & FL_CT_F_COUNTED)
-			active_add(be_id, 1);
+	/* Persistence: the client's backend, on any port, whatever the algorithm says. */
+	bound = persist_lookup(vip, vip_id, flow, now);
+
+	if (syn && vip->algorithm == FL_ALG_MAGLEV) {
+		/* The SYN fast path (Katran's): the binding or the ring slot is the
+		 * pick, recorded with no lookup before the insert. */
+		be_id = bound != FL_RING_EMPTY ? bound : ring_pick(vip, vip_id, hash);
+		be = backends.lookup(&be_id);   /* FL_RING_EMPTY: out of range, NULL */
+		if (!be || !(be->flags & FL_BE_F_VALID))
+			return FL_DROP_NO_BACKEND;
+		new_flow = 1;
+		if (over_new_flow_rate(cfg, now)) {
+			/* Unrecorded: the ring slot (or the binding, as stable); nothing new is bound. */
+			count_event(FL_EV_GUARD_UNRECORDED, pkt->bytes);
+			goto send;
+		}
+		/* The MTU check comes before the record: a too-big first packet records no flow. */
+		if (vip->forwarding == FL_FWD_TUNNEL) {
+			reason = tunnel_too_big(ctx, pkt, cfg, be);
+			if (reason)
+				return reason;
+		}
+		ct_new(&new_ct, pkt, vip, vip_id, be_id, be, now);
+		rc = conntrack.insert(flow, &new_ct);
+		if (rc == -FL_EEXIST) {
+			/* An entry holds the flow: a retransmitted SYN keeps its backend ... */
+			ct_be = ct_hit(pkt, cfg, now, syn, &ct_vip, &vip_id, &be_id);
+			if (ct_be) {
+				be = ct_be;
+				vip = ct_vip;
+				new_flow = 0;
+				goto send;
+			}
+			/* ... unless it is stale, closed, or its backend gone: a new connection. */
+			rc = conntrack.update(flow, &new_ct);
+		}
+		if (rc) {
+			count_event(FL_EV_CT_FULL, pkt->bytes);
+			goto send;
+		}
 		if (bound == FL_RING_EMPTY)
-			persist_bind(vip, vip_id, flow, be_id, new_ct.last_seen_ns);
+			persist_bind(vip, vip_id, flow, be_id, be, now);
+		goto send;
+	}
+	if (syn) {
+		/* rr, wrr, lc, lrt: a retransmitted SYN must not pick again. */
+		be = ct_hit(pkt, cfg, now, syn, &ct_vip, &vip_id, &be_id);
+		if (be) {
+			vip = ct_vip;
+			goto send;
+		}
+	}
+
+	/* A new flow, or one whose entry is stale or whose VIP or backend is gone:
+	 * the binding, or a pick from the table. */
+	if (flow->proto == IPPROTO_UDP && unrecorded_again(cfg, hash, now)) {
+		/* Left unrecorded by the guard: every packet keeps the ring slot (or its binding). */
+		be_id = bound != FL_RING_EMPTY ? bound : ring_pick(vip, vip_id, hash);
 	} else {
-		if (bound == FL_RING_EMPTY)
+		new_flow = 1;
+		if (bound != FL_RING_EMPTY) {
+			be_id = bound;
+		} else if (syn || flow->proto != IPPROTO_TCP) {
+			be_id = select_backend(vip, vip_id, hash);
+		} else {
+			/* Mid-flow with no entry (evicted, not recorded, or moved here from
+			 * another box by ECMP): the ring slot is the pick every box and
+			 * every packet agrees on. */
 			be_id = ring_pick(vip, vip_id, hash);
-		count_event(FL_EV_CT_FULL, pkt->bytes);
+			count_event(FL_EV_MIDFLOW_RING, pkt->bytes);
+		}
+		/* Not recorded (over the guard's rate, or conntrack refused): every
+		 * packet of the flow must then reach the same backend, which only the
+		 * ring slot of its hash gives (a binding is as stable; nothing new is
+		 * bound); a UDP flow's later packets are then known as its own
+		 * (unrecorded_again). */
+		if (over_new_flow_rate(cfg, now)) {
+			if (bound == FL_RING_EMPTY)
+				be_id = ring_pick(vip, vip_id, hash);
+			count_event(FL_EV_GUARD_UNRECORDED, pkt->bytes);
+			if (flow->proto == IPPROTO_UDP)
+				remember_unrecorded(hash, now);
+		} else {
+			record = 1;
+		}
 	}
 	be = backends.lookup(&be_id);
 	if (!be || !(be->flags & FL_BE_F_VALID))
 		return FL_DROP_NO_BACKEND;
-	new_flow = 1;
+	if (record) {
+		/* The MTU check comes before the record: a too-big first packet records no flow. */
+		if (vip->forwarding == FL_FWD_TUNNEL) {
+			reason = tunnel_too_big(ctx, pkt, cfg, be);
+			if (reason)
+				return reason;
+		}
+		ct_new(&new_ct, pkt, vip, vip_id, be_id, be, now);
+		if (conntrack.update(flow, &new_ct) == 0) {
+			if (bound == FL_RING_EMPTY)
+				persist_bind(vip, vip_id, flow, be_id, be, now);
+		} else if (bound == FL_RING_EMPTY) {
+			be_id = ring_pick(vip, vip_id, hash);
+			count_event(FL_EV_CT_FULL, pkt->bytes);
+			be = backends.lookup(&be_id);
+			if (!be || !(be->flags & FL_BE_F_VALID))
+				return FL_DROP_NO_BACKEND;
+		} else {
+			count_event(FL_EV_CT_FULL, pkt->bytes);
+		}
+	}
 
 send:
 	reason = to_backend(ctx, eth, pkt, vip, vip_id, be);
@@ -841,6 +1022,10 @@ send:
 		count_backend(be_id, pkt->bytes, new_flow);
 	}
 	return reason;
+
+not_vip:
+	reason = nat_in(ctx, eth, data_end, pkt);
+	return reason ? reason : miss_reason(flow, FL_PASS_VIP_PORT);
 }
 
 /* ---- ICMP, ARP and ND ---- */
@@ -1092,8 +1277,8 @@ static __always_inline __u32 process_ipv6(struct xdp_md *ctx, struct hdr_cursor 
 
 int xdp_fastlb(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = fl_data(ctx);
+	void *data_end = fl_data_end(ctx);
 	struct hdr_cursor nh = { .pos = data };
 	struct fl_pkt pkt = {};
 	struct ethhdr *eth;

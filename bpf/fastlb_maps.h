@@ -56,10 +56,22 @@ FL_MAP("array", __u32, __u32, seq, FASTLB_MAX_VIPS * FASTLB_SEQ_SIZE, 0);
 /* vip_id -> this CPU's position in the VIP's sequence. Written by the program. */
 FL_MAP("percpu_array", __u32, __u32, seq_cursor, FASTLB_MAX_VIPS, 0);
 
-/* backend id -> active TCP connections (lc/lrt). Written by the program:
- * +1 when a flow is recorded, -1 when it first shows FIN or RST; the
- * loader zeroes a slot it gives to a new backend. */
-FL_MAP("array", __u32, __u32, backend_active, FASTLB_MAX_BACKENDS, 0);
+/* backend id -> active TCP connections (lc/lrt). Written by the program
+ * only: +1 when a flow recorded from its SYN shows its first ACK, -1 when
+ * a counted flow first shows FIN or RST or is met past its timeout. The
+ * loader zeroes it only together with a new backend.gen, when no entry
+ * can reach the slot's count any more. Signed: a race can leave it at -1
+ * for a moment, never at 4294967295. */
+FL_MAP("array", __u32, __s32, backend_active, FASTLB_MAX_BACKENDS, 0);
+
+/* backend id -> correction added to backend_active when the program reads
+ * it (the result clamped at 0). Written by userspace only, so a correction
+ * never races the program's own updates. */
+FL_MAP("array", __u32, __s32, backend_active_fix, FASTLB_MAX_BACKENDS, 0);
+
+/* flow hash % FL_UNRECORDED_SLOTS -> a UDP flow the guard left unrecorded
+ * on this CPU. Written by the program. */
+FL_MAP("percpu_array", __u32, struct fl_unrecorded, unrecorded, FL_UNRECORDED_SLOTS, 0);
 
 /* 5-tuple -> backend and state. Written by the program (new flows) and the
  * controller (flush). One LRU for the box, not per-CPU lists: a per-CPU LRU

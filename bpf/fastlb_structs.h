@@ -56,6 +56,9 @@ struct backend {
 	__u32 rtt_us;               /* lrt: response-time score in microseconds */
 	__u32 egress_ifindex;       /* interface towards it; 0: the one the packet came in on */
 	__u32 egress_slot;          /* that interface's slot in tx_ports and ifaces */
+	__u32 gen;                  /* bumped when the slot takes a new backend or one comes
+	                             * back up, so that conntrack entries of the slot's
+	                             * earlier backend miss, and its count starts at 0 */
 };
 
 /* Value of the ifaces array: an interface of the attachment. Slot 0 is the
@@ -83,7 +86,19 @@ struct ct_value {
 	__u32 vip_id;
 	__u32 vip_gen;              /* vip_meta.gen when the flow was recorded */
 	__u32 flags;                /* enum fl_ct_flags */
-	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns: creation for TCP, last packet for UDP */
+	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns of its last packet, written
+	                             * at most once per FL_CT_REFRESH_NS */
+	__u32 backend_gen;          /* backend.gen when the flow was recorded */
+	__u32 pad;
+};
+
+/* Value of the unrecorded array (per CPU, by flow hash): a UDP flow the
+ * new-flow guard left unrecorded, so that its later packets keep its ring
+ * slot and do not count as new flows. */
+struct fl_unrecorded {
+	__u64 seen_ns;              /* its last packet */
+	__u32 hash;                 /* its flow hash */
+	__u32 pad;
 };
 
 /* Value of nat_rev: how to turn a backend's reply back into the VIP's. Its
@@ -120,6 +135,10 @@ struct fl_settings {
 	__u8 lb_mac[6];             /* the attach interface's MAC (ARP/ND answers) */
 	__u16 pad;
 	__u32 new_flow_rate;        /* new flows per CPU per second recorded; 0: no limit */
+	__u32 udp_timeout_s;        /* conntrack entries idle longer than these (plus the */
+	__u32 tcp_syn_timeout_s;    /* 1 s refresh step) count as absent, by protocol and */
+	__u32 tcp_timeout_s;        /* TCP state: SYN seen, established, FIN or RST seen; */
+	__u32 tcp_fin_timeout_s;    /* 0: never */
 	__u32 icmp_rate;            /* ICMP errors generated per CPU per second; 0: no limit */
 	__u32 icmp_burst;           /* ... and at most this many at once */
 	__u32 pad2;
@@ -144,6 +163,9 @@ struct persist_value {
 	__u32 backend_id;
 	__u32 vip_gen;              /* vip_meta.gen when bound: a slot's new VIP misses */
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC_COARSE ns of the client's last packet (1 s steps) */
+	__u32 backend_gen;          /* backend.gen when bound: the slot's next backend (a
+	                             * replacement, or this one back up) misses, as conntrack does */
+	__u32 pad;
 };
 
 /* Value of the vip_persist array, indexed by vip id. Written by the loader. */

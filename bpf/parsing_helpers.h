@@ -48,6 +48,29 @@ static __always_inline __u32 fl_ntohs(__be16 field)
 	return value & 0xffff;
 }
 
+/* The frame's bounds. Each is loaded from ctx itself by a single instruction:
+ * left to the compiler, a program that re-reads them after every head
+ * adjustment may keep &ctx->data_end in a spilled register, and the verifier
+ * refuses a load through a modified ctx pointer ("dereference of modified ctx
+ * ptr"). */
+static __always_inline void *fl_data(struct xdp_md *ctx)
+{
+	void *data;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(data)
+		     : "r"(ctx), "i"(__builtin_offsetof(struct xdp_md, data)));
+	return data;
+}
+
+static __always_inline void *fl_data_end(struct xdp_md *ctx)
+{
+	void *data_end;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(data_end)
+		     : "r"(ctx), "i"(__builtin_offsetof(struct xdp_md, data_end)));
+	return data_end;
+}
+
 struct vlan_hdr {
 	__be16 h_vlan_TCI;
 	__be16 h_vlan_encapsulated_proto;

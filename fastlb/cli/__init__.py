@@ -290,6 +290,11 @@ save_option = click.option("--save", is_flag=True,
                                 "kept); without it the change is lost at the next restart or reload.")
 
 
+route_option = click.option("--route", type=click.IntRange(0), default=None, metavar="N",
+                            help="http/https VIPs: change route N's pool (vip.route[N], counted from 0 in "
+                                 "file order) instead of the VIP's default pool.")
+
+
 def _call(request: dict, iface: str | None) -> dict:
     from fastlb.controller import control_socket
     return control_socket.call(request, iface)
@@ -364,10 +369,13 @@ def backend():
       sudo fastlb backend drain 198.19.0.100:80/tcp 198.18.0.11
       sudo fastlb backend weight 198.19.0.100:80/tcp 198.18.0.11 1 --save
       sudo fastlb backend remove 198.19.0.100:80/tcp 198.18.0.11
+      sudo fastlb backend add 198.19.0.100:80/http 198.18.0.21:8080 --route 0
     """
 
 
-def _change(request: dict, iface, save: bool) -> None:
+def _change(request: dict, iface, save: bool, route: int | None = None) -> None:
+    if route is not None:
+        request = {**request, "route": route}
     reply = _call({**request, "save": save}, iface)
     click.echo(f"fastlb: {reply['message']}")
 
@@ -376,42 +384,46 @@ def _change(request: dict, iface, save: bool) -> None:
 @click.argument("vip", metavar="VIP")
 @click.argument("address", metavar="BACKEND")
 @click.option("--weight", default=1, show_default=True, type=click.IntRange(0, 65535), help="Its weight.")
+@route_option
 @iface_option
 @save_option
-def backend_add(vip, address, weight, iface, save):
+def backend_add(vip, address, weight, route, iface, save):
     """Add BACKEND (ADDR or ADDR:PORT) to VIP (ADDR:PORT/PROTO)."""
-    _change({"cmd": "backend.add", "vip": vip, "backend": address, "weight": weight}, iface, save)
+    _change({"cmd": "backend.add", "vip": vip, "backend": address, "weight": weight}, iface, save, route)
 
 
 @backend.command("remove")
 @click.argument("vip", metavar="VIP")
 @click.argument("address", metavar="BACKEND")
+@route_option
 @iface_option
 @save_option
-def backend_remove(vip, address, iface, save):
+def backend_remove(vip, address, route, iface, save):
     """Remove BACKEND from VIP: its flows' next packets go to a live backend (expect resets)."""
-    _change({"cmd": "backend.remove", "vip": vip, "backend": address}, iface, save)
+    _change({"cmd": "backend.remove", "vip": vip, "backend": address}, iface, save, route)
 
 
 @backend.command("weight")
 @click.argument("vip", metavar="VIP")
 @click.argument("address", metavar="BACKEND")
 @click.argument("weight", type=click.IntRange(0, 65535))
+@route_option
 @iface_option
 @save_option
-def backend_weight(vip, address, weight, iface, save):
+def backend_weight(vip, address, weight, route, iface, save):
     """Set the weight of BACKEND (0 drains it)."""
-    _change({"cmd": "backend.weight", "vip": vip, "backend": address, "weight": weight}, iface, save)
+    _change({"cmd": "backend.weight", "vip": vip, "backend": address, "weight": weight}, iface, save, route)
 
 
 @backend.command("drain")
 @click.argument("vip", metavar="VIP")
 @click.argument("address", metavar="BACKEND")
+@route_option
 @iface_option
 @save_option
-def backend_drain(vip, address, iface, save):
+def backend_drain(vip, address, route, iface, save):
     """Give BACKEND no new flows; its established flows go on until they end (weight 0)."""
-    _change({"cmd": "backend.drain", "vip": vip, "backend": address}, iface, save)
+    _change({"cmd": "backend.drain", "vip": vip, "backend": address}, iface, save, route)
 
 
 @main.group()
@@ -540,7 +552,7 @@ def flows_list(vip_spec, backend_spec, limit, persistent, as_json, iface):
         click.echo(json.dumps({"total": total, "flows": rows}, indent=2))
         return
     for r in rows:
-        clock = f"age {r['age_s']:.1f} s" if "age_s" in r else f"idle {r['idle_s']:.1f} s"
+        clock = f"idle {r['idle_s']:.1f} s"
         state = ",".join(r["flags"]) or "-"
         live = "" if r["live"] else "  (stale: its next packet picks again)"
         click.echo(f"{r['proto']} {r['client']} -> {r['vip']}  backend {r['backend']}  {state}  {clock}{live}")

@@ -59,8 +59,14 @@ class Settings:
     tunnel_source6: ipaddress.IPv6Network | None = None
     icmp_source: ipaddress.IPv4Address | None = None
     icmp_source6: ipaddress.IPv6Address | None = None
-    # The controller: UDP flows idle this long are expired; conntrack is swept this often.
+    # Conntrack timeouts, decided by the data plane where an entry is read: a UDP flow
+    # idle this long, a TCP flow idle this long in its state (SYN seen, established,
+    # FIN or RST seen), counts as absent. IPVS's defaults.
     udp_timeout: float = 300.0
+    tcp_syn_timeout: float = 60.0
+    tcp_timeout: float = 900.0
+    tcp_fin_timeout: float = 120.0
+    # The controller's housekeeping timer (BGP retries); it walks no table.
     sweep_interval: float = 2.0
     # The new-flow guard: new flows per CPU per second that conntrack records; the
     # rest are forwarded by their ring slot, unrecorded (0 turns the guard off).
@@ -284,13 +290,17 @@ _SETTINGS_RANGES = {
     "hash_seed": (0, 2**32 - 1),
     "swrr_size": (1, 65536),
     "udp_timeout": (1.0, 86400.0),
+    "tcp_syn_timeout": (1.0, 86400.0),
+    "tcp_timeout": (1.0, 86400.0 * 7),
+    "tcp_fin_timeout": (1.0, 86400.0),
     "sweep_interval": (0.1, 3600.0),
     "new_flow_rate": (0, 2**32 - 1),
     "max_vip_ports": (0, 1_048_576),
     "icmp_rate": (0, 2**32 - 1),
     "icmp_burst": (1, 2**32 - 1),
 }
-_SETTINGS_SECONDS = frozenset({"udp_timeout", "sweep_interval"})  # numbers, not only integers
+_SETTINGS_SECONDS = frozenset({"udp_timeout", "tcp_syn_timeout", "tcp_timeout", "tcp_fin_timeout",
+                               "sweep_interval"})  # numbers, not only integers
 _SETTINGS_NETWORKS = {"tunnel_source": 4, "tunnel_source6": 6}
 _SETTINGS_ADDRESSES = {"icmp_source": 4, "icmp_source6": 6}
 _SETTINGS_KEYS = (*_SETTINGS_RANGES, *_SETTINGS_NETWORKS, *_SETTINGS_ADDRESSES)

@@ -175,7 +175,12 @@ def status() -> list[dict]:
         if announced is not None:
             entry["bgp"] = announced
             for vip in vips:
-                if vip["vip"] in announced["vips"]:
-                    vip["bgp"] = announced["vips"][vip["vip"]]
+                names = [vip["vip"]]
+                if vip["forwarding"] == identity.L7_FORWARDING:   # the maps know an http VIP by its TCP key
+                    base = vip["vip"].rsplit("/", 1)[0]
+                    names += [f"{base}/http", f"{base}/https"]
+                found = next((n for n in names if n in announced["vips"]), None)
+                if found is not None:
+                    vip["bgp"] = announced["vips"][found]
         out.append(entry)
     return out

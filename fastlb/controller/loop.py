@@ -1,4 +1,4 @@
-"""The controller behind ``fastlb attach``: health checks drive the maps, live changes, sweeps.
+"""The controller behind ``fastlb attach``: health checks drive the maps, live changes, timers.
 
 One thread (the caller's) writes the maps and runs :meth:`Controller.run`, a
 loop over one event queue. The metrics thread (fastlb.controller.metrics)
@@ -14,19 +14,23 @@ never writes. Other threads only put events on the queue:
 Events are taken in batches; when a batch changed anything, the planner
 (fastlb.controller.planner, pure) says once what the tables should hold, and
 only their differences are written (fastlb.dataplane.tables.apply). Live
-config changes are pure functions in fastlb.config.edits. A timer runs the conntrack sweep (fastlb.dataplane.flows):
-active-connection counts recounted, idle UDP flows expired.
+config changes are pure functions in fastlb.config.edits. The controller does no
+work per conntrack entry: the data plane expires entries and keeps the active
+counts itself (docs/DATAPLANE.md). Two timers remain: every ``sweep_interval``
+an unreachable BIRD is tried again, and while a backend ramps (slow start)
+its weight steps every RAMP_STEP.
 
 Each transition is logged as one line of ``key=value`` pairs on stderr:
 ``backend_up``, ``backend_down``, ``table_rebuilt`` (with the slots
 changed), ``flows_moved``, ``vip_no_healthy_backend``, ``config_reloaded``,
-``config_reload_failed``, ``neighbour_changed``, ``active_reconciled``;
+``config_reload_failed``, ``neighbour_changed``;
 with ``[bgp]`` (fastlb.controller.bgp): ``route_announced``, ``route_withdrawn``,
 ``bgp_speaker_error``, ``bgp_speaker_ok``, ``bgp_withdrawn_for_detach``.
 
 A failed backend of a VIP with ``expire_nodest_conn`` (the default) keeps
-its slot but loses the slot's valid flag, and its flows are deleted from
-conntrack: their next packets go to a live backend. Without it, it only
+its slot but loses the slot's valid flag: its flows' next packets go to a
+live backend, and when it comes back up its slot gets a new generation, so
+that none of them returns to it. Without it, it only
 leaves the tables (weight 0), and its flows stay on it.
 """
 
@@ -46,9 +50,10 @@ from datetime import datetime, timezone
 from fastlb.config import Config, ConfigError, edits, l4_view, load_config, render_config, validate
 from fastlb.controller import attachment, bgp, control_socket, health, neighbour_watch, planner, state
 from fastlb.controller.files import write_atomic
-from fastlb.controller.planner import NO_MAC, Key, lrt_score
+from fastlb.controller.planner import NO_MAC, Key
 from fastlb.core import PeakEwma
 from fastlb.dataplane import flows, identity, stats, tables
+from fastlb.dataplane.tables import lrt_score
 from fastlb.errors import FastlbError, NeighbourError, require_root
 from fastlb.kernel import neighbours, pins, structs, xdp
 from fastlb.kernel.layout import Sizes
@@ -57,6 +62,7 @@ from fastlb.kernel.maps import PinnedMaps
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 RAMP_STEP = 0.5         # seconds between two weight steps of a slow start
 PUBLISH_EVERY = 0.5     # seconds: how stale the health counters that stats and metrics read may get
+COUNT_BUDGET = 0.005    # metrics: the share of a core that counting conntrack may take
 SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 COMMAND_TIMEOUT = 60.0
 
@@ -121,9 +127,9 @@ class Controller:
         self.public: dict = {}
         self.published = 0.0                            # time.monotonic() of the last _publish
         self._members: tuple[Config | None, dict] = (None, {})
-        self.conntrack_entries: int | None = None
+        self._counted: int | None = None                 # metrics: conntrack's entries at the last count
+        self._count_due = 0.0                            # time.monotonic() when they may be counted again
         self.reloads = {"ok": 0, "failed": 0}
-        self.udp_expired = 0
         self.announcer: bgp.Announcer | None = None   # [bgp]: the VIPs' routes in BIRD
         self.l7 = None                                 # http/https VIPs: fastlb.controller.l7.tier.Tier
 
@@ -338,14 +344,12 @@ class Controller:
 
     def _rebuild(self) -> None:
         before = self._valid_slots()
-        started = flows.now_ns()
         plan = self._plan()
         written = tables.apply(self.maps, plan.effective, plan.macs, self.sizes, down=plan.down,
                                **self._two_arm(plan.effective))
-        self._after_build(plan, written, before, started_ns=started)
+        self._after_build(plan, written, before)
 
-    def _after_build(self, plan: planner.Plan, written: dict, before: set[int], first: bool = False,
-                     started_ns: int = 0) -> None:
+    def _after_build(self, plan: planner.Plan, written: dict, before: set[int], first: bool = False) -> None:
         effective = plan.effective
         placement = tables.place(effective, self.maps, self.sizes)
         self.slots = {(vip.name, b.key): placement.backend_ids[(vip.name, pos)]
@@ -357,15 +361,14 @@ class Controller:
                          backends=len(vip.backends))
         left = before - self._valid_slots()
         if left and not first:
-            moved = flows.purge_backends(self.maps, left, started_ns)
+            # The kernel re-picks their flows at their next packet (the slot is no longer
+            # valid, or holds a new generation); nothing walks conntrack.
             unbound = flows.unbind_backends(self.maps, left)
             if unbound:
                 self.log("clients_unbound", backend_slots=",".join(map(str, sorted(left))), bindings=unbound,
                          why="persistence ends with its backend: their next connections pick again")
-            self.log("flows_moved", backend_slots=",".join(map(str, sorted(left))), flows=moved,
+            self.log("flows_moved", backend_slots=",".join(map(str, sorted(left))),
                      why="their backend failed or was removed (expire_nodest_conn)")
-        if written.get("removed"):
-            flows.reconcile_active(self.maps)
         for key in self.views:
             self._write_rtt(key, force=True)
         self._save_state()
@@ -373,9 +376,14 @@ class Controller:
         self._publish()
 
     def _announce(self) -> None:
-        """BGP: announce the VIPs that have a healthy backend, withdraw the others (fastlb.controller.bgp)."""
+        """BGP: announce the VIPs that have a healthy backend, withdraw the others (fastlb.controller.bgp).
+
+        An http VIP's backends are HAProxy's: healthy while one of its servers is up (fastlb.controller.l7)."""
         if self.announcer is not None:
-            self.announcer.update(self.config, {v.name for v in self.config.vips if v.name not in self.memory.empty})
+            healthy = {v.name for v in self.config.vips if not v.is_l7 and v.name not in self.memory.empty}
+            if self.l7 is not None:
+                healthy |= self.l7.serving_vips()
+            self.announcer.update(self.config, healthy)
 
     def _save_state(self) -> None:
         try:
@@ -388,8 +396,8 @@ class Controller:
         vip = self._member(key)[0]
         be_id = self.slots.get(key)
         view = self.views.get(key)
-        if vip is None or vip.algorithm != "lrt" or be_id is None or view is None or not view.ewma.has_sample:
-            return
+        if vip is None or vip.algorithm != "lrt" or be_id is None or view is None:
+            return   # with no sample yet, score_us is default_us: load counts from the first connection
         score = lrt_score(view.ewma.score_us(time.monotonic()))
         old = view.rtt_written
         if not force and score == old:
@@ -456,11 +464,11 @@ class Controller:
 
     def run(self) -> None:
         """Handle events until SIGINT or SIGTERM."""
-        sweep_every = self.config.settings.sweep_interval
-        next_sweep = time.monotonic() + sweep_every
+        retry_every = self.config.settings.sweep_interval   # the key's name from when it timed a conntrack sweep
+        next_retry = time.monotonic() + retry_every
         next_ramp = time.monotonic()
         while True:
-            wake = min(next_sweep, next_ramp) if self.ramping() else next_sweep
+            wake = min(next_retry, next_ramp) if self.ramping() else next_retry
             try:
                 batch = [self.events.get(timeout=max(0.0, wake - time.monotonic()))]
             except queue.Empty:
@@ -477,7 +485,7 @@ class Controller:
                     if event[1] in STOP_SIGNALS:
                         return
                     self._reload()  # applied, or logged and ignored
-                    sweep_every = self.config.settings.sweep_interval
+                    retry_every = self.config.settings.sweep_interval
                 elif kind == "results":
                     for result in event[1]:
                         dirty = self._on_result_main(result) or dirty
@@ -485,6 +493,8 @@ class Controller:
                     dirty = self._on_neigh(event[1], event[2]) or dirty
                 elif kind == "call":
                     self._run_call(event[1])
+                elif kind == "l7_health":
+                    self._announce()     # HAProxy's servers of an http VIP all went down, or one came back
             if self.ramping() and time.monotonic() >= next_ramp:
                 dirty = True            # slow start: the next weight step (only changed slots are written)
                 next_ramp = time.monotonic() + RAMP_STEP
@@ -493,22 +503,10 @@ class Controller:
             elif batch and (time.monotonic() - self.published >= PUBLISH_EVERY
                             or any(event[0] != "results" for event in batch)):
                 self._publish()   # results alone: at most every PUBLISH_EVERY (1,000 backends send 1,000 a second)
-            if time.monotonic() >= next_sweep:
-                self._sweep()
+            if time.monotonic() >= next_retry:
                 if self.announcer is not None:
                     self.announcer.retry()   # BIRD was unreachable: try again
-                next_sweep = time.monotonic() + sweep_every
-
-    def _sweep(self) -> None:
-        entries = flows.read(self.maps)
-        fixed = flows.reconcile_active(self.maps, entries)
-        if fixed:
-            names = {slot: key[1].decode() for key, slot in self.slots.items()}
-            self.log("active_reconciled", backends=" ".join(
-                f"{names.get(be, be)}:{old}->{new}" for be, (old, new) in sorted(fixed.items())))
-        expired = flows.expire_udp(self.maps, self.config.settings.udp_timeout, entries)
-        self.udp_expired += expired
-        self.conntrack_entries = len(entries) - expired
+                next_retry = time.monotonic() + retry_every
 
     # ---- config changes --------------------------------------------------------------
 
@@ -571,7 +569,7 @@ class Controller:
             return None
         if self.l7 is None:
             from .l7 import tier
-            self.l7 = tier.Tier(self.ifname, self.log)
+            self.l7 = tier.Tier(self.ifname, self.log, on_health=lambda: self.events.put(("l7_health",)))
             self.l7.start(new)
             return "started"
         return self.l7.apply(new, reload=reload)
@@ -685,10 +683,8 @@ class Controller:
 
     def stats(self, count_flows: bool = True) -> dict:
         data = stats.collect(self.maps, self.public, count_flows=count_flows)
-        if not count_flows and self.conntrack_entries is not None:
-            data["conntrack"]["entries"] = self.conntrack_entries
         data.update(interface=self.ifname, controller=True, pid=os.getpid(), config=self.config_path,
-                    reloads=dict(self.reloads), udp_expired=self.udp_expired)
+                    reloads=dict(self.reloads))
         if self.l7 is not None:
             data["l7"] = self.l7.stats()
             # the maps know an http VIP by its TCP key: give it its config name
@@ -698,7 +694,18 @@ class Controller:
         return data
 
     def _metrics_source(self) -> dict:
-        return self.stats(count_flows=False)
+        """What a scrape reports. Conntrack's entries are counted by batch lookups (kernel
+        work per entry, none in Python), at most as often as keeps that under
+        COUNT_BUDGET of a core: a count that took 0.26 s (1M entries) waits 52 s."""
+        data = self.stats(count_flows=False)
+        now = time.monotonic()
+        if now >= self._count_due:
+            started = time.thread_time()
+            self._counted = flows.count(self.maps)
+            self._count_due = now + (time.thread_time() - started) / COUNT_BUDGET
+        if self._counted is not None:
+            data["conntrack"]["entries"] = self._counted
+        return data
 
     # ---- stop --------------------------------------------------------------------------
 

@@ -144,7 +144,7 @@ class StatsCollector:
         yield nbytes
         ct = data.get("conntrack", {})
         if "entries" in ct:
-            g = GaugeMetricFamily("fastlb_conntrack_entries", "Flows in the conntrack map (at the last sweep).",
+            g = GaugeMetricFamily("fastlb_conntrack_entries", "Entries in the conntrack map, counted at the scrape (stale ones too, until the LRU reclaims them).",
                                   labels=["interface"])
             g.add_metric([iface], ct["entries"])
             yield g

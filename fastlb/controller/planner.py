@@ -12,7 +12,6 @@ applies what it returns.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -20,22 +19,10 @@ from fastlb.config import Config, Vip, l4_view
 from fastlb.controller.health import MAX_WEIGHT, UP
 
 NO_MAC = "00:00:00:00:00:00"
-LRT_FLOOR_US = 2000         # lrt: scores below this are equal (probe noise on a LAN) ...
-LRT_STEP = 1.5              # ... and above it, scores in the same step of this ratio are equal
 RAMP_SCALE = 100            # during a VIP's slow start its weights are scaled up so that a ramp has steps
 
 Key = tuple[str, bytes]     # (VIP name, backend key)
 Transition = tuple[str, dict]   # (event, fields) for the loop's log
-
-
-def lrt_score(us: int) -> int:
-    """The response-time score written for the kernel: rounded to a geometric
-    step, so that backends of about the same latency tie and the ring spreads
-    flows among them, while a clearly slower one still loses every pair."""
-    if us <= LRT_FLOOR_US:
-        return LRT_FLOOR_US
-    steps = round(math.log(us / LRT_FLOOR_US, LRT_STEP))
-    return min(int(LRT_FLOOR_US * LRT_STEP ** steps), 2**32 - 1)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ may be read from an attachment's pinned maps; conntrack is never read.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import functools
 import ipaddress
@@ -200,12 +199,13 @@ def binding(vip, src: str) -> str | None:
 def live_counts(vip) -> tuple[list[int], list[int], str] | None:
     """Active connections and rtt per backend of ``vip`` (config order), read
     from the attachment in this network namespace that serves it; None if none does."""
+    from fastlb.dataplane import flows
     for ifname, maps, vip_id in _serving(vip):
         by_key = {}
+        counts = flows.active_counts(maps)
         for be_id, slot in identity.backends(maps).items():
             if slot.valid and slot.entry.vip_id == vip_id.value:
-                active = maps.lookup("backend_active", ctypes.c_uint32(be_id)).value
-                by_key[slot.name.encode()] = (active, slot.entry.rtt_us)
+                by_key[slot.name.encode()] = (counts[be_id], slot.entry.rtt_us)
         figures = [by_key.get(b.key, (0, 0)) for b in vip.backends]
         return [f[0] for f in figures], [f[1] for f in figures], f"live counts from {ifname}'s maps"
     return None

@@ -1,17 +1,22 @@
-"""The conntrack map from userspace: list, flush, expire, and keep the active counts right.
+"""The conntrack map from userspace: list, flush, and correct the active counts.
 
-The kernel records each flow in the ``conntrack`` LRU map and counts a
-backend's active TCP connections in ``backend_active`` (+1 when a flow is
-recorded, -1 at its first FIN or RST). Counts drift when a flow ends
-without the balancer seeing it close: the LRU evicts it, the controller
-deletes it, or the kernel moves it to another backend because its own
-became invalid. :func:`reconcile_active` recounts from conntrack: the
-flows that are counted, not closing, and whose VIP and backend still
-stand (the kernel's own test for a conntrack hit).
+The data plane decides a flow's life where it reads the entry (DATAPLANE.md):
+an entry past its timeout (UDP idle, or TCP by state) counts as absent, and
+the LRU reclaims it; a backend's active TCP connections are counted by the
+program in ``backend_active`` (+1 at the first ACK of a flow recorded from
+its SYN, -1 at its first FIN or RST, or when it is met past its timeout).
+Nothing here runs periodically: the controller walks no table.
+
+A count can still drift when a counted flow ends unseen and its entry is
+never read again (the LRU evicts it, or ``fastlb flows flush`` deletes it).
+:func:`reconcile_active` corrects that on demand: it writes
+``backend_active_fix``, which the program adds to its own count, so the
+correction never races the program's increments (userspace never writes
+``backend_active`` itself, except zeroing it with a new backend generation).
 
 The map is read with batch lookups (:func:`fastlb.kernel.bpfsys.map_lookup_batch`).
 Nothing here is a snapshot: the kernel keeps changing the map while it is
-read, so each writer re-checks what it is about to change.
+read.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ def read(maps: PinnedMaps) -> list[tuple[structs.FlowKey, structs.CtValue]]:
     return bpfsys.map_lookup_batch(maps.fds["conntrack"], structs.FlowKey, structs.CtValue)
 
 
+def count(maps: PinnedMaps) -> int:
+    """How many entries conntrack holds (stale ones too, until the LRU reclaims them), by
+    batch lookups into one buffer: what ``fastlb stats`` and the metrics show."""
+    return bpfsys.map_count(maps.fds["conntrack"], structs.FlowKey, structs.CtValue)
+
+
 @dataclass(frozen=True)
 class Slots:
     """What the kernel's conntrack-hit test needs: the live VIP generations and backend slots."""
@@ -59,34 +70,55 @@ class Slots:
         """True when the kernel would still send this flow to its recorded backend."""
         be = self.backends.get(value.backend_id)
         return (self.vip_gens.get(value.vip_id) == value.vip_gen and be is not None
-                and be.vip_id == value.vip_id)
+                and be.vip_id == value.vip_id and be.gen == value.backend_gen)
 
 
 def is_active(value: structs.CtValue) -> bool:
     return bool(value.flags & cdefs.FL_CT_F_COUNTED) and not value.flags & cdefs.FL_CT_F_CLOSING
 
 
-def reconcile_active(maps: PinnedMaps, entries=None) -> dict[int, tuple[int, int]]:
-    """Set each backend's active count to its live counted flows in conntrack.
+def _signed(values: list[int]) -> list[int]:
+    return [v - (1 << 32) if v >= 1 << 31 else v for v in values]
 
-    A count is corrected only if it did not move while conntrack was read
-    (read before and after), so a flow that opens or closes meanwhile is
-    never lost; such a count waits for the next sweep. Returns
-    {backend id: (old count, new count)} of the corrections.
+
+def active_counts(maps: PinnedMaps) -> list[int]:
+    """Each backend slot's active connections as the program weighs them:
+    its count plus the correction, never below 0."""
+    size = maps.info("backend_active").max_entries
+    counts = _signed(maps.read_u32_slice("backend_active", 0, size))
+    fixes = _signed(maps.read_u32_slice("backend_active_fix", 0, size))
+    return [max(0, c + f) for c, f in zip(counts, fixes)]
+
+
+def write_correction(maps: PinnedMaps, fixes: dict[int, int]) -> None:
+    """Set the corrections the program adds to these backends' counts."""
+    for be_id, fix in fixes.items():
+        maps.update("backend_active_fix", ctypes.c_uint32(be_id), ctypes.c_int32(fix))
+
+
+def reconcile_active(maps: PinnedMaps, entries=None) -> dict[int, tuple[int, int]]:
+    """Correct each backend's count to its live counted flows in conntrack (on demand).
+
+    The program's own count is never written: the correction goes to
+    ``backend_active_fix``. A count that moved while conntrack was read
+    (read before and after) is left alone, so a flow that opens or closes
+    meanwhile is never lost. Returns {backend id: (old, new)} of the
+    corrected counts.
     """
     size = maps.info("backend_active").max_entries
-    before = maps.read_u32_slice("backend_active", 0, size)
+    before = _signed(maps.read_u32_slice("backend_active", 0, size))
     if entries is None:
         entries = read(maps)
     slots = Slots.read(maps)
     counts = Counter(v.backend_id for _, v in entries if is_active(v) and slots.stands(v))
-    after = maps.read_u32_slice("backend_active", 0, size)
+    after = _signed(maps.read_u32_slice("backend_active", 0, size))
+    fixes = _signed(maps.read_u32_slice("backend_active_fix", 0, size))
     fixed = {}
     for be_id in range(size):
         want = counts.get(be_id, 0)
-        if before[be_id] == after[be_id] != want:
-            maps.update("backend_active", ctypes.c_uint32(be_id), ctypes.c_uint32(want))
-            fixed[be_id] = (after[be_id], want)
+        if before[be_id] == after[be_id] and max(0, after[be_id] + fixes[be_id]) != want:
+            write_correction(maps, {be_id: want - after[be_id]})
+            fixed[be_id] = (max(0, after[be_id] + fixes[be_id]), want)
     return fixed
 
 
@@ -96,39 +128,6 @@ def delete(maps: PinnedMaps, keys: list[structs.FlowKey]) -> int:
         return 0
     arr = (structs.FlowKey * len(keys))(*keys)
     return bpfsys.map_delete_batch(maps.fds["conntrack"], arr, len(keys))
-
-
-def expire_udp(maps: PinnedMaps, timeout_s: float, entries=None) -> int:
-    """Delete UDP flows idle for more than ``timeout_s``; returns how many.
-
-    Each candidate is looked up again just before it goes: a packet that
-    arrived since the walk keeps its flow.
-    """
-    if entries is None:
-        entries = read(maps)
-    limit = int(timeout_s * 1e9)
-    now = now_ns()
-    stale = [k for k, v in entries if k.proto == 17 and now - v.last_seen_ns > limit]
-    gone = []
-    for key in stale:
-        value = maps.lookup("conntrack", key)
-        if value is not None and now_ns() - value.last_seen_ns > limit:
-            gone.append(key)
-    return delete(maps, gone)
-
-
-def purge_backends(maps: PinnedMaps, backend_ids: set[int], before_ns: int) -> int:
-    """Delete the flows recorded for these backend slots before ``before_ns``.
-
-    For a backend that failed or was removed: its flows' next packets then
-    pick a live backend (the kernel would also re-pick them, since their slot
-    is no longer valid; deleting them keeps a returning backend, or the next
-    one given the slot, from getting them back).
-    """
-    if not backend_ids:
-        return 0
-    keys = [k for k, v in read(maps) if v.backend_id in backend_ids and v.last_seen_ns < before_ns]
-    return delete(maps, keys)
 
 
 # ---- persistence bindings ----
@@ -163,7 +162,7 @@ def describe_binding(key: structs.PersistKey, value: structs.PersistValue, names
     idle = max(0, now - value.last_seen_ns)
     be = slots.backends.get(value.backend_id)
     live = (slots.vip_gens.get(key.vip_id) == value.vip_gen and idle <= timeout_ns and be is not None
-            and be.vip_id == key.vip_id and be.weight > 0)
+            and be.vip_id == key.vip_id and be.gen == value.backend_gen and be.weight > 0)
     return {"client": f"{structs.unpack_addr(key.addr, key.family)}/{prefix}",
             "vip": names.vips.get(key.vip_id, f"vip#{key.vip_id}"),
             "backend": names.backends.get(value.backend_id, f"backend#{value.backend_id}"),
@@ -190,10 +189,11 @@ def describe(key: structs.FlowKey, value: structs.CtValue, names: Names, slots: 
     """One flow as a dict (``fastlb flows list --json``)."""
     src = structs.unpack_addr(key.src, key.family)
     dst = structs.unpack_addr(key.dst, key.family)
-    flags = [n for n, bit in (("counted", cdefs.FL_CT_F_COUNTED), ("closing", cdefs.FL_CT_F_CLOSING))
+    flags = [n for n, bit in (("counted", cdefs.FL_CT_F_COUNTED), ("closing", cdefs.FL_CT_F_CLOSING),
+                              ("syn", cdefs.FL_CT_F_SYN), ("established", cdefs.FL_CT_F_ESTABLISHED))
              if value.flags & bit]
     proto = identity.PROTO_NAMES.get(key.proto, str(key.proto))
-    clock = "idle_s" if key.proto == 17 else "age_s"
+    clock = "idle_s"
     same_vip = slots.vip_gens.get(value.vip_id) == value.vip_gen
     return {"proto": proto, "client": hostport(src, structs.port_host(key.sport)),
             "vip": names.vips.get(value.vip_id, "?") if same_vip else "(removed)",

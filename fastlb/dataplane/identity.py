@@ -11,7 +11,7 @@ controller's adoption, the table writer) goes through :func:`vips` and
 
 from __future__ import annotations
 
-import ctypes
+import functools
 from dataclasses import dataclass
 
 from fastlb.config.model import L7_PROTOCOLS, PROTOCOLS, IPAddress, hostport, vip_name
@@ -20,6 +20,7 @@ from fastlb.kernel.maps import PinnedMaps
 
 # The maps know L4 protocols only (an http VIP has a TCP key: fastlb.config.l4_view).
 PROTO_NAMES = {number: name for name, number in PROTOCOLS.items() if name not in L7_PROTOCOLS}
+L7_FORWARDING = "l7"     # an http/https VIP's "forwarding": XDP passes it to the local HAProxy
 MARKERS = frozenset({cdefs.FL_VIP_ID_ADDR_ONLY, cdefs.FL_VIP_ID_ANNOUNCE})
 
 
@@ -45,7 +46,7 @@ class VipSlot:
     key: structs.VipKey
     meta: structs.VipMeta | None    # its vip_table entry
     algorithm: str              # "maglev", ...; "?" for a value this build does not name
-    forwarding: str
+    forwarding: str             # "dsr", "tunnel", "nat", or "l7" (an http/https VIP)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class BackendSlot:
     @property
     def name(self) -> str:
         """``198.18.0.11:80``: the backend's key in the config."""
-        return hostport(self.address, self.port)
+        return _hostport(self.address, self.port)
 
     @property
     def valid(self) -> bool:
@@ -66,9 +67,11 @@ class BackendSlot:
 
 
 def vips(maps: PinnedMaps) -> dict[int, VipSlot]:
-    """The attachment's VIPs by vip id (address markers left out)."""
+    """The attachment's VIPs by vip id (address markers left out). vip_table is
+    read with one batch lookup."""
     algorithms = _names("fl_algorithm", "FL_ALG_")
     forwarding = _names("fl_forwarding", "FL_FWD_")
+    metas = maps.array("vip_table")
     keys: dict[int, structs.VipKey] = {}
     for key, vip_id in maps.items("vips"):
         vid = vip_id.value
@@ -78,26 +81,52 @@ def vips(maps: PinnedMaps) -> dict[int, VipSlot]:
             keys[vid] = key      # a multi-port VIP has a key per port: its lowest port names it
     out = {}
     for vid, key in keys.items():
-        meta = maps.lookup("vip_table", ctypes.c_uint32(vid))
-        out[vid] = VipSlot(vid, key_name(key), key, meta,
+        meta = metas[vid] if vid < len(metas) else None
+        out[vid] = VipSlot(vid, _key_name(bytes(key)), key, meta,
                            algorithms.get(meta.algorithm, "?") if meta is not None else "?",
-                           forwarding.get(meta.forwarding, "?") if meta is not None else "?")
+                           _forwarding(meta, forwarding))
     return out
 
 
+def _forwarding(meta: structs.VipMeta | None, names: dict[int, str]) -> str:
+    """How the VIP's packets leave: an L4 mode, or ``l7`` for an http/https VIP (passed to HAProxy)."""
+    if meta is None:
+        return "?"
+    if meta.flags & cdefs.FL_VIP_F_L7:
+        return L7_FORWARDING
+    return names.get(meta.forwarding, "?")
+
+
 def backends(maps: PinnedMaps) -> dict[int, BackendSlot]:
-    """Every slot that holds a backend (valid, or kept for one that is down), by backend id.
+    """Every slot that holds a backend (valid, or kept for one that is down), by
+    backend id. The backends map is read with batch lookups.
 
     A multi-port VIP's backends hold port 0 (the kernel's "the port the client
     used"): their ``port`` is the VIP's lowest, as the config names them."""
     out, vip_ports = {}, None
-    for be_id in range(maps.info("backends").max_entries):
-        entry = maps.lookup("backends", ctypes.c_uint32(be_id))
-        if entry is not None and entry.family:
+    for be_id, entry in enumerate(maps.array("backends")):
+        if entry.family:
             port = structs.port_host(entry.port)
             if not port:
                 if vip_ports is None:
                     vip_ports = {vid: structs.port_host(slot.key.port) for vid, slot in vips(maps).items()}
                 port = vip_ports.get(entry.vip_id, 0)
-            out[be_id] = BackendSlot(be_id, structs.unpack_addr(entry.addr, entry.family), port, entry)
+            out[be_id] = BackendSlot(be_id, _address(bytes(entry.addr), entry.family), port, entry)
     return out
+
+
+# Names are pure functions of a slot's bytes: cached between reads, so a scrape
+# formats no address it has formatted before.
+@functools.lru_cache(maxsize=8192)
+def _key_name(raw_key: bytes) -> str:
+    return key_name(structs.VipKey.from_buffer_copy(raw_key))
+
+
+@functools.lru_cache(maxsize=65536)
+def _hostport(address: IPAddress, port: int) -> str:
+    return hostport(address, port)
+
+
+@functools.lru_cache(maxsize=65536)
+def _address(addr: bytes, family: int) -> IPAddress:
+    return structs.unpack_addr(structs.U32x4.from_buffer_copy(addr), family)

@@ -18,10 +18,11 @@ from fastlb.kernel.maps import PinnedMaps
 def reasons(maps: PinnedMaps) -> tuple[dict, dict]:
     """({reason: {verdict, packets, bytes}}, {verdict: packets}) over every reason counter."""
     out = {}
+    counters = maps.counters("reason_stats", cdefs.FL_REASON_MAX)
     for name, idx in cdefs.enum("fl_reason").items():
         if name == "FL_REASON_MAX":
             continue
-        c = maps.counter("reason_stats", idx)
+        c = counters[idx]
         out[name.removeprefix("FL_").lower()] = {"verdict": cdefs.reason_verdict(name), "packets": c.packets,
                                                  "bytes": c.bytes}
     verdicts: dict[str, int] = {}
@@ -35,23 +36,27 @@ def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = Tr
 
     ``health`` maps (VIP name, backend key) to the controller's view of a
     backend (state, weight, latency, ...); None when no controller answers.
-    ``count_flows`` walks conntrack to count its entries.
+    ``count_flows`` counts conntrack's entries (batch lookups into one buffer:
+    kernel work per entry, none in Python).
     """
     vips: dict[int, dict] = {}
-    for vip_id, slot in identity.vips(maps).items():
-        c = maps.counter("vip_stats", vip_id)
+    vip_slots = identity.vips(maps)
+    vip_counters = maps.counters("vip_stats", max(vip_slots, default=-1) + 1)
+    for vip_id, slot in vip_slots.items():
+        c = vip_counters[vip_id]
         vips[vip_id] = {"vip": slot.name, "algorithm": slot.algorithm,
                         "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows, "active": 0,
                         "healthy_backends": 0, "backends": []}
-    size = maps.info("backends").max_entries
-    active = maps.read_u32_slice("backend_active", 0, size)
-    for be_id, slot in identity.backends(maps).items():
+    be_slots = identity.backends(maps)
+    active = flows.active_counts(maps)
+    be_counters = maps.counters("backend_stats", max(be_slots, default=-1) + 1)
+    for be_id, slot in be_slots.items():
         entry = slot.entry
         if entry.vip_id not in vips:
             continue
         vip = vips[entry.vip_id]
         name = slot.name
-        c = maps.counter("backend_stats", be_id)
+        c = be_counters[be_id]
         valid = slot.valid
         be = {"backend": name, "backend_id": be_id, "weight": entry.weight, "valid": valid,
               "in_table": valid and entry.weight > 0, "mac": structs.mac_str(entry.mac), "rtt_us": entry.rtt_us,
@@ -66,7 +71,7 @@ def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = Tr
     out = {"vips": sorted(vips.values(), key=lambda v: v["vip"]), "reasons": reason_table, "verdicts": verdicts,
            "conntrack": {"size": maps.info("conntrack").max_entries}}
     if count_flows:
-        out["conntrack"]["entries"] = len(flows.read(maps))
+        out["conntrack"]["entries"] = flows.count(maps)
     return out
 
 

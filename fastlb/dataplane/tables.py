@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import ipaddress
+import math
 from dataclasses import dataclass
 
 from fastlb import core
@@ -27,6 +28,24 @@ from fastlb.errors import FastlbError
 from fastlb.kernel import bpfsys, cdefs, structs
 from fastlb.kernel.layout import Sizes
 from fastlb.kernel.maps import PinnedMaps
+
+LRT_FLOOR_US = 2000         # lrt: scores below this are equal (probe noise on a LAN) ...
+LRT_STEP = 1.5              # ... and above it, scores in the same step of this ratio are equal
+
+
+def lrt_score(us: int) -> int:
+    """The response-time score written for the kernel: rounded to a geometric
+    step, so that backends of about the same latency tie and the ring spreads
+    flows among them, while a clearly slower one still loses every pair."""
+    if us <= LRT_FLOOR_US:
+        return LRT_FLOOR_US
+    steps = round(math.log(us / LRT_FLOOR_US, LRT_STEP))
+    return min(int(LRT_FLOOR_US * LRT_STEP ** steps), 2**32 - 1)
+
+
+# lrt: a backend with no latency sample scores as PeakEwma's default_us (HASH.md),
+# so that its load counts from the first connection on.
+UNMEASURED_RTT_US = lrt_score(core.PeakEwma().default_us)
 
 ALGORITHMS = {"maglev": "FL_ALG_MAGLEV", "rr": "FL_ALG_RR", "wrr": "FL_ALG_WRR",
               "lc": "FL_ALG_LC", "lrt": "FL_ALG_LRT"}
@@ -128,7 +147,7 @@ def backend_entry(vip_id: int, backend, mac: str, multi_port: bool = False) -> s
     """``multi_port``: port 0, the kernel's "the port the client used" (NAT rewrites nothing else)."""
     entry = structs.Backend(addr=structs.pack_addr(backend.address), family=structs.family_of(backend.address),
                             flags=cdefs.FL_BE_F_VALID, port=0 if multi_port else structs.port_be(backend.port),
-                            weight=backend.weight, vip_id=vip_id, rtt_us=0)
+                            weight=backend.weight, vip_id=vip_id, rtt_us=UNMEASURED_RTT_US)
     ctypes.memmove(entry.mac, structs.mac_bytes(mac), 6)
     return entry
 
@@ -142,7 +161,11 @@ def settings_entry(config, lb_mac: str | None) -> structs.Settings:
     cfg = config.settings
     entry = structs.Settings(nat_vips=sum(1 for v in config.vips if v.forwarding == "nat"),
                              new_flow_rate=cfg.guard_rate(bpfsys.possible_cpus()),
-                             icmp_rate=cfg.icmp_rate, icmp_burst=cfg.icmp_burst)
+                             icmp_rate=cfg.icmp_rate, icmp_burst=cfg.icmp_burst,
+                             udp_timeout_s=math.ceil(cfg.udp_timeout),
+                             tcp_syn_timeout_s=math.ceil(cfg.tcp_syn_timeout),
+                             tcp_timeout_s=math.ceil(cfg.tcp_timeout),
+                             tcp_fin_timeout_s=math.ceil(cfg.tcp_fin_timeout))
     if cfg.tunnel_source is not None:
         entry.tunnel_src4 = structs.pack_addr(cfg.tunnel_source.network_address)[0]
         entry.tunnel_host4 = structs.pack_addr(cfg.tunnel_source.hostmask)[0]
@@ -232,16 +255,27 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
                 entry.egress_slot = slots[entry.egress_ifindex]
             elif slots is None and old is not None and _identity(old) == _identity(entry):
                 entry.egress_ifindex, entry.egress_slot = old.egress_ifindex, old.egress_slot
-            if old is None or _identity(old) != _identity(entry):
-                # A slot new to this backend starts with no connections and no counts.
-                maps.update("backend_active", ctypes.c_uint32(be_id), ctypes.c_uint32(0))
-                maps.update("backend_stats", ctypes.c_uint32(be_id), (structs.Counter * maps.ncpus)())
+            fresh = old is None or _identity(old) != _identity(entry) or \
+                (entry.flags & cdefs.FL_BE_F_VALID and not old.flags & cdefs.FL_BE_F_VALID)
+            if fresh:
+                # A new backend in the slot, or one back up: a new generation, so that no
+                # conntrack entry of the slot's earlier life reaches it or its count.
+                entry.gen = (_slot_gen(maps, be_id) + 1) & 0xFFFFFFFF
             else:
-                entry.rtt_us = old.rtt_us  # lrt's live score stays until the controller writes one
+                entry.gen = old.gen
+                if old.rtt_us:
+                    entry.rtt_us = old.rtt_us  # lrt's live score stays until the controller writes one
             used_backends.add(be_id)
             if old is None or bytes(old) != bytes(entry):
                 maps.update("backends", ctypes.c_uint32(be_id), entry)
                 written["backends"] += 1
+            if fresh:
+                # After the new generation is in place nothing decrements the old count, and a
+                # new flow counts only from its first ACK: zeroing now loses no count.
+                maps.update("backend_active", ctypes.c_uint32(be_id), ctypes.c_int32(0))
+                maps.update("backend_active_fix", ctypes.c_uint32(be_id), ctypes.c_int32(0))
+                if old is None or _identity(old) != _identity(entry):
+                    maps.update("backend_stats", ctypes.c_uint32(be_id), (structs.Counter * maps.ncpus)())
     config = dataclasses.replace(config, vips=tuple(without_down(v, down) for v in config.vips))
 
     for vip in config.vips:
@@ -253,6 +287,8 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         changed = _write_delta(maps, "ring", start, ids, live=same_vip)
         seq_ids = [placement.backend_ids[(vip.name, p)] for p in seq_positions(vip, sizes)]
         changed_seq = _write_delta(maps, "seq", vip_id * sizes.seq_size, seq_ids, live=same_vip)
+        if changed_seq:
+            write_cursors(maps, vip_id, len(seq_ids))
         written["ring_slots"] += changed
         written["ring_slots_by_vip"][vip.name] = changed + changed_seq
         old = maps.lookup("vip_table", ctypes.c_uint32(vip_id))
@@ -271,9 +307,10 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         if held_id is None or held_id.value != value:
             maps.update("vips", key, ctypes.c_uint32(value))
             written["vips"] += 1
-    for be_id, _entry in list(_held_backends(maps)):
+    for be_id, entry in list(_held_backends(maps)):
         if be_id not in used_backends:
-            maps.update("backends", ctypes.c_uint32(be_id), structs.Backend())
+            # The slot keeps its generation, so that the next backend given it gets a new one.
+            maps.update("backends", ctypes.c_uint32(be_id), structs.Backend(gen=entry.gen))
             written["removed"] += 1
     return written
 
@@ -289,6 +326,19 @@ def _write_delta(maps: PinnedMaps, name: str, start: int, ids: list[int], live: 
     slots = [i for i in range(len(ids)) if ids[i] != current[i]]
     maps.write_u32_slots(name, [start + i for i in slots], [ids[i] for i in slots])
     return len(slots)
+
+
+def write_cursors(maps: PinnedMaps, vip_id: int, seq_len: int) -> None:
+    """Stagger the VIP's per-CPU sequence cursors over the sequence (CPU i starts
+    at i * len / ncpus), so that at low connection rates the first backends of
+    the sequence do not each get up to ncpus times their share."""
+    starts = (PerCpuU32 * maps.ncpus)(*(PerCpuU32(i * seq_len // maps.ncpus) for i in range(maps.ncpus)))
+    maps.update("seq_cursor", ctypes.c_uint32(vip_id), starts)
+
+
+class PerCpuU32(ctypes.Structure):
+    """One CPU's u32 in a per-CPU array's value: the kernel rounds each up to 8 bytes."""
+    _fields_ = [("value", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 def write_ifaces(maps: PinnedMaps, ifaces) -> dict[int, int]:
@@ -318,6 +368,12 @@ def _identity(entry: structs.Backend) -> tuple:
 def valid_slots(maps: PinnedMaps) -> set[int]:
     """The backend ids whose slot is valid (takes flows)."""
     return {be_id for be_id, slot in identity.backends(maps).items() if slot.valid}
+
+
+def _slot_gen(maps: PinnedMaps, be_id: int) -> int:
+    """The generation a backend slot holds, in use or not."""
+    entry = maps.lookup("backends", ctypes.c_uint32(be_id))
+    return entry.gen if entry is not None else 0
 
 
 def _held_backends(maps: PinnedMaps):

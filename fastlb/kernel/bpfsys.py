@@ -203,9 +203,14 @@ def array_lookup_batch(fd: int, start: int, count: int, value_type) -> list:
             pass
         if attr.count == 0:
             raise OSError(5, "BPF_MAP_LOOKUP_BATCH read nothing before the requested end")
-        out.extend(values[i] for i in range(attr.count))
+        # Copies: the next call reuses the buffer that ctypes structures would point into.
+        out.extend(_owned(values[i]) for i in range(attr.count))
         token = ctypes.c_uint32(out_token.value)
     return out
+
+
+def _owned(value):
+    return value if isinstance(value, int) else type(value).from_buffer_copy(value)
 
 
 def map_lookup_batch(fd: int, key_type, value_type, chunk: int = 4096) -> list[tuple]:
@@ -218,12 +223,29 @@ def map_lookup_batch(fd: int, key_type, value_type, chunk: int = 4096) -> list[t
     batch walk is not a snapshot).
     """
     out: list[tuple] = []
+    for keys, values, count in _lookup_batches(fd, key_type, value_type, chunk, reuse=False):
+        out += [(keys[i], values[i]) for i in range(count)]   # views into each batch's own arrays
+    return out
+
+
+def map_count(fd: int, key_type, value_type, chunk: int = 8192) -> int:
+    """How many entries a hash or LRU hash map holds, by the same batch walk
+    into one reused buffer: no Python object per entry (the kernel still copies
+    each entry once)."""
+    return sum(count for _, _, count in _lookup_batches(fd, key_type, value_type, chunk, reuse=True))
+
+
+def _lookup_batches(fd: int, key_type, value_type, chunk: int, reuse: bool):
+    """(keys, values, count) per BPF_MAP_LOOKUP_BATCH call until the walk ends;
+    with ``reuse`` the next call overwrites the arrays the last one gave."""
     token_in = ctypes.c_uint64()
     token_out = ctypes.c_uint64()
     first = True
+    keys = values = None
     while True:
-        keys = (key_type * chunk)()
-        values = (value_type * chunk)()
+        if keys is None or not reuse or len(keys) != chunk:
+            keys = (key_type * chunk)()
+            values = (value_type * chunk)()
         attr = _BatchAttr(in_batch=0 if first else _addr(token_in), out_batch=_addr(token_out),
                           keys=_addr(keys), values=_addr(values), count=chunk, map_fd=fd)
         done = False
@@ -236,10 +258,9 @@ def map_lookup_batch(fd: int, key_type, value_type, chunk: int = 4096) -> list[t
                 chunk *= 2
                 continue
             raise
-        for i in range(attr.count):
-            out.append((keys[i], values[i]))
+        yield keys, values, attr.count
         if done:
-            return out
+            return
         token_in.value = token_out.value
         first = False
 

@@ -104,4 +104,20 @@ class PinnedMaps:
         return total
 
     def counters(self, name: str, count: int) -> list[structs.Counter]:
-        return [self.counter(name, i) for i in range(count)]
+        """Slots 0..count-1 of a per-CPU ``fl_counter`` array, each summed over
+        CPUs, read with one BPF_MAP_LOOKUP_BATCH (not one syscall per slot)."""
+        out = []
+        for per_cpu in bpfsys.array_lookup_batch(self.fds[name], 0, count, structs.Counter * self.ncpus):
+            total = structs.Counter()
+            for c in per_cpu:
+                total.packets += c.packets
+                total.bytes += c.bytes
+                total.new_flows += c.new_flows
+            out.append(total)
+        return out
+
+    def array(self, name: str, count: int | None = None) -> list:
+        """Slots 0..count-1 (all by default) of an array map, by batch lookups."""
+        if count is None:
+            count = self.info(name).max_entries
+        return bpfsys.array_lookup_batch(self.fds[name], 0, count, self.specs[name].value)

@@ -33,7 +33,8 @@ class Backend(ctypes.Structure):
     _fields_ = [("addr", U32x4), ("mac", ctypes.c_uint8 * 6), ("family", ctypes.c_uint8),
                 ("flags", ctypes.c_uint8), ("port", ctypes.c_uint16), ("weight", ctypes.c_uint16),
                 ("vip_id", ctypes.c_uint32), ("rtt_us", ctypes.c_uint32),
-                ("egress_ifindex", ctypes.c_uint32), ("egress_slot", ctypes.c_uint32)]
+                ("egress_ifindex", ctypes.c_uint32), ("egress_slot", ctypes.c_uint32),
+                ("gen", ctypes.c_uint32)]
 
 
 class Iface(ctypes.Structure):
@@ -49,7 +50,12 @@ class FlowKey(ctypes.Structure):
 class CtValue(ctypes.Structure):
     _fields_ = [("backend_id", ctypes.c_uint32), ("vip_id", ctypes.c_uint32),
                 ("vip_gen", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("last_seen_ns", ctypes.c_uint64)]
+                ("last_seen_ns", ctypes.c_uint64), ("backend_gen", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+class Unrecorded(ctypes.Structure):
+    _fields_ = [("seen_ns", ctypes.c_uint64), ("hash", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class NatRev(ctypes.Structure):
@@ -67,7 +73,8 @@ class PersistKey(ctypes.Structure):
 
 
 class PersistValue(ctypes.Structure):
-    _fields_ = [("backend_id", ctypes.c_uint32), ("vip_gen", ctypes.c_uint32), ("last_seen_ns", ctypes.c_uint64)]
+    _fields_ = [("backend_id", ctypes.c_uint32), ("vip_gen", ctypes.c_uint32), ("last_seen_ns", ctypes.c_uint64),
+                ("backend_gen", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class VipPersist(ctypes.Structure):
@@ -79,7 +86,9 @@ class Settings(ctypes.Structure):
                 ("tunnel_src4", ctypes.c_uint32), ("tunnel_host4", ctypes.c_uint32),
                 ("tunnel_src6", U32x4), ("tunnel_host6", ctypes.c_uint32),
                 ("nat_vips", ctypes.c_uint32), ("lb_mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16),
-                ("new_flow_rate", ctypes.c_uint32), ("icmp_rate", ctypes.c_uint32),
+                ("new_flow_rate", ctypes.c_uint32), ("udp_timeout_s", ctypes.c_uint32),
+                ("tcp_syn_timeout_s", ctypes.c_uint32), ("tcp_timeout_s", ctypes.c_uint32),
+                ("tcp_fin_timeout_s", ctypes.c_uint32), ("icmp_rate", ctypes.c_uint32),
                 ("icmp_burst", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
 
 
@@ -105,6 +114,7 @@ C_STRUCTS = {
     "fl_flood": Flood,
     "fl_iface": Iface,
     "fl_src_key": SrcKey,
+    "fl_unrecorded": Unrecorded,
 }
 
 

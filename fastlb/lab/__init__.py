@@ -14,7 +14,8 @@
 Modules: :mod:`~fastlb.lab.topology` (the :class:`Lab`), :mod:`~fastlb.lab.netns`
 (namespaces, state files, :func:`cleanup_stale`), :mod:`~fastlb.lab.servers` and
 :mod:`~fastlb.lab.clients` (the traffic at both ends), :mod:`~fastlb.lab.lb_process`
-(``fastlb attach`` in the LB namespace, and its counters), :mod:`~fastlb.lab.spread`
+(``fastlb attach`` in the LB namespace, and its counters), :mod:`~fastlb.lab.twotier`
+(an L4 box in front of two L7 boxes), :mod:`~fastlb.lab.spread`
 (requests counted by the client and by fastlb), :mod:`~fastlb.lab.linerate` (a
 line-rate UDP burst from BPF_PROG_TEST_RUN live frames), :mod:`~fastlb.lab.runs`
 (labs that outlive ``fastlb lab up``), :mod:`~fastlb.lab.demo` and

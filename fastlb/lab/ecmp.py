@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+from collections.abc import Callable
 
 from fastlb.lab import netns
 from fastlb.lab.bird import Bird
@@ -231,3 +233,19 @@ include "{self.include_dir(box)}/*.conf";
                 hops.add(route["gateway"])
             hops.update(nh["gateway"] for nh in route.get("nexthops", []) if nh.get("gateway"))
         return hops
+
+    def wait_nexthops(self, vip: str, want: set[str], timeout: float = 15.0,
+                      explain: Callable[[], str] | None = None) -> float:
+        """Wait until the router's route to ``vip`` goes via ``want`` (empty: no route); return how long it took.
+
+        Raises AssertionError after ``timeout`` seconds, with ``explain()`` appended."""
+        start = time.monotonic()
+        while True:
+            hops = self.router_nexthops(vip)
+            if hops == want:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"the router's route to {vip} goes via {hops or 'nothing'}, not "
+                                     f"{want or 'nothing'}, after {timeout:g} s"
+                                     + (f"\n{explain()}" if explain else ""))
+            time.sleep(0.005)

@@ -194,6 +194,10 @@ def test_active_connections_follow_syn_and_fin(bed):
     opened = {}
     for sport in range(30000, 30030):
         opened[sport] = kernel_pick(bed, frame("198.18.2.2", sport, port, "tcp", "S"))
+    assert sum(counts()) == 0   # a flow counts from its first ACK: held SYNs never do
+    for sport in range(30000, 30030):  # the handshake's ACK, twice: one increment each
+        for _ in range(2):
+            assert kernel_pick(bed, frame("198.18.2.2", sport, port, "tcp", "A")) == opened[sport]
     assert sum(counts()) == 30
     for sport in range(30000, 30010):  # FIN, then FIN again, then the last ACK: one decrement each
         for flags in ("FA", "FA", "A"):
@@ -280,9 +284,12 @@ def test_a_syn_on_a_closed_flows_entry_is_a_new_connection(bed):
     vip_id = bed.maps.lookup("vips", structs.vip_key(vip_of(bed, port).address, port, 6)).value
     new_before = bed.maps.counter("vip_stats", vip_id).new_flows
     kernel_pick(bed, frame("198.18.6.6", 35000, port, "tcp", "S"))
+    kernel_pick(bed, frame("198.18.6.6", 35000, port, "tcp", "A"))
+    assert counts() == 1
     kernel_pick(bed, frame("198.18.6.6", 35000, port, "tcp", "FA"))
     assert counts() == 0
     kernel_pick(bed, frame("198.18.6.6", 35000, port, "tcp", "S"))
+    kernel_pick(bed, frame("198.18.6.6", 35000, port, "tcp", "A"))
     assert counts() == 1
     assert bed.maps.counter("vip_stats", vip_id).new_flows - new_before == 2
     bed.flush_conntrack()

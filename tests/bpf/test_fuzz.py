@@ -338,7 +338,7 @@ def device():
 def campaign(bed, device):
     def make(model, seed=SEED):
         bed.flush_conntrack()
-        for table in ("nat_rev", "nat_port"):
+        for table in ("nat_rev", "nat_port", "persist"):
             for key in list(bed.maps.keys(table)):
                 bed.maps.delete(table, key)
         return oracle.Campaign(bed, model, seed, ifindex=device.ifindex)
@@ -368,6 +368,7 @@ def test_100000_frames_agree_with_the_oracle(campaign, figures):
     assert rep.forwarded["established"] >= 5_000 and rep.forwarded["new flow"] >= 5_000
     assert sum(n for k, n in rep.forwarded.items() if "bad" in k) >= 1_000, "no frame with a bad checksum forwarded"
     assert len(rep.tunnel_sources) >= 100, "tunnel outer sources do not vary across flows"
+    assert rep.rules["11/12: new flow of a bound client"] >= 500, "persistence bindings not exercised\n" + text
 
 
 def _one(bed, device, frame: bytes):
@@ -446,6 +447,10 @@ class _AnswersEveryVip(oracle.Oracle):
     answers_unannounced = True          # ARP/ND for VIPs without announce = "arp"
 
 
+class _BindsWiderPrefixes(oracle.Oracle):
+    persistence_prefix_cut = 8          # a /24 binds a /16: clients the kernel keeps apart share a backend
+
+
 def _swapped_backends():
     s = list(fuzz_gen.SERVICES)
     s[0], s[5] = dataclasses.replace(s[0], backends=s[5].backends), dataclasses.replace(s[5], backends=s[0].backends)
@@ -462,9 +467,10 @@ def _swapped_backends():
     (lambda: new_oracle(_NatKeepsThePort), True),
     (lambda: new_oracle(_NatReplyKeepsTheBackendsPort), True),
     (lambda: new_oracle(_AnswersEveryVip), False),        # the kernel passes what the model would answer
+    (lambda: new_oracle(_BindsWiderPrefixes), True),      # the kernel sends a client elsewhere than "its" binding
 ], ids=["one VLAN tag", "DF counts as a fragment", "no mobility/HIP/shim6", "backends of two VIPs swapped",
         "tunnel: MTU check without the outer header", "nat: no port remap", "nat reply: backend's port kept",
-        "arp/nd: every VIP address answered"])
+        "arp/nd: every VIP address answered", "persistence: prefixes 8 bits too short"])
 def test_a_wrong_oracle_is_caught(campaign, model, misforwards):
     """The campaign must notice a model that is wrong in one rule (20,000 frames); a
     mis-forward is the kernel sending a frame the model would not, or elsewhere."""

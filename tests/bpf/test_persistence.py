@@ -7,14 +7,15 @@ destination MAC (the testbed gives each backend its own fake MAC).
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from fastlb.dataplane import flows
-from fastlb.kernel import structs
+from fastlb.kernel import cdefs, structs
 from fastlb.testing.testbed import LB_MAC, fake_mac
 
 pytestmark = pytest.mark.root
@@ -129,3 +130,76 @@ def test_a_multi_port_vip_s_backends_keep_their_slots_when_one_is_removed(bed):
     cfg2 = bed.apply(config(3, ports=ports).replace(first, ""))
     after = tables.place(cfg2, bed.maps, bed.sizes).backend_ids
     assert [after[(cfg2.vips[0].name, p)] for p in (0, 1)] == [before[(cfg.vips[0].name, p)] for p in (1, 2)]
+
+
+def test_clients_bound_to_a_replaced_backend_pick_again_as_a_removed_one_s_do(bed):
+    """A config that puts Y where X was (same position, so the same slot with a new backend
+    generation) ends X's bindings as a removal would (issue 13 item 1's rule for flows, here for
+    bindings): X's clients pick again by rr, the others keep theirs."""
+    from fastlb.dataplane import tables
+    cfg = bed.apply(config(3, "rr"))
+    x = str(cfg.vips[0].backends[1].address)
+    before = picks(bed, CLIENTS, 40000)
+    on_x = [c for c in CLIENTS if before[c] == x]
+    assert len(on_x) >= 5
+    slot = tables.place(cfg, bed.maps, bed.sizes).backend_ids[(cfg.vips[0].name, 1)]
+    cfg2 = bed.apply(config(3, "rr").replace(f'"{x}"', '"198.18.5.20"'))
+    assert tables.place(cfg2, bed.maps, bed.sizes).backend_ids[(cfg2.vips[0].name, 1)] == slot  # Y took X's slot
+    rows = {r["client"].split("/")[0]: r for r in live_bindings(bed)}
+    assert not any(rows[c]["live"] for c in on_x)                    # flows list --persistent and explain say so
+    assert all(rows[c]["live"] for c in CLIENTS if c not in on_x)
+    after = picks(bed, CLIENTS, 41000)
+    assert all(after[c] == before[c] for c in CLIENTS if c not in on_x)
+    assert {after[c] for c in on_x} == {str(b.address) for b in cfg2.vips[0].backends}   # rr spread them again
+
+
+def _on_one_cpu():
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {sorted(old)[0]})
+    return old
+
+
+def _udp(client: str, sport: int) -> bytes:
+    return bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=client, dst=VIP) / UDP(sport=sport, dport=80))
+
+
+def _backend(bed, data: bytes) -> str:
+    _, out = bed.run(data)
+    mac = Ether(out).dst
+    return next(b for v in bed.config.vips for b in (str(x.address) for x in v.backends) if fake_mac(b) == mac)
+
+
+def test_a_flow_whose_conntrack_entry_expired_returns_to_its_client_s_binding(bed):
+    """Conntrack expiry (udp_timeout, decided by the kernel) ends the flow's entry, not its
+    client's binding: the next packet is a new flow, and rr would pick the next backend, but
+    the binding (persistence 600, refreshed by the flow's packets) sends it back."""
+    bed.apply("[settings]\nudp_timeout = 1\n" + config(3, "rr").replace('port = 80\n', 'port = 80\nprotocol = "udp"\n'))
+    old = _on_one_cpu()
+    try:
+        first = _backend(bed, _udp(CLIENTS[0], 5000))
+        expired = bed.maps.counter("event_stats", cdefs.FL_EV_CT_EXPIRED).packets
+        time.sleep(2.5)                    # udp_timeout 1 s + the 1 s refresh step + margin
+        again = [_backend(bed, _udp(CLIENTS[0], 5000)) for _ in range(3)]
+        other = [_backend(bed, _udp(CLIENTS[1], 6000 + n)) for n in range(3)]   # unbound: rr moves on
+    finally:
+        os.sched_setaffinity(0, old)
+    assert bed.maps.counter("event_stats", cdefs.FL_EV_CT_EXPIRED).packets == expired + 1
+    assert again == [first] * 3
+    assert len(set(other)) == 1 and len(flows.bindings(bed.maps)) == 2
+
+
+@pytest.mark.parametrize("algorithm", ["maglev", "rr"])
+def test_the_guard_s_unrecorded_flows_bind_nothing(bed, algorithm):
+    """Over new_flow_rate a new flow is forwarded unrecorded and binds no client (maglev's SYN
+    fast path and the other algorithms' path alike): a flood cannot evict bound clients."""
+    bed.apply("[settings]\nnew_flow_rate = 10\n" + config(3, algorithm))
+    old = _on_one_cpu()
+    try:
+        time.sleep(1.1)                    # a fresh guard window on this CPU
+        unrecorded = bed.maps.counter("event_stats", cdefs.FL_EV_GUARD_UNRECORDED).packets
+        for i in range(60):
+            backend_of(bed, f"198.18.{8 + i // 250}.{1 + i % 250}", 40000 + i)
+    finally:
+        os.sched_setaffinity(0, old)
+    assert bed.maps.counter("event_stats", cdefs.FL_EV_GUARD_UNRECORDED).packets - unrecorded == 50
+    assert len(flows.bindings(bed.maps)) == 10

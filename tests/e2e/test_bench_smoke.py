@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # 2-4 min: make test-slow
 
 
 def test_bench_quick_writes_every_section(tmp_path):
@@ -23,6 +23,12 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert "fastlb DSR, established flow | IPv6 UDP" in text
     assert "fastlb tunnel, new flow each packet | IPv6 TCP" in text
     assert "fastlb NAT, established flow | IPv4 TCP" in text
+    assert "floor: VIP packets to one backend's MAC" in text
+    for algorithm in ("maglev", "lc"):
+        for what in ("SYN", "ACK"):
+            assert f"fastlb DSR {algorithm}, new flow each packet, {what} | IPv4 TCP" in text
+    assert "## Controller cost: CPU and memory under conntrack load" in text
+    assert "| 1,000 | 1,000 |" in text
     assert "## Machine" in text
     assert "## Packet rate through a veth lab: fastlb against nftables" in text
     assert "| nftables DNAT numgen | 64,512 |" in text

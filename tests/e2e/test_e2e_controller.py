@@ -151,7 +151,7 @@ class TestLiveChanges:
             res = json.loads(fastlb(lab, "flows", "list", "--json", "--backend", lab.addr("b1")).stdout)
             mine = [f for f in res["flows"] if f["client"] in ports]
             assert len(mine) == len(ports) and all(f["backend"] == f"{lab.addr('b1')}:80" for f in mine)
-            assert all(f["vip"] == f"{lab.vip4}:80/tcp" and f["live"] and f["flags"] == ["counted"] for f in mine)
+            assert all(f["vip"] == f"{lab.vip4}:80/tcp" and f["live"] and f["flags"] == ["counted", "syn", "established"] for f in mine)
             gone = fastlb(lab, "flows", "flush", "--backend", lab.addr("b1")).stdout
             assert f"flushed {res['total']} flow(s)" in gone
             assert json.loads(fastlb(lab, "flows", "list", "--json", "--backend", lab.addr("b1")).stdout)["total"] == 0
@@ -380,7 +380,7 @@ def test_stats_and_metrics_report_exactly_what_the_client_and_servers_counted(la
         for role in roles:
             lab.run(role, ["nft", "delete", "table", "inet", "flcount"], check=False)
     # Every TCP packet of this test belongs to a connection seen from its SYN and recorded.
-    assert events == {"guard_unrecorded": 0, "ct_full": 0, "midflow_ring": 0}, events
+    assert events == {"guard_unrecorded": 0, "ct_full": 0, "midflow_ring": 0, "ct_expired": 0}, events
     for proto, name, flows_sent in (("tcp", "tcp80", tcp), ("udp", "udp9000", udp)):
         vip = next(v for v in data["vips"] if v["vip"].endswith(f"/{proto}"))
         packets, nbytes = sent[name]

@@ -174,15 +174,7 @@ class Holder:
 
 
 def wait_nexthops(lab: EcmpLab, vip: str, want: set[str], timeout: float = 15.0) -> float:
-    start = time.monotonic()
-    while True:
-        hops = lab.router_nexthops(vip)
-        if hops == want:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"the router's route to {vip} goes via {hops or 'nothing'}, not {want}, "
-                                 f"after {timeout:g} s\n{diagnose(lab)}")
-        time.sleep(0.005)
+    return lab.wait_nexthops(vip, want, timeout, explain=lambda: diagnose(lab))
 
 
 def diagnose(lab: EcmpLab) -> str:

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -131,6 +132,28 @@ def test_the_xdp_tier_passes_http_vip_traffic_under_its_own_counter(l7):
     after = json.loads(run_fastlb(lab, "lb", "stats", "--json", check=True).stdout)[0]
     key = next(k for k in after["reasons"] if "l7" in k.lower())
     assert after["reasons"][key]["packets"] >= before["reasons"][key]["packets"] + 3   # SYN, request, ACKs
+    # `fastlb status` reads the maps alone: it says the VIP goes to HAProxy (no L4 forwarding)
+    (att,) = json.loads(run_fastlb(lab, "lb", "status", "--json", check=True).stdout)
+    (vip,) = [v for v in att["vips"] if v["vip"].startswith(f"{lab.vip4}:80/")]
+    assert vip["forwarding"] == "l7", vip
+    assert f"VIP {lab.vip4}:80/tcp  rr/l7  " in run_fastlb(lab, "lb", "status", check=True).stdout
+
+
+def test_announce_arp_a_client_on_the_segment_resolves_the_http_vip_by_fastlbs_arp_reply(l7):
+    lab = l7["lab"]
+    vip = "198.18.0.100"      # in the segment's subnet: the client has no route, it asks ARP
+    text = http_config(lab).replace(f'address = "{lab.vip4}"', f'address = "{vip}"\nannounce = "arp"', 1)
+    use(l7, text)
+    lab.run("client", ["ip", "neigh", "flush", "to", vip], check=False)
+    before = json.loads(run_fastlb(lab, "lb", "stats", "--json", check=True).stdout)[0]["reasons"]
+    out = curl(lab, f"http://{vip}/whoami?[1-6]")
+    names = [line.split()[0] for line in out.splitlines()]
+    assert len(names) == 6 and set(names) <= {"b1", "b2", "b3"}, out
+    after = json.loads(run_fastlb(lab, "lb", "stats", "--json", check=True).stdout)[0]["reasons"]
+    assert after["tx_arp_reply"]["packets"] > before["tx_arp_reply"]["packets"]      # fastlb's XDP answered
+    with lab.ipr("client") as ipr:
+        macs = {m.get_attr("NDA_LLADDR") for m in ipr.get_neighbours() if m.get_attr("NDA_DST") == vip}
+    assert macs == {lab.mac("lb")}, macs
 
 
 # ---- algorithms ------------------------------------------------------------------------------
@@ -155,6 +178,18 @@ def test_maglev_uri_hash_keeps_a_uri_on_one_backend(l7):
     for path in ("/whoami/a", "/whoami/b", "/whoami/c"):
         c = Counter(curl(lab, f"http://{lab.vip4}{path}").split()[0] for _ in range(5))
         assert len(c) == 1, (path, c)
+
+
+def test_maglev_header_hash_keeps_a_header_value_on_one_backend_and_spreads_values(l7):
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="maglev", head='hash = "header:X-User"\n'))
+    picked = {}
+    for user in range(12):
+        out = curl(lab, "-H", f"X-User: user{user}", f"http://{lab.vip4}/whoami?[1-4]")
+        c = Counter(line.split()[0] for line in out.splitlines())
+        assert len(c) == 1 and sum(c.values()) == 4, (user, c)
+        picked[user] = next(iter(c))
+    assert len(set(picked.values())) >= 2, picked      # 12 users on one backend of three: not a hash
 
 
 def test_lc_avoids_a_backend_busy_with_slow_requests(l7):
@@ -193,10 +228,10 @@ def test_lrt_steers_away_from_a_backend_50ms_slower_and_back(l7):
         assert slow.get("b3", 0.0) < 10.0, slow
         b3 = next(s for s in during if s["backend"].startswith(lab.addr("b3")))
         fast = [s for s in during if s is not b3]
-        # steered: b3 is estimated slower and weighted lower than each fast backend (the ratios move
-        # with the machine's load, which slows the fast ones too)
-        assert all(b3["effective_weight"] < s["effective_weight"] / 2 for s in fast), during
-        assert all(b3["latency_estimate_ms"] > 2 * s["latency_estimate_ms"] for s in fast), during
+        # steered: b3 is estimated slower and weighted lower than each fast backend (no ratio: the
+        # machine's load slows the fast ones too, by up to 47 ms against b3's 73 ms in one loaded run)
+        assert all(b3["effective_weight"] < s["effective_weight"] for s in fast), during
+        assert all(b3["latency_estimate_ms"] > s["latency_estimate_ms"] for s in fast), during
     finally:
         lab.set_latency("b3", 0)
     deadline = time.monotonic() + 20
@@ -291,6 +326,65 @@ def test_live_add_weight_drain_remove_without_reload_or_failed_request(l7):
     res = run_fastlb(lab, "lb", "reload", check=False)
     assert res.returncode == 0
     assert set(counts(lab, 30)) == {"b3"}
+
+
+def test_live_changes_reach_a_routes_pool_through_the_runtime_api(l7):
+    """`fastlb backend ... --route N`: route N's pool changes live; the default pool is left alone."""
+    lab = l7["lab"]
+    api = "api.example.com"
+    route = (f'[[vip.route]]\nhost = "{api}"\nalgorithm = "wrr"\n'
+             f'[[vip.route.backend]]\naddress = "{lab.addr("b2")}"\nport = 80\n')
+    use(l7, http_config(lab, route, backends=("b1",)))
+    before = pids(lab)
+    assert counts(lab, 10, host=api) == {"b2": 10}
+
+    def change(*args):
+        res = run_fastlb(lab, "lb", "backend", *args, "--route", "0", check=False)
+        assert res.returncode == 0 and "runtime API, no reload" in res.stdout, res.stdout + res.stderr
+        assert "route[0]" in res.stdout, res.stdout
+
+    change("add", vip_spec(lab), f"{lab.addr('b3')}:80", "--weight", "3")
+    wait_up(lab)
+    got = counts(lab, 40, host=api)
+    assert set(got) == {"b2", "b3"} and got["b3"] > got["b2"], got        # 3:1
+    change("weight", vip_spec(lab), f"{lab.addr('b2')}:80", "3")
+    # drain: requests b3 holds finish; new ones go to b2 only
+    lab.set_latency("b3", 1500)
+    try:
+        held = lab.exec("client", ["curl", "-sS", "--fail", "--max-time", "10", "--parallel", "-H", f"Host: {api}",
+                                   f"http://{lab.vip4}/whoami?[1-6]"], stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, text=True)
+        time.sleep(0.4)
+        change("drain", vip_spec(lab), f"{lab.addr('b3')}:80")
+        assert counts(lab, 20, host=api) == {"b2": 20}
+        out, _ = held.communicate(timeout=15)
+        assert held.returncode == 0 and "b3" in out, out
+    finally:
+        lab.set_latency("b3", 0)
+    change("remove", vip_spec(lab), f"{lab.addr('b3')}:80")
+    pool = next(p for p in l7_stats(lab)["vips"][0]["pools"] if p["route"] != "the default pool")
+    assert [s["backend"] for s in pool["backends"]] == [f"{lab.addr('b2')}:80"], pool
+    assert counts(lab, 10) == {"b1": 10}                                   # the default pool: untouched
+    assert pids(lab) == before                                             # no reload, no restart
+    res = run_fastlb(lab, "lb", "backend", "add", vip_spec(lab), lab.addr("b3"), "--route", "1", check=False)
+    assert res.returncode != 0 and "no route 1" in res.stderr, res.stderr
+
+
+def test_runtime_weights_and_drains_survive_a_reload_that_adds_a_route(l7):
+    """server-state-file: a weight and a drain set through the runtime API (not saved) outlive a reload."""
+    lab = l7["lab"]
+    use(l7, http_config(lab, algorithm="wrr", backends=("b1", "b2", "b3")))
+    for args in (("weight", vip_spec(lab), f"{lab.addr('b1')}:80", "3"), ("drain", vip_spec(lab), f"{lab.addr('b2')}:80")):
+        res = run_fastlb(lab, "lb", "backend", *args, check=False)
+        assert res.returncode == 0 and "runtime API, no reload" in res.stdout, res.stdout + res.stderr
+    reloads = l7_stats(lab)["haproxy"]["reloads"]
+    route = f'[[vip.route]]\nhost = "api.example.com"\n[[vip.route.backend]]\naddress = "{lab.addr("b3")}"\n'
+    use(l7, http_config(lab, route, algorithm="wrr", backends=("b1", "b2", "b3")))
+    assert l7_stats(lab)["haproxy"]["reloads"] > reloads
+    weights = {s["backend"]: s["weight"] for s in l7_stats(lab)["vips"][0]["pools"][0]["backends"]}
+    assert weights == {f"{lab.addr('b1')}:80": 3, f"{lab.addr('b2')}:80": 0, f"{lab.addr('b3')}:80": 1}, weights
+    got = counts(lab, 40)
+    assert "b2" not in got and got["b1"] > got["b3"], got
 
 
 def wrk(lab, seconds: int, connections: int = 16) -> dict:
@@ -406,9 +500,16 @@ def test_a_killed_haproxy_is_restarted_logged_and_counted(l7):
     assert sum(counts(lab, 20).values()) == 20
 
 
+def l7_run_dir(lab) -> Path:
+    """The LB's L7 run folder for eth0 (other runs' labs on this machine have folders of their own)."""
+    inode = lb(lab, "stat", "-L", "-c", "%i", "/proc/self/ns/net").strip()
+    return Path("/run/fastlb/l7") / f"net{inode}" / "eth0"
+
+
 def our_haproxy_pids(lab) -> set[int]:
-    """haproxy processes in the LB's namespace running fastlb's config."""
-    out = lab.run("lb", ["pgrep", "-f", "haproxy.*/run/fastlb/l7/"], check=False).stdout
+    """haproxy processes running the config of fastlb in the LB's namespace (pgrep sees every
+    namespace's processes: other sessions' labs run HAProxies of their own under /run/fastlb/l7)."""
+    out = lab.run("lb", ["pgrep", "-f", f"haproxy.*{l7_run_dir(lab)}/"], check=False).stdout
     return {int(p) for p in out.split()}
 
 
@@ -422,8 +523,8 @@ def test_detach_removes_haproxy_the_vip_on_lo_and_its_files_but_not_a_foreign_ha
                        stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        run_dir = lb(lab, "sh", "-c", "ls -d /run/fastlb/l7/*/eth0").split()
-        assert len(run_dir) == 1 and our_haproxy_pids(lab)
+        run_dir = [str(l7_run_dir(lab))]
+        assert lab.run("lb", ["test", "-d", run_dir[0]], check=False).returncode == 0 and our_haproxy_pids(lab)
         code, out, err = l7["att"].stop()
         assert code == 0 and "detached from eth0" in out, err
         assert our_haproxy_pids(lab) == set()
@@ -463,7 +564,7 @@ def test_bad_configs_start_nothing(l7, tmp_path):
             assert our_haproxy_pids(lab) == set()
             assert lab.vip4 not in lb(lab, "ip", "-o", "addr", "show", "dev", "lo")
             assert "xdp" not in lb(lab, "ip", "-o", "link", "show", "dev", "eth0")
-            assert lb(lab, "sh", "-c", "ls /run/fastlb/l7/*/ 2>/dev/null | grep -x eth0 || true").strip() == ""
+            assert lab.run("lb", ["test", "-e", str(l7_run_dir(lab))], check=False).returncode != 0
 
 
 def test_keep_leaves_haproxy_serving_and_the_next_attach_adopts_it(l7):

@@ -39,6 +39,7 @@ A4, B4, A6 = "198.19.0.100", "198.19.0.101", "2001:db8:ffff::100"
 T4, T46, T6 = "198.19.0.110", "198.19.0.111", "2001:db8:ffff::110"       # tunnel VIPs
 N4, N6 = "198.19.0.120", "2001:db8:ffff::120"                            # NAT VIPs
 ARP4, ARP6 = "198.19.0.130", "2001:db8:ffff::130"                        # announce = "arp"
+P4, P6 = "198.19.0.140", "2001:db8:ffff::140"                            # persistence
 BACKEND_SIDE_MAC = bytes.fromhex("0200000000fe")   # source MAC of the backends' NAT replies
 ROUTER4, ROUTER6 = "198.18.0.254", "2001:db8::fe"  # sources of the ICMP errors
 
@@ -54,6 +55,8 @@ class Service:
     forwarding: str = "dsr"
     announce: str = "none"
     backend_port: int | None = None         # nat: every backend's port (None: the VIP's)
+    persistence: int = 0                    # seconds; 0: off
+    persistence_prefix: int | None = None   # None: the config's default
 
 
 # Three addresses (two IPv4, one IPv6), TCP and UDP, several algorithms, one
@@ -84,6 +87,14 @@ SERVICES = (
     # Announced by ARP / ND.
     Service(ARP4, 80, "tcp", "maglev", (("198.18.0.111", 1),), announce="arp"),
     Service(ARP6, 80, "tcp", "maglev", (("2001:db8::112", 1),), announce="arp"),
+    # Persistence: a client prefix keeps its backend across flows (maglev's SYN fast path, rr, lc).
+    # CLIENT_NETS' /17 holds 128 IPv4 /24s and 8 /20s; every IPv6 client shares the one /64.
+    Service(P4, 80, "tcp", "maglev", (("198.18.0.141", 1), ("198.18.0.142", 1), ("198.18.0.143", 1)),
+            persistence=600, persistence_prefix=24),
+    Service(P4, 53, "udp", "rr", (("198.18.0.144", 1), ("198.18.0.151", 1), ("198.18.0.152", 1)),
+            persistence=600, persistence_prefix=20),
+    Service(P6, 80, "tcp", "lc", (("2001:db8::147", 1), ("2001:db8::148", 1)), persistence=600,
+            persistence_prefix=64),
 )
 
 # Addresses that are not VIP addresses, some chosen to confuse a sloppy
@@ -94,10 +105,12 @@ OTHER4 = ("198.19.0.102", "198.18.0.2", "10.0.0.1", "0.0.1.0", "255.255.255.255"
 OTHER6 = ("2001:db8:ffff::101", "::ffff:198.19.0.100", "c613:64::", "2001:db8::2", "ff02::1", "::")
 CLIENT_NETS = {4: ipaddress.ip_network("198.18.128.0/17"), 6: ipaddress.ip_network("2001:db8:1::/64")}
 
+# The model has no clock: conntrack timeouts far beyond a run, so no entry expires under it;
 # icmp_rate / icmp_burst: an ICMP error budget (a million deep, refilled at a million
 # a second per CPU) no fuzz run can spend, so the oracle need not model the bucket's
 # clock; tests/bpf/test_packets_modes.py provokes FL_DROP_ICMP_RATE_LIMITED.
 CONFIG_SETTINGS = {"ring_size": 1021, "max_vips": 24, "max_backends": 64, "conntrack_size": 1 << 18,
+                   "udp_timeout": 86400, "tcp_syn_timeout": 86400, "tcp_timeout": 86400, "tcp_fin_timeout": 86400,
                    "icmp_rate": 1_000_000, "icmp_burst": 1_000_000}
 # The tunnel and ICMP sources (strings in the config).
 SOURCE_SETTINGS = {"tunnel_source": "198.18.96.0/24", "tunnel_source6": "2001:db8:96::/64",
@@ -113,6 +126,10 @@ def config_text(services=SERVICES, settings=CONFIG_SETTINGS, sources=SOURCE_SETT
         lines += ["", "[[vip]]", f'address = "{s.address}"', f"port = {s.port}", f'protocol = "{s.protocol}"',
                   f'algorithm = "{s.algorithm}"', f'hash = "{s.hash}"', f'forwarding = "{s.forwarding}"',
                   f'announce = "{s.announce}"']
+        if s.persistence:
+            lines.append(f"persistence = {s.persistence}")
+        if s.persistence_prefix is not None:
+            lines.append(f"persistence_prefix = {s.persistence_prefix}")
         for addr, weight in s.backends:
             lines += ["[[vip.backend]]", f'address = "{addr}"', f"weight = {weight}"]
             if s.backend_port is not None:
@@ -125,7 +142,7 @@ def oracle_vips(mac_of, services=SERVICES) -> list[Vip]:
     return [Vip(s.address, s.port, s.protocol,
                 tuple(Backend(a, bytes.fromhex(mac_of(a).replace(":", "")), w, s.backend_port)
                       for a, w in s.backends),
-                s.algorithm, s.forwarding, s.announce)
+                s.algorithm, s.forwarding, s.announce, s.persistence, s.persistence_prefix)
             for s in services]
 
 

@@ -174,6 +174,8 @@ class Vip:
     algorithm: str = "maglev"
     forwarding: str = "dsr"   # "dsr" | "tunnel" | "nat"
     announce: str = "none"    # "none" | "arp" | "bgp"
+    persistence: int = 0      # seconds (no clock in the model: a binding never expires under it)
+    persistence_prefix: int | None = None   # None: /32 (IPv4), /128 (IPv6)
 
     @cached_property
     def key(self) -> tuple:
@@ -244,6 +246,8 @@ class FlowState:
     vip: Vip
     counted: bool        # TCP, counted in the backend's active connections
     closing: bool        # a FIN or RST has been seen
+    syn: bool = False    # TCP, recorded from its SYN: counts from its first ACK
+    established: bool = False  # TCP, an ACK without SYN seen (or recorded mid-flow)
 
 
 MODES = ("dsr", "tunnel", "nat", "nat-reply", "arp/nd", "icmp", "other")
@@ -270,6 +274,7 @@ class Oracle:
     nat_remaps_port = True          # nat: the destination port becomes the backend's
     nat_reply_restores_port = True  # nat reply: the source port becomes the VIP's
     answers_unannounced = False     # ARP/ND for every VIP address, not only announce = "arp"
+    persistence_prefix_cut = 0      # bits taken off each VIP's persistence_prefix
 
     def __init__(self, vips: list[Vip], settings: Settings | None = None):
         self.vips = list(vips)
@@ -308,6 +313,9 @@ class Oracle:
         self.nat_rev: dict[tuple, tuple] = {}
         self.nat_port: dict[tuple, int] = {}   # a client flow -> the source port it was remapped to
         self.outer_src: dict[tuple, bytes] = {}  # tunnel: the outer source each flow was given
+        # persistence: (VIP key, masked client) -> the backend MAC its binding holds (None: no
+        # packet has shown it yet). Bindings outlive conntrack (forget_flows keeps them).
+        self.bound: dict[tuple, bytes | None] = {}
         self.known = None                     # set by judge(): a disagreement the issue tracker already has
 
     def forget_flows(self) -> None:
@@ -412,11 +420,24 @@ class Oracle:
                 return Prediction("FL_TX_NAT_REPLY", "10: a NAT backend's reply", p, flow=flow, kind="nat_reply",
                                   mode="nat-reply", rev=rev)
             return self._miss(to_vip, "FL_PASS_VIP_PORT", "10: no VIP on this port/protocol", p)
-        # 11. New flow.
+        # 11. New flow: its client's binding, else the algorithm's pick.
         if not self.eligible[vip.key]:
             return Prediction("FL_DROP_NO_BACKEND", "11: no backend of weight > 0", p, vip, kind="pass",
                               mode=vip.forwarding)
+        bound = self.bound.get(self._client_key(vip, p.src))
+        if bound is not None and bound in self.eligible[vip.key]:
+            return self._forward(p, vip, flow, "11/12: new flow of a bound client", bound)
         return self._forward(p, vip, flow, "11/12: new flow", None)
+
+    def _client_key(self, vip: Vip, src: bytes) -> tuple | None:
+        """The binding key of a client of ``vip`` (its address masked to persistence_prefix), or None."""
+        if not vip.persistence:
+            return None
+        bits = len(src) * 8
+        prefix = bits if vip.persistence_prefix is None else vip.persistence_prefix
+        prefix = max(0, prefix - self.persistence_prefix_cut)
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - prefix)) - 1)
+        return vip.key, (int.from_bytes(src, "big") & mask).to_bytes(len(src), "big")
 
     def _forward(self, p: Parsed, vip: Vip, flow: tuple, rule: str, mac: bytes | None, hit: bool = False):
         """Rule 12 in the VIP's mode; a tunnel's MTU check included."""
@@ -846,12 +867,15 @@ class Oracle:
         ``mac`` is None when no packet shows the backend (rule 12 sent none)."""
         fin_rst = bool(pred.parsed.tcp_flags & (TCP_FIN | TCP_RST)) if pred.parsed.proto == IPPROTO_TCP else False
         state = self.flows.get(pred.flow)
+        tcp = pred.parsed.proto == IPPROTO_TCP
+        syn_only = tcp and pred.parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        ack_only = tcp and pred.parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
         if state is None or not pred.hit:  # a new flow, or a SYN that reopened a closed flow's entry
-            syn_only = pred.parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-            counted = pred.parsed.proto == IPPROTO_TCP and not fin_rst and syn_only
-            self.flows[pred.flow] = FlowState(mac, pred.vip, counted, fin_rst)
-            if counted:
-                self.active[self._active_key(mac, pred.vip)] += 1
+            self.flows[pred.flow] = FlowState(mac, pred.vip, False, fin_rst, syn=syn_only and not fin_rst,
+                                              established=tcp and not fin_rst and not syn_only)
+            client = self._client_key(pred.vip, pred.parsed.src)
+            if client is not None and self.bound.get(client) is None:
+                self.bound[client] = mac      # a recorded new flow binds its client (or shows whom to)
             return
         if mac is not None:
             self._learn(pred.flow, mac)
@@ -859,6 +883,11 @@ class Oracle:
             state.closing = True
             if state.counted:
                 self.active[self._active_key(state.mac, state.vip)] -= 1
+        elif ack_only and not fin_rst and not state.established and not state.closing:
+            state.established = True
+            if state.syn:  # a flow seen from its SYN counts from its first ACK
+                state.counted = True
+                self.active[self._active_key(state.mac, state.vip)] += 1
 
     @staticmethod
     def _active_key(mac: bytes | None, vip: Vip):

@@ -45,3 +45,22 @@ def test_the_rule_sees_a_bare_swap_and_not_the_helper():
     assert "fl_ntohs" in helper and bare_swaps(helper) == []
     bad = helper + "\n/* bpf_ntohs( in a comment */\nstatic int f(struct iphdr *iph)\n{\n\treturn bpf_ntohs(iph->tot_len);\n}\n"
     assert bare_swaps(bad) == [helper.count("\n") + 5]
+
+
+CTX_BOUND = re.compile(r"\bctx->data(_end)?\b")
+LAB_PROGRAMS = ("lab_", "xdp_macswap", "xdp_pass")   # the lab's own programs
+
+
+def test_the_frame_bounds_come_through_fl_data():
+    """fastlb's programs read ctx->data and ctx->data_end only through fl_data() and
+    fl_data_end(): the merged conntrack and 6.1 work once made clang keep &ctx->data_end
+    in a spilled register, which every verifier refuses ("dereference of modified ctx ptr")."""
+    found = {}
+    for p in sorted((REPO / "bpf").glob("*.[ch]")):
+        if p.name.startswith(LAB_PROGRAMS):
+            continue
+        code = strip_comments(p.read_text())
+        lines = [code.count("\n", 0, m.start()) + 1 for m in CTX_BOUND.finditer(code)]
+        if lines:
+            found[p.name] = lines
+    assert not found, f"ctx->data/ctx->data_end read directly in bpf/ {found}: use fl_data()/fl_data_end()"

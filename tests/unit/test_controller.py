@@ -208,3 +208,11 @@ def test_no_controller_is_one_clear_line(ctl_root):
     assert res.output.strip().splitlines() == [
         "fastlb: error: no fastlb controller is running in this network namespace. Fix: start one: "
         "fastlb attach IFACE -c CONFIG (the changes are made through it)"]
+
+
+def test_lrt_scores_round_so_that_equal_latencies_tie_and_slow_ones_lose():
+    from fastlb.dataplane.tables import LRT_FLOOR_US, lrt_score
+    assert lrt_score(300) == lrt_score(900) == lrt_score(LRT_FLOOR_US) == LRT_FLOOR_US
+    assert lrt_score(3900) == lrt_score(4100)          # within one step: a tie
+    assert lrt_score(55_000) > 5 * lrt_score(3900)     # 50 ms slower still loses every pair
+    assert lrt_score(10**12) == 2**32 - 1              # the kernel's u32

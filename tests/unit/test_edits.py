@@ -8,6 +8,7 @@ import pytest
 
 from fastlb.config import edits, parse_config
 from fastlb.errors import FastlbError
+from helpers.l7 import HTTP_ROUTED, HTTP_ROUTED_VIP
 
 TEXT = """
 [[vip]]
@@ -93,3 +94,42 @@ def test_vip_remove(cfg):
 def test_the_commands_are_the_control_sockets():
     assert list(edits.COMMANDS) == ["backend.add", "backend.remove", "backend.weight", "backend.drain",
                                     "vip.add", "vip.remove"]
+
+
+# ---- a route's pool of an http VIP (--route N) ----------------------------------------------
+
+HTTP_TEXT, HTTP_VIP = HTTP_ROUTED, HTTP_ROUTED_VIP
+
+
+def _route_keys(config, route=0):
+    return [(b.key.decode(), b.weight) for b in config.vips[0].routes[route].backends]
+
+
+def test_backend_edits_reach_a_routes_pool_and_leave_the_default_pool_alone():
+    cfg = parse_config(HTTP_TEXT, "lb.toml")
+    new, msg = edits.backend_add(cfg, HTTP_VIP, "198.18.0.23", 2, ifname="eth0", route=0)
+    assert _route_keys(new)[-1] == ("198.18.0.23:80", 2) and "route[0]" in msg
+    assert _keys(new) == _keys(cfg)
+    new, msg = edits.backend_weight(new, HTTP_VIP, "198.18.0.21", 5, ifname="eth0", route=0)
+    assert ("198.18.0.21:80", 5) in _route_keys(new)
+    new, _ = edits.backend_drain(new, HTTP_VIP, "198.18.0.22", ifname="eth0", route=0)
+    assert ("198.18.0.22:80", 0) in _route_keys(new)
+    new, msg = edits.backend_remove(new, HTTP_VIP, "198.18.0.21", ifname="eth0", route=0)
+    assert [k for k, _ in _route_keys(new)] == ["198.18.0.22:80", "198.18.0.23:80"] and "route[0]" in msg
+    assert _keys(new) == _keys(cfg)
+    assert new.vips[0].routes[0].host == "api.example.com"
+
+
+def test_a_route_that_does_not_exist_or_its_last_backend_is_refused():
+    cfg = parse_config(HTTP_TEXT, "lb.toml")
+    with pytest.raises(FastlbError, match="no route 1"):
+        edits.backend_add(cfg, HTTP_VIP, "198.18.0.23", ifname="eth0", route=1)
+    with pytest.raises(FastlbError, match="no route"):
+        edits.backend_add(parse_config(TEXT, "lb.toml"), VIP, "198.18.0.23", ifname="eth0", route=0)
+    with pytest.raises(FastlbError, match="route"):
+        edits.backend_add(cfg, HTTP_VIP, "198.18.0.23", ifname="eth0", route=-1)
+    one, _ = edits.backend_remove(cfg, HTTP_VIP, "198.18.0.21", ifname="eth0", route=0)
+    with pytest.raises(FastlbError, match="last backend"):
+        edits.backend_remove(one, HTTP_VIP, "198.18.0.22", ifname="eth0", route=0)
+    with pytest.raises(FastlbError, match="has no backend"):
+        edits.backend_weight(cfg, HTTP_VIP, "198.18.0.11", 3, ifname="eth0", route=0)

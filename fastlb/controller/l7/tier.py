@@ -6,6 +6,8 @@
 - ``apply(config, reload)``: make HAProxy serve ``config``: through the runtime
   API when only backends changed (no reload), else a seamless reload.
 - ``stats()``: per VIP and per backend, from ``show stat`` and the steering.
+- ``serving_vips()``: the http VIPs with a server up, for BGP (``announce = "bgp"``):
+  read every :data:`HEALTH_POLL` s; ``on_health`` is called when the set changes.
 - ``stop(keep)``; ``remove(ifname)`` cleans up after a ``--keep`` run from ``fastlb detach``.
 """
 
@@ -28,12 +30,25 @@ from fastlb.controller.l7.haproxy import HaproxyError
 from fastlb.controller.l7.steering import Steering
 
 STEER_INTERVAL = 0.25
+HEALTH_POLL = 0.5          # how often the servers of bgp-announced http VIPs are read (show stat)
 DRAIN_WAIT = 10.0          # a removed server's requests get this long to finish
 LO_FILE = "lo-addresses"   # the VIP addresses this tier put on lo (so detach removes only those)
 
 
 def l7_vips(config: Config) -> list[Vip]:
     return [v for v in config.vips if v.is_l7]
+
+
+def _up(status: str | None) -> bool:
+    """An HAProxy server status that takes requests: UP (also "UP 1/2", going down) or unchecked."""
+    return bool(status) and (status.startswith("UP") or status == "no check")
+
+
+def serving(config: Config, rows: list[dict[str, str]]) -> set[str]:
+    """The http VIPs of ``config`` that have a server up in one of their pools, from ``show stat`` rows."""
+    up_pools = {r.get("pxname") for r in rows if r.get("svname") not in ("FRONTEND", "BACKEND")
+                and _up(r.get("status"))}
+    return {v.name for v in l7_vips(config) if any(p.name in up_pools for p in render.pools(v))}
 
 
 def _shape(config: Config) -> str:
@@ -49,9 +64,11 @@ def _shape(config: Config) -> str:
 
 
 class Tier:
-    def __init__(self, ifname: str, log):
+    def __init__(self, ifname: str, log, on_health=None):
         self.ifname = ifname
         self.log = log
+        self.on_health = on_health         # called (from the steering thread) when serving_vips() changes
+        self.down: set[str] = set()        # http VIPs whose servers were all down at the last poll
         self.dir = haproxy.run_dir(ifname)
         self.paths = render.Paths(str(self.dir))
         self.supervisor = haproxy.Supervisor(self.paths, log)
@@ -177,7 +194,11 @@ class Tier:
             self.steering.observe(request.backend, request.server, request.tr_ms, now)
 
     def _steer_loop(self) -> None:
+        next_poll = 0.0
         while not self._stop.wait(STEER_INTERVAL):
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + HEALTH_POLL
+                self._poll_health()
             with self.lock:
                 changes = self.steering.changes(time.monotonic())
             for (pool, server), weight in changes.items():
@@ -187,6 +208,29 @@ class Tier:
                     continue      # reloading or restarting: the next round writes it
                 with self.lock:
                     self.steering.written(pool, server, weight)
+
+    # ---- health, for BGP ------------------------------------------------------------------
+
+    def serving_vips(self) -> set[str]:
+        """The http VIPs to announce: all but those whose servers were all down at the last poll."""
+        config = self.config
+        return {v.name for v in l7_vips(config)} - self.down if config else set()
+
+    def _poll_health(self) -> None:
+        config = self.config
+        if config is None or not any(v.announce == "bgp" for v in l7_vips(config)):
+            return
+        try:
+            rows = self.runtime.stat()
+        except HaproxyError:
+            return             # reloading or restarting: the next poll reads it
+        down = {v.name for v in l7_vips(config)} - serving(config, rows)
+        if down != self.down:
+            self.log("l7_serving_changed", down=",".join(sorted(down)) or "none",
+                     up=",".join(sorted({v.name for v in l7_vips(config)} - down)) or "none")
+            self.down = down
+            if self.on_health is not None:
+                self.on_health()
 
     # ---- VIPs on lo ----------------------------------------------------------------------
 
