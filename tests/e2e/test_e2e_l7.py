@@ -469,6 +469,18 @@ def by_client(lab, sources, requests: int = 4) -> dict[str, set[str]]:
     return out
 
 
+def wait_serving(lab, names: set[str], timeout: float = 10.0) -> None:
+    """Wait until requests (no persistence) reach every one of ``names``: once, under load, the
+    stats said both servers were up while the first 12 requests after the reload all reached b1."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = set().union(*by_client(lab, [lab.addr("client")], requests=6).values())
+        if seen == names:
+            return
+        assert time.monotonic() < deadline, f"only {seen} answered, not {names}"
+        time.sleep(0.2)
+
+
 def test_persistence_keeps_each_client_on_its_server_across_a_backend_add(l7):
     """rr with persistence = 600 on b1, b2; b3 added by `fastlb reload`, which reloads HAProxy (a new
     worker, whose stick tables fastlb refills): every client keeps its server, and new clients reach b3.
@@ -477,6 +489,7 @@ def test_persistence_keeps_each_client_on_its_server_across_a_backend_add(l7):
     for src in CLIENTS + NEWCOMERS:
         lab.run("client", ["ip", "addr", "replace", f"{src}/24", "dev", "eth0"])
     use(l7, http_config(lab, backends=("b1", "b2")))
+    wait_serving(lab, {"b1", "b2"})
     control = by_client(lab, CLIENTS[:3])
     assert all(len(names) == 2 for names in control.values()), control     # rr alternates
     use(l7, http_config(lab, backends=("b1", "b2"), head="persistence = 600\n"))
