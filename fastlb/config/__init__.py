@@ -17,8 +17,8 @@ line. docs/CONFIG.md lists every key. Callers import from here.
 
 from fastlb.config.lines import KeyLines as _KeyLines
 from fastlb.config.load import _is_prime, _nearest_primes, load_config, parse_config, validate, warnings
-from fastlb.config.model import (_SETTINGS_KEYS, _SETTINGS_RANGES, ALGORITHMS, ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS,
-                                 BUILT_FORWARDING, CLIENT_IP, FORWARDING, HASHES, HEALTH_KINDS,
+from fastlb.config.model import (_SETTINGS_KEYS, _SETTINGS_RANGES, ALGORITHMS, ALL_DOWN, ANNOUNCE,
+                                 CLIENT_IP, FORWARDING, HASHES, HEALTH_KINDS,
                                  L7_PROTOCOLS, MAX_PAYLOAD, PROTOCOLS, SPEAKERS, Backend, Bgp, BgpPeer, Config,
                                  HealthCheck, IPAddress, KeyPath, Route, Settings, Vip, hostport, l4_view,
                                  parse_vip_spec, vip_name)
@@ -26,7 +26,7 @@ from fastlb.config.render import config_data, render_config
 from fastlb.errors import ConfigError
 
 __all__ = [
-    "ALGORITHMS", "ALL_DOWN", "ANNOUNCE", "BUILT_ALGORITHMS", "BUILT_FORWARDING", "CLIENT_IP",
+    "ALGORITHMS", "ALL_DOWN", "ANNOUNCE", "CLIENT_IP",
     "FORWARDING", "HASHES", "HEALTH_KINDS", "L7_PROTOCOLS", "MAX_PAYLOAD", "PROTOCOLS", "SPEAKERS", "Backend", "Bgp",
     "BgpPeer", "Config", "ConfigError", "HealthCheck", "IPAddress", "KeyPath", "Route", "Settings", "Vip",
     "config_data", "hostport", "l4_view", "load_config", "parse_config", "parse_vip_spec", "render_config",

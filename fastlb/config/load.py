@@ -19,7 +19,7 @@ from fastlb.config.lines import KeyLines, NoLines, toml_error
 from fastlb.config.model import (_BACKEND_KEYS, _BGP_KEYS, _HEALTH_KEYS, _HEALTH_RANGES, _KIND_ONLY, _L7_ONLY,
                                  _PEER_KEYS, _ROUTE_KEYS, _SETTINGS_ADDRESSES, _SETTINGS_KEYS, _SETTINGS_NETWORKS,
                                  _SETTINGS_RANGES, _SETTINGS_SECONDS, _VIP_HEALTH_KEYS, _VIP_KEYS, ALGORITHMS,
-                                 ALL_DOWN, ANNOUNCE, BUILT_ALGORITHMS, BUILT_FORWARDING, CLIENT_IP,
+                                 ALL_DOWN, ANNOUNCE, CLIENT_IP,
                                  FORWARDING, HASHES, HEALTH_KINDS, L7_HASHES, L7_PROTOCOLS, MAX_PAYLOAD,
                                  MAX_PERSISTENCE, MAX_SLOW_START, PROTOCOLS, SPEAKERS, Backend, Bgp, BgpPeer, Config,
                                  HealthCheck, IPAddress, Route, Settings, Vip)
@@ -227,8 +227,8 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
         if key in t.data:
             raise t.error((key,), f"'{key}' is only read on http and https VIPs, and this VIP is {protocol}",
                           fix='remove it, or set protocol = "http"')
-    algorithm = t.choice("algorithm", ALGORITHMS, "maglev", built=BUILT_ALGORITHMS)
-    forwarding = t.choice("forwarding", FORWARDING, "dsr", built=BUILT_FORWARDING)
+    algorithm = t.choice("algorithm", ALGORITHMS, "maglev")
+    forwarding = t.choice("forwarding", FORWARDING, "dsr")
     hash_ = t.choice("hash", HASHES, "5tuple")
     announce = t.choice("announce", ANNOUNCE, "none")
     health_table = t.table("health")
@@ -385,7 +385,7 @@ def _l7_vip(t: _Table, address: IPAddress, port: int, protocol: str, **stateful:
     if "forwarding" in t.data:
         raise t.error(("forwarding",), f"'forwarding' has no meaning on an {protocol} VIP: HAProxy proxies "
                                        "its requests to the backends", fix="remove it")
-    algorithm = t.choice("algorithm", ALGORITHMS, "rr", built=BUILT_ALGORITHMS)
+    algorithm = t.choice("algorithm", ALGORITHMS, "rr")
     hash_ = _l7_hash(t, algorithm)
     client_ip = t.choice("client_ip", CLIENT_IP, "xff")
     certificate = None
@@ -434,7 +434,7 @@ def _l7_vip(t: _Table, address: IPAddress, port: int, protocol: str, **stateful:
             raise table.error((), "a route needs host or path_prefix (or both): this one matches every request",
                               fix='add host = "api.example.com" or path_prefix = "/v1/", or move its backends '
                                   "to the VIP's default pool")
-        route_alg = table.choice("algorithm", ALGORITHMS, algorithm, built=BUILT_ALGORITHMS)
+        route_alg = table.choice("algorithm", ALGORITHMS, algorithm)
         pool = _l7_pool(table, address, port, health, "the route has no backends",
                         "add at least one [[vip.route.backend]] under this [[vip.route]]")
         routes.append(Route(algorithm=route_alg, backends=pool, host=host.lower() if host else None,

@@ -24,10 +24,6 @@ L7_HASHES = ("src", "uri")         # http maglev's key, besides "header:NAME"
 CLIENT_IP = ("xff", "proxy", "none")
 HEALTH_KINDS = ("none", "tcp", "http", "udp", "exec", "agent")
 ALL_DOWN = ("drop", "keep")
-
-# What this build can run. Other values are known but rejected as "not built yet".
-BUILT_ALGORITHMS = frozenset({"maglev", "rr", "wrr", "lc", "lrt"})
-BUILT_FORWARDING = frozenset({"dsr", "tunnel", "nat"})
 ANNOUNCE = ("none", "arp", "bgp")
 # [bgp]: the BGP speaker fastlb drives (fastlb.controller.bgp).
 SPEAKERS = ("bird",)

@@ -125,16 +125,11 @@ class _Table:
                              fix=f"use a value from {low} to {high}{hint}")
         return value
 
-    def choice(self, key: str, valid: tuple[str, ...], default: str,
-               built: frozenset[str] | None = None) -> str:
+    def choice(self, key: str, valid: tuple[str, ...], default: str) -> str:
         value = self.get(key, str, default)
         if value not in valid:
             raise self.error((key,), f"unknown {key} {_show(value)}",
                              fix=_did_you_mean(value, valid, otherwise=f"use one of: {', '.join(valid)}"))
-        if built is not None and value not in built:
-            listing = ", ".join(v for v in valid if v in built)
-            raise self.error((key,), f"{key} '{value}' is not built yet in this version; built: {listing}",
-                             fix=f"use one of: {listing}")
         return value
 
     def file_path(self, key: str, default: str | None) -> str | None:

@@ -17,26 +17,22 @@ from fastlb import errors
 MAX_BACKENDS = 100  # fastlb.lab.topology.MAX_BACKENDS, repeated so that --help stays light
 
 
-class BuiltChoice(click.ParamType):
-    """A value the config knows, accepted only when this build runs it.
-
-    ``built`` is read when the option is parsed (fastlb.config.BUILT_ALGORITHMS,
-    say), so what the config accepts is what this command accepts.
-    """
+class LabChoice(click.ParamType):
+    """A value the config knows (fastlb.config.ALGORITHMS, say), read when the option is
+    parsed so that what the config accepts is what this command accepts, and of those
+    only the ones the lab's wiring hosts (``lab_hosts``; None: every one)."""
 
     name = "choice"
 
-    def __init__(self, what: str, known: Callable[[], tuple[str, ...]], built: Callable[[], frozenset[str]],
+    def __init__(self, what: str, known: Callable[[], tuple[str, ...]],
                  lab_hosts: Callable[[], tuple[str, ...]] | None = None):
         self.what = what
         self.known = known
-        self.built = built
-        self.lab_hosts = lab_hosts  # None: the lab hosts every value
+        self.lab_hosts = lab_hosts
 
     def listing(self) -> list[str]:
-        built = self.built()
         hosted = self.known() if self.lab_hosts is None else self.lab_hosts()
-        return [v for v in self.known() if v in built and v in hosted]
+        return [v for v in self.known() if v in hosted]
 
     def get_metavar(self, param, ctx=None) -> str:
         return "[" + "|".join(self.listing()) + "]"
@@ -45,13 +41,10 @@ class BuiltChoice(click.ParamType):
         listing = self.listing()
         if value in listing:
             return value
-        if value in self.built():
-            self.fail(f"{self.what} {value!r} is built, but the lab cannot host it yet: its backends hold "
-                      f"the VIPs on lo and answer the client directly; use one of: {', '.join(listing)}",
-                      param, ctx)
         if value in self.known():
-            self.fail(f"{self.what} {value!r} is not built yet in this version; use one of: "
-                      f"{', '.join(listing)}", param, ctx)
+            self.fail(f"{self.what} {value!r} works in fastlb, but the lab cannot host it yet: its backends "
+                      f"hold the VIPs on lo and answer the client directly; use one of: {', '.join(listing)}",
+                      param, ctx)
         self.fail(f"unknown {self.what} {value!r}; use one of: {', '.join(listing)}", param, ctx)
 
 
@@ -60,19 +53,9 @@ def _algorithms() -> tuple[str, ...]:
     return config.ALGORITHMS
 
 
-def _built_algorithms() -> frozenset[str]:
-    from fastlb import config
-    return config.BUILT_ALGORITHMS
-
-
 def _forwarding() -> tuple[str, ...]:
     from fastlb import config
     return config.FORWARDING
-
-
-def _built_forwarding() -> frozenset[str]:
-    from fastlb import config
-    return config.BUILT_FORWARDING
 
 
 def _lab_forwarding() -> tuple[str, ...]:
@@ -112,11 +95,11 @@ def lab():
 @click.option("-n", "--backends", type=click.IntRange(1, MAX_BACKENDS), default=3, show_default=True,
               metavar="N", help="Backends (b1..bN), each with an HTTP and a UDP echo server.")
 @click.option("--ipv6/--no-ipv6", default=True, show_default=True, help="IPv6 addresses and VIPs too.")
-@click.option("--algorithm", type=BuiltChoice("algorithm", _algorithms, _built_algorithms), default="maglev",
-              show_default=True, help="Algorithm of every VIP (only those this build runs).")
-@click.option("--forwarding", type=BuiltChoice("forwarding", _forwarding, _built_forwarding, _lab_forwarding),
+@click.option("--algorithm", type=LabChoice("algorithm", _algorithms), default="maglev",
+              show_default=True, help="Algorithm of every VIP.")
+@click.option("--forwarding", type=LabChoice("forwarding", _forwarding, _lab_forwarding),
               default="dsr", show_default=True,
-              help="Forwarding of every VIP (only those this build runs and the lab can host).")
+              help="Forwarding of every VIP (only those the lab can host).")
 def up(backends, ipv6, algorithm, forwarding):
     """Build a lab, attach fastlb in it, and leave it running.
 

@@ -3,7 +3,7 @@
 What it does (``sudo make demo``; under a minute here, at most 90 s)::
 
     1. a lab: a client, the LB and three backends (HTTP on TCP 80, UDP echo on 9000)
-    2. for each algorithm this build has (fastlb.config.BUILT_ALGORITHMS): a fresh
+    2. for each algorithm (fastlb.config.ALGORITHMS): a fresh
        fastlb attach serving two VIPs, 198.19.0.100 with weights 1:1:1 and
        198.19.0.101 with 3:2:1; to each, 300 TCP connections and 300 UDP
        exchanges, counted by the client (who answered) and by fastlb (its
@@ -70,22 +70,15 @@ class Outcome:
         return 1 if self.problems else 0
 
 
-def built_algorithms() -> list[str]:
-    """The algorithms this build runs, in the config's order (read at run time)."""
-    from fastlb import config
-
-    return [a for a in config.ALGORITHMS if a in config.BUILT_ALGORITHMS]
-
-
-def built_forwarding() -> str:
-    """The first forwarding mode this build runs and the lab's wiring hosts (DSR today)."""
+def lab_forwarding() -> str:
+    """The first forwarding mode, in the config's order, that the lab's wiring hosts (DSR today)."""
     from fastlb import config
     from fastlb.lab.netns import LabError
     from fastlb.lab.topology import LAB_FORWARDING
 
-    usable = [f for f in config.FORWARDING if f in config.BUILT_FORWARDING and f in LAB_FORWARDING]
+    usable = [f for f in config.FORWARDING if f in LAB_FORWARDING]
     if not usable:
-        raise LabError(f"this build runs none of the forwarding modes the lab hosts ({', '.join(LAB_FORWARDING)})")
+        raise LabError(f"the lab hosts none of fastlb's forwarding modes ({', '.join(LAB_FORWARDING)})")
     return usable[0]
 
 
@@ -109,7 +102,7 @@ class Demo:
         self.chart_path = Path(chart_path)
         self.console = console or Console(highlight=False)
         self.outcome = Outcome()
-        self.forwarding = built_forwarding()
+        self.forwarding = lab_forwarding()
         self._lab: Lab | None = None
         self._bal: Balancer | None = None
         self._configs = 0
@@ -160,8 +153,10 @@ class Demo:
                                      forwarding=self.forwarding, health=HEALTH_HTTP)
 
     def algorithms(self) -> None:
+        from fastlb import config
+
         lab = self._lab
-        algorithms = built_algorithms()
+        algorithms = list(config.ALGORITHMS)
         if self.plan.attach_per_algorithm:
             runs = [(weights_of(lab, values), f"198.19.0.{100 + i}") for i, values in enumerate((EQUAL, WEIGHTED))]
             for _, vip in runs:

@@ -778,8 +778,7 @@ def test_same_address_and_port_on_tcp_and_udp_are_two_vips() -> None:
     assert [v.name for v in parse_config(text).vips] == ["198.19.0.100:80/tcp", "198.19.0.100:80/udp"]
 
 
-def test_backend_on_the_same_address_and_another_port_is_not_a_duplicate(monkeypatch) -> None:
-    monkeypatch.setattr(config.load, "BUILT_FORWARDING", frozenset({"dsr", "nat"}))
+def test_backend_on_the_same_address_and_another_port_is_not_a_duplicate() -> None:
     text = MINIMAL.replace('port = 80', 'port = 80\nforwarding = "nat"') + toml("""
 [[vip.backend]]
 address = "198.18.0.11"
@@ -800,19 +799,14 @@ def test_vip_may_be_loopback() -> None:
     assert vip.address.is_loopback
 
 
-def test_nat_may_remap_the_backend_port(monkeypatch) -> None:
+def test_nat_may_remap_the_backend_port() -> None:
     nat = MINIMAL.replace("port = 80", 'port = 80\nforwarding = "nat"') + "port = 8080\n"
-    monkeypatch.setattr(config.load, "BUILT_FORWARDING", frozenset({"dsr"}))
-    with pytest.raises(ConfigError, match="forwarding 'nat' is not built yet in this version; built: dsr"):
-        parse_config(nat)
-    monkeypatch.setattr(config.load, "BUILT_FORWARDING", frozenset({"dsr", "nat"}))
     (vip,) = parse_config(nat).vips
     assert (vip.forwarding, vip.port, vip.backends[0].port) == ("nat", 80, 8080)
     assert vip.backends[0].key == b"198.18.0.11:8080"
 
 
-def test_tunnel_may_mix_families_but_not_remap_ports(monkeypatch) -> None:
-    monkeypatch.setattr(config.load, "BUILT_FORWARDING", frozenset({"dsr", "tunnel"}))
+def test_tunnel_may_mix_families_but_not_remap_ports() -> None:
     tunnel = ('[settings]\ntunnel_source = "198.18.200.0/24"\ntunnel_source6 = "2001:db8:200::/64"\n'
               + MINIMAL.replace("port = 80", 'port = 80\nforwarding = "tunnel"').replace("198.18.0.11", "2001:db8::11"))
     (vip,) = parse_config(tunnel).vips
@@ -820,14 +814,6 @@ def test_tunnel_may_mix_families_but_not_remap_ports(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="only nat forwarding remaps ports") as info:
         parse_config(tunnel + "port = 81\n")
     assert (info.value.field, info.value.line) == ("vip[0].backend[0].port", 10)
-
-
-def test_newly_built_algorithm_is_accepted(monkeypatch) -> None:
-    monkeypatch.setattr(config.load, "BUILT_ALGORITHMS", frozenset({"maglev", "wrr"}))
-    (vip,) = parse_config(MINIMAL.replace("port = 80", 'port = 80\nalgorithm = "wrr"')).vips
-    assert vip.algorithm == "wrr"
-    with pytest.raises(ConfigError, match="algorithm 'lc' is not built yet in this version; built: wrr, maglev"):
-        parse_config(MINIMAL.replace("port = 80", 'port = 80\nalgorithm = "lc"'))
 
 
 BGP = toml("""
