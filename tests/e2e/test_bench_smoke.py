@@ -33,6 +33,8 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert "## Packet rate through a veth lab: fastlb against nftables" in text
     assert "| nftables DNAT numgen | 64,512 |" in text
     assert "| fastlb DSR (XDP_TX) | 1,000 |" in text
+    assert "| floor: bench/xdp_floor.c (XDP_TX to one sink) | 64,512 |" in text
+    assert "Goal (issue 14): fastlb's share ≤ 1.1× the floor's" in text
     assert "## End-to-end TCP with wrk" in text
     for path in ("direct to one backend", "HAProxy mode tcp", "nginx stream", "fastlb DSR", "fastlb NAT",
                  "fastlb tunnel"):
