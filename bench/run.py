@@ -32,6 +32,7 @@ SECTIONS = [
     ("core", "bench_core", False),
     ("rate", "bench_rate", True),
     ("tcp", "bench_tcp", True),
+    ("floor", "bench_floor", True),
     ("l7", "bench_l7", True),
     ("control", "bench_control", True),
     ("controller", "bench_controller", True),

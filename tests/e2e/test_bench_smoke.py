@@ -40,6 +40,13 @@ def test_bench_quick_writes_every_section(tmp_path):
                  "fastlb tunnel"):
         for mode in ("keepalive", "close"):
             assert f"| {path} | {mode} |" in text
+    assert "## End to end against the lab's floor" in text
+    for path in ("direct to the backend", "floor (bench/xdp_floor.c)", "fastlb, controller running",
+                 "fastlb, controller stopped (--keep)"):
+        for mode in ("keepalive", "close"):
+            assert f"| {path} | {mode} |" in text
+    assert "Goals (issue 14), fastlb with its controller, by req/s in both wrk modes" in text
+    assert "The controller's own CPU during its fastlb runs" in text
     assert "## The L7 tier against the same HAProxy configured by hand" in text
     for path in ("hand HAProxy (mode http)", "fastlb http VIP, rr", "fastlb http VIP, lrt"):
         for mode in ("keepalive", "close"):
