@@ -67,6 +67,11 @@ def machine() -> str:
     ])
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` prints them."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _sections(text: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
     """(head, {"## title": lines}, tail) of a BENCHMARKS.md: the "Total" line is the tail."""
     head, blocks, tail, current = [], {}, [], None
@@ -119,10 +124,11 @@ def main(argv=None) -> int:
         if needs_root and os.geteuid() != 0:
             print(f"bench: skipping {name}: needs root", file=sys.stderr)
             continue
-        t0 = time.monotonic()
+        t0, load0 = time.monotonic(), load_average()
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         section = importlib.import_module(module).run(quick=args.quick)
-        parts += [section.rstrip(), "", f"*(section took {time.monotonic() - t0:.0f} s)*", ""]
+        parts += [section.rstrip(), "", f"*(section took {time.monotonic() - t0:.0f} s; load average "
+                  f"{load0} before, {load_average()} after: the machine's other work)*", ""]
     parts.append(f"Total: {time.monotonic() - started:.0f} s.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
