@@ -175,8 +175,8 @@ def floor_goal_note(m, base_ns: float) -> str:
             + ", ".join(f"{r:.2f}× at {flows:,} flows" for flows, r in ratios.items())
             + "). What fastlb adds over the floor is its own program: parsing, the VIP lookup, the "
             "conntrack LRU (a hit here, every flow is warm) and the ring, about 60 ns a packet in the per-packet "
-            "section with one flow in the caches; with more flows the conntrack lookups miss the CPU caches, so fastlb's "
-            "share grows with the flow count (as nftables' does), while the floor keeps no table.")
+            "section with one flow in the caches; with more flows the conntrack lookups miss the CPU caches, so "
+            "fastlb's share grows with the flow count (as nftables' does), while the floor keeps no table.")
 
 
 def goal_note(m, base_ns: float) -> str:
