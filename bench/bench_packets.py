@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import xdp_floor  # noqa: E402
 from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
 from scapy.layers.inet6 import IPv6  # noqa: E402
 from scapy.layers.l2 import Ether  # noqa: E402
@@ -98,19 +100,6 @@ def load_plain(source: str, function: str):
     return bpf, bpf.load_func(function.encode(), BPF.XDP).fd
 
 
-def load_floor(vip: str, backend_mac: str):
-    """bench/xdp_floor.c for ``vip``, sending its packets to ``backend_mac`` (the lab's floor)."""
-    import ipaddress
-    import socket
-
-    from bcc import BPF
-    vip_be = int.from_bytes(ipaddress.IPv4Address(vip).packed, "little" if socket.htons(1) != 1 else "big")
-    mac = ",".join(f"0x{b}" for b in backend_mac.split(":"))
-    bpf = BPF(src_file=str(Path(__file__).resolve().parent / "xdp_floor.c").encode(),
-              cflags=[f"-DFLOOR_VIP={vip_be}u", f"-DFLOOR_MAC={mac}"])
-    return bpf, bpf.load_func(b"xdp_floor", BPF.XDP).fd
-
-
 def measure(fd: int, data: bytes, calls: int, runs: int, vary_offset: int = -1) -> tuple[float, int]:
     """Median kernel ns per call over ``runs`` runs, and the last verdict.
 
@@ -132,7 +121,7 @@ def run(quick: bool = False, calls: int | None = None, runs: int | None = None) 
     rows = []
     pass_bpf, pass_fd = load_plain("xdp_pass.c", "xdp_pass")
     swap_bpf, swap_fd = load_plain("xdp_macswap.c", "xdp_macswap")
-    floor_bpf, floor_fd = load_floor(VIP4, "02:00:00:00:00:0b")
+    floor_bpf, floor_fd = xdp_floor.load(VIP4, "02:00:00:00:00:0b")
     sizes = Sizes(conntrack_size=1_048_576)
     try:
         with Testbed(sizes, name=f"bench-{os.getpid()}") as bed:  # two benches at once must not share pins
@@ -144,10 +133,10 @@ def run(quick: bool = False, calls: int | None = None, runs: int | None = None) 
             swap, v = measure(swap_fd, base4, calls, runs)
             assert v == XDP_VERDICTS["tx"]
             rows.append(("MAC swap (XDP_TX)", "IPv4 TCP", swap, v))
-            floor, v = measure(floor_fd, base4, calls, runs)
+            floor_ns, v = measure(floor_fd, base4, calls, runs)
             assert v == XDP_VERDICTS["tx"]
             rows.append(("floor: VIP packets to one backend's MAC (bench/xdp_floor.c, XDP_TX)", "IPv4 TCP",
-                         floor, v))
+                         floor_ns, v))
             cases = [("dsr", f, p) for f in (4, 6) for p in ("tcp", "udp")]
             cases += [(m, f, "tcp") for m in ("tunnel", "nat") for f in (4, 6)]
             for mode, family, proto in cases:

@@ -160,7 +160,7 @@ def run(quick: bool = False) -> str:
     return render(rows, configs, seconds, rounds, quick)
 
 
-def _median_row(samples: list[Row]) -> dict:
+def median_row(samples: list[Row]) -> dict:
     def med(f):
         return statistics.median(f(r) for r in samples)
     out = {"rps": med(lambda r: r.wrk.rps), "p50": med(lambda r: r.wrk.p50_ms),
@@ -171,14 +171,16 @@ def _median_row(samples: list[Row]) -> dict:
     return out
 
 
+def heading(title: str, quick: bool) -> list[str]:
+    """A wrk section's title, and the quick run's warning."""
+    return [f"## {title}", ""] + (["*Quick run: tiny runs, the figures mean nothing.*", ""] if quick else [])
+
+
 def render(rows, configs: dict[str, str], seconds: float, rounds: int, quick: bool) -> str:
-    m = {key: _median_row(s) for key, s in rows.items()}
-    out = ["## End-to-end TCP with wrk: fastlb against HAProxy, nginx and no balancer", ""]
-    if quick:
-        out += ["*Quick run: tiny runs, the figures mean nothing.*", ""]
-    out += [f"`wrk -t{wrkrun.THREADS} -c{wrkrun.CONNECTIONS} -d{max(1, round(seconds))}s --latency` from the "
-            "client namespace, keep-alive and connection-per-request (`-H 'Connection: close'`; the client "
-            "namespace has `tcp_tw_reuse=1` and `ip_local_port_range = 1024 65535`). Three backends, each "
+    m = {key: median_row(s) for key, s in rows.items()}
+    out = heading("End-to-end TCP with wrk: fastlb against HAProxy, nginx and no balancer", quick)
+    out += [wrkrun.method(seconds) + "; the client namespace has `tcp_tw_reuse=1` and "
+            "`ip_local_port_range = 1024 65535`). Three backends, each "
             f"nginx answering `GET /` with 3 bytes. Median of {rounds} run(s) per row, the paths taking turns. "
             "wrk, the balancer and the backends share this machine's "
             f"{peers.CORES} cores (and other sessions' load), so read the ratios. *Lab CPU*: everything the "

@@ -32,6 +32,7 @@ SECTIONS = [
     ("core", "bench_core", False),
     ("rate", "bench_rate", True),
     ("tcp", "bench_tcp", True),
+    ("floor", "bench_floor", True),
     ("l7", "bench_l7", True),
     ("control", "bench_control", True),
     ("controller", "bench_controller", True),
@@ -64,6 +65,11 @@ def machine() -> str:
         f"| Python | {platform.python_version()} |",
         f"| BCC | {bcc_version} |",
     ])
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` prints them."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _sections(text: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
@@ -118,10 +124,11 @@ def main(argv=None) -> int:
         if needs_root and os.geteuid() != 0:
             print(f"bench: skipping {name}: needs root", file=sys.stderr)
             continue
-        t0 = time.monotonic()
+        t0, load0 = time.monotonic(), load_average()
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         section = importlib.import_module(module).run(quick=args.quick)
-        parts += [section.rstrip(), "", f"*(section took {time.monotonic() - t0:.0f} s)*", ""]
+        parts += [section.rstrip(), "", f"*(section took {time.monotonic() - t0:.0f} s; load average "
+                  f"{load0} before, {load_average()} after: the machine's other work)*", ""]
     parts.append(f"Total: {time.monotonic() - started:.0f} s.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

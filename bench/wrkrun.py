@@ -47,6 +47,12 @@ def argv(url: str, mode: str, seconds: float, script: str | None = None,
     return out + [url]
 
 
+def method(seconds: float) -> str:
+    """The wrk command line of a bench section, in words (Markdown)."""
+    return (f"`wrk -t{THREADS} -c{CONNECTIONS} -d{max(1, round(seconds))}s --latency` from the client namespace, "
+            "keep-alive and connection-per-request (`-H 'Connection: close'`")
+
+
 def pace_script(delay_ms: int) -> str:
     """A wrk Lua script that waits ``delay_ms`` before each request of a connection.
 

@@ -83,10 +83,11 @@ def _tail(text: str, lines: int = 5) -> str:
 
 
 def start(lab: Lab, config: str | os.PathLike, log: str | os.PathLike,
-          timeout: float = ATTACH_TIMEOUT, role: str = "lb") -> Balancer:
+          timeout: float = ATTACH_TIMEOUT, role: str = "lb", options: tuple[str, ...] = ()) -> Balancer:
     """Start ``fastlb attach`` on the LB's eth0 with ``config``; return once it is attached.
 
     ``role``: the LB namespace (a lab with several LBs, fastlb.lab.ecmp, names them).
+    ``options``: more options of ``fastlb attach`` (``("--keep",)``).
 
     Raises LabError, with the end of its output, if it exits or is not
     attached within ``timeout`` seconds (it is killed then).
@@ -101,7 +102,7 @@ def start(lab: Lab, config: str | os.PathLike, log: str | os.PathLike,
     with open(log, "ab") as out:
         offset = out.tell()
         try:
-            proc = lab.exec(role, fastlb_argv("attach", lab.lb_iface, "-c", str(config)), env=python_env(),
+            proc = lab.exec(role, fastlb_argv("attach", lab.lb_iface, "-c", str(config), *options), env=python_env(),
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
         except OSError as exc:
@@ -126,12 +127,10 @@ def start(lab: Lab, config: str | os.PathLike, log: str | os.PathLike,
         time.sleep(0.05)
 
 
-def stop(lab: Lab, bal: Balancer, timeout: float = STOP_TIMEOUT, role: str = "lb") -> None:
-    """SIGTERM ``fastlb attach`` and wait for it; make sure fastlb is detached from eth0.
+def stop_controller(bal: Balancer, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM ``fastlb attach`` and wait for it to exit (SIGKILL after ``timeout``).
 
-    When it detached by itself, its output says so. Otherwise (it had died,
-    or ignored SIGTERM and was killed) ``fastlb detach eth0`` removes the
-    program and its pins, as long as the LB's namespace still exists.
+    Started with ``--keep``, it leaves its data plane attached: :func:`stop` removes it later.
     """
     if bal.alive():
         try:
@@ -147,6 +146,17 @@ def stop(lab: Lab, bal: Balancer, timeout: float = STOP_TIMEOUT, role: str = "lb
         os.kill(bal.pid, signal.SIGKILL)
     if bal._proc is not None:
         bal._proc.wait(5)
+
+
+def stop(lab: Lab, bal: Balancer, timeout: float = STOP_TIMEOUT, role: str = "lb") -> None:
+    """SIGTERM ``fastlb attach`` and wait for it; make sure fastlb is detached from eth0.
+
+    When it detached by itself, its output says so. Otherwise (it had died,
+    or ignored SIGTERM and was killed, or kept its data plane: ``--keep``)
+    ``fastlb detach eth0`` removes the program and its pins, as long as the
+    LB's namespace still exists.
+    """
+    stop_controller(bal, timeout)
     if DETACHED in bal.output() or lab.ns(role) not in netns.list_namespaces():
         return
     res = lab.run(role, fastlb_argv("detach", lab.lb_iface), timeout=60, check=False, env=python_env())

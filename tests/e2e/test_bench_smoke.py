@@ -33,11 +33,20 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert "## Packet rate through a veth lab: fastlb against nftables" in text
     assert "| nftables DNAT numgen | 64,512 |" in text
     assert "| fastlb DSR (XDP_TX) | 1,000 |" in text
+    assert "| floor: bench/xdp_floor.c (XDP_TX to one sink) | 64,512 |" in text
+    assert "Goal (issue 14): fastlb's share ≤ 1.1× the floor's" in text
     assert "## End-to-end TCP with wrk" in text
     for path in ("direct to one backend", "HAProxy mode tcp", "nginx stream", "fastlb DSR", "fastlb NAT",
                  "fastlb tunnel"):
         for mode in ("keepalive", "close"):
             assert f"| {path} | {mode} |" in text
+    assert "## End to end against the lab's floor" in text
+    for path in ("direct to the backend", "floor (bench/xdp_floor.c)", "fastlb, controller running",
+                 "fastlb, controller stopped (--keep)"):
+        for mode in ("keepalive", "close"):
+            assert f"| {path} | {mode} |" in text
+    assert "Goals (issue 14), fastlb with its controller, by req/s in both wrk modes" in text
+    assert "The controller's own CPU during its fastlb runs" in text
     assert "## The L7 tier against the same HAProxy configured by hand" in text
     for path in ("hand HAProxy (mode http)", "fastlb http VIP, rr", "fastlb http VIP, lrt"):
         for mode in ("keepalive", "close"):
