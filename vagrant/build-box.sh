@@ -16,7 +16,7 @@
 # The .box is cached in $FASTLB_VM_CACHE (default /var/cache/fastlb-vm) under a
 # name keyed by this script's hash: changing the recipe rebuilds it, anything
 # else reuses it. Needs root and: debootstrap qemu-utils fdisk extlinux
-# syslinux-common e2fsprogs vagrant vagrant-libvirt (scripts/vm-packages.sh).
+# syslinux-common e2fsprogs vagrant vagrant-libvirt (scripts/vm-host.sh installs them).
 # About 2 minutes and a 1 GiB .box.
 set -euo pipefail
 

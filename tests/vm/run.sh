@@ -6,15 +6,18 @@
 #   2. lab      a bridge of this run's own, client and backend namespaces on it
 #               (198.18.0.0/15 only), the lab's HTTP/UDP servers on the backends
 #   3. vm up    vagrant up: 3 vCPUs (an odd count on purpose), eth1 a virtio NIC
-#               with 4 queues on the bridge; libvirt's qemu driver (TCG) where
+#               with 6 queues (2 per vCPU: virtio-net's XDP needs a TX queue per
+#               CPU on top of the 3 it uses) on the bridge; libvirt's qemu driver (TCG) where
 #               KVM cannot run the guest (the Vagrantfile decides)
 #   4. install  apt install ./fastlb_*.deb in the guest (dependencies from Debian)
 #   5. attach   a config in /etc/fastlb/eth1.toml, systemctl enable --now
-#               fastlb@eth1; the program must be in driver mode (xdpdrv)
+#               fastlb@eth1; the program must be in driver mode (xdpdrv), and
+#               virtio-net must not fall back to its locked XDP_TX mode
 #   6. traffic  real TCP and UDP from the client namespaces through the VIPs, DSR
 #               and NAT; then the lab's line-rate generator from the host,
 #               counted at the backends (nftables counters)
-#   7. restart  held connections, systemctl restart fastlb@eth1 (--keep): the new
+#   7. restart  held connections, systemctl restart fastlb@eth1 (--keep), a GET on
+#               each every 10 s while it runs; the new
 #               controller adopts the pinned maps at 3 vCPUs and every held
 #               connection answers from the same backend
 #   8. remove   apt remove fastlb: no XDP program, no pin, no bpffs left
@@ -152,7 +155,7 @@ EOF
 done
 
 # ---- 3. the VM ------------------------------------------------------------------
-step "vm up: 3 vCPUs, eth1 on $bridge (virtio, 4 queues)"
+step "vm up: 3 vCPUs, eth1 on $bridge (virtio, 6 queues)"
 vagrant up --no-provision >"$work/up.log" 2>&1 || { tail -n 30 "$work/up.log" >&2; die "vagrant up failed"; }
 grep -m1 -o "driver type: [a-z]*\|Domain type: *[a-z]*" "$work/up.log" | sed 's/^/  libvirt /' || true
 vagrant ssh-config >"$work/ssh-config"
@@ -192,6 +195,7 @@ vip() {  # address port protocol forwarding health-kind
 }
 {
   echo "# written by tests/vm/run.sh (run $runid)"
+  printf '[settings]\nhash_seed = %s\n' "$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')"
   vip "$vip_dsr" 80 tcp dsr tcp
   vip "$vip_dsr" 9000 udp dsr udp
   vip "$vip_nat" 80 tcp nat tcp
@@ -207,12 +211,14 @@ say "  fastlb status: mode $mode; ip link: $(echo "$link" | grep -o 'xdp[a-z]*' 
 [ "$mode" = native ] || die "fastlb runs in $mode mode on virtio-net, not native (driver)"
 echo "$link" | grep -q xdpgeneric && die "ip link shows xdpgeneric on eth1"
 echo "$link" | grep -qw xdp || die "ip link shows no driver-mode program on eth1"
-guest "sudo journalctl -k --no-pager | grep -i 'xdp' | tail -n 3" | sed 's/^/  kernel: /' || true
+kernel=$(guest "sudo journalctl -k --no-pager -o cat | grep -i 'xdp' | tail -n 3" || true)
+[ -n "$kernel" ] && sed 's/^/  kernel: /' <<<"$kernel"
+grep -q "locked tx mode" <<<"$kernel" && die "virtio-net runs XDP_TX in its locked mode (too few queues for 3 vCPUs)"
 guest "sudo journalctl -u fastlb@eth1 --no-pager -o cat | tail -n 8" | sed 's/^/  fastlb@eth1: /'
 
 # ---- 6. traffic -----------------------------------------------------------------
 step "traffic: TCP and UDP through the VIPs, DSR and NAT"
-in_ns "$ns_c" "$py" -m fastlb.lab.clients wait --target "${addr_b[0]}" 80 --target "${addr_b[1]}" 80 --timeout 20 >/dev/null \
+in_ns "$ns_c" "$py" -m fastlb.lab.client_worker wait --target "${addr_b[0]}" 80 --target "${addr_b[1]}" 80 --timeout 20 >/dev/null \
   || die "the backends' servers did not come up"
 # The health checks must see both backends up before the counts mean anything.
 for _ in $(seq 1 60); do
@@ -226,7 +232,7 @@ check_counts() {  # what json-of-client
     || die "$what: $out"
   say "  $what: $(echo "$out" | json 'dict(d["counts"])')"
 }
-PY_C="env PYTHONPATH=$top $py -m fastlb.lab.clients"
+PY_C="env PYTHONPATH=$top $py -m fastlb.lab.client_worker"
 check_counts "DSR TCP 200 connections (GET /)" "$(in_ns "$ns_c" $PY_C tcp --host $vip_dsr --port 80 --count 200 --timeout 5)"
 check_counts "DSR UDP 200 datagrams" "$(in_ns "$ns_c" $PY_C udp --host $vip_dsr --port 9000 --count 200 --timeout 5)"
 check_counts "NAT TCP 200 connections (GET /)" "$(in_ns "$ns_n" $PY_C tcp --host $vip_nat --port 80 --count 200 --timeout 5)"
@@ -259,9 +265,22 @@ echo "$held" | grep -q '"held"' || die "holding connections: $held"
 echo detail >&"${HOLD[1]}"; read -r -t 60 d1 <&"${HOLD[0]}" || die "the held connections did not answer"
 prog1=$(guest "sudo fastlb status --json" | json 'd[0]["prog_id"]')
 t0=$(date +%s%N)
-guest "sudo systemctl restart fastlb@eth1" \
+# The restart recompiles the program with BCC: minutes under TCG, longer than the
+# lab servers keep an idle connection (30 s). So the held connections make a
+# request every 10 s while it runs (which also shows that none fails meanwhile).
+guest "sudo systemctl restart fastlb@eth1" </dev/null & restart_pid=$!
+checks=0; check_failed=0
+while kill -0 "$restart_pid" 2>/dev/null; do
+  sleep 10
+  echo check >&"${HOLD[1]}"; read -r -t 60 c <&"${HOLD[0]}" || c='{"ok": 0, "failed": 30}'
+  checks=$((checks + 1))
+  check_failed=$((check_failed + $(echo "$c" | json 'd["failed"]')))
+done
+wait "$restart_pid" \
   || { guest "sudo journalctl -u fastlb@eth1 --no-pager -o cat | tail -n 8" | sed 's/^/  fastlb@eth1: /' >&2; fail "systemctl restart fastlb@eth1 failed"; }
-say "  systemctl restart returned after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+say "  systemctl restart returned after $(( ($(date +%s%N) - t0) / 1000000 )) ms; meanwhile $checks rounds of" \
+    "30 keep-alive GETs on the held connections, $check_failed failed"
+[ "$check_failed" -eq 0 ] || fail "$check_failed requests on held connections failed during the restart"
 echo detail >&"${HOLD[1]}"; read -r -t 120 d2 <&"${HOLD[0]}" || d2='{"connections": []}'
 prog2=$(guest "sudo fastlb status --json" | json 'd[0]["prog_id"]' || echo none)
 eval "exec ${HOLD[1]}>&-"
@@ -289,7 +308,7 @@ guest "sudo DEBIAN_FRONTEND=noninteractive apt-get remove -y -q fastlb" >"$work/
 grep "^fastlb: " "$work/remove.log" | sed 's/^/  /'
 left=$(guest "ip -d link | grep -o -E 'xdp[a-z]*|prog/xdp id [0-9]+'; grep -o ' /run/fastlb/bpffs ' /proc/self/mountinfo; \
   sudo find /run/fastlb/bpffs /sys/fs/bpf -mindepth 1 ! -type d 2>/dev/null; \
-  systemctl is-active fastlb@eth1 | grep -x active" || true)
+  sudo systemctl is-active fastlb@eth1 | grep -x active" || true)
 [ -z "$left" ] || die "left after apt remove: $left"
 say "  no XDP program, no pin, no fastlb bpffs, no running unit"
 step ""
