@@ -490,23 +490,36 @@ static __always_inline __u32 too_big(struct xdp_md *ctx, struct fl_pkt *pkt, str
 	return FL_TX_ICMP_TOO_BIG;
 }
 
-/* 0 when the packet fits the path to `be` once tunnelled; else the reason of
- * what was done instead (an ICMP error to the client, or a drop). The L3
- * length once tunnelled is measured against the MTU of the device the frame
- * leaves by (the backend's, in a two-arm attachment): mtu_len = the L3
- * length, so VLAN tags, which are L2, do not count. */
-static __always_inline __u32 tunnel_too_big(struct xdp_md *ctx, struct fl_pkt *pkt, struct fl_settings *cfg,
-					    struct backend *be)
+/* bpf_check_mtu of the packet once tunnelled towards `be`: 0 when it fits,
+ * > 0 when it is too big (*mtu: the device's MTU less the outer header),
+ * < 0 when there is no such device. The L3 length once tunnelled is measured
+ * against the MTU of the device the frame leaves by (the backend's, in a
+ * two-arm attachment): mtu_len = the L3 length, so VLAN tags, which are L2,
+ * do not count. */
+static __always_inline long tunnel_mtu_check(struct xdp_md *ctx, struct fl_pkt *pkt, struct backend *be,
+					     __u32 *mtu)
 {
 	__u32 outer_len, mtu_len = pkt->l3_len;
 	long ret;
 
 	outer_len = be->family == FL_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
 	ret = bpf_check_mtu(ctx, be->egress_ifindex, &mtu_len, outer_len, 0);
+	*mtu = mtu_len - outer_len;
+	return ret;
+}
+
+/* 0 when the packet fits the path to `be` once tunnelled; else the reason of
+ * what was done instead (an ICMP error to the client, or a drop). */
+static __always_inline __u32 tunnel_too_big(struct xdp_md *ctx, struct fl_pkt *pkt, struct fl_settings *cfg,
+					    struct backend *be)
+{
+	__u32 mtu;
+	long ret = tunnel_mtu_check(ctx, pkt, be, &mtu);
+
 	if (ret < 0)
 		return FL_DROP_NO_EGRESS;
 	if (ret)
-		return too_big(ctx, pkt, cfg, mtu_len - outer_len);
+		return too_big(ctx, pkt, cfg, mtu);
 	return 0;
 }
 
@@ -917,8 +930,8 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct ct_value new_ct = {};
 	struct fl_settings *cfg;
 	struct backend *be, *ct_be;
-	__u32 *vip_id_p, vip_id, be_id, hash, reason, bound, zero = 0;
-	int new_flow = 0, record = 0, syn, rc;
+	__u32 *vip_id_p, vip_id, be_id, hash, reason, bound, mtu, zero = 0;
+	int new_flow = 0, record = 0, unfit, syn, rc = 0;
 	__u64 now;
 
 	if (eth->h_dest[0] & 1)
@@ -968,15 +981,17 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 			count_event(FL_EV_GUARD_UNRECORDED, pkt->bytes);
 			goto send;
 		}
-		/* The MTU check comes before the record: a too-big first packet records no flow. */
-		if (vip->forwarding == FL_FWD_TUNNEL) {
-			reason = tunnel_too_big(ctx, pkt, cfg, be);
-			if (reason)
-				return reason;
+		/* The MTU check comes before the record: a too-big first packet records
+		 * no flow. But a too-big SYN may be a known flow's (retransmitted, or
+		 * with FIN or RST): it reads the entry first, as rule 9 does, and
+		 * rule 12 checks the MTU towards that entry's backend (only a too-big
+		 * SYN pays this lookup). */
+		unfit = vip->forwarding == FL_FWD_TUNNEL && tunnel_mtu_check(ctx, pkt, be, &mtu);
+		if (!unfit) {
+			ct_new(&new_ct, pkt, vip, vip_id, be_id, be, now);
+			rc = conntrack.insert(flow, &new_ct);
 		}
-		ct_new(&new_ct, pkt, vip, vip_id, be_id, be, now);
-		rc = conntrack.insert(flow, &new_ct);
-		if (rc == -FL_EEXIST) {
+		if (unfit || rc == -FL_EEXIST) {
 			/* An entry holds the flow: a retransmitted SYN keeps its backend ... */
 			ct_be = ct_hit(pkt, cfg, now, syn, &ct_vip, &vip_id, &be_id);
 			if (ct_be) {
@@ -985,7 +1000,10 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 				new_flow = 0;
 				goto send;
 			}
-			/* ... unless it is stale, closed, or its backend gone: a new connection. */
+			/* ... unless it is stale, closed, or its backend gone: a new
+			 * connection (too big: answered, and recorded nowhere). */
+			if (unfit)
+				return tunnel_too_big(ctx, pkt, cfg, be);
 			rc = conntrack.update(flow, &new_ct);
 		}
 		if (rc) {

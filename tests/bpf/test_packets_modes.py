@@ -9,6 +9,7 @@ userspace model (tests/helpers/packets.expected_backend).
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 
 import pytest
@@ -17,7 +18,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
-from fastlb.dataplane import response
+from fastlb.dataplane import flows, response
 from fastlb.kernel import cdefs
 from fastlb.testing.testbed import LB_MAC, fake_mac
 from fastlb.testing.testbed import XDP_VERDICTS as VERDICT_CODES
@@ -699,6 +700,27 @@ def test_a_too_big_first_packet_records_no_flow(icmp_prog, two_arm):
     pkt = Ether(bytes(eth() / IP(src=CLIENT4, dst=TUN4, flags="DF") / UDP(sport=48100, dport=53) / Raw(b"u" * 1470)))
     run_row(two_arm, pkt, "FL_TX_ICMP_TOO_BIG")
     assert not list(two_arm.maps.keys("conntrack"))
+
+
+def test_a_too_big_syn_of_a_known_tunnel_flow_is_that_flows_packet(icmp_prog, two_arm):
+    """A SYN to a maglev VIP takes the SYN path (pick, then insert), but one of a
+    flow that has an entry is that flow's packet (rule 9), too big or not: its FIN
+    closes the entry and ends the flow's active count, as on any other hit (the fuzzer's
+    seed 2467642223 found the SYN path's MTU check skipping the entry)."""
+    def segment(flags, size=0):
+        return Ether(bytes(eth() / IP(src=CLIENT4, dst=TUN4, flags="DF") / TCP(sport=48200, dport=80, flags=flags)
+                           / Raw(b"s" * size)))
+
+    run_row(two_arm, segment("S"), "FL_REDIRECT_TUNNEL")
+    run_row(two_arm, segment("A"), "FL_REDIRECT_TUNNEL")
+    [(_, entry)] = flows.read(two_arm.maps)
+    assert entry.flags & cdefs.FL_CT_F_COUNTED
+    active = two_arm.maps.lookup("backend_active", ctypes.c_uint32(entry.backend_id)).value
+    out = run_row(two_arm, segment("SF", 1481 - 40), "FL_TX_ICMP_TOO_BIG")
+    assert out == too_big_reply4(segment("SF", 1481 - 40), BACKEND_SIDE_MTU - 20)
+    [(_, entry)] = flows.read(two_arm.maps)
+    assert entry.flags & cdefs.FL_CT_F_CLOSING
+    assert two_arm.maps.lookup("backend_active", ctypes.c_uint32(entry.backend_id)).value == active - 1
 
 
 @pytest.fixture
