@@ -268,10 +268,7 @@ def _vip(t: _Table, settings: Settings, backends_before: int) -> Vip:
         if forwarding == "tunnel" and backend.address.version == 6 and settings.tunnel_source6 is None:
             raise table.error(("address",), "an IPv6 tunnel backend needs settings.tunnel_source6",
                               fix='add tunnel_source6 = "2001:db8:200::/64" (a prefix of yours) to [settings]')
-        first = seen.setdefault((backend.address, backend.port), table)
-        if first is not table:
-            raise table.error((), f"duplicate backend {backend.key.decode()}: already defined as {first.where()}",
-                              fix="remove one of them")
+        _check_unique_backend(seen, backend, table)
         backends.append(backend)
     return Vip(address=address, port=port, protocol=protocol, algorithm=algorithm, forwarding=forwarding,
                hash=hash_, backends=tuple(backends), line=t.line, announce=announce, health=health,
@@ -472,12 +469,17 @@ def _l7_pool(t: _Table, address: IPAddress, port: int, health: HealthCheck, empt
         if backend.weight > 256:
             raise table.error(("weight",), f"weight {backend.weight} is over 256, HAProxy's largest",
                               fix="use a weight from 0 to 256")
-        first = seen.setdefault((backend.address, backend.port), table)
-        if first is not table:
-            raise table.error((), f"duplicate backend {backend.key.decode()}: already defined as {first.where()}",
-                              fix="remove one of them")
+        _check_unique_backend(seen, backend, table)
         backends.append(backend)
     return tuple(backends)
+
+
+def _check_unique_backend(seen: dict, backend: Backend, table) -> None:
+    """A pool lists each address and port once; ``seen`` maps them to their first table."""
+    first = seen.setdefault((backend.address, backend.port), table)
+    if first is not table:
+        raise table.error((), f"duplicate backend {backend.key.decode()}: already defined as {first.where()}",
+                          fix="remove one of them")
 
 
 def _is_prime(n: int) -> bool:

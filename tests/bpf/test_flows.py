@@ -9,19 +9,9 @@ import ipaddress
 
 import pytest
 
-pytestmark = pytest.mark.root
+from helpers.configs import BACKENDS, VIP
 
-VIP = """
-[[vip]]
-address = "198.19.0.100"
-port = 80
-"""
-BACKENDS = """
-[[vip.backend]]
-address = "198.18.0.11"
-[[vip.backend]]
-address = "198.18.0.12"
-"""
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture

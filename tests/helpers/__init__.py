@@ -4,5 +4,5 @@
 * ``fuzz_gen``: seeded random and mutated frames.
 * ``packets``: the packet tables' config, frame builders and expected backends.
 * ``e2e``: running ``fastlb`` in a namespace lab and the ``attached()`` context.
-* ``bgp``, ``l7``: configs the BGP and L7 tests share.
+* ``bgp``, ``l7``, ``configs``: configs the BGP, L7 and controller tests share.
 """

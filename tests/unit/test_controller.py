@@ -14,17 +14,7 @@ from fastlb.config.edits import parse_backend_spec
 from fastlb.controller.metrics import StatsCollector, parse_listen
 from fastlb.errors import ConfigError, FastlbError
 
-VIP = """
-[[vip]]
-address = "198.19.0.100"
-port = 80
-"""
-BACKENDS = """
-[[vip.backend]]
-address = "198.18.0.11"
-[[vip.backend]]
-address = "198.18.0.12"
-"""
+from helpers.configs import BACKENDS, VIP
 
 
 # ---- config: [vip.health] ----

@@ -12,17 +12,8 @@ from fastlb.config import parse_config
 from fastlb.controller import planner
 from fastlb.controller.planner import NO_MAC, Memory, plan
 
-VIP = """
-[[vip]]
-address = "198.19.0.100"
-port = 80
-"""
-BACKENDS = """
-[[vip.backend]]
-address = "198.18.0.11"
-[[vip.backend]]
-address = "198.18.0.12"
-"""
+from helpers.configs import BACKENDS, VIP
+
 MACS = {"198.18.0.11": "02:00:00:00:00:0b", "198.18.0.12": "02:00:00:00:00:0c"}
 B11, B12 = b"198.18.0.11:80", b"198.18.0.12:80"
 
