@@ -27,7 +27,7 @@ add=1
 [ "${1:-}" = "--no-add" ] && add=0
 [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, losetup, mount). Fix: sudo $0"
 for tool in debootstrap qemu-img sfdisk extlinux losetup mkfs.ext4; do
-  command -v "$tool" >/dev/null || die "$tool is missing. Fix: sudo scripts/vm-packages.sh"
+  command -v "$tool" >/dev/null || die "$tool is missing. Fix: sudo scripts/vm-host.sh packages"
 done
 
 box_name=${FASTLB_BOX_NAME:-debian/bookworm64}
@@ -183,7 +183,7 @@ else
 fi
 
 if [ "$add" -eq 1 ]; then
-  command -v vagrant >/dev/null || die "vagrant is missing. Fix: sudo scripts/vm-packages.sh"
+  command -v vagrant >/dev/null || die "vagrant is missing. Fix: sudo scripts/vm-host.sh packages"
   vhome=${VAGRANT_HOME:-$HOME/.vagrant.d}
   stamp="$vhome/boxes/${box_name//\//-VAGRANTSLASH-}/0/libvirt/fastlb-box-hash"
   if [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ]; then
