@@ -24,6 +24,9 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || die "build dependencies missing: ${missing[*]}. Fix: sudo make deb"
   say "installing build dependencies: ${missing[*]}"
+  # A machine whose package lists are old (set-up found nothing missing) would ask the
+  # mirror for versions it no longer has.
+  apt-get -o DPkg::Lock::Timeout=300 update -qq || die "apt-get update failed. Fix: check the network and /etc/apt/sources.list"
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed. Fix: run it by hand to see why"
 fi
