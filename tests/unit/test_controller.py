@@ -163,6 +163,7 @@ def test_metrics_listen_refuses(text):
 def test_metric_names_follow_the_conventions():
     data = {"interface": "eth0", "conntrack": {"size": 100, "entries": 7}, "reloads": {"ok": 2, "failed": 1},
             "reasons": {"tx_dsr": {"verdict": "tx", "packets": 5, "bytes": 500}},
+            "events": {"guard_unrecorded": 3, "ct_full": 0},
             "vips": [{"vip": "198.19.0.100:80/tcp", "packets": 5, "bytes": 500, "new_flows": 2, "active": 1,
                       "healthy_backends": 1,
                       "backends": [{"backend": "198.18.0.11:80", "packets": 5, "bytes": 500, "new_flows": 2,
@@ -180,6 +181,8 @@ def test_metric_names_follow_the_conventions():
                  'fastlb_packets_total{interface="eth0",reason="tx_dsr",verdict="tx"} 5.0',
                  'fastlb_vip_bytes_total{interface="eth0",tier="l4",vip="198.19.0.100:80/tcp"} 500.0',
                  'fastlb_conntrack_entries{interface="eth0"} 7.0',
+                 'fastlb_events_total{event="guard_unrecorded",interface="eth0"} 3.0',
+                 'fastlb_events_total{event="ct_full",interface="eth0"} 0.0',
                  'fastlb_config_reloads_total{interface="eth0",result="failed"} 1.0'):
         assert line in text, text
 
