@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def main(argv=None) -> int:
         print("fuzz/run.py: needs root (bpf(), BPF_PROG_TEST_RUN): run sudo make fuzz", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 32)
+    # A timeout's SIGTERM or a closed terminal's SIGHUP unwinds the with-block below,
+    # so that the run's veth and scratch pins go as they do after ^C.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
     from fastlb.kernel.layout import Sizes
     from fastlb.testing.testbed import LB_MAC, Testbed, fake_mac

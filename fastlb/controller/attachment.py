@@ -17,7 +17,7 @@ from fastlb.controller import state
 from fastlb.dataplane import identity, stats
 from fastlb.dataplane.tables import apply
 from fastlb.errors import FastlbError, require_root
-from fastlb.kernel import cdefs, neighbours, pins, structs, xdp
+from fastlb.kernel import neighbours, pins, structs, xdp
 from fastlb.kernel.layout import Sizes
 from fastlb.kernel.loader import Program
 from fastlb.kernel.maps import PinnedMaps
@@ -162,8 +162,7 @@ def status() -> list[dict]:
                 vips = _read_vips(maps)
                 _read_backends(maps, vips)
                 reasons, verdicts = stats.reasons(maps)
-                events = {name.removeprefix("FL_EV_").lower(): maps.counter("event_stats", idx).packets
-                          for name, idx in cdefs.enum("fl_event").items() if name != "FL_EVENT_MAX"}
+                events = stats.events(maps)
                 conntrack = maps.info("conntrack").max_entries
         except FastlbError as exc:
             entry["problem"] = str(exc)

@@ -488,6 +488,7 @@ class Controller:
                 except queue.Empty:
                     break
             dirty = False
+            calls = []
             for event in batch:
                 kind = event[0]
                 if kind == "signal":
@@ -501,7 +502,7 @@ class Controller:
                 elif kind == "neigh":
                     dirty = self._on_neigh(event[1], event[2]) or dirty
                 elif kind == "call":
-                    self._run_call(event[1])
+                    calls.append(event[1])
                 elif kind == "l7_health":
                     self._announce()     # HAProxy's servers of an http VIP all went down, or one came back
             if self.ramping() and time.monotonic() >= next_ramp:
@@ -512,6 +513,10 @@ class Controller:
                 next_responses = time.monotonic() + RESPONSES_EVERY
             if dirty:
                 self._rebuild()
+            # Commands after the rebuild: a reply (status, stats) never shows a health state
+            # that the maps do not hold yet.
+            for call in calls:
+                self._run_call(call)
             if time.monotonic() >= next_retry:
                 if self.announcer is not None:
                     self.announcer.retry()   # BIRD was unreachable: try again

@@ -142,6 +142,12 @@ class StatsCollector:
             nbytes.add_metric([iface, reason, r["verdict"]], r["bytes"])
         yield packets
         yield nbytes
+        events = CounterMetricFamily("fastlb_events", "Data-plane events that no verdict shows: new flows the "
+                                     "guard forwarded unrecorded, conntrack refusals, mid-flow TCP placed by the "
+                                     "ring, expired entries met.", labels=["interface", "event"])
+        for event, n in data.get("events", {}).items():
+            events.add_metric([iface, event], n)
+        yield events
         ct = data.get("conntrack", {})
         if "entries" in ct:
             g = GaugeMetricFamily("fastlb_conntrack_entries", "Entries in the conntrack map, counted at the scrape (stale ones too, until the LRU reclaims them).",

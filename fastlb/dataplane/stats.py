@@ -31,6 +31,14 @@ def reasons(maps: PinnedMaps) -> tuple[dict, dict]:
     return out, verdicts
 
 
+def events(maps: PinnedMaps) -> dict:
+    """{event: packets} over every event counter (enum fl_event): what the data plane
+    did that no verdict shows (a new flow the guard did not record, ...)."""
+    counters = maps.counters("event_stats", cdefs.FL_EVENT_MAX)
+    return {name.removeprefix("FL_EV_").lower(): counters[idx].packets
+            for name, idx in cdefs.enum("fl_event").items() if name != "FL_EVENT_MAX"}
+
+
 def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = True) -> dict:
     """Everything ``fastlb stats`` shows for one attachment.
 
@@ -69,7 +77,7 @@ def collect(maps: PinnedMaps, health: dict | None = None, count_flows: bool = Tr
         vip["backends"].append(be)
     reason_table, verdicts = reasons(maps)
     out = {"vips": sorted(vips.values(), key=lambda v: v["vip"]), "reasons": reason_table, "verdicts": verdicts,
-           "conntrack": {"size": maps.info("conntrack").max_entries}}
+           "events": events(maps), "conntrack": {"size": maps.info("conntrack").max_entries}}
     if count_flows:
         out["conntrack"]["entries"] = flows.count(maps)
     return out
@@ -98,6 +106,9 @@ def render(att: dict) -> list[str]:
         moved = {k: r["packets"] for k, r in att["reasons"].items() if r["packets"]}
         if moved:
             lines.append("  reasons: " + "  ".join(f"{k} {v}" for k, v in moved.items()))
+    happened = {k: n for k, n in att.get("events", {}).items() if n}
+    if happened:
+        lines.append("  events: " + "  ".join(f"{k} {v}" for k, v in happened.items()))
     return lines
 
 

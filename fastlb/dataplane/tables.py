@@ -208,7 +208,9 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
     The order keeps every packet's view consistent: VIPs that go away become
     unreachable first; then backends, rings and each VIP's settings are
     written before the vips entry that makes the VIP reachable; backends
-    that go away are cleared last.
+    that go down lose their valid flag, and backends that go away are
+    cleared, only once no ring or sequence holds them (until then a new flow
+    picked for one would find no backend: FL_DROP_NO_BACKEND).
     """
     config = l4_view(config)
     placement = place(config, maps, sizes)
@@ -241,6 +243,7 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
                 maps.update("vip_table", ctypes.c_uint32(vip_id), meta)
 
     used_backends = set()
+    going_down = []
     held = dict(_held_backends(maps))
     for vip in config.vips:
         vip_id = placement.vip_ids[vip.name]
@@ -266,7 +269,9 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
                 if old.rtt_us:
                     entry.rtt_us = old.rtt_us  # lrt's live score stays until the controller writes one
             used_backends.add(be_id)
-            if old is None or bytes(old) != bytes(entry):
+            if not fresh and old.flags & cdefs.FL_BE_F_VALID and not entry.flags & cdefs.FL_BE_F_VALID:
+                going_down.append((be_id, entry))      # after the rings that still hold it
+            elif old is None or bytes(old) != bytes(entry):
                 maps.update("backends", ctypes.c_uint32(be_id), entry)
                 written["backends"] += 1
             if fresh:
@@ -308,6 +313,9 @@ def apply(maps: PinnedMaps, config, macs: dict[str, str], sizes: Sizes,
         if held_id is None or held_id.value != value:
             maps.update("vips", key, ctypes.c_uint32(value))
             written["vips"] += 1
+    for be_id, entry in going_down:
+        maps.update("backends", ctypes.c_uint32(be_id), entry)
+        written["backends"] += 1
     for be_id, entry in list(_held_backends(maps)):
         if be_id not in used_backends:
             # The slot keeps its generation, so that the next backend given it gets a new one.

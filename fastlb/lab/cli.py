@@ -218,27 +218,36 @@ def status(as_json):
               help="TCP connections (HTTP GETs), and as many UDP exchanges.")
 @click.option("--line-rate", is_flag=True,
               help="Instead: a line-rate UDP burst to the VIP's UDP port (BPF_PROG_TEST_RUN live frames).")
+@click.option("--scapy", is_flag=True,
+              help="--line-rate: send scapy-built frames, paced at --rate, instead of live frames.")
+@click.option("--rate", type=click.IntRange(1, 20_000), default=None, metavar="N",
+              help="--scapy: frames a second.  [default: 1000]")
 @click.option("--flows", type=click.IntRange(1, 64512), default=None, metavar="N",
               help="--line-rate: source ports to cycle through.  [default: 1000]")
 @click.option("--seconds", type=click.FloatRange(0, 30, min_open=True), default=None, metavar="S",
               help="--line-rate: stop after S seconds.  [default: 2]")
 @click.option("--packets", type=click.IntRange(1, 1 << 31), default=None, metavar="N",
               help="--line-rate: stop after N frames (whichever comes first).")
-def traffic(runid, family, connections, line_rate, flows, seconds, packets):
+def traffic(runid, family, connections, line_rate, scapy, rate, flows, seconds, packets):
     """Send traffic through a lab made by 'lab up', counted at both ends.
 
     By default: N TCP connections and N UDP exchanges to the VIP, with the
     backend that answered each (client side) next to fastlb's own counters.
     With --line-rate: a bounded UDP burst, with what the generator sent, what
-    fastlb forwarded and what the backends' eth0 received.
+    fastlb forwarded and what the backends' eth0 received. With --scapy too,
+    the burst is scapy's frames at --rate a second: slow, but every frame
+    arrives, so the three counts agree.
 
     \b
     Examples:
       sudo fastlb lab traffic --connections 1000
       sudo fastlb lab traffic --line-rate --flows 10000 --seconds 3
+      sudo fastlb lab traffic --line-rate --scapy --rate 2000 --packets 5000
     """
-    if not line_rate and (flows, seconds, packets) != (None, None, None):
-        raise click.UsageError("--flows, --seconds and --packets go with --line-rate")
+    if not line_rate and (scapy or (rate, flows, seconds, packets) != (None, None, None, None)):
+        raise click.UsageError("--scapy, --rate, --flows, --seconds and --packets go with --line-rate")
+    if rate is not None and not scapy:
+        raise click.UsageError("--rate goes with --scapy")
     require_root("traffic")
     from fastlb.lab import runs
     from fastlb.lab.topology import Lab
@@ -251,7 +260,8 @@ def traffic(runid, family, connections, line_rate, flows, seconds, packets):
         from fastlb.lab import linerate
 
         result = linerate.line_rate(lab_, flows=1000 if flows is None else flows,
-                                    seconds=2.0 if seconds is None else seconds, packets=packets, vip=vip)
+                                    seconds=2.0 if seconds is None else seconds, packets=packets, vip=vip,
+                                    scapy=scapy, rate=linerate.DEFAULT_RATE if rate is None else rate)
         console.print(linerate.table(result))
         console.print(linerate.summary(result))
         return

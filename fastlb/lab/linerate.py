@@ -1,4 +1,4 @@
-"""A line-rate UDP generator for the lab, and what it shows of fastlb.
+"""A UDP traffic generator for the lab, and what it shows of fastlb.
 
 The generator is BPF_PROG_TEST_RUN in live-frames mode: the kernel runs an
 XDP program (bpf/lab_trafficgen.c) on frames it allocates itself, in batches
@@ -8,6 +8,13 @@ scapy-built template over every frame, gives it the source port of one of
 frames take the lab's normal path: the switch, fastlb on the LB's ``eth0``
 (XDP_TX under DSR), the switch again, the backends. It sends several Mpps
 from one core, where a Python socket loop manages well under one.
+
+Its scapy mode (``--scapy``) sends the same flows as frames that scapy builds,
+one ``send`` on scapy's layer-2 socket each, paced at ``--rate`` frames a
+second. It is slow (thousands a second), but each frame is an ordinary
+transmit from the client's stack, needs nothing of the kernel but a packet
+socket, and at a low rate arrives whole where a line-rate burst overflows
+queues: in an emulated VM (make vm-test), every frame sent is counted.
 
 Two ends, as in :mod:`fastlb.lab.clients`:
 
@@ -55,6 +62,8 @@ BASE_PORT = 1024               # flow f uses source port BASE_PORT + f
 MAX_FLOWS = 65536 - BASE_PORT
 MAX_SECONDS = 30.0
 MAX_PACKETS = 1 << 31
+DEFAULT_RATE = 1000            # --scapy: frames a second
+MAX_RATE = 20_000              # ... at most: about what one Python loop sends
 CALL_SECONDS = 0.2             # aim for test-run calls of about this long
 FIRST_CALL = 16384             # frames in the first call, before the rate is known
 SETTLE_TIMEOUT = 3.0           # seconds to wait for the receive counters to stop moving
@@ -76,6 +85,7 @@ TG_SENT, TG_ABORT_SHORT, TG_ABORT_NO_CONFIG, TG_STAT_MAX = range(4)
 class LineRate:
     """One burst: what the generator sent and what fastlb and the backends saw."""
 
+    generator: str                  # "live" (BPF live frames) or "scapy"
     family: int
     flows: int
     frame_len: int
@@ -145,27 +155,31 @@ def enable_peer_napi(lab: Lab) -> None:
 
 
 def line_rate(lab: Lab, family: int = 4, flows: int = 1000, seconds: float = 2.0,
-              packets: int | None = None, vip: str | None = None) -> LineRate:
+              packets: int | None = None, vip: str | None = None, scapy: bool = False,
+              rate: int = DEFAULT_RATE) -> LineRate:
     """Send a bounded UDP burst from the client to a VIP's UDP port; count it at both ends.
 
     ``vip`` defaults to the lab's VIP of ``family``. fastlb must be attached
     in the lab's LB namespace and serve it (its counters are read with
     ``fastlb status --json``). Stops after ``seconds`` or ``packets``,
-    whichever comes first.
+    whichever comes first. ``scapy``: scapy's mode, ``rate`` frames a second.
     """
     from fastlb.lab import lb_process
     from fastlb.lab.netns import LabError
 
-    check_bounds(flows, seconds, packets)
+    check_bounds(flows, seconds, packets, rate if scapy else None)
     vip = vip or lab.vip(family)
     family = ipaddress.ip_address(vip).version
-    enable_peer_napi(lab)
     args: list[object] = [
         "--ifname", "eth0", "--src-mac", lab.mac("client"), "--dst-mac", lab.mac("lb"),
         "--src", lab.addr("client", family), "--dst", vip, "--port", lab.udp_port,
         "--flows", flows, "--seconds", seconds]
     if packets is not None:
         args += ["--packets", packets]
+    if scapy:
+        args += ["--scapy", "--rate", rate]
+    else:
+        enable_peer_napi(lab)
     fwd_before = lb_process.backend_counters(lab, lb_process.status(lab), vip, lab.udp_port, "udp")
     rx_before = _rx_packets(lab)
     tx_before = link_stats(lab, "client")
@@ -181,7 +195,7 @@ def line_rate(lab: Lab, family: int = 4, flows: int = 1000, seconds: float = 2.0
     tx_after = link_stats(lab, "client")
     fwd_after = lb_process.backend_counters(lab, lb_process.status(lab), vip, lab.udp_port, "udp")
     return LineRate(
-        family=family, flows=flows, frame_len=out["frame_len"], sent=out["sent"], requested=out["requested"],
+        generator=out["generator"], family=family, flows=flows, frame_len=out["frame_len"], sent=out["sent"], requested=out["requested"],
         seconds=out["seconds"], calls=out["calls"],
         client_tx=tx_after["tx_packets"] - tx_before["tx_packets"],
         client_tx_dropped=tx_after["tx_dropped"] - tx_before["tx_dropped"],
@@ -189,8 +203,9 @@ def line_rate(lab: Lab, family: int = 4, flows: int = 1000, seconds: float = 2.0
         received={b: rx_after[b] - rx_before[b] for b in lab.backend_names})
 
 
-def check_bounds(flows: int, seconds: float, packets: int | None) -> None:
-    """Raise LabError unless the burst is bounded and its flows fit the port range."""
+def check_bounds(flows: int, seconds: float, packets: int | None, rate: int | None = None) -> None:
+    """Raise LabError unless the burst is bounded, its flows fit the port range and a
+    scapy mode's ``rate`` (None: live frames) is one it can keep."""
     from fastlb.lab.netns import LabError
 
     if not 1 <= flows <= MAX_FLOWS:
@@ -200,15 +215,18 @@ def check_bounds(flows: int, seconds: float, packets: int | None) -> None:
                        fix=f"use more than 0 and at most {MAX_SECONDS:g} seconds")
     if packets is not None and not 1 <= packets <= MAX_PACKETS:
         raise LabError(f"packets={packets} is out of range", fix=f"use 1 to {MAX_PACKETS} packets")
+    if rate is not None and not 1 <= rate <= MAX_RATE:
+        raise LabError(f"rate={rate} is out of range", fix=f"use 1 to {MAX_RATE} frames a second")
 
 
 def table(result: LineRate, title: str | None = None):
     """A rich Table: per backend, what fastlb forwarded and what arrived."""
     from rich.table import Table
 
-    t = Table(title=title or f"Line-rate burst: {result.sent:,} frames of {result.frame_len} bytes, "
-                             f"{result.flows:,} flows, {result.seconds:.2f} s = {result.mpps:.2f} Mpps sent",
-              caption=PACING_NOTE)
+    kind = "Line-rate burst" if result.generator == "live" else "scapy burst"
+    t = Table(title=title or f"{kind}: {result.sent:,} frames of {result.frame_len} bytes, "
+                             f"{result.flows:,} flows, {result.seconds:.2f} s = {rate_text(result)} sent",
+              caption=PACING_NOTE if result.generator == "live" else None)
     t.add_column("backend")
     t.add_column("fastlb forwarded", justify="right")
     t.add_column("share", justify="right")
@@ -225,12 +243,20 @@ def table(result: LineRate, title: str | None = None):
     return t
 
 
+def rate_text(result: LineRate) -> str:
+    """The generator's rate, in the unit that suits it."""
+    if result.generator == "live":
+        return f"{result.mpps:.2f} Mpps"
+    return f"{result.sent / result.seconds if result.seconds > 0 else 0:,.0f} frames/s"
+
+
 def summary(result: LineRate) -> str:
     """One paragraph: sent, dropped on the way, forwarded, received."""
     dropped = (f" and dropped {result.client_tx_dropped:,} (its peer's queue was full)"
                if result.client_tx_dropped else ", dropping none")
-    return (f"generator: {result.sent:,} frames in {result.seconds:.2f} s ({result.calls} test-run calls) "
-            f"= {result.mpps:.2f} Mpps; the client's veth took {result.client_tx:,}{dropped}; "
+    how = f"{result.calls} test-run calls" if result.generator == "live" else "scapy, one send each"
+    return (f"generator: {result.sent:,} frames in {result.seconds:.2f} s ({how}) "
+            f"= {rate_text(result)}; the client's veth took {result.client_tx:,}{dropped}; "
             f"fastlb forwarded {result.total_forwarded:,} "
             f"({result.total_forwarded / result.seconds / 1e6:.2f} Mpps over the same time); "
             f"the backends' eth0 counted {result.total_received:,}.")
@@ -339,15 +365,48 @@ class Generator:
                                         4 * n))
         elapsed = time.monotonic() - start
         counts = [a - b for a, b in zip(self.stats(), before)]
-        return {"sent": counts[TG_SENT], "aborted": counts[TG_ABORT_SHORT] + counts[TG_ABORT_NO_CONFIG],
+        return {"generator": "live", "sent": counts[TG_SENT],
+                "aborted": counts[TG_ABORT_SHORT] + counts[TG_ABORT_NO_CONFIG],
                 "requested": requested, "calls": calls, "seconds": elapsed, "frame_len": len(self.frame)}
+
+
+def scapy_frames(src_mac: str, dst_mac: str, src: str, dst: str, port: int, flows: int) -> list[bytes]:
+    """The scapy mode's frames: flow f's is the template with source port BASE_PORT + f."""
+    return [build_frame(src_mac, dst_mac, src, dst, port, base_port=BASE_PORT + f)[0] for f in range(flows)]
+
+
+def scapy_burst(frames: list[bytes], ifname: str, rate: int, seconds: float, packets: int | None = None) -> dict:
+    """Send ``frames`` in turn on scapy's layer-2 socket on ``ifname``, ``rate`` a second,
+    until ``seconds`` or ``packets``; return what was done (as :meth:`Generator.burst`)."""
+    from scapy.config import conf
+
+    limit = packets if packets is not None else MAX_PACKETS
+    sent = 0
+    sock = conf.L2socket(iface=ifname)
+    start = time.monotonic()
+    deadline = start + seconds
+    try:
+        while sent < limit:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            due = start + sent / rate      # paced from the start: a late send does not shift the rest
+            if due > now:
+                time.sleep(due - now)
+            sock.send(frames[sent % len(frames)])
+            sent += 1
+    finally:
+        sock.close()
+    return {"generator": "scapy", "sent": sent, "aborted": 0, "requested": sent, "calls": sent,
+            "seconds": time.monotonic() - start, "frame_len": len(frames[0])}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: runs in the client namespace and prints one JSON object."""
     p = argparse.ArgumentParser(
         prog="python -m fastlb.lab.linerate",
-        description="fastlb lab: a bounded line-rate UDP burst (BPF_PROG_TEST_RUN live frames), JSON out.",
+        description="fastlb lab: a bounded UDP burst, at line rate (BPF_PROG_TEST_RUN live frames) "
+                    "or paced by scapy (--scapy), JSON out.",
         epilog="example: ip netns exec flb-1a2b3c-client python -m fastlb.lab.linerate --ifname eth0 "
                "--src-mac 02:00:c6:12:00:01 --dst-mac 02:00:c6:12:00:02 --src 198.18.0.1 "
                "--dst 198.19.0.100 --port 9000 --flows 1000 --seconds 2")
@@ -360,14 +419,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flows", type=int, default=1000, help=f"source ports to cycle through, 1 to {MAX_FLOWS}")
     p.add_argument("--seconds", type=float, default=2.0, help=f"stop after this long, at most {MAX_SECONDS:g}")
     p.add_argument("--packets", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--scapy", action="store_true",
+                   help="send scapy-built frames, one send each, paced at --rate (not live frames)")
+    p.add_argument("--rate", type=int, default=None,
+                   help=f"--scapy: frames a second, 1 to {MAX_RATE} (default {DEFAULT_RATE})")
     a = p.parse_args(argv)
+    if a.rate is not None and not a.scapy:
+        p.error("--rate goes with --scapy")
     from fastlb.errors import FastlbError
 
     try:
-        check_bounds(a.flows, a.seconds, a.packets)
-        frame, udp_offset = build_frame(a.src_mac, a.dst_mac, a.src, a.dst, a.port)
-        with Generator(frame, udp_offset, socket.if_nametoindex(a.ifname), a.flows) as gen:
-            out = gen.burst(a.seconds, a.packets)
+        if a.scapy:
+            rate = DEFAULT_RATE if a.rate is None else a.rate
+            check_bounds(a.flows, a.seconds, a.packets, rate)
+            socket.if_nametoindex(a.ifname)   # a missing interface: one OSError that names it
+            frames = scapy_frames(a.src_mac, a.dst_mac, a.src, a.dst, a.port, a.flows)
+            out = scapy_burst(frames, a.ifname, rate, a.seconds, a.packets)
+        else:
+            check_bounds(a.flows, a.seconds, a.packets)
+            frame, udp_offset = build_frame(a.src_mac, a.dst_mac, a.src, a.dst, a.port)
+            with Generator(frame, udp_offset, socket.if_nametoindex(a.ifname), a.flows) as gen:
+                out = gen.burst(a.seconds, a.packets)
     except (FastlbError, OSError, ValueError) as exc:
         out = {"error": str(exc)}
     json.dump(out, sys.stdout)

@@ -478,3 +478,36 @@ def test_a_wrong_oracle_is_caught(campaign, model, misforwards):
     assert rep.disagreements > 0, rep.summary()
     assert (rep.misforwards > 0) == misforwards, rep.summary()
     assert rep.failures and "frame (" in rep.failures[0] and "###[ Ethernet ]###" in rep.failures[0]
+
+
+@pytest.mark.root
+def test_make_fuzz_stopped_by_sigterm_leaves_no_veth_and_no_pins():
+    """A make fuzz that a timeout or ^C ends removes its veth and its scratch pins
+    (a SIGTERM used to kill it before either was removed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fastlb.kernel import pins
+
+    run = Path(__file__).resolve().parents[2] / "fuzz" / "run.py"
+    proc = subprocess.Popen([sys.executable, str(run), "--packets", "100000000", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    device, scratch = f"flfz{proc.pid % 10_000_000}", pins.ensure_bpffs() / f"scratch-fuzz-run-{proc.pid}"
+    try:
+        assert proc.stdout.readline().startswith("fuzz: seed")
+        deadline = time.monotonic() + 60
+        while not (Path("/sys/class/net", device).exists() and scratch.exists()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the fuzz run never made its veth and pins"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        left = [p for p in (Path("/sys/class/net", device), scratch) if p.exists()]
+        assert not left, f"left behind: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "link", "del", device], capture_output=True)
+        subprocess.run(["rm", "-rf", str(scratch)], capture_output=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -58,8 +59,13 @@ def flood(lab) -> int:
 
 
 def events(lab) -> dict:
+    """The event counters, from `fastlb status` and, the same, from the metrics endpoint."""
     data = json.loads(run_fastlb(lab, "lb", "status", "--json", check=True).stdout)[0]
-    return data.get("events", {})
+    body = lab.run("lb", ["curl", "-sf", "http://127.0.0.1:9469/metrics"]).stdout
+    exported = {m.group(1): int(float(m.group(2)))
+                for m in re.finditer(r'^fastlb_events_total\{event="(\w+)",interface="[^"]+"\} (\S+)$', body, re.M)}
+    assert exported == data["events"], (exported, data["events"])
+    return data["events"]
 
 
 def held_connections_after_flood(lab, tmp_path, new_flow_rate: int) -> tuple[dict, int, dict]:

@@ -93,7 +93,9 @@ def test_algorithm_and_forwarding_follow_the_config_and_what_the_lab_hosts(not_r
 
 @pytest.mark.parametrize("args", [["traffic", "--flows", "10"], ["traffic", "--packets", "5"],
                                   ["down", "abc123", "--all"], ["up", "--backends", "0"],
-                                  ["traffic", "--line-rate", "--seconds", "0"]])
+                                  ["traffic", "--line-rate", "--seconds", "0"], ["traffic", "--scapy"],
+                                  ["traffic", "--line-rate", "--rate", "100"],
+                                  ["traffic", "--line-rate", "--scapy", "--rate", "0"]])
 def test_bad_usage_is_refused_before_anything_runs(args, not_root):
     res = CliRunner().invoke(main, ["lab", *args])
     assert res.exit_code == 2, res.output
@@ -119,6 +121,29 @@ def test_template_frames(src, dst, length, offset):
 def test_a_burst_must_be_bounded(flows, seconds, packets):
     with pytest.raises(LabError, match="out of range"):
         linerate.check_bounds(flows, seconds, packets)
+
+
+@pytest.mark.parametrize("rate", [0, linerate.MAX_RATE + 1])
+def test_a_scapy_burst_must_have_a_rate_it_can_keep(rate):
+    linerate.check_bounds(10, 1, None, None)   # live frames: no rate
+    with pytest.raises(LabError, match=f"rate={rate} is out of range"):
+        linerate.check_bounds(10, 1, None, rate)
+
+
+def test_the_scapy_frames_are_the_flows_of_the_template():
+    from scapy.layers.inet import UDP
+    from scapy.layers.l2 import Ether
+
+    frames = linerate.scapy_frames("02:00:c6:12:00:01", "02:00:c6:12:00:02", "198.18.0.1", "198.19.0.100", 9000, 3)
+    template, udp_offset = linerate.build_frame("02:00:c6:12:00:01", "02:00:c6:12:00:02", "198.18.0.1",
+                                                "198.19.0.100", 9000)
+    assert frames[0] == template
+    assert [Ether(f)[UDP].sport for f in frames] == [linerate.BASE_PORT + f for f in range(3)]
+    for f in frames:  # scapy computed each one's checksum
+        pkt = Ether(f)
+        sent_sum = pkt[UDP].chksum
+        del pkt[UDP].chksum
+        assert Ether(bytes(pkt))[UDP].chksum == sent_sum
 
 
 # ---- lab up / down / status / traffic ------------------------------------------------
@@ -259,6 +284,19 @@ def test_line_rate_sends_what_it_says_as_counted_at_the_receivers(attached):
     assert all(r.forwarded[b] > 0 for b in attached.backend_names), r.forwarded  # 500 flows spread
     assert r.total_received >= 0.95 * r.total_forwarded, (r.forwarded, r.received)
     assert r.mpps > 0
+
+
+@pytest.mark.root
+@pytest.mark.netns
+def test_a_scapy_burst_is_counted_whole_by_fastlb_and_the_backends(attached):
+    r = linerate.line_rate(attached, flows=64, seconds=10, packets=2000, scapy=True, rate=2000)
+    assert r.generator == "scapy" and r.sent == r.requested == 2000
+    assert 0.9 <= r.seconds < 5, "paced at 2,000 a second, and ended by the packet cap"
+    assert r.sent <= r.client_tx + r.client_tx_dropped <= r.sent + 100 and r.client_tx_dropped == 0
+    # at this rate nothing is lost on the way: fastlb forwarded every frame, and each
+    # backend's eth0 took at least what fastlb sent it (plus ARP and the like)
+    assert r.total_forwarded == r.sent, r.forwarded
+    assert all(0 < r.forwarded[b] <= r.received[b] for b in attached.backend_names), (r.forwarded, r.received)
 
 
 def udp_counters(lab: Lab, backend: str, family: int) -> dict[str, int]:

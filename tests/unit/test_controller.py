@@ -163,6 +163,7 @@ def test_metrics_listen_refuses(text):
 def test_metric_names_follow_the_conventions():
     data = {"interface": "eth0", "conntrack": {"size": 100, "entries": 7}, "reloads": {"ok": 2, "failed": 1},
             "reasons": {"tx_dsr": {"verdict": "tx", "packets": 5, "bytes": 500}},
+            "events": {"guard_unrecorded": 3, "ct_full": 0},
             "vips": [{"vip": "198.19.0.100:80/tcp", "packets": 5, "bytes": 500, "new_flows": 2, "active": 1,
                       "healthy_backends": 1,
                       "backends": [{"backend": "198.18.0.11:80", "packets": 5, "bytes": 500, "new_flows": 2,
@@ -180,6 +181,8 @@ def test_metric_names_follow_the_conventions():
                  'fastlb_packets_total{interface="eth0",reason="tx_dsr",verdict="tx"} 5.0',
                  'fastlb_vip_bytes_total{interface="eth0",tier="l4",vip="198.19.0.100:80/tcp"} 500.0',
                  'fastlb_conntrack_entries{interface="eth0"} 7.0',
+                 'fastlb_events_total{event="guard_unrecorded",interface="eth0"} 3.0',
+                 'fastlb_events_total{event="ct_full",interface="eth0"} 0.0',
                  'fastlb_config_reloads_total{interface="eth0",result="failed"} 1.0'):
         assert line in text, text
 
@@ -206,3 +209,32 @@ def test_lrt_scores_round_so_that_equal_latencies_tie_and_slow_ones_lose():
     assert lrt_score(3900) == lrt_score(4100)          # within one step: a tie
     assert lrt_score(55_000) > 5 * lrt_score(3900)     # 50 ms slower still loses every pair
     assert lrt_score(10**12) == 2**32 - 1              # the kernel's u32
+
+
+# ---- the loop's order ----
+
+def test_a_command_in_the_batch_of_a_health_change_is_answered_after_the_rebuild():
+    """`fastlb status` sent while a backend goes down must not report it down before
+    the maps hold that (a client that reacts to the reply then meets the old tables)."""
+    import queue
+    import signal
+    import types
+
+    from fastlb.controller.loop import Controller
+
+    done = []
+    ctl = object.__new__(Controller)   # the loop alone: every effect below is a recorder
+    ctl.config = types.SimpleNamespace(settings=types.SimpleNamespace(sweep_interval=60.0), vips=())
+    ctl.maps, ctl.announcer, ctl.events = None, None, queue.Queue()
+    ctl.ramping = lambda: False
+    ctl._on_result_main = lambda result: done.append(f"result {result}") or True
+    ctl._rebuild = lambda: done.append("rebuild")
+
+    def run_call(call):
+        done.append(f"call {call}")
+        ctl.events.put(("signal", signal.SIGTERM))   # the next batch ends the loop
+    ctl._run_call = run_call
+    ctl.events.put(("results", ["b3 down"]))
+    ctl.events.put(("call", "status"))
+    ctl.run()
+    assert done == ["result b3 down", "rebuild", "call status"]

@@ -3,26 +3,31 @@
 #
 #   1. host     libvirt running (scripts/vm-host.sh), the Debian box built or
 #               reused from its cache (vagrant/build-box.sh)
-#   2. lab      a bridge of this run's own, client and backend namespaces on it
+#   2. headers  the .deb installed in a chroot of the box's disk under this host's
+#               kernel: where Debian has no headers package for that kernel (a
+#               kernel Debian did not build, like these machines'), postinst must
+#               link the generic headers and say so, and BCC must compile
+#               fastlb's program with them
+#   3. lab      a bridge of this run's own, client and backend namespaces on it
 #               (198.18.0.0/15 only), the lab's HTTP/UDP servers on the backends
-#   3. vm up    vagrant up: 3 vCPUs (an odd count on purpose), eth1 a virtio NIC
+#   4. vm up    vagrant up: 3 vCPUs (an odd count on purpose), eth1 a virtio NIC
 #               with 6 queues (2 per vCPU: virtio-net's XDP needs a TX queue per
 #               CPU on top of the 3 it uses) on the bridge; libvirt's qemu driver (TCG) where
 #               KVM cannot run the guest (the Vagrantfile decides)
-#   4. install  apt install ./fastlb_*.deb in the guest (dependencies from Debian)
-#   5. attach   a config in /etc/fastlb/eth1.toml, systemctl enable --now
+#   5. install  apt install ./fastlb_*.deb in the guest (dependencies from Debian)
+#   6. attach   a config in /etc/fastlb/eth1.toml, systemctl enable --now
 #               fastlb@eth1; the program must be in driver mode (xdpdrv), and
 #               virtio-net must not fall back to its locked XDP_TX mode
-#   6. traffic  real TCP and UDP from the client namespaces through the VIPs, DSR
-#               and NAT; then the lab's line-rate generator from the host,
-#               counted at the backends (nftables counters)
-#   7. restart  held connections, systemctl restart fastlb@eth1 (--keep), a GET on
+#   7. traffic  real TCP and UDP from the client namespaces through the VIPs, DSR
+#               and NAT; then the lab's scapy generator from the host, every
+#               frame counted by fastlb and at the backends (nftables counters)
+#   8. restart  held connections, systemctl restart fastlb@eth1 (--keep), a GET on
 #               each every 10 s while it runs; the new
 #               controller adopts the pinned maps at 3 vCPUs and every held
 #               connection answers from the same backend
-#   8. remove   apt remove fastlb: no XDP program, no pin, no bpffs left
-#   9. cleanup  (trap, also on failure) the VM, the bridge, the namespaces, the
-#               servers, and libvirtd if this run started it
+#   9. remove   apt remove fastlb: no XDP program, no pin, no bpffs left
+#  10. cleanup  (trap, also on failure) the VM, the bridge, the namespaces, the
+#               servers, the chroot's mounts, and libvirtd if this run started it
 #
 # Each step prints its time. TCG gives no rate figures: this test is functional.
 # Environment: FASTLB_VM_KEEP=1 leaves the VM and lab up for inspection (the
@@ -42,6 +47,8 @@ addr_b=(198.18.0.11 198.18.0.12)
 lb=198.18.0.2
 vip_dsr=198.19.0.100
 vip_nat=198.19.0.101
+gen_frames=3000           # the scapy generator's frames, at gen_rate a second
+gen_rate=500
 work=$(mktemp -d "/tmp/fastlb-vm-$runid.XXXX")
 deb=$(ls "$top"/dist/fastlb_*_amd64.deb 2>/dev/null | sort -V | tail -n 1)
 
@@ -75,10 +82,13 @@ json() { "$py" -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
 [ -x "$py" ] || die "no $py for the lab's servers and clients. Fix: sudo make setup"
 
 started_libvirtd=0
+root_loop=""
 cleanup() {
   local rc=$?
   set +e
   step ""
+  mountpoint -q "$work/root" && umount -R "$work/root"   # the chroot's (step 2), even when kept
+  [ -n "$root_loop" ] && losetup -d "$root_loop"
   if [ "${FASTLB_VM_KEEP:-0}" = 1 ]; then
     say "FASTLB_VM_KEEP=1: left up. Remove with: VAGRANT_DOTFILE_PATH=$work/vagrant VAGRANT_CWD=$top/vagrant" \
         "VAGRANT_HOME=$VAGRANT_HOME vagrant destroy -f; ip link del $bridge;" \
@@ -96,10 +106,17 @@ cleanup() {
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
   done
+  # The host ends of the namespaces' veths: gone with their namespace, unless a process
+  # that was just killed still held it.
+  for i in 1 2 3 4; do ip link del "flvm${runid}p$i" 2>/dev/null; done
   ip link del "$bridge" 2>/dev/null
   rm -f "/tmp/$name-console.log"   # the guest's serial console (vagrant/Vagrantfile, TCG only)
   [ "$started_libvirtd" = 1 ] && "$top/scripts/vm-host.sh" stop
-  rm -rf "$work"
+  if findmnt -rn -o TARGET | grep -q "^$work/"; then
+    say "cleanup: $work still has mounts; left in place"
+  else
+    rm -rf "$work"
+  fi
   say "total $(( $(date +%s) - t_start )) s; $([ $rc -eq 0 ] && echo PASSED || echo FAILED)"
 }
 trap cleanup EXIT
@@ -110,13 +127,55 @@ step "host: libvirt and the box"
 out=$("$top/scripts/vm-host.sh" start) || die "libvirt did not start"
 [ "$(echo "$out" | tail -n 1)" = started ] && started_libvirtd=1
 "$top/vagrant/build-box.sh" | sed 's/^/  /'
+# The guest resolves names through libvirt's dnsmasq, the chroot through the host's
+# resolv.conf. Where the host reaches Debian's mirror under a local name (/etc/hosts,
+# as on these lab machines), both are told.
+mirror_ip=$(getent ahostsv4 deb.debian.org | awk 'NR == 1 { print $1 }')
+mirror_in_hosts=$(grep -qw deb.debian.org /etc/hosts && echo "$mirror_ip" || true)
 
-# ---- 2. lab on the host ---------------------------------------------------------
+# ---- 2. headers: the .deb on this host's kernel ---------------------------------
+kver=$(uname -r)
+step "headers: apt install in a chroot of the box's disk, under this host's kernel $kver"
+img=$(find "$VAGRANT_HOME/boxes" -path '*bookworm64*/libvirt/box.img' | sort -V | tail -n 1)
+[ -n "$img" ] || die "no box image under $VAGRANT_HOME/boxes"
+qemu-img convert -O raw "$img" "$work/root.raw"
+root_loop=$(losetup -f --show -o $((2048 * 512)) "$work/root.raw")   # the partition (vagrant/build-box.sh)
+mkdir "$work/root"
+mount "$root_loop" "$work/root"
+mount --bind /dev "$work/root/dev"
+mount --bind /dev/pts "$work/root/dev/pts"
+mount -t proc proc "$work/root/proc"
+mount -t sysfs sys "$work/root/sys"
+cp /etc/resolv.conf "$work/root/etc/resolv.conf"
+[ -n "$mirror_in_hosts" ] && echo "$mirror_in_hosts deb.debian.org" >>"$work/root/etc/hosts"
+printf '#!/bin/sh\nexit 101\n' >"$work/root/usr/sbin/policy-rc.d"   # no service starts in a chroot
+chmod 755 "$work/root/usr/sbin/policy-rc.d"
+cp "$deb" "$work/root/tmp/"
+in_root() { chroot "$work/root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
+in_root sh -c "apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/$(basename "$deb")" \
+  >"$work/chroot-install.log" 2>&1 || { tail -n 30 "$work/chroot-install.log" >&2; die "apt install in the chroot failed"; }
+said=$(grep "^fastlb: kernel $kver" "$work/chroot-install.log" || true)
+if in_root apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
+  say "  Debian has linux-headers-$kver: postinst has nothing to link${said:+, yet it said: $said}"
+  [ -z "$said" ] || die "postinst linked generic headers for a kernel that has its own"
+else
+  say "  postinst: ${said:-(nothing)}"
+  echo "$said" | grep -q "has no headers package; BCC uses Debian's generic headers" \
+    || die "postinst did not say that it linked the generic headers for kernel $kver"
+  in_root test -e "/lib/modules/$kver/build/Makefile" || die "postinst left /lib/modules/$kver/build without a Makefile"
+fi
+# BCC compiles the installed program against those headers and loads it (into this
+# host's kernel, attached nowhere; its maps pinned in a bpffs of the chroot's own).
+in_root python3 -c 'from fastlb.testing.testbed import Testbed
+with Testbed(name="chroot") as bed:
+    print(f"BCC compiled and loaded fastlb_kern.c: program fd {bed.fd}")' 2>"$work/chroot-bcc.log" | sed 's/^/  /' \
+  || { tail -n 20 "$work/chroot-bcc.log" >&2; die "BCC could not compile fastlb's program in the chroot"; }
+umount -R "$work/root" && losetup -d "$root_loop" && root_loop="" && rm -f "$work/root.raw"
+
+# ---- 3. lab on the host ---------------------------------------------------------
 step "lab: bridge $bridge and namespaces"
 ip link add "$bridge" type bridge stp_state 0 forward_delay 0
 ip link set "$bridge" up
-# Frames the line-rate generator redirects into the client's veth are dropped unless
-# its peer runs NAPI (LAB-NOTES: veth): GRO on the bridge side.
 i=0
 for ns in "$ns_c" "$ns_n" "${ns_b[@]}"; do
   i=$((i + 1))
@@ -129,7 +188,6 @@ for ns in "$ns_c" "$ns_n" "${ns_b[@]}"; do
   # would fail the receiver's check (LAB-NOTES: veth).
   in_ns "$ns" ethtool -K eth0 tx off >/dev/null
 done
-ethtool -K "flvm${runid}p1" gro on >/dev/null
 in_ns "$ns_c" ip addr add 198.18.0.1/24 dev eth0
 in_ns "$ns_c" ip route add 198.19.0.0/24 via "$lb"
 in_ns "$ns_n" ip addr add 198.18.0.3/24 dev eth0
@@ -154,7 +212,7 @@ EOF
     --udp-port 9000 >"$work/server-b$((j + 1)).log" 2>&1 &
 done
 
-# ---- 3. the VM ------------------------------------------------------------------
+# ---- 4. the VM ------------------------------------------------------------------
 step "vm up: 3 vCPUs, eth1 on $bridge (virtio, 6 queues)"
 vagrant up --no-provision >"$work/up.log" 2>&1 || { tail -n 30 "$work/up.log" >&2; die "vagrant up failed"; }
 grep -m1 -o "driver type: [a-z]*\|Domain type: *[a-z]*" "$work/up.log" | sed 's/^/  libvirt /' || true
@@ -164,12 +222,9 @@ say "  guest: $(guest 'uname -r; nproc; ip -br link show eth1' | tr '\n' ' ')"
 [ "$(guest nproc)" = 3 ] || die "the guest has $(guest nproc) CPUs, not 3"
 guest "ethtool -l eth1 2>/dev/null | sed -n '/Current/,\$p' | grep Combined" | sed 's/^/  eth1 channels: /' || true
 
-# ---- 4. install -----------------------------------------------------------------
+# ---- 5. install -----------------------------------------------------------------
 step "install: apt install ./$(basename "$deb")"
 scp -F "$work/ssh-config" -o LogLevel=ERROR "$deb" default:/tmp/ >/dev/null
-# The guest resolves names through libvirt's dnsmasq. Where the host reaches Debian's
-# mirror under a local name (/etc/hosts, as on these lab machines), tell the guest too.
-mirror_ip=$(getent ahostsv4 deb.debian.org | awk 'NR == 1 { print $1 }')
 if [ -n "$mirror_ip" ] && [ "$(guest "getent ahostsv4 deb.debian.org | awk 'NR == 1 { print \$1 }'")" != "$mirror_ip" ]; then
   guest "echo '$mirror_ip deb.debian.org' | sudo tee -a /etc/hosts >/dev/null"
   say "  deb.debian.org is $mirror_ip for the host; the guest's /etc/hosts says so too"
@@ -184,7 +239,7 @@ guest "test -x /usr/bin/fastlb && test -f /usr/share/man/man1/fastlb-attach.1.gz
   && test -f /usr/lib/python3/dist-packages/fastlb/bpf/fastlb_kern.c && test -d /run/fastlb-bird" \
   || die "the installed package lacks a file (fastlb, man page, completion, BPF sources or tmpfiles' folder)"
 
-# ---- 5. attach ------------------------------------------------------------------
+# ---- 6. attach ------------------------------------------------------------------
 step "attach: systemctl enable --now fastlb@eth1"
 guest "sudo ip addr add $lb/24 dev eth1 && sudo ip link set eth1 up"
 backends=""
@@ -216,7 +271,7 @@ kernel=$(guest "sudo journalctl -k --no-pager -o cat | grep -i 'xdp' | tail -n 3
 grep -q "locked tx mode" <<<"$kernel" && die "virtio-net runs XDP_TX in its locked mode (too few queues for 3 vCPUs)"
 guest "sudo journalctl -u fastlb@eth1 --no-pager -o cat | tail -n 8" | sed 's/^/  fastlb@eth1: /'
 
-# ---- 6. traffic -----------------------------------------------------------------
+# ---- 7. traffic -----------------------------------------------------------------
 step "traffic: TCP and UDP through the VIPs, DSR and NAT"
 in_ns "$ns_c" "$py" -m fastlb.lab.client_worker wait --target "${addr_b[0]}" 80 --target "${addr_b[1]}" 80 --timeout 20 >/dev/null \
   || die "the backends' servers did not come up"
@@ -238,26 +293,35 @@ check_counts "DSR UDP 200 datagrams" "$(in_ns "$ns_c" $PY_C udp --host $vip_dsr 
 check_counts "NAT TCP 200 connections (GET /)" "$(in_ns "$ns_n" $PY_C tcp --host $vip_nat --port 80 --count 200 --timeout 5)"
 check_counts "NAT UDP 200 datagrams" "$(in_ns "$ns_n" $PY_C udp --host $vip_nat --port 9000 --count 200 --timeout 5)"
 
-step "traffic: the lab's line-rate generator from the host, counted at the backends"
+step "traffic: the lab's scapy generator from the host, counted by fastlb and at the backends"
 lb_mac=$(guest "cat /sys/class/net/eth1/address")
 c_mac=$(in_ns "$ns_c" cat /sys/class/net/eth0/address)
-before=$(guest "sudo fastlb stats --json" | json "sum(b['packets'] for v in d[0]['vips'] if v['vip'] == '$vip_dsr:9000/udp' for b in v['backends'])")
-gen=$(in_ns "$ns_c" env PYTHONPATH="$top" "$py" -m fastlb.lab.linerate --ifname eth0 --src-mac "$c_mac" --dst-mac "$lb_mac" \
-  --src 198.18.0.5 --dst "$vip_dsr" --port 9000 --flows 64 --packets 20000 --seconds 10) || die "generator: $gen"
+forwarded() { guest "sudo fastlb stats --json" | json "sum(b['packets'] for v in d[0]['vips'] if v['vip'] == '$vip_dsr:9000/udp' for b in v['backends'])"; }
+before=$(forwarded)
+# Paced well below what the emulated NIC takes (TCG), so that every frame arrives.
+gen=$(in_ns "$ns_c" env PYTHONPATH="$top" "$py" -m fastlb.lab.linerate --scapy --rate "$gen_rate" --ifname eth0 \
+  --src-mac "$c_mac" --dst-mac "$lb_mac" --src 198.18.0.5 --dst "$vip_dsr" --port 9000 --flows 64 \
+  --packets "$gen_frames" --seconds 30) || die "generator: $gen"
 sent=$(echo "$gen" | json 'd["sent"]')
-sleep 3   # TCG: let the guest drain its queues
-after=$(guest "sudo fastlb stats --json" | json "sum(b['packets'] for v in d[0]['vips'] if v['vip'] == '$vip_dsr:9000/udp' for b in v['backends'])")
 counted=0; per=""
-for j in 0 1; do
-  n=$(in_ns "${ns_b[$j]}" nft -j list counter inet fastlb_vm_test generated | json '[x["counter"]["packets"] for x in d["nftables"] if "counter" in x][0]')
-  per+="b$((j + 1)) $n "; counted=$((counted + n))
+for _ in $(seq 1 20); do   # TCG: let the guest drain its queues
+  counted=0; per=""
+  for j in 0 1; do
+    n=$(in_ns "${ns_b[$j]}" nft -j list counter inet fastlb_vm_test generated | json '[x["counter"]["packets"] for x in d["nftables"] if "counter" in x][0]')
+    per+="b$((j + 1)) $n "; counted=$((counted + n))
+  done
+  [ "$counted" -ge "$sent" ] && break
+  sleep 0.5
 done
-say "  generator sent $sent frames; fastlb forwarded $((after - before)); the backends counted $counted ($per)"
-[ "$counted" -gt 0 ] || die "no generated frame reached a backend"
-[ "$counted" -le "$sent" ] || die "the backends counted more frames ($counted) than were sent ($sent)"
+after=$(forwarded)
+say "  scapy sent $sent frames of 64 flows at $gen_rate a second; fastlb forwarded $((after - before));" \
+    "the backends counted $counted ($per)"
+[ "$sent" = "$gen_frames" ] || die "the generator sent $sent frames, not $gen_frames"
+[ "$((after - before))" = "$sent" ] || die "fastlb forwarded $((after - before)) of the $sent generated frames"
+[ "$counted" = "$sent" ] || die "the backends counted $counted of the $sent generated frames"
 case "$per" in *" 0 "*|"b1 0 "*) die "one backend got none of the generator's 64 flows: $per" ;; esac
 
-# ---- 7. restart -----------------------------------------------------------------
+# ---- 8. restart -----------------------------------------------------------------
 step "restart: systemctl restart fastlb@eth1 adopts the pinned maps at 3 vCPUs, held connections stay"
 coproc HOLD { in_ns "$ns_c" $PY_C hold --host "$vip_dsr" --port 80 --count 30 --requests --timeout 5; }
 read -r -t 120 held <&"${HOLD[0]}" || die "holding connections timed out"
@@ -301,7 +365,7 @@ case "$cmp" in "30/30 "*) ;; *) fail "held connections did not survive the resta
 guest "python3 -c 'import urllib.request as u; print(u.urlopen(\"http://127.0.0.1:9469/metrics\", timeout=5).read().decode())'" \
   | grep -c '^fastlb_' | sed 's/^/  metrics: series on 127.0.0.1:9469: /'
 
-# ---- 8. remove ------------------------------------------------------------------
+# ---- 9. remove ------------------------------------------------------------------
 step "remove: apt remove fastlb"
 guest "sudo DEBIAN_FRONTEND=noninteractive apt-get remove -y -q fastlb" >"$work/remove.log" 2>&1 \
   || { tail -n 20 "$work/remove.log" >&2; die "apt remove failed"; }
