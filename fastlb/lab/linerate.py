@@ -19,14 +19,15 @@ queues: in an emulated VM (make vm-test), every frame sent is counted.
 Two ends, as in :mod:`fastlb.lab.clients`:
 
 - :func:`line_rate` (the caller) switches GRO on at the switch side of the
-  client's veth (a frame redirected into a veth is dropped unless its peer
-  runs NAPI: an XDP program or GRO), reads fastlb's per-backend counters
-  (``fastlb status --json`` in the LB namespace) and the backends' ``eth0``
-  receive counters (IFLA_STATS64), runs the generator in the client
-  namespace, waits for the queues to drain and reads both again.
+  client's veth for live frames (a frame redirected into a veth is dropped
+  unless its peer runs NAPI: an XDP program or GRO), reads fastlb's
+  per-backend counters (``fastlb status --json`` in the LB namespace) and
+  the backends' ``eth0`` receive counters (IFLA_STATS64), runs the generator
+  in the client namespace, waits for the queues to drain and reads both again.
 - ``python -m fastlb.lab.linerate ...`` (run inside the client namespace)
-  builds the frame, compiles and loads the program, runs it for at most
-  ``--seconds`` or ``--packets`` and prints one JSON object. It runs in the
+  builds the frame, compiles and loads the program (with ``--scapy``: builds
+  one frame per flow), sends for at most ``--seconds`` or ``--packets`` and
+  prints one JSON object. It runs in the
   client namespace because a live frame's redirect resolves the ifindex in
   the namespace of the process that calls BPF_PROG_TEST_RUN.
 
@@ -195,8 +196,8 @@ def line_rate(lab: Lab, family: int = 4, flows: int = 1000, seconds: float = 2.0
     tx_after = link_stats(lab, "client")
     fwd_after = lb_process.backend_counters(lab, lb_process.status(lab), vip, lab.udp_port, "udp")
     return LineRate(
-        generator=out["generator"], family=family, flows=flows, frame_len=out["frame_len"], sent=out["sent"], requested=out["requested"],
-        seconds=out["seconds"], calls=out["calls"],
+        generator=out["generator"], family=family, flows=flows, frame_len=out["frame_len"], sent=out["sent"],
+        requested=out["requested"], seconds=out["seconds"], calls=out["calls"],
         client_tx=tx_after["tx_packets"] - tx_before["tx_packets"],
         client_tx_dropped=tx_after["tx_dropped"] - tx_before["tx_dropped"],
         forwarded={b: fwd_after[b].packets - fwd_before[b].packets for b in lab.backend_names},
