@@ -220,7 +220,6 @@ vagrant ssh-config >"$work/ssh-config"
 guest true || die "ssh into the guest failed"
 say "  guest: $(guest 'uname -r; nproc; ip -br link show eth1' | tr '\n' ' ')"
 [ "$(guest nproc)" = 3 ] || die "the guest has $(guest nproc) CPUs, not 3"
-guest "ethtool -l eth1 2>/dev/null | sed -n '/Current/,\$p' | grep Combined" | sed 's/^/  eth1 channels: /' || true
 
 # ---- 5. install -----------------------------------------------------------------
 step "install: apt install ./$(basename "$deb")"
@@ -262,7 +261,9 @@ guest "sudo systemctl enable --now fastlb@eth1" 2>&1 | sed 's/^/  /' \
   || { guest "sudo journalctl -u fastlb@eth1 --no-pager | tail -n 30" >&2; die "fastlb@eth1 did not start"; }
 link=$(guest "ip -d link show eth1")
 mode=$(guest "sudo fastlb status --json" | json 'd[0]["mode"]')
-say "  fastlb status: mode $mode; ip link: $(echo "$link" | grep -o 'xdp[a-z]*' | sort -u | tr '\n' ' ')"
+say "  fastlb status: mode $mode; ip link: $(echo "$link" | grep -o 'xdp[a-z]*' | sort -u | tr '\n' ' ');" \
+    "eth1 queues (ethtool, which the package brought): $(guest "/usr/sbin/ethtool -l eth1 | sed -n '/Current/,\$p' \
+    | awk '/Combined/ { print \$2 }'")"
 [ "$mode" = native ] || die "fastlb runs in $mode mode on virtio-net, not native (driver)"
 echo "$link" | grep -q xdpgeneric && die "ip link shows xdpgeneric on eth1"
 echo "$link" | grep -qw xdp || die "ip link shows no driver-mode program on eth1"
