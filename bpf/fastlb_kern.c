@@ -931,7 +931,7 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct fl_settings *cfg;
 	struct backend *be, *ct_be;
 	__u32 *vip_id_p, vip_id, be_id, hash, reason, bound, mtu, zero = 0;
-	int new_flow = 0, record = 0, unfit, syn, rc = 0;
+	int new_flow = 0, record = 0, guarded, unfit, syn, rc = 0;
 	__u64 now;
 
 	if (eth->h_dest[0] & 1)
@@ -976,23 +976,21 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 		if (!be || !(be->flags & FL_BE_F_VALID))
 			return FL_DROP_NO_BACKEND;
 		new_flow = 1;
-		if (over_new_flow_rate(cfg, now)) {
-			/* Unrecorded: the ring slot (or the binding, as stable); nothing new is bound. */
-			count_event(FL_EV_GUARD_UNRECORDED, pkt->bytes);
-			goto send;
-		}
-		/* The MTU check comes before the record: a too-big first packet records
-		 * no flow. But a too-big SYN may be a known flow's (retransmitted, or
+		/* Over the new-flow guard nothing is inserted, so no insert tells a
+		 * known flow apart: its entry is read (only under a flood). The MTU
+		 * check comes before the record: a too-big first packet records no
+		 * flow. But a too-big SYN may be a known flow's (retransmitted, or
 		 * with FIN or RST): it reads the entry first, as rule 9 does, and
 		 * rule 12 checks the MTU towards that entry's backend (only a too-big
 		 * SYN pays this lookup). */
-		unfit = vip->forwarding == FL_FWD_TUNNEL && tunnel_mtu_check(ctx, pkt, be, &mtu);
-		if (!unfit) {
+		guarded = over_new_flow_rate(cfg, now);
+		unfit = !guarded && vip->forwarding == FL_FWD_TUNNEL && tunnel_mtu_check(ctx, pkt, be, &mtu);
+		if (!guarded && !unfit) {
 			ct_new(&new_ct, pkt, vip, vip_id, be_id, be, now);
 			rc = conntrack.insert(flow, &new_ct);
 		}
-		if (unfit || rc == -FL_EEXIST) {
-			/* An entry holds the flow: a retransmitted SYN keeps its backend ... */
+		if (guarded || unfit || rc == -FL_EEXIST) {
+			/* A known flow: a retransmitted SYN keeps its backend, even if the ring moved ... */
 			ct_be = ct_hit(pkt, cfg, now, syn, &ct_vip, &vip_id, &be_id);
 			if (ct_be) {
 				be = ct_be;
@@ -1001,7 +999,13 @@ static __always_inline __u32 forward(struct xdp_md *ctx, struct ethhdr *eth, str
 				goto send;
 			}
 			/* ... unless it is stale, closed, or its backend gone: a new
-			 * connection (too big: answered, and recorded nowhere). */
+			 * connection. Over the guard it stays unrecorded (the ring slot,
+			 * or the binding, as stable; nothing new is bound); too big, it
+			 * is answered and recorded nowhere. */
+			if (guarded) {
+				count_event(FL_EV_GUARD_UNRECORDED, pkt->bytes);
+				goto send;
+			}
 			if (unfit)
 				return tunnel_too_big(ctx, pkt, cfg, be);
 			rc = conntrack.update(flow, &new_ct);

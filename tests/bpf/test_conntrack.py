@@ -43,13 +43,13 @@ def vip_block(port, algorithm, protocol, backends, weights=None, forwarding="dsr
 
 
 def config(settings="", lc_backends=(A, X, B), lc_weights=None, rr_tcp=(A, X, B),
-           nat_ports=(NAT_LC_TCP,) * 3) -> str:
+           nat_ports=(NAT_LC_TCP,) * 3, maglev=(A, X, B)) -> str:
     return ("[settings]\nconntrack_size = 4096\nhash_seed = 777\nring_size = 1021\n" + settings + "\n" +
             "\n".join([
         vip_block(RR_UDP, "rr", "udp", (A, X, B)),
         vip_block(LC_TCP, "lc", "tcp", lc_backends, lc_weights),
         vip_block(LRT_TCP, "lrt", "tcp", (A, X, B)),
-        vip_block(MAGLEV_TCP, "maglev", "tcp", (A, X, B)),
+        vip_block(MAGLEV_TCP, "maglev", "tcp", maglev),
         vip_block(RR_TCP, "rr", "tcp", rr_tcp),
         vip_block(LC_UDP, "lc", "udp", (A, X, B)),
         vip_block(NAT_LC_TCP, "lc", "tcp", (A, X, B), forwarding="nat", ports=nat_ports),
@@ -314,6 +314,36 @@ def test_an_unrecorded_udp_flow_keeps_its_backend_when_a_later_packet_is_recorde
     finally:
         os.sched_setaffinity(0, old)
     assert later == firsts
+
+
+def test_a_known_maglev_flows_syn_over_the_guard_keeps_its_entry(fresh):
+    """A retransmitted SYN of a recorded maglev flow, met over the guard's rate after
+    the ring moved, goes to its entry's backend and is no new flow (the SYN path
+    reads no entry before the guard, and over it nothing else would)."""
+    from fastlb.config import parse_config
+    from helpers.packets import expected_backend
+
+    bed = fresh
+    old = on_one_cpu()
+    try:
+        syn = {s: frame("198.18.9.3", s, MAGLEV_TCP) for s in range(13000, 13060)}
+        recorded = {s: pick(bed, f) for s, f in syn.items()}
+        moved_config = config("new_flow_rate = 1\n", maglev=(A, X, B, Y))
+        bed.apply(moved_config)            # Y takes a quarter of the ring; the guard admits 1 a second
+        ring = {s: expected_backend(parse_config(moved_config), bed.sizes, Ether(f)) for s, f in syn.items()}
+        assert any(ring[s] != recorded[s] for s in syn), "the ring moved none of the recorded flows"
+        new_before, ev_before = vip_new_flows(bed, MAGLEV_TCP), \
+            bed.maps.counter("event_stats", cdefs.FL_EV_GUARD_UNRECORDED).packets
+        again = {}
+        for s, f in syn.items():
+            pick(bed, frame("198.18.9.4", s, MAGLEV_TCP))   # a new flow: the window's budget is used
+            again[s] = pick(bed, f)                          # ... so this SYN is over the guard
+        new_flows = vip_new_flows(bed, MAGLEV_TCP) - new_before
+        unrecorded = bed.maps.counter("event_stats", cdefs.FL_EV_GUARD_UNRECORDED).packets - ev_before
+    finally:
+        os.sched_setaffinity(0, old)
+    assert again == recorded
+    assert new_flows == len(syn) and unrecorded >= len(syn) - 1   # the new flows only, over the guard
 
 
 def test_the_guard_counts_new_flows_not_packets(fresh):
