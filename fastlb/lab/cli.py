@@ -235,8 +235,8 @@ def traffic(runid, family, connections, line_rate, scapy, rate, flows, seconds, 
     backend that answered each (client side) next to fastlb's own counters.
     With --line-rate: a bounded UDP burst, with what the generator sent, what
     fastlb forwarded and what the backends' eth0 received. With --scapy too,
-    the burst is scapy's frames at --rate a second: slow, but every frame
-    arrives, so the three counts agree.
+    the burst is scapy's frames at --rate a second: slow, but in the lab every
+    frame arrives, so the three counts agree.
 
     \b
     Examples:
