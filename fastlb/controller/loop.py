@@ -493,6 +493,8 @@ class Controller:
                 kind = event[0]
                 if kind == "signal":
                     if event[1] in STOP_SIGNALS:
+                        for call in calls:      # the commands that came before it are answered
+                            self._run_call(call)
                         return
                     self._reload()  # applied, or logged and ignored
                     retry_every = self.config.settings.sweep_interval

@@ -238,3 +238,10 @@ def test_a_command_in_the_batch_of_a_health_change_is_answered_after_the_rebuild
     ctl.events.put(("call", "status"))
     ctl.run()
     assert done == ["result b3 down", "rebuild", "call status"]
+    # A stop in the same batch still answers the commands that came before it.
+    done.clear()
+    ctl._run_call = lambda call: done.append(f"call {call}")
+    for event in (("call", "stats"), ("signal", signal.SIGTERM), ("call", "late")):
+        ctl.events.put(event)
+    ctl.run()
+    assert done == ["call stats"]
