@@ -15,16 +15,14 @@ import itertools
 import os
 
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
 
 from fastlb.config import parse_config
 from fastlb.dataplane import tables
 from fastlb.testing.testbed import LB_MAC, XDP_VERDICTS, fake_mac
+from helpers.packets import VIP4 as VIP, eth, tcp, v4
 
 pytestmark = pytest.mark.root
 
-VIP = "198.19.0.100"
 BACKENDS = ("198.18.0.11", "198.18.0.12", "198.18.0.13")
 PORTS = {"maglev": 81, "rr": 82, "wrr": 83, "lc": 84, "lrt": 85}
 SYNS_PER_VIP = 24     # per probe: with 3 backends, every backend's share is met
@@ -81,9 +79,7 @@ def test_a_backend_going_down_or_coming_back_never_leaves_a_new_flow_without_a_b
         probes += 1
         for algorithm, port in PORTS.items():
             for _ in range(SYNS_PER_VIP):
-                frame = bytes(Ether(src="02:00:00:00:00:01", dst=LB_MAC) / IP(src="198.18.5.1", dst=VIP)
-                              / TCP(sport=next(ports), dport=port, flags="S"))
-                verdict, _ = bed.run(frame)
+                verdict, _ = bed.run(bytes(eth() / v4() / tcp(dport=port, sport=next(ports))))
                 if verdict != XDP_VERDICTS["tx"]:
                     dropped.append(f"{algorithm} SYN after {after}")
 

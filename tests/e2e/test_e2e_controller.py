@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ import pytest
 from fastlb.lab.clients import tcp_requests
 from helpers.controller import (HEALTH, Controller, Helper, backend_stats, config_text, event_time, fastlb,  # noqa: F401
                                 lab, map_ids_and_flows, run, stats_json)  # lab, run: fixtures
+from helpers.e2e import metric, scrape
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -299,22 +299,6 @@ def count_vip_packets(lab, role, hook, vip) -> None:
         lab.run(role, ["nft", "add", "counter", "inet", "flcount", name])
         lab.run(role, ["nft", "add", "rule", "inet", "flcount", "c", "ip", "daddr", vip, l4, "dport", str(port),
                        "counter", "name", name])
-
-
-def scrape(lab) -> dict[tuple, float]:
-    """The Prometheus endpoint's samples: {(name, frozenset of label pairs): value}."""
-    res = lab.run("lb", ["curl", "-sf", "http://127.0.0.1:9469/metrics"])
-    out = {}
-    for line in res.stdout.splitlines():
-        m = re.fullmatch(r'(fastlb_\w+)(?:\{(.*)\})? (\S+)', line)
-        if m:
-            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            out[(m.group(1), labels)] = float(m.group(3))
-    return out
-
-
-def metric(samples, name, **labels) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 def live_tcp(lab, vip) -> list[str]:

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 
 import pytest
 
 from fastlb.lab import linerate
 from fastlb.lab.topology import Lab
-from helpers.e2e import Attached, run_fastlb
+from helpers.e2e import Attached, scrape, status
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -60,12 +59,11 @@ def flood(lab) -> int:
 
 def events(lab) -> dict:
     """The event counters, from `fastlb status` and, the same, from the metrics endpoint."""
-    data = json.loads(run_fastlb(lab, "lb", "status", "--json", check=True).stdout)[0]
-    body = lab.run("lb", ["curl", "-sf", "http://127.0.0.1:9469/metrics"]).stdout
-    exported = {m.group(1): int(float(m.group(2)))
-                for m in re.finditer(r'^fastlb_events_total\{event="(\w+)",interface="[^"]+"\} (\S+)$', body, re.M)}
-    assert exported == data["events"], (exported, data["events"])
-    return data["events"]
+    counted = status(lab)[0]["events"]
+    exported = {dict(labels)["event"]: int(value) for (name, labels), value in scrape(lab).items()
+                if name == "fastlb_events_total"}
+    assert exported == counted, (exported, counted)
+    return counted
 
 
 def held_connections_after_flood(lab, tmp_path, new_flow_rate: int) -> tuple[dict, int, dict]:

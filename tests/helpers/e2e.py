@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 
@@ -65,3 +66,19 @@ def lb_xdp_prog_id(lab: Lab, ifname: str = "eth0", role: str = "lb") -> int:
 def status(lab: Lab) -> list[dict]:
     res = run_fastlb(lab, "lb", "status", "--json", check=True)
     return json.loads(res.stdout)
+
+
+def scrape(lab) -> dict[tuple, float]:
+    """The Prometheus endpoint's samples: {(name, frozenset of label pairs): value}."""
+    res = lab.run("lb", ["curl", "-sf", "http://127.0.0.1:9469/metrics"])
+    out = {}
+    for line in res.stdout.splitlines():
+        m = re.fullmatch(r'(fastlb_\w+)(?:\{(.*)\})? (\S+)', line)
+        if m:
+            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def metric(samples, name, **labels) -> float:
+    return samples[(name, frozenset(labels.items()))]
